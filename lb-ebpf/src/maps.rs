@@ -1,0 +1,52 @@
+//! Every map the program uses. Sizes here are defaults; the loader sets the real ones from the
+//! config (`map_max_entries`) before the maps are created.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    Global,
+};
+use lb_common::{
+    reason, Backend, Counters, FlowKey, FlowValue, ReasonCounter, VipInfo, VipKey,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
+};
+
+/// Lookup table size M (prime), set at load time; read-only for the program so the verifier
+/// treats it as a constant.
+#[no_mangle]
+pub static TABLE_SIZE: Global<u32> = Global::new(DEFAULT_TABLE_SIZE);
+
+/// Which traffic is VIP traffic, and which of its two tables is live.
+#[map(name = "VIPS")]
+pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Backends by id.
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Lookup tables: `max_vips * 2 * TABLE_SIZE` backend ids. VIP `v`, buffer `b` (0/1) occupies
+/// `[(2v + b) * M, (2v + b + 1) * M)`.
+#[map(name = "TABLES")]
+pub static TABLES: Array<u32> = Array::with_max_entries(2 * DEFAULT_TABLE_SIZE, 0);
+
+/// Connection table: flows keep their backend while the lookup table changes under them.
+#[map(name = "CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Egress interfaces for backends that are not on the ingress interface, keyed by ifindex.
+#[map(name = "TX_PORTS")]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+
+/// Per-CPU packets and bytes by reason (`lb_common::reason`).
+#[map(name = "GLOBAL_STATS")]
+pub static GLOBAL_STATS: PerCpuArray<ReasonCounter> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+
+/// Per-CPU counters by VIP id.
+#[map(name = "VIP_STATS")]
+pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Per-CPU counters by backend id.
+#[map(name = "BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);

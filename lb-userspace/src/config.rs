@@ -1,0 +1,1434 @@
+//! The configuration file: its TOML layout, defaults and validation.
+//!
+//! ```toml
+//! [director]                       # this host
+//! interface = "eth0"               # where VIP traffic arrives and leaves again (one-arm DSR)
+//!
+//! [[virtual_server]]               # like `ipvsadm -A -t 10.99.0.100:80 -s mh`
+//! address = "10.99.0.100"
+//! port = 80
+//! protocol = "tcp"
+//!
+//! [[virtual_server.real_server]]   # like `ipvsadm -a -t 10.99.0.100:80 -r 10.99.0.11 -g`
+//! address = "10.99.0.11"
+//! ```
+//!
+//! `config/example.toml` shows every key with its default. Unknown keys are errors, and every
+//! problem is reported as `FILE:LINE:COL: message` (1-based; the column counts characters), one
+//! line per problem: syntax and type errors stop at the first, the checks after parsing report
+//! all they find.
+//!
+//! Adding a key: a field in the `Raw*` struct of its table (the file's layout), the field in the
+//! public struct, and one line in `Validator` that checks and converts it.
+
+use std::collections::hash_map::{Entry, HashMap};
+use std::fmt;
+use std::hash::Hash;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use lb_common::{
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
+};
+use serde::de::{DeserializeOwned, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use toml::Spanned;
+
+/// Control socket path used when `[director] control_socket` is not set.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lbd/lbd.sock";
+
+/// Schedulers accepted in `[[virtual_server]] scheduler`; the first is the default.
+const SCHEDULERS: &[&str] = &["maglev"];
+
+/// A validated configuration.
+///
+/// Serializes (e.g. to JSON for `lbd status --json`) with the file's key names; positions are
+/// left out.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    /// `[director]`: this host.
+    pub director: Director,
+    /// The `[[virtual_server]]` tables, in file order.
+    #[serde(rename = "virtual_server")]
+    pub virtual_servers: Vec<VirtualServer>,
+}
+
+/// `[director]`: settings of this director host.
+///
+/// `max_vips`, `max_backends`, `conntrack_size` and `table_size` size the fast path's maps when
+/// the XDP program is loaded: changing them takes effect only after a restart of lbd.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Director {
+    /// `interface` (required): the interface VIP traffic arrives on and, in one-arm DSR, leaves
+    /// from again towards the real servers. At most 15 bytes, no `/`, `:` or whitespace.
+    pub interface: String,
+    /// `xdp_mode`: how the XDP program is attached; `"native"` (default) or `"generic"`.
+    pub xdp_mode: XdpMode,
+    /// `table_size`: slots in each virtual server's Maglev lookup table (M in the Maglev paper).
+    /// Must be prime, 3..=1_000_003; default 65537. Keep it well above the number of real servers
+    /// of any virtual server (Maglev suggests 100 times): each VIP holds two tables of
+    /// `table_size` 4-byte slots.
+    pub table_size: u32,
+    /// `control_socket`: Unix socket the `lbd` commands talk to; default `/run/lbd/lbd.sock`.
+    pub control_socket: PathBuf,
+    /// `conntrack_size`: maximum entries of the connection table (an LRU hash: when full, the
+    /// least recently used flows are forgotten). At least 1024; default 262144.
+    pub conntrack_size: u32,
+    /// `max_vips`: how many virtual servers the fast path can hold, 1..=1024; default 64.
+    pub max_vips: u32,
+    /// `max_backends`: how many real servers the fast path can hold over all virtual servers,
+    /// 1..=65536; default 4096.
+    pub max_backends: u32,
+    /// `log_level`: the daemon's log level, `"error"`, `"warn"`, `"info"` (default), `"debug"` or
+    /// `"trace"`. Also the level the fast path's per-packet logs are loaded with.
+    pub log_level: LogLevel,
+}
+
+/// How the XDP program is attached to the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// In the driver (`"native"`): fast; the driver must support XDP.
+    #[default]
+    Native,
+    /// In the generic network stack (`"generic"`): works with any driver, much slower.
+    Generic,
+}
+
+/// Log level of the daemon and of the fast path's per-packet logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+/// Transport protocol of a virtual server; `"tcp"` or `"udp"` in the file.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// `[[virtual_server]]`: a VIP, its port and protocol, and the real servers behind it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VirtualServer {
+    /// `address` (required): the VIP, IPv4 or IPv6.
+    pub address: IpAddr,
+    /// `port` (required): 0 = every port of the address. A specific port of the same address and
+    /// protocol is allowed beside it and wins in the fast path.
+    pub port: u16,
+    /// `protocol`: default `"tcp"`.
+    pub protocol: Protocol,
+    /// `scheduler`: how new flows are spread over the real servers; only `"maglev"` (default)
+    /// for now.
+    pub scheduler: String,
+    /// The `[[virtual_server.real_server]]` tables, in file order. May be empty: the VIP's traffic
+    /// is then dropped and counted as no-backend.
+    #[serde(rename = "real_server")]
+    pub real_servers: Vec<RealServer>,
+    /// Where this `[[virtual_server]]` table starts in the file.
+    #[serde(skip)]
+    pub span: Span,
+}
+
+/// `[[virtual_server.real_server]]`: a backend. With DSR it has the VIP on a loopback interface
+/// and answers clients directly; the director only rewrites the Ethernet destination.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RealServer {
+    /// `address` (required): used to find the real server's MAC address (and for health checks).
+    pub address: IpAddr,
+    /// `port`: defaults to the virtual server's port. DSR cannot rewrite ports, so a given port
+    /// must equal the virtual server's, unless that is 0 (every port).
+    pub port: u16,
+    /// `weight`: 0..=65535, default 1. 0 = drained: still configured, keeps its established flows,
+    /// gets no new ones.
+    pub weight: u32,
+    /// `mac`: e.g. `"02:00:00:00:00:01"`; when absent, resolved from the neighbour table.
+    #[serde(serialize_with = "serialize_mac")]
+    pub mac: Option<[u8; 6]>,
+    /// `interface`: when the real server is reached through another interface than
+    /// `[director] interface` (frames are then sent there with `XDP_REDIRECT`).
+    pub interface: Option<String>,
+    /// Where this `[[virtual_server.real_server]]` table starts in the file.
+    #[serde(skip)]
+    pub span: Span,
+}
+
+/// A position in the configuration file, 1-based; `col` counts characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span {
+    pub line: usize,
+    pub col: usize,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read configuration: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not a valid configuration: one diagnostic per problem, in file order, never
+    /// empty. Displayed one per line.
+    #[error("{}", one_per_line(.0))]
+    Invalid(Vec<Diagnostic>),
+}
+
+impl ConfigError {
+    /// The problems found in the file; empty for [`ConfigError::Read`].
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        match self {
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid(diagnostics) => diagnostics,
+        }
+    }
+}
+
+/// One problem in a configuration file, displayed as `FILE:LINE:COL: message`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{col}: {message}")]
+pub struct Diagnostic {
+    /// The file name as given to [`Config::parse`] (the path for [`Config::load`]).
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column, in characters.
+    pub col: usize,
+    /// What is wrong, on one line.
+    pub message: String,
+}
+
+fn one_per_line(diagnostics: &[Diagnostic]) -> String {
+    diagnostics
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads and validates the configuration file at `path`; diagnostics name the file as `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates configuration `text`; `file_name` is only used in diagnostics.
+    pub fn parse(text: &str, file_name: &str) -> Result<Config, ConfigError> {
+        let lines = Lines::new(text);
+        let raw: RawConfig = toml::from_str(text).map_err(|error| {
+            let at = error.span().map_or(0, |span| span.start);
+            ConfigError::Invalid(vec![lines.diagnostic(
+                file_name,
+                at,
+                reword(error.message()),
+            )])
+        })?;
+        let mut validator = Validator {
+            file: file_name,
+            lines,
+            problems: Vec::new(),
+        };
+        match validator.config(&raw) {
+            Some(config) if validator.problems.is_empty() => Ok(config),
+            // Every check that yields `None` has recorded a problem.
+            _ => {
+                let mut problems = validator.problems;
+                problems.sort_by_key(|d| (d.line, d.col));
+                Err(ConfigError::Invalid(problems))
+            }
+        }
+    }
+}
+
+fn serialize_mac<S: Serializer>(mac: &Option<[u8; 6]>, serializer: S) -> Result<S::Ok, S::Error> {
+    match mac {
+        Some(mac) => {
+            let hex: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+            serializer.serialize_some(&hex.join(":"))
+        }
+        None => serializer.serialize_none(),
+    }
+}
+
+// The file's layout. Values that are checked after parsing are `Spanned` so that problems point
+// at them; integers are read as i64 so that range errors get our wording.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawConfig {
+    director: RawDirector,
+    #[serde(default)]
+    virtual_server: Vec<Spanned<RawVirtualServer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawDirector {
+    interface: Spanned<String>,
+    #[serde(default)]
+    xdp_mode: XdpMode,
+    table_size: Option<Spanned<i64>>,
+    control_socket: Option<Spanned<PathBuf>>,
+    conntrack_size: Option<Spanned<i64>>,
+    max_vips: Option<Spanned<i64>>,
+    max_backends: Option<Spanned<i64>>,
+    #[serde(default)]
+    log_level: LogLevel,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawVirtualServer {
+    address: Spanned<String>,
+    port: Spanned<i64>,
+    #[serde(default)]
+    protocol: Protocol,
+    scheduler: Option<Spanned<String>>,
+    #[serde(default)]
+    real_server: Vec<Spanned<RawRealServer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawRealServer {
+    address: Spanned<String>,
+    port: Option<Spanned<i64>>,
+    weight: Option<Spanned<i64>>,
+    mac: Option<Spanned<String>>,
+    interface: Option<Spanned<String>>,
+}
+
+/// Where an unknown key was, told apart by the keys its table accepts (see [`reword`]).
+fn table_of(keys: &[&str]) -> Option<&'static str> {
+    [
+        ("at the top level", keys_of::<RawConfig>()),
+        ("in [director]", keys_of::<RawDirector>()),
+        ("in [[virtual_server]]", keys_of::<RawVirtualServer>()),
+        (
+            "in [[virtual_server.real_server]]",
+            keys_of::<RawRealServer>(),
+        ),
+    ]
+    .into_iter()
+    .find(|(_, accepted)| *accepted == keys)
+    .map(|(place, _)| place)
+}
+
+/// Checks the parsed file and converts it, collecting every problem.
+struct Validator<'a> {
+    file: &'a str,
+    lines: Lines<'a>,
+    problems: Vec<Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn config(&mut self, raw: &RawConfig) -> Option<Config> {
+        let director = self.director(&raw.director);
+        if let Some(director) = &director {
+            self.limits(raw, director);
+        }
+        let mut seen = HashMap::new();
+        let mut virtual_servers = Vec::new();
+        for raw_vs in &raw.virtual_server {
+            if let Some(vs) = self.virtual_server(raw_vs) {
+                let what = format!(
+                    "virtual server {}/{}",
+                    SocketAddr::new(vs.address, vs.port),
+                    vs.protocol
+                );
+                let key = (vs.address, vs.port, vs.protocol);
+                self.unique(&mut seen, key, raw_vs.get_ref().address.span().start, what);
+                virtual_servers.push(vs);
+            }
+        }
+        Some(Config {
+            director: director?,
+            virtual_servers,
+        })
+    }
+
+    fn director(&mut self, raw: &RawDirector) -> Option<Director> {
+        let interface = self.check(&raw.interface, |name| interface_name(name));
+        let table_size = self.check_or(&raw.table_size, DEFAULT_TABLE_SIZE, table_size);
+        let control_socket =
+            self.check_or(&raw.control_socket, DEFAULT_CONTROL_SOCKET.into(), |p| {
+                socket_path(p)
+            });
+        let conntrack_size = self.check_or(
+            &raw.conntrack_size,
+            DEFAULT_CONNTRACK_SIZE,
+            int("conntrack_size", 1024..=i64::from(u32::MAX)),
+        );
+        let max_vips = self.check_or(&raw.max_vips, DEFAULT_MAX_VIPS, int("max_vips", 1..=1024));
+        let max_backends = self.check_or(
+            &raw.max_backends,
+            DEFAULT_MAX_BACKENDS,
+            int("max_backends", 1..=65536),
+        );
+        Some(Director {
+            interface: interface?,
+            xdp_mode: raw.xdp_mode,
+            table_size: table_size?,
+            control_socket: control_socket?,
+            conntrack_size: conntrack_size?,
+            max_vips: max_vips?,
+            max_backends: max_backends?,
+            log_level: raw.log_level,
+        })
+    }
+
+    /// The fast path's maps are sized from `max_vips` and `max_backends`: the first table past
+    /// either limit is an error.
+    fn limits(&mut self, raw: &RawConfig, director: &Director) {
+        let vss = &raw.virtual_server;
+        if let Some(extra) = vss.get(director.max_vips as usize) {
+            let message = format!(
+                "too many virtual servers: {} configured, but [director] max_vips is {}",
+                vss.len(),
+                director.max_vips
+            );
+            self.error(extra.span().start, message);
+        }
+        let rss: Vec<_> = vss
+            .iter()
+            .flat_map(|vs| &vs.get_ref().real_server)
+            .collect();
+        if let Some(extra) = rss.get(director.max_backends as usize) {
+            let message = format!(
+                "too many real servers: {} configured over all virtual servers, but [director] max_backends is {}",
+                rss.len(),
+                director.max_backends
+            );
+            self.error(extra.span().start, message);
+        }
+    }
+
+    fn virtual_server(&mut self, raw: &Spanned<RawVirtualServer>) -> Option<VirtualServer> {
+        let span = self.lines.position(raw.span().start);
+        let raw = raw.get_ref();
+        let address = self.check(&raw.address, |a| ip_address(a));
+        let port = self.check(&raw.port, int("port", 0..=65535));
+        let scheduler = self.check_or(&raw.scheduler, SCHEDULERS[0].to_owned(), |s| scheduler(s));
+        let mut seen = HashMap::new();
+        let mut real_servers = Vec::new();
+        for raw_rs in &raw.real_server {
+            if let Some(rs) = self.real_server(raw_rs, port) {
+                let what = format!("real server {}", SocketAddr::new(rs.address, rs.port));
+                self.unique(
+                    &mut seen,
+                    (rs.address, rs.port),
+                    raw_rs.get_ref().address.span().start,
+                    what,
+                );
+                real_servers.push(rs);
+            }
+        }
+        Some(VirtualServer {
+            address: address?,
+            port: port?,
+            protocol: raw.protocol,
+            scheduler: scheduler?,
+            real_servers,
+            span,
+        })
+    }
+
+    /// `vip_port` is `None` when the virtual server's port is itself invalid.
+    fn real_server(
+        &mut self,
+        raw: &Spanned<RawRealServer>,
+        vip_port: Option<u16>,
+    ) -> Option<RealServer> {
+        let span = self.lines.position(raw.span().start);
+        let raw = raw.get_ref();
+        let address = self.check(&raw.address, |a| ip_address(a));
+        let port = match &raw.port {
+            Some(port) => self.check(port, |p| {
+                int("port", 0..=65535)(p).and_then(|p| dsr_port(p, vip_port))
+            }),
+            None => vip_port,
+        };
+        let weight = self.check_or(&raw.weight, 1, int("weight", 0..=65535));
+        let mac = self.check_optional(&raw.mac, |m| mac_address(m));
+        let interface = self.check_optional(&raw.interface, |name| interface_name(name));
+        Some(RealServer {
+            address: address?,
+            port: port?,
+            weight: weight?,
+            mac: mac?,
+            interface: interface?,
+            span,
+        })
+    }
+
+    /// Runs `check` on a value; a failure is recorded at the value's position.
+    fn check<T, U>(
+        &mut self,
+        value: &Spanned<T>,
+        check: impl FnOnce(&T) -> Result<U, String>,
+    ) -> Option<U> {
+        check(value.get_ref())
+            .map_err(|message| self.error(value.span().start, message))
+            .ok()
+    }
+
+    /// [`Self::check`] for an optional key: `Some(None)` when it is absent.
+    fn check_optional<T, U>(
+        &mut self,
+        value: &Option<Spanned<T>>,
+        check: impl FnOnce(&T) -> Result<U, String>,
+    ) -> Option<Option<U>> {
+        match value {
+            Some(value) => self.check(value, check).map(Some),
+            None => Some(None),
+        }
+    }
+
+    /// [`Self::check`] for an optional key: `default` when it is absent.
+    fn check_or<T, U>(
+        &mut self,
+        value: &Option<Spanned<T>>,
+        default: U,
+        check: impl FnOnce(&T) -> Result<U, String>,
+    ) -> Option<U> {
+        self.check_optional(value, check)
+            .map(|value| value.unwrap_or(default))
+    }
+
+    /// Remembers where `key` was first defined, or reports `what` at `at` as a duplicate of it.
+    fn unique<K: Eq + Hash>(
+        &mut self,
+        seen: &mut HashMap<K, usize>,
+        key: K,
+        at: usize,
+        what: String,
+    ) {
+        let line = self.lines.position(at).line;
+        match seen.entry(key) {
+            Entry::Occupied(first) => {
+                self.error(
+                    at,
+                    format!("duplicate {what} (first defined at line {})", first.get()),
+                );
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(line);
+            }
+        }
+    }
+
+    fn error(&mut self, at: usize, message: String) {
+        self.problems
+            .push(self.lines.diagnostic(self.file, at, message));
+    }
+}
+
+// Checks of single values: `Err` holds the message.
+
+/// An integer key that must lie in `range` and fit `T`.
+fn int<T: TryFrom<i64>>(
+    key: &'static str,
+    range: RangeInclusive<i64>,
+) -> impl Fn(&i64) -> Result<T, String> {
+    move |&value| {
+        range
+            .contains(&value)
+            .then(|| T::try_from(value).ok())
+            .flatten()
+            .ok_or_else(|| {
+                format!(
+                    "{key} must be between {} and {}, got {value}",
+                    range.start(),
+                    range.end()
+                )
+            })
+    }
+}
+
+fn table_size(value: &i64) -> Result<u32, String> {
+    let size = int("table_size", 3..=1_000_003)(value)?;
+    if is_prime(size) {
+        return Ok(size);
+    }
+    let mut next = size + 1;
+    while !is_prime(next) {
+        next += 1;
+    }
+    Err(format!(
+        "table_size {size} is not prime; the next prime is {next}"
+    ))
+}
+
+fn is_prime(n: u32) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
+}
+
+/// Linux interface names: 1 to 15 bytes (IFNAMSIZ - 1), no `/`, `:` or whitespace, not `.`/`..`.
+fn interface_name(name: &str) -> Result<String, String> {
+    if name.is_empty() {
+        return Err("interface name must not be empty".into());
+    }
+    if name.len() > 15 {
+        return Err(format!(
+            "interface name `{name}` is {} bytes long; Linux allows at most 15",
+            name.len()
+        ));
+    }
+    if name == "."
+        || name == ".."
+        || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+    {
+        return Err(format!(
+            "invalid interface name `{name}`: Linux forbids `/`, `:` and whitespace in it, and the names `.` and `..`"
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// A Unix socket path must fit `sun_path` (108 bytes with its terminating NUL).
+fn socket_path(path: &Path) -> Result<PathBuf, String> {
+    match path.as_os_str().as_bytes().len() {
+        0 => Err("control_socket must not be empty".into()),
+        len @ 108.. => Err(format!(
+            "control_socket path is {len} bytes long; a Unix socket path may have at most 107"
+        )),
+        _ => Ok(path.to_owned()),
+    }
+}
+
+fn ip_address(text: &str) -> Result<IpAddr, String> {
+    text.parse().map_err(|_| match text.parse::<SocketAddr>() {
+        Ok(_) => format!("invalid IP address `{text}`: give the port in `port`, not in `address`"),
+        Err(_) => format!("invalid IP address `{text}`"),
+    })
+}
+
+fn scheduler(name: &str) -> Result<String, String> {
+    if SCHEDULERS.contains(&name) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "unknown scheduler `{name}`; expected one of: {}",
+            SCHEDULERS.join(", ")
+        ))
+    }
+}
+
+/// A real server's port under DSR: the packet keeps its destination port.
+fn dsr_port(port: u16, vip_port: Option<u16>) -> Result<u16, String> {
+    match vip_port {
+        Some(vip_port) if vip_port != 0 && port != vip_port => Err(format!(
+            "DSR cannot rewrite ports: real server port {port} differs from virtual server port {vip_port}"
+        )),
+        _ => Ok(port),
+    }
+}
+
+/// Six two-digit hex bytes separated by colons.
+fn mac_address(text: &str) -> Result<[u8; 6], String> {
+    let invalid =
+        || format!("invalid MAC address `{text}`; expected six hex bytes like 02:00:00:00:00:01");
+    let mut parts = text.split(':');
+    let mut mac = [0; 6];
+    for byte in &mut mac {
+        *byte = parts
+            .next()
+            .filter(|part| part.len() == 2 && part.bytes().all(|c| c.is_ascii_hexdigit()))
+            .and_then(|part| u8::from_str_radix(part, 16).ok())
+            .ok_or_else(invalid)?;
+    }
+    match parts.next() {
+        Some(_) => Err(invalid()),
+        None => Ok(mac),
+    }
+}
+
+// Messages of toml (syntax) and serde (types, keys), reworded for operators, on one line.
+
+fn reword(message: &str) -> String {
+    let message = message.trim_end().replace('\n', ": ");
+    if let Some(rest) = message.strip_prefix("unknown field ") {
+        // "unknown field `k`, expected one of `a`, `b`" (or "expected `a` or `b`")
+        let names = backticked(rest);
+        if let Some((key, expected)) = names.split_first() {
+            let place = table_of(expected).map_or(String::new(), |place| format!(" {place}"));
+            return format!(
+                "unknown key `{key}`{place}; expected one of: {}",
+                expected.join(", ")
+            );
+        }
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant ") {
+        let names = backticked(rest);
+        if let Some((value, expected)) = names.split_first() {
+            return format!(
+                "unknown value `{value}`; expected one of: {}",
+                expected.join(", ")
+            );
+        }
+    }
+    if let Some(key) = message.strip_prefix("missing field ") {
+        return format!("missing required key {key}");
+    }
+    if message == "invalid type: map, expected a sequence" {
+        return "expected an array of tables: write [[...]] (double brackets), once per entry"
+            .into();
+    }
+    message.replace("expected i64", "expected an integer")
+}
+
+/// The names quoted in backticks, in order.
+fn backticked(text: &str) -> Vec<&str> {
+    text.split('`').skip(1).step_by(2).collect()
+}
+
+/// The keys that serde accepts in the table deserialized as `T`: its derived `deserialize_struct`
+/// is handed them, and this probe deserializer catches them.
+fn keys_of<T: DeserializeOwned>() -> &'static [&'static str] {
+    struct Probe;
+
+    #[derive(Debug)]
+    struct Keys(&'static [&'static str]);
+
+    impl fmt::Display for Keys {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "keys {:?}", self.0)
+        }
+    }
+
+    impl std::error::Error for Keys {}
+
+    impl serde::de::Error for Keys {
+        fn custom<M: fmt::Display>(_: M) -> Self {
+            Keys(&[])
+        }
+    }
+
+    impl<'de> Deserializer<'de> for Probe {
+        type Error = Keys;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Keys> {
+            Err(Keys(&[]))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Keys> {
+            Err(Keys(fields))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+
+    T::deserialize(Probe).err().map_or(&[], |Keys(keys)| keys)
+}
+
+/// Byte offsets in the text to 1-based lines and columns (in characters).
+struct Lines<'a> {
+    text: &'a str,
+    /// Byte offset of the start of each line.
+    starts: Vec<usize>,
+}
+
+impl<'a> Lines<'a> {
+    fn new(text: &'a str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Lines { text, starts }
+    }
+
+    fn position(&self, offset: usize) -> Span {
+        let line = self.starts.partition_point(|&start| start <= offset);
+        let start = self.starts[line - 1];
+        let col = self.text[start..]
+            .char_indices()
+            .take_while(|&(i, _)| start + i < offset)
+            .count()
+            + 1;
+        Span { line, col }
+    }
+
+    fn diagnostic(&self, file: &str, offset: usize, message: String) -> Diagnostic {
+        let Span { line, col } = self.position(offset);
+        Diagnostic {
+            file: file.to_owned(),
+            line,
+            col,
+            message,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    /// Lines 1 and 2 of most test files.
+    const DIRECTOR: &str = "[director]\ninterface = \"eth0\"\n";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "t.toml")
+    }
+
+    /// The diagnostics for `text`, as displayed.
+    fn errors(text: &str) -> Vec<String> {
+        match parse(text) {
+            Ok(config) => panic!("accepted: {config:?}"),
+            Err(error) => error
+                .diagnostics()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        }
+    }
+
+    /// The diagnostics for `text` after the `[director]` table, with a virtual server 10.0.0.1:80
+    /// on lines 3 to 5 when `vs` is set.
+    fn errors_after(vs: bool, rest: &str) -> Vec<String> {
+        let vs = if vs {
+            "[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\n"
+        } else {
+            ""
+        };
+        errors(&format!("{DIRECTOR}{vs}{rest}"))
+    }
+
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        Ipv4Addr::new(a, b, c, d).into()
+    }
+
+    fn v6(text: &str) -> IpAddr {
+        text.parse::<Ipv6Addr>().unwrap().into()
+    }
+
+    fn default_director(interface: &str) -> Director {
+        Director {
+            interface: interface.into(),
+            xdp_mode: XdpMode::Native,
+            table_size: 65537,
+            control_socket: "/run/lbd/lbd.sock".into(),
+            conntrack_size: 262_144,
+            max_vips: 64,
+            max_backends: 4096,
+            log_level: LogLevel::Info,
+        }
+    }
+
+    fn workspace_file(name: &str) -> PathBuf {
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../config")).join(name)
+    }
+
+    #[test]
+    fn full_config() {
+        let text = r#"[director]
+interface = "eth1"
+xdp_mode = "generic"
+table_size = 251
+control_socket = "/tmp/lbd.sock"
+conntrack_size = 1024
+max_vips = 2
+max_backends = 3
+log_level = "debug"
+
+[[virtual_server]]
+address = "192.0.2.10"
+port = 443
+protocol = "udp"
+scheduler = "maglev"
+
+[[virtual_server.real_server]]
+address = "192.0.2.21"
+port = 443
+weight = 0
+mac = "02:00:00:AB:cd:01"
+interface = "eth2"
+
+[[virtual_server.real_server]]
+address = "192.0.2.22"
+
+  [[virtual_server]]
+address = "2001:db8::10"
+port = 0
+
+[[virtual_server.real_server]]
+address = "2001:db8::21"
+port = 8080
+"#;
+        let expected = Config {
+            director: Director {
+                interface: "eth1".into(),
+                xdp_mode: XdpMode::Generic,
+                table_size: 251,
+                control_socket: "/tmp/lbd.sock".into(),
+                conntrack_size: 1024,
+                max_vips: 2,
+                max_backends: 3,
+                log_level: LogLevel::Debug,
+            },
+            virtual_servers: vec![
+                VirtualServer {
+                    address: v4(192, 0, 2, 10),
+                    port: 443,
+                    protocol: Protocol::Udp,
+                    scheduler: "maglev".into(),
+                    real_servers: vec![
+                        RealServer {
+                            address: v4(192, 0, 2, 21),
+                            port: 443,
+                            weight: 0,
+                            mac: Some([0x02, 0, 0, 0xab, 0xcd, 0x01]),
+                            interface: Some("eth2".into()),
+                            span: Span { line: 17, col: 1 },
+                        },
+                        RealServer {
+                            address: v4(192, 0, 2, 22),
+                            port: 443,
+                            weight: 1,
+                            mac: None,
+                            interface: None,
+                            span: Span { line: 24, col: 1 },
+                        },
+                    ],
+                    span: Span { line: 11, col: 1 },
+                },
+                VirtualServer {
+                    address: v6("2001:db8::10"),
+                    port: 0,
+                    protocol: Protocol::Tcp,
+                    scheduler: "maglev".into(),
+                    real_servers: vec![RealServer {
+                        address: v6("2001:db8::21"),
+                        port: 8080,
+                        weight: 1,
+                        mac: None,
+                        interface: None,
+                        span: Span { line: 31, col: 1 },
+                    }],
+                    span: Span { line: 27, col: 3 },
+                },
+            ],
+        };
+        assert_eq!(parse(text).unwrap(), expected);
+    }
+
+    #[test]
+    fn defaults() {
+        let config = parse(DIRECTOR).unwrap();
+        assert_eq!(
+            config,
+            Config {
+                director: default_director("eth0"),
+                virtual_servers: vec![]
+            }
+        );
+
+        let config = parse(&format!(
+            "{DIRECTOR}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 53\n"
+        ))
+        .unwrap();
+        let vs = &config.virtual_servers[0];
+        assert_eq!(
+            (vs.protocol, vs.scheduler.as_str()),
+            (Protocol::Tcp, "maglev")
+        );
+        // No real servers is allowed: the VIP's traffic is dropped.
+        assert!(vs.real_servers.is_empty());
+    }
+
+    #[test]
+    fn rig_config() {
+        let config = Config::load(&workspace_file("rig.toml")).unwrap();
+        let director = Director {
+            control_socket: "/run/lbd/rig.sock".into(),
+            ..default_director("eth0")
+        };
+        assert_eq!(config.director, director);
+        let vss: Vec<_> = config
+            .virtual_servers
+            .iter()
+            .map(|vs| (vs.address, vs.port, vs.protocol))
+            .collect();
+        let vip = v4(10, 99, 0, 100);
+        assert_eq!(
+            vss,
+            [
+                (vip, 80, Protocol::Tcp),
+                (vip, 5353, Protocol::Udp),
+                (v6("fd00:99::100"), 80, Protocol::Tcp)
+            ]
+        );
+        let backends = |vs: &VirtualServer| -> Vec<(IpAddr, u16, u32)> {
+            vs.real_servers
+                .iter()
+                .map(|rs| (rs.address, rs.port, rs.weight))
+                .collect()
+        };
+        let v4_backends = |port| {
+            (11..=13)
+                .map(|i| (v4(10, 99, 0, i), port, 1))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(backends(&config.virtual_servers[0]), v4_backends(80));
+        assert_eq!(backends(&config.virtual_servers[1]), v4_backends(5353));
+        let v6_backends: Vec<_> = ["fd00:99::11", "fd00:99::12", "fd00:99::13"]
+            .map(|a| (v6(a), 80, 1))
+            .into();
+        assert_eq!(backends(&config.virtual_servers[2]), v6_backends);
+    }
+
+    #[test]
+    fn example_config_shows_the_defaults() {
+        let config = Config::load(&workspace_file("example.toml")).unwrap();
+        assert_eq!(config.director, default_director("eth0"));
+        let vs = &config.virtual_servers[0];
+        assert_eq!(
+            (vs.protocol, vs.scheduler.as_str()),
+            (Protocol::default(), SCHEDULERS[0])
+        );
+        let rs = &vs.real_servers[0];
+        assert_eq!(
+            (rs.port, rs.weight, rs.mac, &rs.interface),
+            (vs.port, 1, None, &None)
+        );
+    }
+
+    #[test]
+    fn ipv6_and_port_zero() {
+        let text = format!(
+            "{DIRECTOR}{}",
+            r#"[[virtual_server]]
+address = "fd00::100"
+port = 0
+[[virtual_server.real_server]]
+address = "fd00::11"
+[[virtual_server.real_server]]
+address = "fd00::12"
+port = 8080
+[[virtual_server]]
+address = "fd00::100"
+port = 80
+[[virtual_server]]
+address = "fd00::100"
+port = 0
+protocol = "udp"
+"#
+        );
+        let config = parse(&text).unwrap();
+        let [all_ports, http, udp] = &config.virtual_servers[..] else {
+            panic!("{config:?}")
+        };
+        assert_eq!((all_ports.address, all_ports.port), (v6("fd00::100"), 0));
+        // A port-0 VIP may overlap specific ports; its real servers' ports are kept as given.
+        let ports: Vec<_> = all_ports
+            .real_servers
+            .iter()
+            .map(|rs| (rs.address, rs.port))
+            .collect();
+        assert_eq!(ports, [(v6("fd00::11"), 0), (v6("fd00::12"), 8080)]);
+        assert_eq!(
+            (http.port, http.protocol, udp.port, udp.protocol),
+            (80, Protocol::Tcp, 0, Protocol::Udp)
+        );
+    }
+
+    #[test]
+    fn unknown_keys() {
+        assert_eq!(
+            errors(&format!("{DIRECTOR}tabel_size = 3\n")),
+            ["t.toml:3:1: unknown key `tabel_size` in [director]; expected one of: interface, xdp_mode, \
+              table_size, control_socket, conntrack_size, max_vips, max_backends, log_level"]
+        );
+        assert_eq!(
+            errors(&format!("bogus = 1\n{DIRECTOR}")),
+            ["t.toml:1:1: unknown key `bogus` at the top level; expected one of: director, virtual_server"]
+        );
+        assert_eq!(
+            errors_after(true, "weight = 1\n"),
+            ["t.toml:6:1: unknown key `weight` in [[virtual_server]]; expected one of: address, port, protocol, \
+              scheduler, real_server"]
+        );
+        assert_eq!(
+            errors_after(true, "[[virtual_server.real_server]]\naddress = \"10.0.0.2\"\n  wieght = 2\n"),
+            ["t.toml:8:3: unknown key `wieght` in [[virtual_server.real_server]]; expected one of: address, port, \
+              weight, mac, interface"]
+        );
+        // Dotted keys and inline tables are placed by their table too.
+        let inline = errors("director = { interface = \"eth0\", mode = \"xdp\" }\n");
+        assert!(
+            inline[0].starts_with("t.toml:1:34: unknown key `mode` in [director]; "),
+            "{inline:?}"
+        );
+        let dotted = errors(&format!("{DIRECTOR}health.port = 1\n"));
+        assert!(
+            dotted[0].starts_with("t.toml:3:1: unknown key `health` in [director]; "),
+            "{dotted:?}"
+        );
+    }
+
+    #[test]
+    fn syntax_and_type_errors() {
+        assert_eq!(
+            errors("[director]\ninterface = \"eth0\n"),
+            ["t.toml:2:18: invalid basic string"]
+        );
+        assert_eq!(
+            errors("[director\n"),
+            ["t.toml:1:10: invalid table header: expected `.`, `]`"]
+        );
+        assert_eq!(
+            errors(&format!("{DIRECTOR}interface = \"eth1\"\n")),
+            ["t.toml:3:1: duplicate key `interface` in table `director`"]
+        );
+        assert_eq!(
+            errors("[director]\ninterface = 5\n"),
+            ["t.toml:2:13: invalid type: integer `5`, expected a string"]
+        );
+        assert_eq!(
+            errors(&format!("{DIRECTOR}table_size = 1.5\n")),
+            ["t.toml:3:14: invalid type: floating point `1.5`, expected an integer"]
+        );
+        assert_eq!(
+            errors("director = \"eth0\"\n"),
+            ["t.toml:1:12: invalid type: string \"eth0\", expected a table"]
+        );
+        assert_eq!(
+            errors(&format!("{DIRECTOR}xdp_mode = \"fast\"\n")),
+            ["t.toml:3:12: unknown value `fast`; expected one of: native, generic"]
+        );
+        assert_eq!(
+            errors_after(true, "protocol = \"sctp\"\n"),
+            ["t.toml:6:12: unknown value `sctp`; expected one of: tcp, udp"]
+        );
+        assert_eq!(errors(""), ["t.toml:1:1: missing required key `director`"]);
+        assert_eq!(
+            errors("[director]\n"),
+            ["t.toml:1:1: missing required key `interface`"]
+        );
+        assert_eq!(
+            errors_after(false, "[[virtual_server]]\nport = 80\n"),
+            ["t.toml:3:1: missing required key `address`"]
+        );
+        assert_eq!(
+            errors_after(false, "[virtual_server]\naddress = \"10.0.0.1\"\n"),
+            ["t.toml:3:1: expected an array of tables: write [[...]] (double brackets), once per entry"]
+        );
+    }
+
+    #[test]
+    fn director_values() {
+        let director = |line: &str| errors(&format!("{DIRECTOR}{line}\n"));
+        assert_eq!(
+            director("table_size = 65536"),
+            ["t.toml:3:14: table_size 65536 is not prime; the next prime is 65537"]
+        );
+        assert_eq!(
+            director("table_size = 2"),
+            ["t.toml:3:14: table_size must be between 3 and 1000003, got 2"]
+        );
+        assert_eq!(
+            director("table_size = 1000033"),
+            ["t.toml:3:14: table_size must be between 3 and 1000003, got 1000033"]
+        );
+        assert_eq!(
+            director("conntrack_size = 1000"),
+            ["t.toml:3:18: conntrack_size must be between 1024 and 4294967295, got 1000"]
+        );
+        assert_eq!(
+            director("max_vips = 0"),
+            ["t.toml:3:12: max_vips must be between 1 and 1024, got 0"]
+        );
+        assert_eq!(
+            director("max_backends = 65537"),
+            ["t.toml:3:16: max_backends must be between 1 and 65536, got 65537"]
+        );
+        assert_eq!(
+            director("control_socket = \"\""),
+            ["t.toml:3:18: control_socket must not be empty"]
+        );
+        let long = format!("control_socket = \"/{}\"", "s".repeat(107));
+        assert_eq!(
+            director(&long),
+            ["t.toml:3:18: control_socket path is 108 bytes long; a Unix socket path may have at most 107"]
+        );
+        assert_eq!(
+            errors("[director]\ninterface = \"\"\n"),
+            ["t.toml:2:13: interface name must not be empty"]
+        );
+        assert_eq!(
+            errors("[director]\ninterface = \"enp0s31f6-uplink0\"\n"),
+            ["t.toml:2:13: interface name `enp0s31f6-uplink0` is 17 bytes long; Linux allows at most 15"]
+        );
+        assert_eq!(
+            errors("[director]\ninterface = \"eth0:1\"\n"),
+            ["t.toml:2:13: invalid interface name `eth0:1`: Linux forbids `/`, `:` and whitespace in it, and the \
+              names `.` and `..`"]
+        );
+        // Columns count characters, not bytes.
+        assert_eq!(
+            errors("director = { interface = \"é\", table_size = 4 }\n"),
+            ["t.toml:1:44: table_size 4 is not prime; the next prime is 5"]
+        );
+    }
+
+    #[test]
+    fn virtual_server_values() {
+        let vs = |lines: &str| errors_after(false, &format!("[[virtual_server]]\n{lines}\n"));
+        assert_eq!(
+            vs("address = \"10.0.0.256\"\nport = 80"),
+            ["t.toml:4:11: invalid IP address `10.0.0.256`"]
+        );
+        assert_eq!(
+            vs("address = \"10.0.0.1:80\"\nport = 80"),
+            ["t.toml:4:11: invalid IP address `10.0.0.1:80`: give the port in `port`, not in `address`"]
+        );
+        assert_eq!(
+            vs("address = \"10.0.0.1\"\nport = 65536"),
+            ["t.toml:5:8: port must be between 0 and 65535, got 65536"]
+        );
+        assert_eq!(
+            vs("address = \"10.0.0.1\"\nport = 80\nscheduler = \"wrr\""),
+            ["t.toml:6:13: unknown scheduler `wrr`; expected one of: maglev"]
+        );
+    }
+
+    #[test]
+    fn duplicate_virtual_servers() {
+        let text = r#"[[virtual_server]]
+address = "10.0.0.1"
+port = 80
+[[virtual_server]]
+address = "10.0.0.1"
+port = 80
+protocol = "udp"
+[[virtual_server]]
+address = "10.0.0.1"
+port = 80
+protocol = "tcp"
+[[virtual_server]]
+address = "fd00::1"
+port = 0
+[[virtual_server]]
+address = "fd00:0::1"
+port = 0
+"#;
+        assert_eq!(
+            errors_after(false, text),
+            [
+                "t.toml:11:11: duplicate virtual server 10.0.0.1:80/tcp (first defined at line 4)",
+                "t.toml:18:11: duplicate virtual server [fd00::1]:0/tcp (first defined at line 15)",
+            ]
+        );
+    }
+
+    #[test]
+    fn real_server_values() {
+        let rs =
+            |lines: &str| errors_after(true, &format!("[[virtual_server.real_server]]\n{lines}\n"));
+        assert_eq!(
+            rs("address = \"10.0.0.2\"\nport = 8080"),
+            ["t.toml:8:8: DSR cannot rewrite ports: real server port 8080 differs from virtual server port 80"]
+        );
+        let same_port = format!("{DIRECTOR}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\n\
+                                 [[virtual_server.real_server]]\naddress = \"10.0.0.2\"\nport = 80\n");
+        assert_eq!(
+            parse(&same_port).unwrap().virtual_servers[0].real_servers[0].port,
+            80
+        );
+        assert_eq!(
+            rs("address = \"fd00::1::2\""),
+            ["t.toml:7:11: invalid IP address `fd00::1::2`"]
+        );
+        assert_eq!(
+            rs("address = \"10.0.0.2\"\nweight = 65536"),
+            ["t.toml:8:10: weight must be between 0 and 65535, got 65536"]
+        );
+        assert_eq!(
+            rs("address = \"10.0.0.2\"\nweight = -1"),
+            ["t.toml:8:10: weight must be between 0 and 65535, got -1"]
+        );
+        for mac in [
+            "02:00:00:00:01",
+            "02:00:00:00:00:01:02",
+            "02-00-00-00-00-01",
+            "2:00:00:00:00:01",
+            "+2:00:00:00:00:01",
+            "02:00:00:00:00:0g",
+        ] {
+            assert_eq!(
+                rs(&format!("address = \"10.0.0.2\"\nmac = \"{mac}\"")),
+                [format!("t.toml:8:7: invalid MAC address `{mac}`; expected six hex bytes like 02:00:00:00:00:01")]
+            );
+        }
+        assert_eq!(
+            rs("address = \"10.0.0.2\"\ninterface = \"\""),
+            ["t.toml:8:13: interface name must not be empty"]
+        );
+        assert_eq!(
+            rs("address = \"10.0.0.2\"\ninterface = \"a/b\""),
+            ["t.toml:8:13: invalid interface name `a/b`: Linux forbids `/`, `:` and whitespace in it, and the names \
+              `.` and `..`"]
+        );
+    }
+
+    #[test]
+    fn duplicate_real_servers() {
+        let text = r#"[[virtual_server.real_server]]
+address = "10.0.0.2"
+[[virtual_server.real_server]]
+address = "10.0.0.3"
+[[virtual_server.real_server]]
+address = "10.0.0.2"
+port = 80
+[[virtual_server]]
+address = "10.0.0.1"
+port = 443
+[[virtual_server.real_server]]
+address = "10.0.0.2"
+"#;
+        assert_eq!(
+            errors_after(true, text),
+            ["t.toml:11:11: duplicate real server 10.0.0.2:80 (first defined at line 7)"]
+        );
+    }
+
+    #[test]
+    fn limits() {
+        let text = r#"[director]
+interface = "eth0"
+max_vips = 2
+max_backends = 2
+[[virtual_server]]
+address = "10.0.0.1"
+port = 80
+[[virtual_server.real_server]]
+address = "10.0.0.2"
+[[virtual_server]]
+address = "10.0.0.1"
+port = 81
+[[virtual_server.real_server]]
+address = "10.0.0.2"
+[[virtual_server.real_server]]
+address = "10.0.0.3"
+[[virtual_server]]
+address = "10.0.0.1"
+port = 82
+"#;
+        assert_eq!(
+            errors(text),
+            [
+                "t.toml:15:1: too many real servers: 3 configured over all virtual servers, but [director] \
+                 max_backends is 2",
+                "t.toml:17:1: too many virtual servers: 3 configured, but [director] max_vips is 2",
+            ]
+        );
+    }
+
+    #[test]
+    fn all_problems_are_reported_in_file_order() {
+        let text = r#"[[virtual_server]]
+address = "10.0.0.x"
+port = 80
+[[virtual_server.real_server]]
+address = "10.0.0.2"
+weight = 70000
+mac = "nope"
+"#;
+        let error = Config::parse(
+            &format!("[director]\ninterface = \"\"\ntable_size = 9\n{text}"),
+            "rig.toml",
+        )
+        .unwrap_err();
+        let expected = "rig.toml:2:13: interface name must not be empty
+rig.toml:3:14: table_size 9 is not prime; the next prime is 11
+rig.toml:5:11: invalid IP address `10.0.0.x`
+rig.toml:9:10: weight must be between 0 and 65535, got 70000
+rig.toml:10:7: invalid MAC address `nope`; expected six hex bytes like 02:00:00:00:00:01";
+        assert_eq!(error.to_string(), expected);
+        let d = &error.diagnostics()[1];
+        assert_eq!((d.file.as_str(), d.line, d.col), ("rig.toml", 3, 14));
+        assert_eq!(d.message, "table_size 9 is not prime; the next prime is 11");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let missing = Path::new("/nonexistent/lbd.toml");
+        let error = Config::load(missing).unwrap_err();
+        assert!(matches!(&error, ConfigError::Read { path, .. } if path == missing));
+        assert!(
+            error
+                .to_string()
+                .starts_with("/nonexistent/lbd.toml: cannot read configuration: "),
+            "{error}"
+        );
+
+        let path =
+            std::env::temp_dir().join(format!("lbd-config-test-{}.toml", std::process::id()));
+        std::fs::write(&path, "[director]\ninterface = 1\n").unwrap();
+        let error = Config::load(&path).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "{}:2:13: invalid type: integer `1`, expected a string",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn serializes_with_the_file_keys() {
+        let text = format!(
+            "{DIRECTOR}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\n\
+             [[virtual_server.real_server]]\naddress = \"10.0.0.2\"\nmac = \"02:00:00:00:00:0A\"\n"
+        );
+        let json = serde_json::to_value(parse(&text).unwrap()).unwrap();
+        assert_eq!(json["director"]["xdp_mode"], "native");
+        assert_eq!(json["director"]["control_socket"], "/run/lbd/lbd.sock");
+        let vs = &json["virtual_server"][0];
+        assert_eq!(
+            (&vs["address"], &vs["protocol"], vs.get("span")),
+            (&"10.0.0.1".into(), &"tcp".into(), None)
+        );
+        assert_eq!(vs["real_server"][0]["mac"], "02:00:00:00:00:0a");
+        assert_eq!(vs["real_server"][0]["interface"], serde_json::Value::Null);
+    }
+}

@@ -1,0 +1,81 @@
+//! The control socket: a Unix stream socket (mode 0600) speaking one JSON object per line.
+//! `{"cmd":"status"}` → `{"ok":true,"status":{...}}`; `{"cmd":"reload"}` → `{"ok":true}` or
+//! `{"ok":false,"error":"..."}`.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    path::Path,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::status::Status;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Reload,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Response {
+    pub fn error(message: impl Into<String>) -> Self {
+        Self { ok: false, error: Some(message.into()), status: None }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach lbd at {path}: {source} (is `lbd run` running? pass --socket or --config to name its socket)")]
+    Connect { path: String, source: std::io::Error },
+    #[error("talking to lbd at {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("lbd at {path} sent an unreadable reply: {source}")]
+    Decode { path: String, source: serde_json::Error },
+    #[error("another lbd is already listening on {0}")]
+    InUse(String),
+}
+
+/// Sends one request and waits (at most 10 s) for the reply.
+pub fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
+    let p = path.display().to_string();
+    let mut stream = UnixStream::connect(path).map_err(|source| ControlError::Connect { path: p.clone(), source })?;
+    let io = |source| ControlError::Io { path: p.clone(), source };
+    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    let mut line = serde_json::to_string(req).expect("requests serialize");
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).map_err(io)?;
+    serde_json::from_str(&reply).map_err(|source| ControlError::Decode { path: p, source })
+}
+
+/// Binds the socket: creates the directory, refuses to steal a socket another lbd listens on,
+/// replaces a stale one, and restricts it to the owner (0600).
+pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {
+    let p = path.display().to_string();
+    let io = |source| ControlError::Io { path: p.clone(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ControlError::InUse(p));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}

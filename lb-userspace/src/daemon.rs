@@ -1,0 +1,410 @@
+//! The controller: it owns the authoritative state (config + resolved MACs), derives the desired
+//! dataplane state from it and pushes it through the `Dataplane` trait; and the `lbd run` loop
+//! around it (signals, neighbour events, control socket).
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, oneshot},
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, Director, Protocol, XdpMode},
+    control::{self, Request, Response},
+    dataplane::{BackendSpec, Dataplane, DataplaneStats, ServiceSpec, VipAddr},
+    neigh::{Mac, NeighEvent, NeighKey, Resolver},
+    status::{format_mac, RealServerStatus, ReasonStatus, Status, TrafficStatus, VirtualServerStatus},
+    xdp::{XdpDataplane, XdpOptions},
+};
+
+/// An interface backends are reached through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IfaceInfo {
+    pub ifindex: u32,
+    pub mac: Mac,
+}
+
+/// Looks an interface up by name (ifindex and MAC from the kernel).
+pub fn lookup_iface(name: &str) -> anyhow::Result<IfaceInfo> {
+    let ifindex = nix::net::if_::if_nametoindex(name).with_context(|| format!("interface {name} not found"))?;
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address"))
+        .with_context(|| format!("reading the MAC address of {name}"))?;
+    let mac = parse_mac(text.trim()).with_context(|| format!("interface {name} has no Ethernet address"))?;
+    Ok(IfaceInfo { ifindex, mac })
+}
+
+fn parse_mac(s: &str) -> Option<Mac> {
+    let parts: Vec<u8> = s.split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>().ok()?;
+    parts.try_into().ok()
+}
+
+pub struct Controller {
+    config: Config,
+    config_path: PathBuf,
+    dataplane: Box<dyn Dataplane>,
+    ifaces: HashMap<String, IfaceInfo>,
+    /// Last known MAC per backend address; kept when the kernel forgets the entry (the XDP path
+    /// bypasses the kernel, so its neighbour entries go stale and get collected).
+    macs: HashMap<NeighKey, Mac>,
+    started: Instant,
+}
+
+impl Controller {
+    /// `ifaces` must hold every interface the config names.
+    pub fn new(config: Config, config_path: PathBuf, dataplane: Box<dyn Dataplane>, ifaces: HashMap<String, IfaceInfo>) -> Self {
+        Self { config, config_path, dataplane, ifaces, macs: HashMap::new(), started: Instant::now() }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn dataplane(&self) -> &dyn Dataplane {
+        self.dataplane.as_ref()
+    }
+
+    fn iface_of<'a>(&'a self, rs_iface: &'a Option<String>) -> &'a str {
+        rs_iface.as_deref().unwrap_or(&self.config.director.interface)
+    }
+
+    /// Backends whose MAC must come from the neighbour table (no `mac` in the config).
+    pub fn neigh_keys(&self) -> BTreeSet<NeighKeyOrd> {
+        let mut keys = BTreeSet::new();
+        for vs in &self.config.virtual_servers {
+            for rs in vs.real_servers.iter().filter(|rs| rs.mac.is_none()) {
+                let ifindex = self.ifaces[self.iface_of(&rs.interface)].ifindex;
+                keys.insert(NeighKeyOrd(ifindex, rs.address));
+            }
+        }
+        keys
+    }
+
+    /// Records a neighbour event; true when a MAC the dataplane uses changed.
+    pub fn on_neigh(&mut self, ev: &NeighEvent) -> bool {
+        match ev {
+            NeighEvent::Reachable { key, mac } => self.macs.insert(*key, *mac) != Some(*mac),
+            // Keep forwarding with the last known MAC; the resolver asks the kernel again.
+            NeighEvent::Gone { .. } => false,
+        }
+    }
+
+    fn mac_of(&self, ifindex: u32, rs: &crate::config::RealServer) -> Option<Mac> {
+        rs.mac.or_else(|| self.macs.get(&NeighKey { ifindex, addr: rs.address }).copied())
+    }
+
+    /// The dataplane state the config and the resolved MACs call for.
+    pub fn desired(&self) -> Vec<ServiceSpec> {
+        self.config
+            .virtual_servers
+            .iter()
+            .map(|vs| ServiceSpec {
+                vip: VipAddr { addr: vs.address, port: vs.port, protocol: vs.protocol },
+                enabled: true,
+                backends: vs
+                    .real_servers
+                    .iter()
+                    .map(|rs| {
+                        let iface = self.ifaces[self.iface_of(&rs.interface)];
+                        BackendSpec {
+                            addr: rs.address,
+                            port: rs.port,
+                            weight: rs.weight,
+                            mac: self.mac_of(iface.ifindex, rs),
+                            ifindex: iface.ifindex,
+                            src_mac: iface.mac,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    pub fn apply(&mut self) -> anyhow::Result<()> {
+        let desired = self.desired();
+        self.dataplane.apply(&desired).context("programming the dataplane")
+    }
+
+    /// Replaces the config. Settings that size or place the dataplane need a restart: a config
+    /// changing them is refused and the running state stays as it is. `ifaces` must cover the new
+    /// config's interfaces.
+    pub fn reload(&mut self, new: Config, ifaces: HashMap<String, IfaceInfo>) -> anyhow::Result<()> {
+        restart_only_changes(&self.config.director, &new.director)?;
+        let old = std::mem::replace(&mut self.config, new);
+        let old_ifaces = std::mem::replace(&mut self.ifaces, ifaces);
+        if let Err(e) = self.apply() {
+            // Put the old state back (the dataplane switches tables atomically per VIP).
+            self.config = old;
+            self.ifaces = old_ifaces;
+            let _ = self.apply();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    pub fn status(&self, stats: &DataplaneStats) -> Status {
+        let d = &self.config.director;
+        let traffic = |t: crate::dataplane::Traffic| TrafficStatus { conns: t.new_flows, packets: t.packets, bytes: t.bytes };
+        let table = d.table_size as f64;
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            config: self.config_path.display().to_string(),
+            dataplane: self.dataplane.name().to_string(),
+            interface: d.interface.clone(),
+            xdp_mode: match d.xdp_mode {
+                XdpMode::Native => "native",
+                XdpMode::Generic => "generic",
+            }
+            .to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            table_size: d.table_size,
+            conntrack_entries: stats.connections,
+            reasons: stats
+                .reasons
+                .iter()
+                .map(|(reason, t)| ReasonStatus { reason: reason.clone(), packets: t.packets, bytes: t.bytes })
+                .collect(),
+            virtual_servers: self
+                .desired()
+                .iter()
+                .zip(&self.config.virtual_servers)
+                .map(|(svc, vs)| VirtualServerStatus {
+                    address: vs.address.to_string(),
+                    port: vs.port,
+                    protocol: match vs.protocol {
+                        Protocol::Tcp => "tcp",
+                        Protocol::Udp => "udp",
+                    }
+                    .to_string(),
+                    scheduler: vs.scheduler.clone(),
+                    enabled: svc.enabled,
+                    traffic: traffic(stats.vips.get(&svc.vip).copied().unwrap_or_default()),
+                    real_servers: svc
+                        .backends
+                        .iter()
+                        .zip(&vs.real_servers)
+                        .map(|(b, rs)| {
+                            let st = stats.backends.get(&(svc.vip, b.key())).copied().unwrap_or_default();
+                            let state = match (b.mac, b.weight) {
+                                (None, _) => "unresolved",
+                                (Some(_), 0) => "drained",
+                                _ => "up",
+                            };
+                            RealServerStatus {
+                                address: rs.address.to_string(),
+                                port: rs.port,
+                                weight: rs.weight,
+                                state: state.to_string(),
+                                mac: b.mac.as_ref().map(format_mac),
+                                interface: self.iface_of(&rs.interface).to_string(),
+                                slots: st.slots,
+                                share_percent: st.slots.map(|s| (s as f64 * 1000.0 / table).round() / 10.0),
+                                traffic: traffic(st.traffic),
+                            }
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `NeighKey` with an order, so watch sets can be diffed deterministically.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NeighKeyOrd(pub u32, pub IpAddr);
+
+impl From<NeighKeyOrd> for NeighKey {
+    fn from(k: NeighKeyOrd) -> Self {
+        NeighKey { ifindex: k.0, addr: k.1 }
+    }
+}
+
+fn restart_only_changes(old: &Director, new: &Director) -> anyhow::Result<()> {
+    let mut changed = Vec::new();
+    macro_rules! check {
+        ($($field:ident),*) => {$(
+            if old.$field != new.$field {
+                changed.push(format!("{} ({:?} -> {:?})", stringify!($field), old.$field, new.$field));
+            }
+        )*};
+    }
+    check!(interface, xdp_mode, table_size, control_socket, conntrack_size, max_vips, max_backends, log_level);
+    if changed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("[director] {} changed; that needs a restart of lbd", changed.join(", "))
+    }
+}
+
+/// Resolves every interface a config names.
+pub fn resolve_ifaces(config: &Config) -> anyhow::Result<HashMap<String, IfaceInfo>> {
+    let mut names = vec![config.director.interface.clone()];
+    for vs in &config.virtual_servers {
+        names.extend(vs.real_servers.iter().filter_map(|rs| rs.interface.clone()));
+    }
+    names.into_iter().map(|n| lookup_iface(&n).map(|i| (n, i))).collect()
+}
+
+fn log_level_number(config: &Config) -> u8 {
+    use crate::config::LogLevel::*;
+    match config.director.log_level {
+        Error => 1,
+        Warn => 2,
+        Info => 3,
+        Debug => 4,
+        Trace => 5,
+    }
+}
+
+type ControlMsg = (Request, oneshot::Sender<Response>);
+
+/// `lbd run`: runs until SIGINT/SIGTERM; SIGHUP (or `{"cmd":"reload"}`) reloads the config.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let d = config.director.clone();
+    let ifaces = resolve_ifaces(&config)?;
+    let mut xdp = XdpDataplane::load(XdpOptions {
+        table_size: d.table_size,
+        max_vips: d.max_vips,
+        max_backends: d.max_backends,
+        conntrack_size: d.conntrack_size,
+        log_level: log_level_number(&config),
+    })?;
+    xdp.attach(&d.interface, d.xdp_mode == XdpMode::Native)?;
+    info!(
+        interface = %d.interface,
+        mode = ?d.xdp_mode,
+        virtual_servers = config.virtual_servers.len(),
+        real_servers = config.virtual_servers.iter().map(|v| v.real_servers.len()).sum::<usize>(),
+        "XDP fast path attached"
+    );
+    // The program's own log records (only at debug/trace level), kept alive for the whole run.
+    let logger = aya_log::EbpfLogger::init(xdp.ebpf_mut()).context("opening the fast path's log buffer")?;
+    tokio::spawn(async move {
+        // SAFETY: the AsyncFd owns the logger and with it the ring buffer's fd for its whole life.
+        let Ok(mut fd) = (unsafe { tokio::io::unix::AsyncFd::register(logger) }) else {
+            return;
+        };
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+
+    let (resolver, mut neigh_rx) = Resolver::start().context("starting the neighbour resolver")?;
+    let mut ctl = Controller::new(config, config_path.to_path_buf(), Box::new(xdp), ifaces);
+    let mut watched = ctl.neigh_keys();
+    for key in &watched {
+        resolver.watch((*key).into());
+    }
+    ctl.apply()?;
+
+    let listener = control::bind(&d.control_socket)?;
+    info!(socket = %d.control_socket.display(), "control socket ready");
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
+    tokio::spawn(accept_loop(listener, ctl_tx));
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            Some(ev) = neigh_rx.recv() => {
+                if let NeighEvent::Reachable { key, mac } = &ev {
+                    info!(address = %key.addr, mac = %format_mac(mac), "real server MAC resolved");
+                }
+                if ctl.on_neigh(&ev) {
+                    if let Err(e) = ctl.apply() {
+                        error!("{e:#}");
+                    }
+                }
+            }
+            _ = sighup.recv() => {
+                if let Err(e) = reload(&mut ctl, &resolver, &mut watched) {
+                    error!("reload failed, still running the previous configuration: {e:#}");
+                }
+            }
+            Some((req, reply)) = ctl_rx.recv() => {
+                let resp = match req {
+                    Request::Status => match ctl.dataplane().stats() {
+                        Ok(stats) => Response { ok: true, status: Some(ctl.status(&stats)), error: None },
+                        Err(e) => Response::error(format!("reading counters: {e}")),
+                    },
+                    Request::Reload => match reload(&mut ctl, &resolver, &mut watched) {
+                        Ok(()) => Response { ok: true, ..Default::default() },
+                        Err(e) => {
+                            error!("reload failed, still running the previous configuration: {e:#}");
+                            Response::error(format!("{e:#}"))
+                        }
+                    },
+                };
+                let _ = reply.send(resp);
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    info!("shutting down: detaching XDP");
+    drop(ctl); // dropping the dataplane detaches the program
+    let _ = std::fs::remove_file(&d.control_socket);
+    Ok(())
+}
+
+fn reload(ctl: &mut Controller, resolver: &Resolver, watched: &mut BTreeSet<NeighKeyOrd>) -> anyhow::Result<()> {
+    let path = ctl.config_path.clone();
+    let new = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ifaces = resolve_ifaces(&new)?;
+    ctl.reload(new, ifaces)?;
+    let now = ctl.neigh_keys();
+    for key in now.difference(watched) {
+        resolver.watch((*key).into());
+    }
+    for key in watched.difference(&now) {
+        resolver.unwatch((*key).into());
+    }
+    *watched = now;
+    info!(config = %path.display(), "configuration reloaded");
+    Ok(())
+}
+
+async fn accept_loop(listener: tokio::net::UnixListener, tx: mpsc::Sender<ControlMsg>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!("control socket accept: {e}");
+                continue;
+            }
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            if BufReader::new(read).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let resp = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => {
+                    let (otx, orx) = oneshot::channel();
+                    if tx.send((req, otx)).await.is_err() {
+                        return;
+                    }
+                    orx.await.unwrap_or_else(|_| Response::error("lbd is shutting down"))
+                }
+                Err(e) => Response::error(format!("bad request: {e}")),
+            };
+            let mut out = serde_json::to_string(&resp).expect("responses serialize");
+            out.push('\n');
+            let _ = write.write_all(out.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,141 @@
+//! The one seam between the controller (authoritative state) and whatever forwards packets: the
+//! XDP fast path today, IPVS later, and an in-memory fake for tests without root.
+//!
+//! The controller always hands over the *whole* desired state; a dataplane reconciles it with what
+//! it has programmed, touching only what changed.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+};
+
+use serde::Serialize;
+
+use crate::config::Protocol;
+
+/// A virtual service: what the fast path matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct VipAddr {
+    pub addr: IpAddr,
+    /// 0 = every port.
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for VipAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.protocol {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        };
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{proto} {a}:{}", self.port),
+            IpAddr::V6(a) => write!(f, "{proto} [{a}]:{}", self.port),
+        }
+    }
+}
+
+/// A real server of a VIP, as the controller wants it programmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// Share of table slots; 0 = keeps its established flows but gets no new ones.
+    pub weight: u32,
+    /// Link-layer address; `None` while unresolved (then it cannot receive traffic).
+    pub mac: Option<[u8; 6]>,
+    /// Egress interface and its own MAC (the frame's new source address).
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+}
+
+impl BackendSpec {
+    /// Stable identity, also the Maglev key: identical on every director for the same config.
+    pub fn key(&self) -> String {
+        match self.addr {
+            IpAddr::V4(a) => format!("{a}:{}", self.port),
+            IpAddr::V6(a) => format!("[{a}]:{}", self.port),
+        }
+    }
+}
+
+/// Desired state of one VIP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub vip: VipAddr,
+    pub backends: Vec<BackendSpec>,
+    /// Forward this VIP's traffic (false on a VRRP backup).
+    pub enabled: bool,
+}
+
+/// Traffic counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows that got their backend from the lookup table ("Conns" in ipvsadm terms).
+    pub new_flows: u64,
+}
+
+/// What a dataplane reports: per reason, per VIP, per (VIP, backend key), and how many lookup
+/// table slots each backend holds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DataplaneStats {
+    /// Tracked connections (XDP: connection-table entries).
+    pub connections: u64,
+    pub reasons: BTreeMap<String, Traffic>,
+    pub vips: BTreeMap<VipAddr, Traffic>,
+    pub backends: BTreeMap<(VipAddr, String), BackendStats>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct BackendStats {
+    pub traffic: Traffic,
+    /// Lookup-table slots held (XDP); `None` where the dataplane has no table.
+    pub slots: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{what}: {source}")]
+    Map { what: String, source: aya::maps::MapError },
+    #[error("too many {what}: the maps were sized for {limit} at start-up (raise it in [director] and restart)")]
+    Capacity { what: &'static str, limit: u32 },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub trait Dataplane: Send {
+    /// Short name for logs and `lbd status` ("xdp", "ipvs", "fake").
+    fn name(&self) -> &'static str;
+    /// Programs the whole desired state. On error, what was already applied stays consistent
+    /// (each VIP switches tables atomically) and the caller may retry.
+    fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError>;
+    fn stats(&self) -> Result<DataplaneStats, DataplaneError>;
+}
+
+/// In-memory dataplane for tests without root: records every state it was given.
+#[derive(Debug, Default)]
+pub struct FakeDataplane {
+    pub applied: Vec<Vec<ServiceSpec>>,
+}
+
+impl FakeDataplane {
+    pub fn current(&self) -> Option<&[ServiceSpec]> {
+        self.applied.last().map(Vec::as_slice)
+    }
+}
+
+impl Dataplane for FakeDataplane {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
+        self.applied.push(services.to_vec());
+        Ok(())
+    }
+    fn stats(&self) -> Result<DataplaneStats, DataplaneError> {
+        Ok(DataplaneStats::default())
+    }
+}

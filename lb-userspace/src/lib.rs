@@ -1,0 +1,11 @@
+//! lbd controller library: configuration, Maglev tables, neighbour resolution, the `Dataplane`
+//! trait with its XDP implementation and in-memory fake, the control socket and the daemon.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod dataplane;
+pub mod maglev;
+pub mod neigh;
+pub mod status;
+pub mod xdp;

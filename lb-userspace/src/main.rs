@@ -1,0 +1,141 @@
+//! `lbd`: the director daemon and its command-line client.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use lb_userspace::{
+    config::Config,
+    control::{self, Request},
+    daemon, status,
+};
+
+#[derive(Parser)]
+#[command(name = "lbd", version, about = "Layer-4 DSR load balancer (XDP fast path, Maglev hashing)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the config, attach the fast path and run until SIGINT/SIGTERM (SIGHUP reloads).
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file: prints FILE:LINE:COL: message and exits 2 when it is invalid.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show virtual servers, real servers and counters of the running daemon (like ipvsadm -Ln --stats).
+    Status {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Ask the running daemon to reload its config (same as SIGHUP, but reports errors).
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(clap::Args)]
+struct Target {
+    /// Control socket of the daemon (default: from --config, else /run/lbd/lbd.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Take the control socket path from this config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl Target {
+    fn socket(&self) -> Result<PathBuf, String> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        match &self.config {
+            Some(path) => Config::load(path).map(|c| c.director.control_socket).map_err(|e| e.to_string()),
+            None => Ok(PathBuf::from("/run/lbd/lbd.sock")),
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+fn client(target: &Target, req: Request) -> Result<control::Response, String> {
+    let socket = target.socket()?;
+    let resp = control::request(&socket, &req).map_err(|e| e.to_string())?;
+    match resp.ok {
+        true => Ok(resp),
+        false => Err(resp.error.unwrap_or_else(|| "request failed".into())),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                let rs: usize = c.virtual_servers.iter().map(|v| v.real_servers.len()).sum();
+                println!("{}: OK ({} virtual servers, {} real servers)", config.display(), c.virtual_servers.len(), rs);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            let level = match Config::load(&config) {
+                Ok(c) => format!("{:?}", c.director.log_level).to_lowercase(),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(&level);
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match rt.block_on(daemon::run(&config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status { json, target } => match client(&target, Request::Status) {
+            Ok(resp) => {
+                let st = resp.status.unwrap_or_default();
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&st).expect("status serializes"));
+                } else {
+                    print!("{}", status::render(&st));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lbd status: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Reload { target } => match client(&target, Request::Reload) {
+            Ok(_) => {
+                println!("reloaded");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lbd reload: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,0 +1,200 @@
+//! What `lbd status` shows: the model sent over the control socket, and its rendering in the
+//! spirit of `ipvsadm -Ln --stats`.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub config: String,
+    /// "xdp" (later also "ipvs").
+    pub dataplane: String,
+    pub interface: String,
+    pub xdp_mode: String,
+    pub uptime_secs: u64,
+    pub table_size: u32,
+    pub conntrack_entries: u64,
+    pub virtual_servers: Vec<VirtualServerStatus>,
+    /// Packets and bytes per fast-path reason ("new-flow", "conntrack-hit", "not-vip", ...).
+    pub reasons: Vec<ReasonStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReasonStatus {
+    pub reason: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TrafficStatus {
+    /// Flows that got a backend from the lookup table.
+    pub conns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct VirtualServerStatus {
+    pub address: String,
+    pub port: u16,
+    pub protocol: String,
+    pub scheduler: String,
+    pub enabled: bool,
+    pub traffic: TrafficStatus,
+    pub real_servers: Vec<RealServerStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RealServerStatus {
+    pub address: String,
+    pub port: u16,
+    pub weight: u32,
+    /// "up" (in the table), "drained" (weight 0: keeps its flows), "unresolved" (no MAC yet).
+    pub state: String,
+    pub mac: Option<String>,
+    pub interface: String,
+    /// Lookup-table slots held, and their share of the table in percent.
+    pub slots: Option<u32>,
+    pub share_percent: Option<f64>,
+    pub traffic: TrafficStatus,
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn host_port(addr: &str, port: u16) -> String {
+    if addr.contains(':') { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") }
+}
+
+fn human_duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{s:02}s"),
+        (0, _, _) => format!("{h}h{m:02}m"),
+        _ => format!("{d}d{h:02}h"),
+    }
+}
+
+/// Text for people: one header, then a block per virtual server, like `ipvsadm -Ln --stats`.
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "lbd {} (pid {}), {} dataplane, {} XDP on {}, up {}, config {}",
+        status.version,
+        status.pid,
+        status.dataplane,
+        status.xdp_mode,
+        status.interface,
+        human_duration(status.uptime_secs),
+        status.config
+    );
+    let _ = writeln!(out, "Lookup table {} slots per VIP, {} tracked connections", status.table_size, status.conntrack_entries);
+    let _ = writeln!(
+        out,
+        "{:<5}{:<32}{:<11}{:>10}{:>12}{:>14}",
+        "Prot", "LocalAddress:Port", "Scheduler", "Conns", "InPkts", "InBytes"
+    );
+    let _ = writeln!(
+        out,
+        "  -> {:<29}{:<19}{:>7} {:<11}{:>7}{:>10}{:>12}{:>14}",
+        "RemoteAddress:Port", "MAC", "Weight", "State", "Share", "Conns", "InPkts", "InBytes"
+    );
+    for vs in &status.virtual_servers {
+        let sched = if vs.enabled { vs.scheduler.clone() } else { format!("{} (off)", vs.scheduler) };
+        let _ = writeln!(
+            out,
+            "{:<5}{:<32}{:<11}{:>10}{:>12}{:>14}",
+            vs.protocol.to_uppercase(),
+            host_port(&vs.address, vs.port),
+            sched,
+            vs.traffic.conns,
+            vs.traffic.packets,
+            vs.traffic.bytes
+        );
+        for rs in &vs.real_servers {
+            let share = rs.share_percent.map_or("-".to_string(), |p| format!("{p:.1}%"));
+            let _ = writeln!(
+                out,
+                "  -> {:<29}{:<19}{:>7} {:<11}{:>7}{:>10}{:>12}{:>14}",
+                host_port(&rs.address, rs.port),
+                rs.mac.as_deref().unwrap_or("-"),
+                rs.weight,
+                rs.state,
+                share,
+                rs.traffic.conns,
+                rs.traffic.packets,
+                rs.traffic.bytes
+            );
+        }
+    }
+    let active: Vec<String> = status
+        .reasons
+        .iter()
+        .filter(|r| r.packets > 0)
+        .map(|r| format!("{} {}", r.reason, r.packets))
+        .collect();
+    let _ = writeln!(
+        out,
+        "Fast path packets: {}",
+        if active.is_empty() { "none yet".to_string() } else { active.join(", ") }
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_like_ipvsadm() {
+        let status = Status {
+            version: "0.1.0".into(),
+            pid: 42,
+            config: "rig.toml".into(),
+            dataplane: "xdp".into(),
+            interface: "eth0".into(),
+            xdp_mode: "native".into(),
+            uptime_secs: 3723,
+            table_size: 65537,
+            conntrack_entries: 3,
+            virtual_servers: vec![VirtualServerStatus {
+                address: "10.99.0.100".into(),
+                port: 80,
+                protocol: "tcp".into(),
+                scheduler: "maglev".into(),
+                enabled: true,
+                traffic: TrafficStatus { conns: 3, packets: 20, bytes: 2000 },
+                real_servers: vec![RealServerStatus {
+                    address: "10.99.0.11".into(),
+                    port: 80,
+                    weight: 1,
+                    state: "up".into(),
+                    mac: Some("02:00:00:00:00:0b".into()),
+                    interface: "eth0".into(),
+                    slots: Some(65537),
+                    share_percent: Some(100.0),
+                    traffic: TrafficStatus { conns: 3, packets: 20, bytes: 2000 },
+                }],
+            }],
+            reasons: vec![
+                ReasonStatus { reason: "new-flow".into(), packets: 3, bytes: 300 },
+                ReasonStatus { reason: "malformed".into(), packets: 0, bytes: 0 },
+            ],
+        };
+        let text = render(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "lbd 0.1.0 (pid 42), xdp dataplane, native XDP on eth0, up 1h02m, config rig.toml");
+        assert!(lines[4].starts_with("TCP  10.99.0.100:80"), "{}", lines[4]);
+        assert!(lines[4].ends_with("3          20          2000"), "{}", lines[4]);
+        assert!(lines[5].starts_with("  -> 10.99.0.11:80"), "{}", lines[5]);
+        assert!(lines[5].contains("02:00:00:00:00:0b") && lines[5].contains("100.0%"), "{}", lines[5]);
+        assert_eq!(lines[6], "Fast path packets: new-flow 3");
+    }
+}

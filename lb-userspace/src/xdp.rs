@@ -1,0 +1,461 @@
+//! The XDP dataplane: loads `lb-ebpf` (embedded from `OUT_DIR`), sizes its maps from the config,
+//! attaches it, and reconciles the desired state into the maps.
+//!
+//! Tables are double buffered per VIP (aya-ebpf has no map-of-maps type for the program): the
+//! controller writes the idle buffer completely, then flips `VipInfo::active` with one hash-map
+//! update, which the kernel swaps in under RCU. A packet therefore sees the old table or the new
+//! one, never a mix. Before the idle buffer is written again, `FLIP_GRACE` must have passed since
+//! the last flip, so no reader that picked the old buffer can still be inside it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{Array, DevMapHash, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    map_names, reason, Backend, Counters, FlowKey, FlowValue, ReasonCounter, VipInfo, VipKey,
+    BACKEND_F_ALIVE, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROGRAM_NAME, PROTO_TCP, PROTO_UDP,
+    VIP_F_ENABLED,
+};
+
+use crate::{
+    config::Protocol,
+    dataplane::{BackendStats, Dataplane, DataplaneError, DataplaneStats, ServiceSpec, Traffic, VipAddr},
+    maglev::{Maglev, MaglevBackend},
+};
+
+/// The eBPF object built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Time readers get to leave a table buffer after a flip before it is rewritten. XDP programs run
+/// for microseconds under RCU; this is orders of magnitude more.
+const FLIP_GRACE: Duration = Duration::from_millis(20);
+
+/// Sizes and load-time settings.
+#[derive(Clone, Debug)]
+pub struct XdpOptions {
+    pub table_size: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub conntrack_size: u32,
+    /// aya-log level for the program's per-packet logs (0 = off, 1 error .. 5 trace). The
+    /// verifier prunes every log statement above it.
+    pub log_level: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("this lbd was built without its eBPF program (AYA_BUILD_SKIP was set)")]
+    NoObject,
+    #[error("loading the eBPF object: {0}")]
+    Ebpf(#[from] aya::EbpfError),
+    #[error("loading the XDP program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("{0}")]
+    Table(#[from] crate::maglev::MaglevError),
+    #[error("attaching XDP to {iface} in {mode} mode failed: {source}{hint}")]
+    Attach { iface: String, mode: &'static str, hint: &'static str, source: aya::programs::ProgramError },
+}
+
+struct VipSlot {
+    id: u32,
+    active: u32,
+    /// What each buffer holds in the kernel (the map is zero-filled when created).
+    tables: [Vec<u32>; 2],
+    last_flip: Instant,
+    enabled: bool,
+    /// A table has been made live at least once (until then the VIP is not in `VIPS`).
+    installed: bool,
+}
+
+struct BackendSlot {
+    id: u32,
+    entry: Backend,
+}
+
+pub struct XdpDataplane {
+    ebpf: Ebpf,
+    opts: XdpOptions,
+    maglev: Maglev,
+    vips_map: BpfHashMap<MapData, VipKey, VipInfo>,
+    backends_map: Array<MapData, Backend>,
+    tables_map: Array<MapData, u32>,
+    conntrack: BpfHashMap<MapData, FlowKey, FlowValue>,
+    tx_ports: DevMapHash<MapData>,
+    global_stats: PerCpuArray<MapData, ReasonCounter>,
+    vip_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    vips: BTreeMap<VipAddr, VipSlot>,
+    /// (VIP, backend key) → id and what is programmed.
+    backends: HashMap<(VipAddr, String), BackendSlot>,
+    /// Released VIP ids keep their buffers' known contents.
+    free_vip_ids: Vec<(u32, [Vec<u32>; 2])>,
+    next_vip_id: u32,
+    free_backend_ids: Vec<u32>,
+    next_backend_id: u32,
+    /// Last generation handed out per backend id.
+    generations: Vec<u32>,
+    tx_ifindexes: Vec<u32>,
+    link: Option<(XdpLinkId, String)>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+impl XdpDataplane {
+    /// Loads the program and creates its maps (not attached yet).
+    pub fn load(opts: XdpOptions) -> Result<Self, LoadError> {
+        if OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        let maglev = Maglev::new(opts.table_size)?;
+        let tables_len = opts.max_vips * 2 * opts.table_size;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("TABLE_SIZE", &opts.table_size, true)
+            .override_global(aya_log::LEVEL, &opts.log_level, false)
+            .map_max_entries(map_names::VIPS, opts.max_vips)
+            .map_max_entries(map_names::VIP_STATS, opts.max_vips)
+            .map_max_entries(map_names::BACKENDS, opts.max_backends)
+            .map_max_entries(map_names::BACKEND_STATS, opts.max_backends)
+            .map_max_entries(map_names::TABLES, tables_len)
+            .map_max_entries(map_names::CONNTRACK, opts.conntrack_size)
+            .load(OBJECT)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(LoadError::MissingMap(PROGRAM_NAME))?
+            .try_into()?;
+        prog.load()?;
+        Ok(Self {
+            vips_map: take(&mut ebpf, map_names::VIPS)?,
+            backends_map: take(&mut ebpf, map_names::BACKENDS)?,
+            tables_map: take(&mut ebpf, map_names::TABLES)?,
+            conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
+            tx_ports: take(&mut ebpf, map_names::TX_PORTS)?,
+            global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
+            vip_stats: take(&mut ebpf, map_names::VIP_STATS)?,
+            backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
+            ebpf,
+            maglev,
+            vips: BTreeMap::new(),
+            backends: HashMap::new(),
+            free_vip_ids: Vec::new(),
+            next_vip_id: 0,
+            free_backend_ids: Vec::new(),
+            next_backend_id: 0,
+            generations: vec![0; opts.max_backends as usize],
+            tx_ifindexes: Vec::new(),
+            link: None,
+            opts,
+        })
+    }
+
+    /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM_NAME)
+            .expect("program present since load")
+            .try_into()
+            .expect("program is XDP")
+    }
+
+    /// The eBPF object, for taking the log ring buffer (`aya_log::EbpfLogger::init`).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Attaches to `iface`, native (driver) or generic (skb) mode.
+    pub fn attach(&mut self, iface: &str, native: bool) -> Result<(), LoadError> {
+        let (mode, name, hint) = if native {
+            (AyaXdpMode::Driver, "native", " (the driver may not support native XDP; try xdp_mode = \"generic\")")
+        } else {
+            (AyaXdpMode::Skb, "generic", "")
+        };
+        let id = self
+            .program()
+            .attach(iface, mode)
+            .map_err(|source| LoadError::Attach { iface: iface.to_string(), mode: name, hint, source })?;
+        self.link = Some((id, iface.to_string()));
+        Ok(())
+    }
+
+    /// Detaches from the interface (also happens when the dataplane is dropped).
+    pub fn detach(&mut self) -> Result<(), aya::programs::ProgramError> {
+        if let Some((id, _)) = self.link.take() {
+            self.program().detach(id)?;
+        }
+        Ok(())
+    }
+
+    pub fn attached_interface(&self) -> Option<&str> {
+        self.link.as_ref().map(|(_, iface)| iface.as_str())
+    }
+
+    /// Number of entries in the connection table (walks the map: for status and tests).
+    pub fn conntrack_len(&self) -> usize {
+        self.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    fn alloc_vip(&mut self) -> Result<(u32, [Vec<u32>; 2]), DataplaneError> {
+        if let Some(v) = self.free_vip_ids.pop() {
+            return Ok(v);
+        }
+        if self.next_vip_id >= self.opts.max_vips {
+            return Err(DataplaneError::Capacity { what: "virtual servers", limit: self.opts.max_vips });
+        }
+        let id = self.next_vip_id;
+        self.next_vip_id += 1;
+        let zero = vec![0; self.opts.table_size as usize];
+        Ok((id, [zero.clone(), zero]))
+    }
+
+    fn alloc_backend(&mut self) -> Result<u32, DataplaneError> {
+        if let Some(id) = self.free_backend_ids.pop() {
+            return Ok(id);
+        }
+        if self.next_backend_id >= self.opts.max_backends {
+            return Err(DataplaneError::Capacity { what: "real servers", limit: self.opts.max_backends });
+        }
+        self.next_backend_id += 1;
+        Ok(self.next_backend_id - 1)
+    }
+
+    fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+        let what = what.into();
+        move |source| DataplaneError::Map { what, source }
+    }
+
+    /// Makes `table` and `enabled` live for `vip`: a changed table is written into the idle buffer
+    /// (only the slots that differ) and the buffers flip, all in one `VIPS` update.
+    fn install(&mut self, vip: &VipAddr, table: Vec<u32>, enabled: bool) -> Result<(), DataplaneError> {
+        let m = self.opts.table_size;
+        let slot = self.vips.get_mut(vip).expect("vip allocated");
+        let new_table = !slot.installed || slot.tables[slot.active as usize] != table;
+        if !new_table && slot.enabled == enabled {
+            return Ok(());
+        }
+        if new_table {
+            let since = slot.last_flip.elapsed();
+            if since < FLIP_GRACE {
+                std::thread::sleep(FLIP_GRACE - since);
+            }
+            let idle = 1 - slot.active;
+            let base = (slot.id * 2 + idle) * m;
+            for (i, (&new, old)) in table.iter().zip(slot.tables[idle as usize].iter_mut()).enumerate() {
+                if new != *old {
+                    self.tables_map
+                        .set(base + i as u32, new, 0)
+                        .map_err(Self::map_err(format!("writing table of {vip}")))?;
+                    *old = new;
+                }
+            }
+            slot.active = idle;
+            slot.last_flip = Instant::now();
+            slot.installed = true;
+        }
+        slot.enabled = enabled;
+        let info = VipInfo { vip_id: slot.id, active: slot.active, flags: vip_flags(enabled), _pad: 0 };
+        self.vips_map
+            .insert(vip_key(vip), info, 0)
+            .map_err(Self::map_err(format!("switching table of {vip}")))
+    }
+
+    /// Zeroes the per-CPU counters of a recycled id.
+    fn zero_counters(map: &mut PerCpuArray<MapData, Counters>, id: u32) -> Result<(), DataplaneError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Other(format!("counting CPUs: {e}")))?;
+        let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])
+            .map_err(|e| DataplaneError::Other(format!("per-CPU values: {e}")))?;
+        map.set(id, zero, 0).map_err(Self::map_err("zeroing counters"))
+    }
+
+    fn write_backend(&mut self, id: u32, entry: Backend, what: &str) -> Result<(), DataplaneError> {
+        self.backends_map.set(id, entry, 0).map_err(Self::map_err(format!("programming {what}")))
+    }
+
+    fn ensure_tx_port(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        if self.tx_ifindexes.contains(&ifindex) {
+            return Ok(());
+        }
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| DataplaneError::Other(format!("adding ifindex {ifindex} to TX_PORTS: {e}")))?;
+        self.tx_ifindexes.push(ifindex);
+        Ok(())
+    }
+
+    fn sum<T: aya::Pod + Default>(
+        map: &PerCpuArray<MapData, T>,
+        index: u32,
+        add: impl Fn(&mut T, &T),
+    ) -> Result<T, DataplaneError> {
+        let values = map.get(&index, 0).map_err(Self::map_err("reading counters"))?;
+        let mut total = T::default();
+        for v in values.iter() {
+            add(&mut total, v);
+        }
+        Ok(total)
+    }
+}
+
+fn vip_flags(enabled: bool) -> u32 {
+    if enabled { VIP_F_ENABLED } else { 0 }
+}
+
+/// Address words as the program reads them: wire-order bytes in each u32.
+pub fn addr_words(addr: IpAddr) -> ([u32; 4], u8) {
+    match addr {
+        IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], FAMILY_V6)
+        }
+    }
+}
+
+pub fn vip_key(vip: &VipAddr) -> VipKey {
+    let (addr, family) = addr_words(vip.addr);
+    let proto = match vip.protocol {
+        Protocol::Tcp => PROTO_TCP,
+        Protocol::Udp => PROTO_UDP,
+    };
+    VipKey { addr, port: vip.port.to_be(), proto, family }
+}
+
+fn add_counters(t: &mut Counters, v: &Counters) {
+    t.packets += v.packets;
+    t.bytes += v.bytes;
+    t.new_flows += v.new_flows;
+}
+
+fn traffic(c: Counters) -> Traffic {
+    Traffic { packets: c.packets, bytes: c.bytes, new_flows: c.new_flows }
+}
+
+impl Dataplane for XdpDataplane {
+    fn name(&self) -> &'static str {
+        "xdp"
+    }
+
+    fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
+        // 1. VIPs that are gone stop matching first; their backends die with them.
+        let wanted: std::collections::BTreeSet<VipAddr> = services.iter().map(|s| s.vip).collect();
+        let gone: Vec<VipAddr> = self.vips.keys().filter(|v| !wanted.contains(v)).copied().collect();
+        for vip in gone {
+            match self.vips_map.remove(&vip_key(&vip)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(Self::map_err(format!("removing {vip}"))(e)),
+            }
+            let slot = self.vips.remove(&vip).expect("listed");
+            self.free_vip_ids.push((slot.id, slot.tables));
+            let keys: Vec<_> = self.backends.keys().filter(|(v, _)| *v == vip).cloned().collect();
+            for key in keys {
+                let b = self.backends.remove(&key).expect("listed");
+                self.write_backend(b.id, Backend::default(), &key.1)?;
+                self.free_backend_ids.push(b.id);
+            }
+        }
+
+        for svc in services {
+            // 2. Allocate the VIP; a new one is not visible until its first table is complete.
+            if !self.vips.contains_key(&svc.vip) {
+                let (id, tables) = self.alloc_vip()?;
+                Self::zero_counters(&mut self.vip_stats, id)?;
+                let last_flip = Instant::now() - FLIP_GRACE;
+                let slot = VipSlot { id, active: 1, tables, last_flip, enabled: svc.enabled, installed: false };
+                self.vips.insert(svc.vip, slot);
+            }
+            let vip_id = self.vips[&svc.vip].id;
+
+            // 3. Backends: new ones get an id and a fresh generation; changed ones are rewritten.
+            let mut members = Vec::new();
+            for b in &svc.backends {
+                let key = (svc.vip, b.key());
+                let alive = b.mac.is_some();
+                let mut entry = Backend {
+                    dst_mac: b.mac.unwrap_or_default(),
+                    src_mac: b.src_mac,
+                    ifindex: b.ifindex,
+                    vip_id,
+                    generation: 0,
+                    flags: if alive { BACKEND_F_ALIVE } else { 0 },
+                };
+                let id = match self.backends.get(&key) {
+                    Some(slot) => {
+                        entry.generation = slot.entry.generation;
+                        slot.id
+                    }
+                    None => {
+                        let id = self.alloc_backend()?;
+                        Self::zero_counters(&mut self.backend_stats, id)?;
+                        self.generations[id as usize] = self.generations[id as usize].wrapping_add(1);
+                        entry.generation = self.generations[id as usize];
+                        id
+                    }
+                };
+                if self.backends.get(&key).map(|s| s.entry) != Some(entry) {
+                    self.write_backend(id, entry, &key.1)?;
+                    self.backends.insert(key.clone(), BackendSlot { id, entry });
+                }
+                if b.ifindex != 0 {
+                    self.ensure_tx_port(b.ifindex)?;
+                }
+                if alive && b.weight > 0 {
+                    members.push(MaglevBackend { key: key.1, weight: b.weight, id });
+                }
+            }
+
+            // 4. The new table, then the atomic flip (also carries the enabled flag).
+            let table = self.maglev.build(&members).map_err(|e| DataplaneError::Other(format!("{}: {e}", svc.vip)))?;
+            self.install(&svc.vip, table, svc.enabled)?;
+
+            // 5. Backends no longer configured: only now that no table references them, mark them
+            //    dead so their flows are re-chosen on the next packet.
+            let keep: std::collections::HashSet<String> = svc.backends.iter().map(|b| b.key()).collect();
+            let dropped: Vec<_> =
+                self.backends.keys().filter(|(v, k)| *v == svc.vip && !keep.contains(k)).cloned().collect();
+            for key in dropped {
+                let b = self.backends.remove(&key).expect("listed");
+                self.write_backend(b.id, Backend::default(), &key.1)?;
+                self.free_backend_ids.push(b.id);
+            }
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> Result<DataplaneStats, DataplaneError> {
+        let mut out = DataplaneStats { connections: self.conntrack_len() as u64, ..Default::default() };
+        for (i, name) in reason::NAMES.iter().enumerate() {
+            let c = Self::sum(&self.global_stats, i as u32, |t, v| {
+                t.packets += v.packets;
+                t.bytes += v.bytes;
+            })?;
+            out.reasons.insert((*name).to_string(), Traffic { packets: c.packets, bytes: c.bytes, new_flows: 0 });
+        }
+        for (vip, slot) in &self.vips {
+            let c = Self::sum(&self.vip_stats, slot.id, add_counters)?;
+            out.vips.insert(*vip, traffic(c));
+            let live = &slot.tables[slot.active as usize];
+            for ((v, key), b) in self.backends.iter().filter(|((v, _), _)| v == vip) {
+                let c = Self::sum(&self.backend_stats, b.id, add_counters)?;
+                let slots = live.iter().filter(|&&id| id == b.id && id != NO_BACKEND).count() as u32;
+                out.backends.insert((*v, key.clone()), BackendStats { traffic: traffic(c), slots: Some(slots) });
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,160 @@
+//! Test frames, built with etherparse (and a little byte surgery for what it has no builder for).
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, PacketBuilder, VlanId};
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x01];
+pub const DIRECTOR_MAC: [u8; 6] = [0x02, 0xdd, 0, 0, 0, 0x01];
+
+/// One TCP or UDP frame description.
+#[derive(Clone, Copy, Debug)]
+pub struct Flow4 {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+pub fn tcp4_syn(f: Flow4) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, DIRECTOR_MAC)
+        .ipv4(f.src.octets(), f.dst.octets(), 64)
+        .tcp(f.sport, f.dport, 1000, 64240)
+        .syn();
+    write(b, &[])
+}
+
+pub fn tcp4_ack(f: Flow4, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, DIRECTOR_MAC)
+        .ipv4(f.src.octets(), f.dst.octets(), 64)
+        .tcp(f.sport, f.dport, 1001, 64240)
+        .ack(5000);
+    write(b, payload)
+}
+
+pub fn udp4(f: Flow4, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, DIRECTOR_MAC)
+        .ipv4(f.src.octets(), f.dst.octets(), 64)
+        .udp(f.sport, f.dport);
+    write(b, payload)
+}
+
+pub fn tcp4_syn_vlan(f: Flow4, vlan: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, DIRECTOR_MAC)
+        .single_vlan(VlanId::try_new(vlan).expect("valid VLAN id"))
+        .ipv4(f.src.octets(), f.dst.octets(), 64)
+        .tcp(f.sport, f.dport, 1000, 64240)
+        .syn();
+    write(b, &[])
+}
+
+fn ipv4_header(f: Flow4, proto: etherparse::IpNumber) -> Ipv4Header {
+    Ipv4Header::new(0, 64, proto, f.src.octets(), f.dst.octets()).expect("valid header")
+}
+
+/// TCP SYN whose IPv4 header carries options (IHL 7: a record-route-free NOP/EOL padding).
+pub fn tcp4_syn_with_options(f: Flow4) -> Vec<u8> {
+    let mut ip = ipv4_header(f, etherparse::IpNumber::TCP);
+    ip.set_options(&[1, 1, 1, 1, 1, 1, 1, 0]).expect("8 option bytes");
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, DIRECTOR_MAC)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .tcp(f.sport, f.dport, 1000, 64240)
+        .syn();
+    write(b, &[])
+}
+
+/// A UDP datagram as an IPv4 fragment: `offset` in 8-byte units, `more` = MF flag. A later
+/// fragment (offset > 0) carries payload bytes where ports would be, never real ports.
+pub fn udp4_fragment(f: Flow4, offset: u16, more: bool) -> Vec<u8> {
+    let mut ip = ipv4_header(f, etherparse::IpNumber::UDP);
+    ip.more_fragments = more;
+    ip.fragment_offset = IpFragOffset::try_new(offset).expect("valid offset");
+    if offset == 0 {
+        let b = PacketBuilder::ethernet2(CLIENT_MAC, DIRECTOR_MAC)
+            .ip(IpHeaders::Ipv4(ip, Default::default()))
+            .udp(f.sport, f.dport);
+        return write(b, &[0xab; 32]);
+    }
+    let payload = [0x55u8; 32];
+    ip.set_payload_len(payload.len()).expect("small payload");
+    let mut out = Vec::new();
+    etherparse::Ethernet2Header {
+        source: CLIENT_MAC,
+        destination: DIRECTOR_MAC,
+        ether_type: etherparse::EtherType::IPV4,
+    }
+    .write(&mut out)
+    .expect("write to vec");
+    ip.write(&mut out).expect("write to vec");
+    out.extend_from_slice(&payload);
+    out
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Flow6 {
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+pub fn tcp6_syn(f: Flow6) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, DIRECTOR_MAC)
+        .ipv6(f.src.octets(), f.dst.octets(), 64)
+        .tcp(f.sport, f.dport, 1000, 64240)
+        .syn();
+    write(b, &[])
+}
+
+/// TCP SYN behind an 8-byte hop-by-hop options header (a PadN option).
+pub fn tcp6_syn_hop_by_hop(f: Flow6) -> Vec<u8> {
+    let mut p = tcp6_syn(f);
+    let ip6 = 14;
+    let payload_len = u16::from_be_bytes([p[ip6 + 4], p[ip6 + 5]]) + 8;
+    p[ip6 + 4..ip6 + 6].copy_from_slice(&payload_len.to_be_bytes());
+    p[ip6 + 6] = 0; // next header: hop-by-hop
+    let hbh = [6u8 /* TCP */, 0 /* 8 bytes */, 1 /* PadN */, 4, 0, 0, 0, 0];
+    p.splice(ip6 + 40..ip6 + 40, hbh);
+    p
+}
+
+pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut p = vec![0xff; 6];
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&sender.octets());
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&target.octets());
+    p
+}
+
+fn write<B: Writable>(b: B, payload: &[u8]) -> Vec<u8> {
+    b.write_to(payload)
+}
+
+/// The builder's final steps all have `write` and `size`; this folds them into one call.
+trait Writable {
+    fn write_to(self, payload: &[u8]) -> Vec<u8>;
+}
+
+macro_rules! writable {
+    ($($t:ty),*) => {$(
+        impl Writable for etherparse::PacketBuilderStep<$t> {
+            fn write_to(self, payload: &[u8]) -> Vec<u8> {
+                let mut out = Vec::with_capacity(self.size(payload.len()));
+                self.write(&mut out, payload).expect("write to vec");
+                out
+            }
+        }
+    )*};
+}
+writable!(etherparse::TcpHeader, etherparse::UdpHeader);
+
+/// The frame the director should send for `input`: same bytes, new Ethernet addresses.
+pub fn rewritten(input: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut out = input.to_vec();
+    out[0..6].copy_from_slice(&dst);
+    out[6..12].copy_from_slice(&src);
+    out
+}

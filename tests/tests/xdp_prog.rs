@@ -1,0 +1,256 @@
+//! Table-driven `BPF_PROG_TEST_RUN` tests of the XDP program: each case is a description, an input
+//! frame, the expected verdict and the expected output bytes, plus the fast-path reason it must be
+//! counted under. Runs as root inside a private network namespace (the redirect case needs a
+//! second interface for the devmap).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::{flow_hash, FlowKey, FAMILY_V4, PROTO_TCP};
+use lb_tests::{
+    netns::{require_root, Netns},
+    packets::*,
+};
+use lb_userspace::{
+    config::Protocol,
+    dataplane::{BackendSpec, Dataplane, ServiceSpec, VipAddr},
+    maglev::{Maglev, MaglevBackend},
+    xdp::{addr_words, XdpDataplane, XdpOptions},
+};
+
+const XDP_ABORTED: u32 = 0;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const VIP_ANY_PORT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 30);
+const VIP_REDIRECT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 40);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x1);
+
+/// `BPF_PROG_TEST_RUN` runs the program as if it arrived on the namespace's loopback (ifindex 1),
+/// so backends "on" ifindex 1 are answered with XDP_TX.
+const INGRESS: u32 = 1;
+const EGRESS_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x01];
+const BE_MAC: [[u8; 6]; 3] = [[0x02, 0xbb, 0, 0, 0, 1], [0x02, 0xbb, 0, 0, 0, 2], [0x02, 0xbb, 0, 0, 0, 3]];
+
+fn backend(last: u8, port: u16, mac: [u8; 6], ifindex: u32) -> BackendSpec {
+    BackendSpec {
+        addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, last)),
+        port,
+        weight: 1,
+        mac: Some(mac),
+        ifindex,
+        src_mac: EGRESS_MAC,
+    }
+}
+
+fn svc(addr: IpAddr, port: u16, protocol: Protocol, backends: Vec<BackendSpec>) -> ServiceSpec {
+    ServiceSpec { vip: VipAddr { addr, port, protocol }, backends, enabled: true }
+}
+
+fn flow(sport: u16, dport: u16) -> Flow4 {
+    Flow4 { src: CLIENT, dst: VIP, sport, dport }
+}
+
+struct Case {
+    what: &'static str,
+    input: Vec<u8>,
+    verdict: u32,
+    /// `None` = the frame must come back unchanged.
+    output: Option<Vec<u8>>,
+    reason: &'static str,
+}
+
+fn tx(what: &'static str, input: Vec<u8>, mac: [u8; 6], reason: &'static str) -> Case {
+    let output = Some(rewritten(&input, mac, EGRESS_MAC));
+    Case { what, input, verdict: XDP_TX, output, reason }
+}
+
+fn unchanged(what: &'static str, input: Vec<u8>, verdict: u32, reason: &'static str) -> Case {
+    Case { what, input, verdict, output: None, reason }
+}
+
+/// Runs one frame through the program: (verdict, output bytes).
+fn run(dp: &mut XdpDataplane, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 256];
+    let res = dp
+        .program()
+        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
+
+fn reason_packets(dp: &XdpDataplane, reason: &str) -> u64 {
+    dp.stats().expect("stats").reasons[reason].packets
+}
+
+fn load() -> XdpDataplane {
+    XdpDataplane::load(XdpOptions {
+        table_size: 65537,
+        max_vips: 16,
+        max_backends: 64,
+        conntrack_size: 4096,
+        log_level: 0,
+    })
+    .expect("the verifier accepts the program")
+}
+
+#[test]
+fn xdp_program_cases() -> anyhow::Result<()> {
+    require_root()?;
+    let ns = Netns::new("lbdt-prog")?;
+    ns.ip(&["link", "add", "tp0", "type", "veth", "peer", "name", "tp1"])?;
+    ns.ip(&["link", "set", "tp0", "up"])?;
+    ns.ip(&["link", "set", "tp1", "up"])?;
+    let other_ifindex: u32 = ns.exec(&["cat", "/sys/class/net/tp0/ifindex"])?.trim().parse()?;
+    ns.enter(move || cases(other_ifindex))?
+}
+
+fn cases(other_ifindex: u32) -> anyhow::Result<()> {
+    let mut dp = load();
+    dp.apply(&[
+        svc(IpAddr::V4(VIP), 80, Protocol::Tcp, vec![backend(11, 80, BE_MAC[0], INGRESS)]),
+        svc(IpAddr::V4(VIP), 53, Protocol::Udp, vec![backend(12, 53, BE_MAC[1], INGRESS)]),
+        svc(IpAddr::V4(VIP_ANY_PORT), 0, Protocol::Tcp, vec![backend(13, 0, BE_MAC[2], INGRESS)]),
+        svc(IpAddr::V4(VIP_ANY_PORT), 0, Protocol::Udp, vec![backend(13, 0, BE_MAC[2], INGRESS)]),
+        svc(IpAddr::V4(VIP_EMPTY), 80, Protocol::Tcp, vec![]),
+        svc(IpAddr::V4(VIP_REDIRECT), 80, Protocol::Tcp, vec![backend(14, 80, BE_MAC[0], other_ifindex)]),
+        svc(IpAddr::V6(VIP6), 443, Protocol::Tcp, vec![backend(15, 443, BE_MAC[1], INGRESS)]),
+    ])?;
+
+    let f = flow(40000, 80);
+    let f6 = Flow6 { src: CLIENT6, dst: VIP6, sport: 40001, dport: 443 };
+    let redirect_in = tcp4_syn(Flow4 { dst: VIP_REDIRECT, ..f });
+    let table = vec![
+        tx("TCP SYN to a VIP: new flow, destination MAC rewritten", tcp4_syn(f), BE_MAC[0], "new-flow"),
+        tx("TCP ACK of the same flow: connection-table hit", tcp4_ack(f, b"GET / HTTP/1.1\r\n\r\n"), BE_MAC[0], "conntrack-hit"),
+        tx("UDP to a UDP VIP", udp4(flow(40002, 53), b"query"), BE_MAC[1], "new-flow"),
+        tx("TCP SYN to an IPv6 VIP", tcp6_syn(f6), BE_MAC[1], "new-flow"),
+        tx("IPv6 with a hop-by-hop header before TCP", tcp6_syn_hop_by_hop(Flow6 { sport: 40003, ..f6 }), BE_MAC[1], "new-flow"),
+        tx("port-0 VIP matches any TCP port", tcp4_syn(Flow4 { dst: VIP_ANY_PORT, dport: 8443, ..f }), BE_MAC[2], "new-flow"),
+        tx("port-0 VIP matches any UDP port", udp4(Flow4 { dst: VIP_ANY_PORT, dport: 9999, ..f }, b"x"), BE_MAC[2], "new-flow"),
+        tx("802.1Q-tagged frame keeps its tag", tcp4_syn_vlan(flow(40004, 80), 42), BE_MAC[0], "new-flow"),
+        tx("IPv4 with options: ports read after the options", tcp4_syn_with_options(flow(40005, 80)), BE_MAC[0], "new-flow"),
+        Case {
+            what: "backend behind another interface: XDP_REDIRECT",
+            output: Some(rewritten(&redirect_in, BE_MAC[0], EGRESS_MAC)),
+            input: redirect_in,
+            verdict: XDP_REDIRECT,
+            reason: "new-flow",
+        },
+        unchanged("TCP to the VIP address on a port that is no VIP", tcp4_syn(flow(40006, 22)), XDP_PASS, "not-vip"),
+        unchanged("TCP to a non-VIP address", tcp4_syn(Flow4 { dst: Ipv4Addr::new(192, 0, 2, 99), ..f }), XDP_PASS, "not-vip"),
+        unchanged("UDP to the TCP VIP's port", udp4(flow(40007, 80), b"x"), XDP_PASS, "not-vip"),
+        unchanged("ARP request for the VIP", arp_request(CLIENT, VIP), XDP_PASS, "not-ip"),
+        unchanged("truncated IPv4 header", tcp4_syn(f)[..14 + 12].to_vec(), XDP_PASS, "malformed"),
+        unchanged("truncated TCP header", tcp4_syn(f)[..14 + 20 + 2].to_vec(), XDP_PASS, "malformed"),
+        unchanged("Ethernet header only", tcp4_syn(f)[..14].to_vec(), XDP_PASS, "malformed"),
+        unchanged("VIP without backends: dropped", tcp4_syn(Flow4 { dst: VIP_EMPTY, ..f }), XDP_DROP, "no-backend"),
+        unchanged("first fragment to a VIP: dropped", udp4_fragment(flow(40008, 53), 0, true), XDP_DROP, "fragment"),
+        unchanged("later fragment to a port-specific VIP: no ports, passed", udp4_fragment(flow(40008, 53), 4, false), XDP_PASS, "not-vip"),
+        unchanged("later fragment to a port-0 VIP: dropped", udp4_fragment(Flow4 { dst: VIP_ANY_PORT, ..f }, 4, true), XDP_DROP, "fragment"),
+    ];
+
+    let mut failures = Vec::new();
+    for case in &table {
+        let before = reason_packets(&dp, case.reason);
+        let (verdict, out) = run(&mut dp, &case.input);
+        let expected = case.output.clone().unwrap_or_else(|| case.input.clone());
+        let counted = reason_packets(&dp, case.reason) - before;
+        if verdict != case.verdict || out != expected || counted != 1 {
+            failures.push(format!(
+                "{}: verdict {verdict} (want {}), output {} (want {}), counted {counted} under {} (want 1)",
+                case.what,
+                case.verdict,
+                if out == expected { "as expected".into() } else { format!("{out:02x?}") },
+                if out == expected { String::new() } else { format!("{expected:02x?}") },
+                case.reason
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), table.len(), failures.join("\n"));
+    assert_ne!(XDP_ABORTED, XDP_TX);
+    Ok(())
+}
+
+/// Backend choice in the program matches the userspace Maglev table indexed by `flow_hash`, so a
+/// second director computing the same table sends every flow to the same backend; flows keep their
+/// backend when another one is removed (connection table) and move when theirs is removed.
+#[test]
+fn choice_matches_userspace_table_and_survives_changes() -> anyhow::Result<()> {
+    require_root()?;
+    let ns = Netns::new("lbdt-prog2")?;
+    ns.enter(choice_inner)?
+}
+
+fn choice_inner() -> anyhow::Result<()> {
+    let mut dp = load();
+    let three: Vec<BackendSpec> = (0..3).map(|i| backend(11 + i as u8, 80, BE_MAC[i], INGRESS)).collect();
+    dp.apply(&[svc(IpAddr::V4(VIP), 80, Protocol::Tcp, three.clone())])?;
+
+    let maglev = Maglev::new(65537)?;
+    let members = |bs: &[BackendSpec]| -> Vec<MaglevBackend> {
+        bs.iter()
+            .enumerate()
+            .map(|(i, b)| MaglevBackend { key: b.key(), weight: b.weight, id: i as u32 })
+            .collect()
+    };
+    let table = maglev.build(&members(&three))?;
+    let predicted = |sport: u16| -> [u8; 6] {
+        let key = FlowKey {
+            src: addr_words(IpAddr::V4(CLIENT)).0,
+            dst: addr_words(IpAddr::V4(VIP)).0,
+            sport: sport.to_be(),
+            dport: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        };
+        three[table[(flow_hash(&key) % 65537) as usize] as usize].mac.expect("resolved")
+    };
+
+    let mut owner = std::collections::HashMap::new();
+    let mut per_backend = [0u32; 3];
+    for sport in 20000..20300u16 {
+        let (verdict, out) = run(&mut dp, &tcp4_syn(flow(sport, 80)));
+        assert_eq!(verdict, XDP_TX, "sport {sport}");
+        let mac: [u8; 6] = out[0..6].try_into()?;
+        assert_eq!(mac, predicted(sport), "sport {sport}: program and userspace table disagree");
+        per_backend[BE_MAC.iter().position(|m| *m == mac).expect("a backend MAC")] += 1;
+        owner.insert(sport, mac);
+    }
+    assert!(per_backend.iter().all(|&n| n > 60), "300 flows spread over 3 backends: {per_backend:?}");
+
+    // Remove backend 3: flows of backends 1 and 2 stay put; flows of backend 3 move elsewhere.
+    dp.apply(&[svc(IpAddr::V4(VIP), 80, Protocol::Tcp, three[..2].to_vec())])?;
+    for (sport, mac) in &owner {
+        let (verdict, out) = run(&mut dp, &tcp4_ack(flow(*sport, 80), b"data"));
+        assert_eq!(verdict, XDP_TX);
+        let now: [u8; 6] = out[0..6].try_into()?;
+        if *mac == BE_MAC[2] {
+            assert_ne!(now, BE_MAC[2], "sport {sport}: flow of a removed backend must be re-chosen");
+        } else {
+            assert_eq!(now, *mac, "sport {sport}: flow moved although its backend stayed");
+        }
+    }
+
+    // Weight 0 (drain): established flows stay, new flows avoid it.
+    let mut drained = three[..2].to_vec();
+    drained[0].weight = 0;
+    dp.apply(&[svc(IpAddr::V4(VIP), 80, Protocol::Tcp, drained)])?;
+    for (sport, mac) in owner.iter().filter(|(_, m)| **m == BE_MAC[0]) {
+        let (_, out) = run(&mut dp, &tcp4_ack(flow(*sport, 80), b"data"));
+        assert_eq!(out[0..6], *mac, "sport {sport}: drained backend lost an established flow");
+    }
+    for sport in 30000..30100u16 {
+        let (_, out) = run(&mut dp, &tcp4_syn(flow(sport, 80)));
+        assert_eq!(out[0..6], BE_MAC[1], "sport {sport}: new flow went to the drained backend");
+    }
+    Ok(())
+}
