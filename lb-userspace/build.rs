@@ -12,7 +12,9 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     println!("cargo:rerun-if-changed=../lb-common/src");
     if skip {
-        std::fs::write(out_dir.join("lb-ebpf"), b"").context("writing placeholder eBPF object")?;
+        for object in ["lb-ebpf", "lb-aux"] {
+            std::fs::write(out_dir.join(object), b"").context("writing placeholder eBPF object")?;
+        }
         return Ok(());
     }
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;

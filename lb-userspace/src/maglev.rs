@@ -4,15 +4,16 @@
 //! the id of the backend that serves the flows hashing there. [`Maglev::build`] computes that
 //! table from the VIP's backend set.
 //!
-//! # Algorithm: an exponential race over Maglev permutations
+//! # Definition: an exponential race over Maglev permutations
 //!
 //! Every backend `i` gets Maglev's permutation of the slots, derived from its key alone:
 //! `offset_i = h1(key) mod M`, `skip_i = h2(key) mod (M-1) + 1` and
 //! `perm_i[k] = (offset_i + k * skip_i) mod M` (a full permutation because `M` is prime).
-//! Its `k`-th position scores `E_i(k) = L[k] / w_i`, where
+//! Its `k`-th position scores `E_i(k) = L[k] * (1 / w_i)`, where
 //! `L[k] = sum_{j=0..=k} 1/(M-j)` is the expected `(k+1)`-th smallest of `M` independent
-//! Exp(1) variables. A slot belongs to the backend with the smallest score there; equal scores
-//! go to the backend whose key sorts first (byte order).
+//! Exp(1) variables. A slot belongs to the backend with the smallest score there; scores are
+//! compared on their 32 most significant bits (relative precision about 10^-6, see
+//! `slot_key`), and equal ones go to the backend whose key sorts first (byte order).
 //!
 //! The score a backend has at a slot depends only on that backend's key and weight, so the
 //! owner of a slot is the minimum of a set of per-backend values under a fixed total order.
@@ -21,7 +22,7 @@
 //! * adding a backend only moves slots to it;
 //! * changing one backend's weight only moves slots to or from that backend.
 //!
-//! Since `L[pos_i(s)]` behaves like an Exp(1) variable for a "random" slot `s`, the score of
+//! Since `L[perm_i^-1(s)]` behaves like an Exp(1) variable for a "random" slot `s`, the score of
 //! backend `i` behaves like an Exp(`w_i`) variable and backend `i` wins a slot with probability
 //! `w_i / W` (`W` = total weight): that is the weighting.
 //!
@@ -29,16 +30,16 @@
 //!
 //! The table is a pure function of the set of `(key, weight, id)` triples: the input order does
 //! not matter (backends are sorted by key first), the hash is implemented here and frozen, and
-//! scores only use IEEE-754 `+` and `/` on `f64`, which are exactly rounded on every platform
-//! Rust supports (no libm, no fused multiply-add: rustc never contracts float operations). Two
-//! directors therefore compute bit-identical tables.
+//! scores only use IEEE-754 `+`, `*` and `/` on `f64`, which are exactly rounded on every
+//! platform Rust supports (no libm, no fused multiply-add: rustc never contracts float
+//! operations). Two directors therefore compute bit-identical tables.
 //!
 //! # Cost
 //!
 //! Computing all `M * N` scores is unnecessary: scores grow with `k`, so each backend only walks
-//! a prefix of its permutation, up to a common score cutoff that is raised until every slot has
-//! an owner (see [`Maglev::build`]). That is about `M * (ln M + 1)` score evaluations in total,
-//! whatever the number of backends.
+//! a prefix of its permutation, up to a common score cutoff that is raised in passes; the few
+//! slots still empty at the end are computed directly (see [`Maglev::build`]). That is at most
+//! about `9 * M` cheap steps, whatever the number of backends.
 
 use thiserror::Error;
 
@@ -76,7 +77,9 @@ pub struct MaglevBackend {
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum MaglevError {
     /// The table size is below 3 or above the largest prime that fits in a `u32`.
-    #[error("table size {size} is out of range; it must be a prime between 3 and {LARGEST_U32_PRIME}")]
+    #[error(
+        "table size {size} is out of range; it must be a prime between 3 and {LARGEST_U32_PRIME}"
+    )]
     SizeOutOfRange {
         /// The rejected size.
         size: u32,
@@ -102,14 +105,14 @@ pub fn is_prime(n: u32) -> bool {
     if n < 4 {
         return n >= 2;
     }
-    if n % 2 == 0 || n % 3 == 0 {
+    if n.is_multiple_of(2) || n.is_multiple_of(3) {
         return false;
     }
     // Every prime above 3 is 6j ± 1; u64 because d * d overflows u32 near u32::MAX.
     let n = u64::from(n);
     let mut d = 5u64;
     while d * d <= n {
-        if n % d == 0 || n % (d + 2) == 0 {
+        if n.is_multiple_of(d) || n.is_multiple_of(d + 2) {
             return false;
         }
         d += 6;
@@ -140,18 +143,28 @@ pub struct Maglev {
 
 impl std::fmt::Debug for Maglev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Maglev").field("size", &self.size).finish_non_exhaustive()
+        f.debug_struct("Maglev")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
     }
 }
 
 impl Maglev {
-    /// A builder for tables of `size` slots; `size` must be a prime `>= 3`.
+    /// A builder for tables of `size` slots.
+    ///
+    /// # Errors
+    ///
+    /// [`MaglevError::SizeOutOfRange`] or [`MaglevError::NotPrime`] unless `size` is a prime
+    /// `>= 3`.
     pub fn new(size: u32) -> Result<Self, MaglevError> {
         if !(3..=LARGEST_U32_PRIME).contains(&size) {
             return Err(MaglevError::SizeOutOfRange { size });
         }
         if !is_prime(size) {
-            return Err(MaglevError::NotPrime { size, next_prime: next_prime(size) });
+            return Err(MaglevError::NotPrime {
+                size,
+                next_prime: next_prime(size),
+            });
         }
         // Summed in this exact order so that every machine gets the same bits.
         let order_stats = (0..size)
@@ -172,12 +185,16 @@ impl Maglev {
     /// it, or [`NO_BACKEND`] everywhere when no backend has a positive weight. The result does
     /// not depend on the order of `backends`.
     ///
-    /// Fails with [`MaglevError::DuplicateKey`] if two backends (even of weight 0) share a key.
+    /// # Errors
+    ///
+    /// [`MaglevError::DuplicateKey`] if two backends (even of weight 0) share a key.
     pub fn build(&self, backends: &[MaglevBackend]) -> Result<Vec<u32>, MaglevError> {
         let mut sorted: Vec<&MaglevBackend> = backends.iter().collect();
         sorted.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         if let Some(pair) = sorted.windows(2).find(|pair| pair[0].key == pair[1].key) {
-            return Err(MaglevError::DuplicateKey { key: pair[0].key.clone() });
+            return Err(MaglevError::DuplicateKey {
+                key: pair[0].key.clone(),
+            });
         }
         sorted.retain(|b| b.weight > 0);
 
@@ -188,59 +205,73 @@ impl Maglev {
         let mut walkers: Vec<Walker> = sorted
             .iter()
             .enumerate()
-            .map(|(rank, b)| Walker::new(b, rank_u32(rank), self.size))
+            .map(|(rank, b)| {
+                let rank = u32::try_from(rank).expect("fewer than 2^32 backends");
+                Walker::new(b, rank, self.size)
+            })
             .collect();
-        // Exact (N * u32::MAX < 2^53); only used to pick cutoffs.
+        // Only used to pick cutoffs, so its rounding (if N > 2^21) does not matter.
         let total_weight = sorted.iter().map(|b| f64::from(b.weight)).sum::<f64>();
 
         // Passes: in each, every backend walks its permutation on up to a common cutoff T,
-        // offering itself to the slots it meets; between passes the cutoff is raised, until
-        // every slot has an owner. The result does not depend on the cutoffs chosen: as scores
-        // grow with k, after the last pass each backend has visited exactly its positions
-        // scoring <= T and every slot holds a key whose score is <= T. Any position not visited
-        // scores > T and, T being the largest score of its prefix (see `cutoff`), has a larger
-        // score prefix, hence a larger slot key: it can neither beat nor tie the slot's holder.
+        // offering itself to the slots it meets; between passes the cutoff is raised. As scores
+        // grow with k, after a pass each backend has visited exactly its positions scoring
+        // <= T, and any position not visited scores > T and, T being the largest score of its
+        // prefix (see `cutoff`), has a larger slot key than any visited one. So a slot filled by
+        // then holds its final key, and the slots still empty at the end are computed directly
+        // (`Race::finish`), which is exact anyway: the table does not depend on the cutoffs.
         //
-        // The cutoffs thus only decide speed. In units of 1/W, a slot is still empty after
-        // cutoff x with probability about e^-x, so it takes x ~ ln M + 1 to fill them all; then
-        // each backend has walked about M * (1 - e^(-w_i x / W)) positions, at most about
-        // M * (ln M + 1) visits in all. Most of them meet slots filled in an earlier pass,
-        // which are settled (see `Race`) and cost only a bit test. To keep the costlier visits
-        // to unsettled slots few, the first passes are short (x = 0.5, 1, 2, 4, 8); later the
-        // cutoff aims at ln(empty slots) + 1 beyond the current one, since the best score of a
-        // slot still empty at x exceeds x by about an Exp(1) variable (memorylessness).
+        // The cutoffs thus only decide speed. In units x of 1/W, a slot is still empty after
+        // cutoff x with probability about e^-x, and the backends have walked about
+        // M * (1 - e^(-x * w_i / W)) positions each, at most M * x in all. Filling every slot by
+        // walking would take x ~ ln M + 1; finishing the last few empty slots directly, at N
+        // score evaluations each, is cheaper. Visits to slots filled in an earlier pass, which
+        // are settled (see `Race`), cost only a bit test; that test is worth it once its branch
+        // is well predicted, i.e. once most slots are filled, so the first pass goes to x = 3
+        // (95% of the slots filled) without it. The other constants were tuned by measurement.
         let mut race = Race::new(m);
-        let mut x = 0.0f64;
-        while race.empty > 0 {
-            x += x.max(0.5).min(ln_estimate(race.empty) + 1.0);
+        let mut x = 3.0f64;
+        for walker in &mut walkers {
+            walker.advance::<false>(cutoff(x / total_weight), &self.order_stats, &mut race);
+        }
+        race.settle();
+        while race.empty.saturating_mul(walkers.len()) > m / 2 {
+            // Raise the cutoff by 2 units, or to the lowest score not visited yet if that is
+            // higher (with more backends than slots, the first scores can exceed many units).
+            let lowest_next = walkers
+                .iter()
+                .filter_map(|walker| walker.next_score(&self.order_stats))
+                .fold(f64::INFINITY, f64::min);
+            x = (x + 2.0).max(lowest_next * total_weight);
             let cutoff = cutoff(x / total_weight);
             for walker in &mut walkers {
-                walker.advance(cutoff, &self.order_stats, &mut race);
+                walker.advance::<true>(cutoff, &self.order_stats, &mut race);
             }
             race.settle();
         }
-        Ok(race.best.iter().map(|&key| sorted[rank_of(key)].id).collect())
+        race.finish(&walkers, &self.order_stats);
+
+        let ids: Vec<u32> = sorted.iter().map(|b| b.id).collect();
+        Ok(race.best.iter().map(|&key| ids[rank_of(key)]).collect())
     }
 }
 
 /// Builds the table of `size` slots for `backends` (see [`Maglev::build`]). To build many
 /// tables of one size, keep a [`Maglev`] instead: it caches per-size work.
+///
+/// # Errors
+///
+/// Those of [`Maglev::new`] and [`Maglev::build`].
 pub fn build_table(backends: &[MaglevBackend], size: u32) -> Result<Vec<u32>, MaglevError> {
     Maglev::new(size)?.build(backends)
 }
 
-/// Score of a backend of weight `weight` at a position whose order statistic is `order_stat`.
-/// Non-decreasing in `order_stat`, which the cutoff argument in [`Maglev::build`] relies on.
-fn score(order_stat: f64, weight: f64) -> f64 {
-    order_stat / weight
-}
-
 /// What a slot keeps of a backend offered to it: the 32 most significant bits of the score
-/// (sign, exponent and 20 mantissa bits, which order positive floats like the floats
-/// themselves), then the backend's rank in key order. Comparing keys compares scores, then keys
-/// on ties, and one `u64` per slot holds both the best score and its backend. Scores closer than
-/// about one part in a million count as tied; that decides about one slot in a million, which
-/// like any tie goes to the smaller key.
+/// (sign, exponent and 20 mantissa bits, which order non-negative floats like the floats
+/// themselves), then the backend's rank in key order. Comparing keys compares scores, then
+/// backend keys on ties, and one `u64` per slot holds both the best score and its backend.
+/// Scores closer than about one part in a million count as tied; that decides about one slot in
+/// a million, which like any tie goes to the smaller backend key.
 fn slot_key(score: f64, rank: u32) -> u64 {
     (score.to_bits() >> 32 << 32) | u64::from(rank)
 }
@@ -253,35 +284,10 @@ fn rank_of(key: u64) -> usize {
     (key & u64::from(u32::MAX)) as usize
 }
 
-/// `rank` as stored in slot keys.
-fn rank_u32(rank: usize) -> u32 {
-    u32::try_from(rank).expect("fewer than 2^32 backends")
-}
-
 /// The cutoff for a target score `t`: the largest score with the same slot-key prefix as `t`,
 /// so that a score is within the cutoff exactly when its prefix is within `t`'s.
 fn cutoff(t: f64) -> f64 {
     f64::from_bits(t.to_bits() | u64::from(u32::MAX))
-}
-
-/// The largest `l` with `score(l, weight) <= cutoff`. Since `score` is non-decreasing in `l`, an
-/// order statistic scores within the cutoff exactly when it is `<=` this limit, which spares a
-/// division per visited position. `cutoff * weight` is within an ulp or two of the limit; the
-/// loops make it exact.
-fn order_stat_limit(cutoff: f64, weight: f64) -> f64 {
-    let mut limit = cutoff * weight;
-    while score(limit, weight) > cutoff {
-        limit = limit.next_down();
-    }
-    while score(limit.next_up(), weight) <= cutoff {
-        limit = limit.next_up();
-    }
-    limit
-}
-
-/// `ln(n)` to within `ln 2` (from below), for `n >= 1`; enough to choose cutoffs.
-fn ln_estimate(n: usize) -> f64 {
-    f64::from(n.ilog2()) * std::f64::consts::LN_2
 }
 
 /// The state of the slots during [`Maglev::build`].
@@ -293,39 +299,100 @@ struct Race {
     /// visit scores more. Testing this small bitmap is far cheaper than reading `best`, which
     /// does not fit in L1.
     settled: Vec<u64>,
-    /// Number of slots not filled yet.
+    /// Bitmap of the slots offered something in the current pass, settled when it ends.
+    pending: Vec<u64>,
+    /// Number of slots not settled yet.
     empty: usize,
 }
 
 impl Race {
     fn new(size: usize) -> Self {
-        let mut settled = vec![0; size.div_ceil(64)];
-        if size % 64 != 0 {
+        let words = size.div_ceil(64);
+        let mut settled = vec![0; words];
+        if !size.is_multiple_of(64) {
             settled[size / 64] = u64::MAX << (size % 64);
         }
-        Self { best: vec![EMPTY_SLOT; size], settled, empty: size }
+        Self {
+            best: vec![EMPTY_SLOT; size],
+            settled,
+            pending: vec![0; words],
+            empty: size,
+        }
     }
 
-    /// Ends a pass: settles the slots it filled. Found by scanning the unsettled slots rather
-    /// than recorded during the pass, which would make each visit depend on the previous one.
+    /// Offers `key` to `slot`, which keeps the smaller of it and its current key.
+    fn offer(&mut self, slot: usize, key: u64) {
+        self.best[slot] = self.best[slot].min(key);
+        self.pending[slot / 64] |= 1 << (slot % 64);
+    }
+
+    /// Ends a pass: settles the slots it filled.
     fn settle(&mut self) {
-        for (index, word) in self.settled.iter_mut().enumerate() {
-            let mut unsettled = !*word;
+        for (settled, pending) in self.settled.iter_mut().zip(&mut self.pending) {
+            *settled |= std::mem::take(pending);
+        }
+        let settled: usize = self
+            .settled
+            .iter()
+            .map(|word| word.count_ones() as usize)
+            .sum();
+        self.empty = self.settled.len() * 64 - settled;
+    }
+
+    /// Fills the slots still empty after the last `settle` directly: each gets the smallest
+    /// key of all backends there.
+    fn finish(&mut self, walkers: &[Walker], order_stats: &[f64]) {
+        let mut empty = Vec::with_capacity(self.empty);
+        for (index, &word) in self.settled.iter().enumerate() {
+            let mut unsettled = !word;
             while unsettled != 0 {
-                let bit = unsettled.trailing_zeros();
-                let filled = self.best[index * 64 + bit as usize] != EMPTY_SLOT;
-                *word |= u64::from(filled) << bit;
-                self.empty -= usize::from(filled);
+                empty.push(index * 64 + unsettled.trailing_zeros() as usize);
                 unsettled &= unsettled - 1;
+            }
+        }
+        if empty.is_empty() {
+            return;
+        }
+        let m = order_stats.len() as u64;
+        for walker in walkers {
+            // perm[k] = offset + k * skip (mod m), so k = (slot - offset) / skip (mod m).
+            let inv_skip = mod_inverse(walker.skip as u64, m);
+            let offset = walker.offset as u64;
+            for &slot in &empty {
+                let slot_u64 = slot as u64;
+                let from_offset = if slot_u64 >= offset {
+                    slot_u64 - offset
+                } else {
+                    slot_u64 + m - offset
+                };
+                // Both factors are < m <= u32::MAX, so the product fits in a u64.
+                let k = (from_offset * inv_skip % m) as usize;
+                self.offer(slot, slot_key(walker.score(order_stats[k]), walker.rank));
             }
         }
     }
 }
 
+/// The inverse of `a` modulo the prime `m`, for `0 < a < m` (extended Euclid).
+fn mod_inverse(a: u64, m: u64) -> u64 {
+    // Invariants: r0 = t0 * a and r1 = t1 * a (mod m); every value stays within ±m.
+    let (mut r0, mut r1) = (m as i64, a as i64);
+    let (mut t0, mut t1) = (0i64, 1i64);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (t0, t1) = (t1, t0 - q * t1);
+    }
+    t0.rem_euclid(m as i64) as u64
+}
+
 /// One backend's progress along its permutation during [`Maglev::build`].
 struct Walker {
-    weight: f64,
+    /// `1 / weight`, see [`Walker::score`].
+    inv_weight: f64,
+    /// Position of the backend's key among the backends' keys.
     rank: u32,
+    offset: usize,
     skip: usize,
     /// Next position `k` to visit.
     next: usize,
@@ -340,32 +407,59 @@ impl Walker {
         // Both values are < m <= u32::MAX, so they fit in a usize.
         let offset = (hash64(key, OFFSET_SEED) % m) as usize;
         let skip = (hash64(key, SKIP_SEED) % (m - 1) + 1) as usize;
-        Self { weight: f64::from(backend.weight), rank, skip, next: 0, slot: offset }
+        let inv_weight = 1.0 / f64::from(backend.weight);
+        Self {
+            inv_weight,
+            rank,
+            offset,
+            skip,
+            next: 0,
+            slot: offset,
+        }
+    }
+
+    /// The backend's score at a position whose order statistic is `order_stat`: `L[k] / w`,
+    /// computed as a product with the reciprocal, which is cheaper in the hot loop.
+    fn score(&self, order_stat: f64) -> f64 {
+        order_stat * self.inv_weight
+    }
+
+    /// The score of the next position to visit, if any is left.
+    fn next_score(&self, order_stats: &[f64]) -> Option<f64> {
+        order_stats.get(self.next).map(|&l| self.score(l))
     }
 
     /// Visits the positions from `next` on that score `<= cutoff`, offering this backend to
-    /// each unsettled slot met: the slot keeps the smaller key.
-    fn advance(&mut self, cutoff: f64, order_stats: &[f64], race: &mut Race) {
-        // Hot loop: on most visits it only touches locals, `order_stats` in sequence and the
-        // small `settled` bitmap. Unsettled slots are updated without branches, which would
-        // be mispredicted about half the time.
-        let Race { best, settled, .. } = race;
+    /// the slots met. With `SKIP_SETTLED`, settled slots are skipped; without it, they are
+    /// offered too, in vain, which is cheaper while most slots are still empty.
+    fn advance<const SKIP_SETTLED: bool>(
+        &mut self,
+        cutoff: f64,
+        order_stats: &[f64],
+        race: &mut Race,
+    ) {
+        // Hot loop: apart from offers to unsettled slots, it only touches registers,
+        // `order_stats` in sequence and the small `settled` bitmap.
         let m = order_stats.len();
-        let limit = order_stat_limit(cutoff, self.weight);
+        // `slot + skip` wraps exactly when `slot >= back`; deciding from `slot` alone keeps the
+        // loop-carried dependency down to a compare and a conditional move.
+        let back = m - self.skip;
         let mut slot = self.slot;
         let mut visited = 0;
         for &l in &order_stats[self.next..] {
-            if l > limit {
+            let score = self.score(l);
+            if score > cutoff {
                 break;
             }
-            if settled[slot / 64] & (1 << (slot % 64)) == 0 {
-                best[slot] = best[slot].min(slot_key(score(l, self.weight), self.rank));
+            if !SKIP_SETTLED || race.settled[slot / 64] & (1 << (slot % 64)) == 0 {
+                race.offer(slot, slot_key(score, self.rank));
             }
             visited += 1;
-            slot += self.skip;
-            if slot >= m {
-                slot -= m;
-            }
+            slot = if slot >= back {
+                slot - back
+            } else {
+                slot + self.skip
+            };
         }
         self.next += visited;
         self.slot = slot;
@@ -396,4 +490,390 @@ fn fmix64(mut k: u64) -> u64 {
     k ^= k >> 33;
     k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     k ^ (k >> 33)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Backend `i`: key `10.0.x.y:80`, id `1000 + i` (distinct from `i` to catch rank/id mixups).
+    fn backend(i: u32, weight: u32) -> MaglevBackend {
+        MaglevBackend {
+            key: format!("10.0.{}.{}:80", i / 256, i % 256),
+            weight,
+            id: 1000 + i,
+        }
+    }
+
+    fn backends(weights: &[u32]) -> Vec<MaglevBackend> {
+        (0u32..).zip(weights).map(|(i, &w)| backend(i, w)).collect()
+    }
+
+    /// Slot count per backend id.
+    fn counts(table: &[u32]) -> std::collections::BTreeMap<u32, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for &id in table {
+            *counts.entry(id).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// The table straight from the definition: every score of every backend at every slot.
+    /// Also returns how many slots were decided by a tie.
+    fn brute_force(maglev: &Maglev, backends: &[MaglevBackend]) -> (Vec<u32>, usize) {
+        let m = u64::from(maglev.size());
+        let mut live: Vec<&MaglevBackend> = backends.iter().filter(|b| b.weight > 0).collect();
+        live.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut best = vec![(EMPTY_SLOT, NO_BACKEND, 0); m as usize]; // (key, id, prefix ties)
+        for (rank, b) in (0u32..).zip(&live) {
+            let offset = hash64(b.key.as_bytes(), OFFSET_SEED) % m;
+            let skip = hash64(b.key.as_bytes(), SKIP_SEED) % (m - 1) + 1;
+            for k in 0..m {
+                let slot = ((offset + k * skip) % m) as usize;
+                let score = maglev.order_stats[k as usize] * (1.0 / f64::from(b.weight));
+                let key = slot_key(score, rank);
+                let (held, id, ties) = &mut best[slot];
+                if key >> 32 == *held >> 32 {
+                    *ties += 1;
+                } else if key < *held {
+                    *ties = 0;
+                }
+                if key < *held {
+                    (*held, *id) = (key, b.id);
+                }
+            }
+        }
+        let ties = best.iter().filter(|&&(_, _, ties)| ties > 0).count();
+        (best.into_iter().map(|(_, id, _)| id).collect(), ties)
+    }
+
+    #[test]
+    fn hash_is_pinned() {
+        assert_eq!(hash64(b"10.0.0.11:80", OFFSET_SEED), 0x859c_da79_fadc_7a50);
+        assert_eq!(hash64(b"10.0.0.11:80", SKIP_SEED), 0x3d13_cca0_2aca_c1ec);
+        assert_eq!(hash64(b"", OFFSET_SEED), 0xc783_c0fb_af79_f357);
+        assert_eq!(
+            hash64(b"[2001:db8::1]:443", SKIP_SEED),
+            0xd874_32a6_3b6d_2fb0
+        );
+    }
+
+    #[test]
+    fn primes() {
+        let primes: Vec<u32> = (0..30).filter(|&n| is_prime(n)).collect();
+        assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+        assert!(is_prime(65537));
+        assert!(!is_prime(65536));
+        assert!(is_prime(LARGEST_U32_PRIME));
+        assert!(!is_prime(u32::MAX));
+        assert!(!is_prime(3 * 65521));
+        assert!(!is_prime(65521 * 65521)); // the largest square of a prime below 2^32
+        assert_eq!(next_prime(0), 2);
+        assert_eq!(next_prime(24), 29);
+        assert_eq!(next_prime(65536), 65537);
+        assert_eq!(next_prime(65537), 65537);
+        assert_eq!(next_prime(LARGEST_U32_PRIME - 3), LARGEST_U32_PRIME);
+    }
+
+    #[test]
+    fn size_validation() {
+        let err = Maglev::new(65536).unwrap_err();
+        assert_eq!(
+            err,
+            MaglevError::NotPrime {
+                size: 65536,
+                next_prime: 65537
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "table size 65536 is not prime; the next prime is 65537"
+        );
+        for size in [0, 1, 2, LARGEST_U32_PRIME + 1, u32::MAX] {
+            let err = Maglev::new(size).unwrap_err();
+            assert_eq!(err, MaglevError::SizeOutOfRange { size });
+            assert!(
+                err.to_string()
+                    .contains("must be a prime between 3 and 4294967291"),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            build_table(&backends(&[1]), 100),
+            Err(MaglevError::NotPrime {
+                size: 100,
+                next_prime: 101
+            })
+        );
+        assert_eq!(Maglev::new(3).unwrap().size(), 3);
+        assert_eq!(Maglev::new(DEFAULT_TABLE_SIZE).unwrap().size(), 65537);
+    }
+
+    #[test]
+    fn no_backends_means_no_backend_everywhere() {
+        let maglev = Maglev::new(101).unwrap();
+        assert_eq!(maglev.build(&[]).unwrap(), vec![NO_BACKEND; 101]);
+        assert_eq!(
+            maglev.build(&backends(&[0, 0, 0])).unwrap(),
+            vec![NO_BACKEND; 101]
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_rejected() {
+        let mut list = backends(&[1, 2, 3]);
+        list.push(MaglevBackend {
+            weight: 0,
+            id: 7,
+            ..list[1].clone()
+        });
+        let err = build_table(&list, 101).unwrap_err();
+        assert_eq!(
+            err,
+            MaglevError::DuplicateKey {
+                key: "10.0.0.1:80".into()
+            }
+        );
+        assert_eq!(err.to_string(), r#"duplicate backend key "10.0.0.1:80""#);
+    }
+
+    #[test]
+    fn single_backend_takes_every_slot() {
+        assert_eq!(
+            build_table(&backends(&[5]), 65537).unwrap(),
+            vec![1000; 65537]
+        );
+        assert_eq!(build_table(&backends(&[0, 1]), 3).unwrap(), vec![1001; 3]);
+    }
+
+    #[test]
+    fn matches_brute_force() {
+        let mixed = |n: u32| {
+            (0..n)
+                .map(|i| [1, 2, 3, 5, 10, 100][i as usize % 6])
+                .collect::<Vec<_>>()
+        };
+        let mut total_ties = 0;
+        for (size, weights) in [
+            (3, vec![1; 50]),
+            (3, mixed(7)),
+            (13, vec![1, 1]),
+            (211, vec![1; 60]),
+            (211, mixed(30)),
+            (1009, vec![1; 20]),
+            (1009, mixed(300)),
+            (1009, vec![u32::MAX, 1, 1, u32::MAX - 1, 0, 7]),
+            (10007, mixed(100)),
+            (65537, vec![3; 1000]),
+        ] {
+            let maglev = Maglev::new(size).unwrap();
+            let list = backends(&weights);
+            let (expected, ties) = brute_force(&maglev, &list);
+            assert_eq!(
+                maglev.build(&list).unwrap(),
+                expected,
+                "size {size}, weights {weights:?}"
+            );
+            assert!(!expected.contains(&NO_BACKEND));
+            total_ties += ties;
+        }
+        // Equal weights make ties common (two backends at the same position of one slot), so
+        // the tie rule was exercised.
+        assert!(total_ties > 10, "{total_ties} ties");
+    }
+
+    #[test]
+    fn shares_match_weights() {
+        let mixed = |n: u32| {
+            (0..n)
+                .map(|i| [1, 2, 3, 5, 10, 100][i as usize % 6])
+                .collect::<Vec<_>>()
+        };
+        for (size, weights) in [
+            (65537, vec![1; 10]),
+            (65537, (1..=10).collect()),
+            (65537, vec![1; 100]),
+            (65537, mixed(100)),
+            (65537, vec![1; 655]),
+            (65537, mixed(655)),
+            (100003, vec![1; 1000]),
+            (100003, mixed(1000)),
+        ] {
+            let list = backends(&weights);
+            let table = build_table(&list, size).unwrap();
+            let counts = counts(&table);
+            let total_weight: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+            let (mut worst_abs, mut worst_rel, mut worst_sigmas) = (0.0f64, 0.0f64, 0.0f64);
+            for b in &list {
+                let expected = f64::from(b.weight) / total_weight;
+                let got = counts.get(&b.id).copied().unwrap_or(0) as f64 / f64::from(size);
+                let deviation = (got - expected).abs();
+                // Standard deviation of the share if every slot were an independent draw.
+                let sigma = (expected * (1.0 - expected) / f64::from(size)).sqrt();
+                worst_abs = worst_abs.max(deviation);
+                worst_rel = worst_rel.max(deviation / expected);
+                worst_sigmas = worst_sigmas.max(deviation / sigma);
+            }
+            println!(
+                "M={size} N={} weights {}..={}: worst deviation {:.4} pp, {:.1}% relative, {:.1} sigma",
+                weights.len(),
+                weights.iter().min().unwrap(),
+                weights.iter().max().unwrap(),
+                worst_abs * 100.0,
+                worst_rel * 100.0,
+                worst_sigmas,
+            );
+            assert!(
+                worst_abs <= 0.01,
+                "a share is off by {:.3} pp",
+                worst_abs * 100.0
+            );
+            // Much tighter than 1 pp: no worse than independent draws would plausibly be.
+            assert!(
+                worst_sigmas <= 5.0,
+                "a share is off by {worst_sigmas:.1} sigma"
+            );
+        }
+    }
+
+    /// Asserts that every slot that differs between `before` and `after` went from a backend
+    /// in `from` to one in `to` (`None`: any).
+    fn assert_moves(before: &[u32], after: &[u32], from: Option<u32>, to: Option<u32>) -> usize {
+        let mut moved = 0;
+        for (slot, (&b, &a)) in before.iter().zip(after).enumerate() {
+            if a != b {
+                moved += 1;
+                assert!(
+                    from.is_none_or(|id| b == id) && to.is_none_or(|id| a == id),
+                    "slot {slot}: {b} -> {a}"
+                );
+                assert_ne!(a, NO_BACKEND);
+            }
+        }
+        moved
+    }
+
+    fn mixed_weights() -> Vec<MaglevBackend> {
+        backends(&[
+            1, 2, 3, 4, 5, 10, 1, 1, 7, 20, 3, 3, 3, 3, 50, 1, 2, 2, 9, 4,
+        ])
+    }
+
+    #[test]
+    fn removing_a_backend_moves_only_its_slots() {
+        let maglev = Maglev::new(65537).unwrap();
+        let list = mixed_weights();
+        let before = maglev.build(&list).unwrap();
+        let counts = counts(&before);
+        for removed in [0, 5, 9, 14, 19] {
+            let mut smaller = list.clone();
+            let gone = smaller.remove(removed);
+            let after = maglev.build(&smaller).unwrap();
+            assert_eq!(
+                assert_moves(&before, &after, Some(gone.id), None),
+                counts[&gone.id]
+            );
+            // Weight 0 is the same as absence.
+            let mut zeroed = list.clone();
+            zeroed[removed].weight = 0;
+            assert_eq!(maglev.build(&zeroed).unwrap(), after);
+        }
+    }
+
+    #[test]
+    fn adding_a_backend_only_takes_slots() {
+        let maglev = Maglev::new(65537).unwrap();
+        let list = mixed_weights();
+        let before = maglev.build(&list).unwrap();
+        for (i, weight) in [(100, 1), (101, 7), (102, 60)] {
+            let mut bigger = list.clone();
+            bigger.push(backend(i, weight));
+            let after = maglev.build(&bigger).unwrap();
+            let moved = assert_moves(&before, &after, None, Some(1000 + i));
+            assert_eq!(moved, counts(&after)[&(1000 + i)]);
+        }
+    }
+
+    #[test]
+    fn changing_a_weight_moves_slots_only_to_or_from_that_backend() {
+        let maglev = Maglev::new(65537).unwrap();
+        let list = mixed_weights();
+        let before = maglev.build(&list).unwrap();
+        for (changed, weight) in [(0, 5), (5, 1), (14, 51), (14, 49), (19, 1000)] {
+            let mut other = list.clone();
+            other[changed].weight = weight;
+            let id = other[changed].id;
+            let after = maglev.build(&other).unwrap();
+            let (from, to) = if weight > list[changed].weight {
+                (None, Some(id))
+            } else {
+                (Some(id), None)
+            };
+            assert!(assert_moves(&before, &after, from, to) > 0);
+        }
+    }
+
+    #[test]
+    fn input_order_does_not_matter() {
+        let maglev = Maglev::new(65537).unwrap();
+        let list = mixed_weights();
+        let table = maglev.build(&list).unwrap();
+        let mut reversed = list.clone();
+        reversed.reverse();
+        assert_eq!(maglev.build(&reversed).unwrap(), table);
+        let mut shuffled = list.clone();
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        for i in (1..shuffled.len()).rev() {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            shuffled.swap(i, (state >> 33) as usize % (i + 1));
+        }
+        assert_ne!(shuffled, list);
+        assert_eq!(maglev.build(&shuffled).unwrap(), table);
+    }
+
+    #[test]
+    fn tables_are_pinned() {
+        // Catches any change of the algorithm, the hash or the float arithmetic: tables must
+        // not change between versions or machines.
+        let small = build_table(&backends(&[1, 2, 3]), 13).unwrap();
+        // Checked against an independent implementation of the definition.
+        assert_eq!(
+            small,
+            [1002, 1002, 1001, 1001, 1001, 1001, 1000, 1002, 1000, 1002, 1000, 1001, 1002]
+        );
+        let list = vec![
+            MaglevBackend {
+                key: "10.0.0.11:80".into(),
+                weight: 1,
+                id: 0,
+            },
+            MaglevBackend {
+                key: "10.0.0.12:80".into(),
+                weight: 2,
+                id: 1,
+            },
+            MaglevBackend {
+                key: "10.0.0.13:80".into(),
+                weight: 3,
+                id: 2,
+            },
+            MaglevBackend {
+                key: "[2001:db8::1]:80".into(),
+                weight: 10,
+                id: 3,
+            },
+            MaglevBackend {
+                key: "backend-e".into(),
+                weight: 100,
+                id: 4,
+            },
+        ];
+        let table = build_table(&list, DEFAULT_TABLE_SIZE).unwrap();
+        let bytes: Vec<u8> = table.iter().flat_map(|id| id.to_le_bytes()).collect();
+        let by_id: Vec<usize> = counts(&table).into_values().collect();
+        assert_eq!(by_id, [565, 1125, 1699, 5651, 56497]);
+        assert_eq!(hash64(&bytes, 0), 0xbedf_35de_f39b_302b);
+    }
 }

@@ -33,6 +33,28 @@ use crate::{
 /// The eBPF object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
+/// Auxiliary programs (`xdp_pass` for veth peers, benchmark baselines), see lb-ebpf/src/aux.rs.
+pub static AUX_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-aux"));
+
+/// Attaches `xdp_pass` (native mode) to `iface` in the caller's network namespace, so XDP frames
+/// transmitted by its veth peer are delivered at once. The program stays attached while the
+/// returned object lives.
+pub fn attach_pass(iface: &str) -> Result<Ebpf, LoadError> {
+    if AUX_OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    let mut ebpf = Ebpf::load(AUX_OBJECT)?;
+    let prog: &mut Xdp = ebpf.program_mut("xdp_pass").ok_or(LoadError::MissingMap("xdp_pass"))?.try_into()?;
+    prog.load()?;
+    prog.attach(iface, AyaXdpMode::Driver).map_err(|source| LoadError::Attach {
+        iface: iface.to_string(),
+        mode: "native",
+        hint: "",
+        source,
+    })?;
+    Ok(ebpf)
+}
+
 /// Time readers get to leave a table buffer after a flip before it is rewritten. XDP programs run
 /// for microseconds under RCU; this is orders of magnitude more.
 const FLIP_GRACE: Duration = Duration::from_millis(20);

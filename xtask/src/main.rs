@@ -1,9 +1,110 @@
+//! `cargo xtask`: set-up, build, the namespace rig, the test suite and the VM runner.
+
+mod setup;
 mod vm;
 
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("vm") => vm::main(&args[1..]),
-        _ => anyhow::bail!("usage: cargo xtask vm -- COMMAND"),
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (Debian packages, rust-src, bpf-linker); idempotent.
+    Setup,
+    /// Set up, then build lbd (the eBPF program is built by lb-userspace/build.rs).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, bring up the namespace rig with lbd (config/rig.toml), send requests and show which
+    /// backend served how many; keeps the rig up until Ctrl-C.
+    Run {
+        /// Exit (tearing the rig down) after the batch.
+        #[arg(long)]
+        once: bool,
+        /// HTTP requests in the batch.
+        #[arg(long, default_value_t = 300)]
+        requests: usize,
+    },
+    /// Set up, build and run every test: unit, prog-test-run and netns end-to-end (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Boot Debian's kernel under qemu and run a command there: `cargo xtask vm -- COMMAND`.
+    Vm {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Runs cargo with `args` in the workspace root; fails if it fails.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (network namespaces, XDP, BPF); run it as root");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build { release } => {
+            setup::setup()?;
+            let mut args = vec!["build", "-p", "lb-userspace"];
+            if release {
+                args.push("--release");
+            }
+            cargo(&args)
+        }
+        Cmd::Run { once, requests } => {
+            setup::setup()?;
+            require_root("cargo xtask run")?;
+            cargo(&["build", "-p", "lb-userspace"])?;
+            lb_tests::rig::run_interactive(&root().join("config/rig.toml"), requests, once)
+        }
+        Cmd::Test { args } => {
+            setup::setup()?;
+            require_root("cargo xtask test")?;
+            cargo(&["build", "-p", "lb-userspace"])?;
+            let mut test = vec!["test", "-p", "lb-common", "-p", "lb-userspace", "-p", "lb-tests"];
+            test.extend(args.iter().map(String::as_str));
+            if !args.iter().any(|a| a == "--") {
+                test.push("--");
+            }
+            // Namespace tests share the CPU with lbd and nginx: one at a time keeps them honest.
+            test.push("--test-threads=1");
+            cargo(&test)
+        }
+        Cmd::Vm { args } => vm::main(&args),
     }
 }

@@ -15,11 +15,11 @@
 //!    and the modules needed before the root exists ([`GUEST_MODULES`]: virtio-pci,
 //!    virtio-console, 9p, overlay) plus their dependencies from `modules.dep`, decompressed if the
 //!    package ships `.ko.xz`/`.ko.zst`, loaded by `insmod` in dependency order (`/modules/order`).
-//! 3. **Root.** `/init` mounts the host's `/` read-only over virtio-9p (tag `hostroot`), puts a
-//!    tmpfs-backed overlayfs on top at `/newroot` (so the guest can write anywhere; writes vanish
-//!    with the VM), mounts proc, sysfs, devtmpfs, devpts, /dev/shm, bpffs, cgroup2, debugfs and
-//!    tracefs inside it, and mounts the per-run host dir `target/vm/runs/<id>/` read-write (tag
-//!    `lbdrun`) at `/run/lbd-vm`.
+//! 3. **Root.** `/init` mounts the host's `/` read-only over virtio-9p (tag `hostroot`,
+//!    `cache=loose`), puts a tmpfs-backed overlayfs on top at `/newroot` (so the guest can write
+//!    anywhere; writes vanish with the VM), mounts proc, sysfs, devtmpfs, devpts, /dev/shm, bpffs,
+//!    cgroup2, debugfs and tracefs inside it, and mounts the per-run host dir
+//!    `target/vm/runs/<id>/` read-write (tag `lbdrun`) at `/run/lbd-vm`.
 //! 4. **Command.** The host writes `cmd.sh` into the run dir (clean environment: PATH, HOME=/root,
 //!    the [`VmOptions::env`] entries, `cd workdir`, `exec /bin/sh -c COMMAND`); `/init` runs it with
 //!    `env -i chroot /newroot /bin/sh /run/lbd-vm/cmd.sh`, stdin `/dev/null`, stdout+stderr on the
@@ -38,13 +38,27 @@
 //! when the VM exits; only the run dir `/run/lbd-vm` is written through to the host. No NIC
 //! (`-nic none`): networking exists only inside the guest (loopback, namespaces, veth).
 //!
+//! # QEMU
+//!
+//! `-machine pc` (`microvm` hangs under TCG), `-accel tcg`, `-cpu qemu64` (`max` makes guest
+//! code 2-3x slower under TCG), `-nodefaults -nic none -no-reboot`, kernel parameters
+//! `console=ttyS0 panic=-1 oops=panic ...`: a panic reboots, which with `-no-reboot` ends QEMU.
+//! QEMU runs under `setpriv --pdeathsig KILL` so it dies with this process. Boot to command takes
+//! about 3.5-5 s on the 2-core machine (TCG; more when the host is busy compiling).
+//!
 //! # Caches and logs
 //!
 //! `target/vm/<rel>/{vmlinux,initramfs.cpio}` (stamped with the kernel package version, the
 //! vmlinuz size/mtime, busybox and the init scripts; rebuilt when any changes) and one dir per run
 //! under `target/vm/runs/` (console.log, output.log, qemu.log, cmd.sh, status; the newest 10 kept).
-//! `target` honours `CARGO_TARGET_DIR`. Set `LBD_VM_VERBOSE=1` (or `--verbose`) to echo the guest
-//! console to stderr.
+//! `target` honours `CARGO_TARGET_DIR`.
+//!
+//! # Knobs (environment of the host process)
+//!
+//! `LBD_VM_VERBOSE=1` (or `--verbose`) echoes the guest console to stderr; `LBD_VM_KERNEL=<rel>`
+//! picks the kernel; `LBD_VM_APPEND="..."` adds kernel parameters (e.g. `loglevel=7`, or
+//! `LBD_9P_CACHE=cache=none`, which /init reads); `LBD_VM_CPU` / `LBD_VM_ACCEL` override
+//! `qemu64` / `tcg` (e.g. `LBD_VM_ACCEL=kvm` on a machine with working KVM).
 
 // The library-style API (run, VmOutput, prepare) is for other xtask commands; not all are used yet.
 #![allow(dead_code)]
@@ -63,7 +77,13 @@ const MODPROBE_SH: &str = include_str!("../vm/modprobe.sh");
 /// Bump when the initramfs layout changes in a way the stamp would not notice.
 const INITRAMFS_FORMAT: u32 = 1;
 /// Modules `/init` needs before it can mount the root (dependencies are added from modules.dep).
-const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay"];
+const GUEST_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_console",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+];
 const BUSYBOX: &str = "/bin/busybox";
 const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const CONSOLE_TAIL_LINES: usize = 30;
@@ -152,17 +172,25 @@ pub fn main(args: &[String]) -> Result<()> {
         #[arg(long, conflicts_with = "command")]
         prepare: bool,
         /// The command (after `--`).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required_unless_present = "prepare")]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            required_unless_present = "prepare"
+        )]
         command: Vec<String>,
     }
 
     fn parse_env(s: &str) -> std::result::Result<(String, String), String> {
-        let (k, v) = s.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
         Ok((k.to_string(), v.to_string()))
     }
 
-    let cli = Cli::try_parse_from(std::iter::once("cargo xtask vm".to_string()).chain(args.iter().cloned()))
-        .unwrap_or_else(|e| e.exit());
+    let cli = Cli::try_parse_from(
+        std::iter::once("cargo xtask vm".to_string()).chain(args.iter().cloned()),
+    )
+    .unwrap_or_else(|e| e.exit());
     if cli.prepare {
         let images = prepare()?;
         eprintln!(
@@ -189,7 +217,8 @@ pub fn main(args: &[String]) -> Result<()> {
     eprintln!(
         "vm: exit code {}; command started {} after QEMU launch; total {:.1} s",
         out.exit_code,
-        out.boot_time.map_or("?".to_string(), |d| format!("{:.1} s", d.as_secs_f64())),
+        out.boot_time
+            .map_or("?".to_string(), |d| format!("{:.1} s", d.as_secs_f64())),
         started.elapsed().as_secs_f64()
     );
     std::process::exit(out.exit_code);
@@ -212,7 +241,11 @@ pub fn prepare() -> Result<VmImages> {
     let vmlinux = dir.join("vmlinux");
     let vmlinux_key = format!("vmlinux v1\n{}\n", kernel.key);
     if !stamp_ok(&dir.join("vmlinux.stamp"), &vmlinux_key, &vmlinux) {
-        eprintln!("vm: extracting {} -> {}", kernel.vmlinuz.display(), vmlinux.display());
+        eprintln!(
+            "vm: extracting {} -> {}",
+            kernel.vmlinuz.display(),
+            vmlinux.display()
+        );
         extract_vmlinux(&kernel.vmlinuz, &vmlinux)?;
         fs::write(dir.join("vmlinux.stamp"), &vmlinux_key)?;
     }
@@ -230,7 +263,18 @@ pub fn prepare() -> Result<VmImages> {
         build_initramfs(&kernel, &initramfs)?;
         fs::write(dir.join("initramfs.stamp"), &initramfs_key)?;
     }
-    Ok(VmImages { kernel_release: kernel.release, vmlinux, initramfs })
+    Ok(VmImages {
+        kernel_release: kernel.release,
+        vmlinux,
+        initramfs,
+    })
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn verbose_from_env() -> bool {
@@ -247,7 +291,10 @@ fn run_inner(opts: &VmOptions, command: &[String], verbose: bool) -> Result<VmOu
     let runs = vm_dir().join("runs");
     fs::create_dir_all(&runs)?;
     prune_runs(&runs);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
     let run_dir = runs.join(format!("{}-{}", std::process::id(), nanos));
     fs::create_dir(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
 
@@ -256,7 +303,10 @@ fn run_inner(opts: &VmOptions, command: &[String], verbose: bool) -> Result<VmOu
     } else {
         std::env::current_dir()?.join(&opts.workdir)
     };
-    fs::write(run_dir.join("cmd.sh"), command_script(&workdir, &opts.env, command)?)?;
+    fs::write(
+        run_dir.join("cmd.sh"),
+        command_script(&workdir, &opts.env, command)?,
+    )?;
     let console_log = run_dir.join("console.log");
     let output_log = run_dir.join("output.log");
     let qemu_log = run_dir.join("qemu.log");
@@ -283,21 +333,55 @@ fn run_inner(opts: &VmOptions, command: &[String], verbose: bool) -> Result<VmOu
         _ => cmdline,
     };
     let qemu_log_file = File::create(&qemu_log)?;
-    let mut qemu_cmd = Command::new(&qemu);
+    // setpriv (util-linux) makes the kernel SIGKILL QEMU if this process dies without cleaning up.
+    let mut qemu_cmd = match find_tool("setpriv") {
+        Some(setpriv) => {
+            let mut c = Command::new(setpriv);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(&qemu);
+            c
+        }
+        None => Command::new(&qemu),
+    };
+    // `max` is markedly slower under TCG (AVX2 string functions, bigger XSAVE state): use the
+    // baseline model. KVM is off by default: /dev/kvm exists on these machines but hangs the guest.
+    let cpu = env_or("LBD_VM_CPU", "qemu64");
+    let accel = env_or("LBD_VM_ACCEL", "tcg");
     qemu_cmd
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-nic", "none"])
-        .args(["-machine", "pc,accel=tcg", "-cpu", &std::env::var("LBD_VM_CPU").unwrap_or("max,la57=off".into())])
-        .args(["-smp", &opts.cpus.to_string(), "-m", &opts.memory_mb.to_string()])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-nic",
+            "none",
+        ])
+        .args(["-machine", &format!("pc,accel={accel}"), "-cpu", &cpu])
+        .args([
+            "-smp",
+            &opts.cpus.to_string(),
+            "-m",
+            &opts.memory_mb.to_string(),
+        ])
         .arg("-kernel")
         .arg(&images.vmlinux)
         .arg("-initrd")
         .arg(&images.initramfs)
         .args(["-append", &cmdline])
-        .args(["-chardev", &format!("file,id=con,path={}", qemu_path(&console_log)?)])
+        .args([
+            "-chardev",
+            &format!("file,id=con,path={}", qemu_path(&console_log)?),
+        ])
         .args(["-serial", "chardev:con"])
         .args(["-device", "virtio-serial-pci,id=vser0"])
-        .args(["-chardev", &format!("file,id=out,path={}", qemu_path(&output_log)?)])
-        .args(["-device", "virtserialport,bus=vser0.0,chardev=out,name=lbd.out"])
+        .args([
+            "-chardev",
+            &format!("file,id=out,path={}", qemu_path(&output_log)?),
+        ])
+        .args([
+            "-device",
+            "virtserialport,bus=vser0.0,chardev=out,name=lbd.out",
+        ])
         .args([
             "-fsdev",
             "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
@@ -306,7 +390,10 @@ fn run_inner(opts: &VmOptions, command: &[String], verbose: bool) -> Result<VmOu
         ])
         .args([
             "-fsdev",
-            &format!("local,id=lbdrun,path={},security_model=none", qemu_path(&run_dir)?),
+            &format!(
+                "local,id=lbdrun,path={},security_model=none",
+                qemu_path(&run_dir)?
+            ),
             "-device",
             "virtio-9p-pci,fsdev=lbdrun,mount_tag=lbdrun",
         ])
@@ -315,7 +402,9 @@ fn run_inner(opts: &VmOptions, command: &[String], verbose: bool) -> Result<VmOu
         .stderr(qemu_log_file);
 
     let start = Instant::now();
-    let child = qemu_cmd.spawn().with_context(|| format!("starting {}", qemu.display()))?;
+    let child = qemu_cmd
+        .spawn()
+        .with_context(|| format!("starting {}", qemu.display()))?;
     let mut qemu_proc = KillOnDrop(child);
 
     let mut out_tail = Tail::new(&output_log);
@@ -378,11 +467,17 @@ fn run_inner(opts: &VmOptions, command: &[String], verbose: bool) -> Result<VmOu
     let output = String::from_utf8_lossy(&captured).into_owned();
     match fs::read_to_string(&status_file) {
         Ok(s) => {
-            let exit_code = s
-                .trim()
-                .parse::<i32>()
-                .map_err(|_| anyhow!("VM wrote a malformed status {s:?} to {}", status_file.display()))?;
-            Ok(VmOutput { exit_code, output, boot_time })
+            let exit_code = s.trim().parse::<i32>().map_err(|_| {
+                anyhow!(
+                    "VM wrote a malformed status {s:?} to {}",
+                    status_file.display()
+                )
+            })?;
+            Ok(VmOutput {
+                exit_code,
+                output,
+                boot_time,
+            })
         }
         Err(_) if panic_seen.is_some() => bail!(
             "kernel panic in the VM; last console lines:\n{}\n(full console log: {})",
@@ -427,12 +522,18 @@ fn command_script(workdir: &Path, env: &[(String, String)], command: &[String]) 
         }
         s += &format!("export {k}={}\n", sh_quote(v));
     }
-    let workdir = workdir.to_str().ok_or_else(|| anyhow!("vm: workdir is not UTF-8"))?;
+    let workdir = workdir
+        .to_str()
+        .ok_or_else(|| anyhow!("vm: workdir is not UTF-8"))?;
     s += &format!("cd {} || exit 125\n", sh_quote(workdir));
     let script = if command.len() == 1 {
         command[0].clone()
     } else {
-        command.iter().map(|a| sh_quote(a)).collect::<Vec<_>>().join(" ")
+        command
+            .iter()
+            .map(|a| sh_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     s += &format!("exec /bin/sh -c {}\n", sh_quote(&script));
     Ok(s)
@@ -444,7 +545,9 @@ fn sh_quote(s: &str) -> String {
 
 /// A path for a QEMU `key=value,...` option (commas are doubled).
 fn qemu_path(p: &Path) -> Result<String> {
-    let s = p.to_str().ok_or_else(|| anyhow!("path {} is not UTF-8", p.display()))?;
+    let s = p
+        .to_str()
+        .ok_or_else(|| anyhow!("path {} is not UTF-8", p.display()))?;
     Ok(s.replace(',', ",,"))
 }
 
@@ -473,7 +576,10 @@ struct Tail {
 
 impl Tail {
     fn new(path: &Path) -> Self {
-        Tail { path: path.to_path_buf(), pos: 0 }
+        Tail {
+            path: path.to_path_buf(),
+            pos: 0,
+        }
     }
 
     fn read_new(&mut self) -> Result<Vec<u8>> {
@@ -508,7 +614,9 @@ impl ConsoleLines {
         let mut done = Vec::new();
         for &b in bytes {
             if b == b'\n' {
-                let line = String::from_utf8_lossy(&self.partial).trim_end_matches('\r').to_string();
+                let line = String::from_utf8_lossy(&self.partial)
+                    .trim_end_matches('\r')
+                    .to_string();
                 self.partial.clear();
                 if self.lines.len() == 200 {
                     self.lines.pop_front();
@@ -517,7 +625,13 @@ impl ConsoleLines {
                 if self.panic_context.is_none() && line.contains("Kernel panic") {
                     // Keep the oops/backtrace before the panic line; the lines after are added below.
                     let n = self.lines.len();
-                    self.panic_context = Some(self.lines.iter().skip(n.saturating_sub(40)).cloned().collect());
+                    self.panic_context = Some(
+                        self.lines
+                            .iter()
+                            .skip(n.saturating_sub(40))
+                            .cloned()
+                            .collect(),
+                    );
                 } else if let Some(ctx) = &mut self.panic_context {
                     if ctx.len() < 80 {
                         ctx.push(line.clone());
@@ -532,7 +646,12 @@ impl ConsoleLines {
     }
 
     fn last(&self, n: usize) -> String {
-        let mut v: Vec<&str> = self.lines.iter().skip(self.lines.len().saturating_sub(n)).map(String::as_str).collect();
+        let mut v: Vec<&str> = self
+            .lines
+            .iter()
+            .skip(self.lines.len().saturating_sub(n))
+            .map(String::as_str)
+            .collect();
         let partial = String::from_utf8_lossy(&self.partial).to_string();
         if !partial.trim().is_empty() {
             v.push(&partial);
@@ -553,7 +672,11 @@ impl ConsoleLines {
 }
 
 fn indent(lines: &[&str]) -> String {
-    lines.iter().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n")
+    lines
+        .iter()
+        .map(|l| format!("  | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Delete old run dirs (keep the newest [`RUNS_KEPT`] and any whose process is still alive).
@@ -566,7 +689,11 @@ fn prune_runs(runs: &Path) {
     dirs.sort();
     let excess = dirs.len().saturating_sub(RUNS_KEPT);
     for (_, dir) in dirs.into_iter().take(excess) {
-        let pid = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.split('-').next()).unwrap_or("");
+        let pid = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.split('-').next())
+            .unwrap_or("");
         if !pid.is_empty() && Path::new("/proc").join(pid).exists() {
             continue;
         }
@@ -587,7 +714,10 @@ fn target_dir() -> PathBuf {
                 std::env::current_dir().unwrap_or_default().join(d)
             }
         }
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).join("target"),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("target"),
     }
 }
 
@@ -609,7 +739,9 @@ fn find_tool(name: &str) -> Option<PathBuf> {
 
 fn require_tool(name: &str, package: &str) -> Result<PathBuf> {
     find_tool(name).ok_or_else(|| {
-        anyhow!("`{name}` not found: install the Debian package {package} (apt-get install {package})")
+        anyhow!(
+            "`{name}` not found: install the Debian package {package} (apt-get install {package})"
+        )
     })
 }
 
@@ -622,8 +754,14 @@ struct Kernel {
 }
 
 fn find_kernel() -> Result<Kernel> {
-    const HINT: &str = "install the Debian package linux-image-amd64 (apt-get install linux-image-amd64)";
-    let has_modules = |rel: &str| Path::new("/lib/modules").join(rel).join("modules.dep").is_file();
+    const HINT: &str =
+        "install the Debian package linux-image-amd64 (apt-get install linux-image-amd64)";
+    let has_modules = |rel: &str| {
+        Path::new("/lib/modules")
+            .join(rel)
+            .join("modules.dep")
+            .is_file()
+    };
     let release = match std::env::var("LBD_VM_KERNEL") {
         Ok(rel) if !rel.is_empty() => {
             if !Path::new("/boot").join(format!("vmlinuz-{rel}")).is_file() || !has_modules(&rel) {
@@ -635,7 +773,12 @@ fn find_kernel() -> Result<Kernel> {
             let mut rels: Vec<String> = fs::read_dir("/boot")
                 .map(|rd| {
                     rd.flatten()
-                        .filter_map(|e| e.file_name().to_str()?.strip_prefix("vmlinuz-").map(str::to_string))
+                        .filter_map(|e| {
+                            e.file_name()
+                                .to_str()?
+                                .strip_prefix("vmlinuz-")
+                                .map(str::to_string)
+                        })
                         .filter(|rel| has_modules(rel))
                         .collect()
                 })
@@ -656,16 +799,31 @@ fn find_kernel() -> Result<Kernel> {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let key = format!("{release} pkg={pkg_version} size={} mtime={}", meta.len(), mtime_secs(&meta));
-    Ok(Kernel { modules_dir: Path::new("/lib/modules").join(&release), release, vmlinuz, key })
+    let key = format!(
+        "{release} pkg={pkg_version} size={} mtime={}",
+        meta.len(),
+        mtime_secs(&meta)
+    );
+    Ok(Kernel {
+        modules_dir: Path::new("/lib/modules").join(&release),
+        release,
+        vmlinuz,
+        key,
+    })
 }
 
 fn version_key(s: &str) -> Vec<u64> {
-    s.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).map(|p| p.parse().unwrap_or(0)).collect()
+    s.split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().unwrap_or(0))
+        .collect()
 }
 
 fn mtime_secs(meta: &fs::Metadata) -> u64 {
-    meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs())
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Checks `/bin/busybox` is the static one; returns an identity string for the stamp.
@@ -675,7 +833,11 @@ fn check_busybox() -> Result<String> {
     if elf_has_interp(&data)? {
         bail!("{BUSYBOX} is dynamically linked (the `busybox` package?): {HINT}");
     }
-    Ok(format!("busybox size={} hash={:016x}", data.len(), fnv1a(&data)))
+    Ok(format!(
+        "busybox size={} hash={:016x}",
+        data.len(),
+        fnv1a(&data)
+    ))
 }
 
 /// Whether an ELF64 little-endian file has a PT_INTERP program header (i.e. is dynamically linked).
@@ -699,12 +861,19 @@ fn elf_has_interp(d: &[u8]) -> Result<bool> {
 }
 
 fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Compression formats a Debian kernel/module may use: magic, CLI, package providing it.
 const DECOMPRESSORS: &[(&[u8], &str, &[&str], &str)] = &[
-    (b"\xfd7zXZ\x00", "xz", &["-dc", "--single-stream"], "xz-utils"),
+    (
+        b"\xfd7zXZ\x00",
+        "xz",
+        &["-dc", "--single-stream"],
+        "xz-utils",
+    ),
     (b"\x28\xb5\x2f\xfd", "zstd", &["-dc"], "zstd"),
     (b"\x1f\x8b\x08", "gzip", &["-dc"], "gzip"),
 ];
@@ -725,7 +894,8 @@ fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<()> {
                 0 => 4,
                 n => n as usize,
             };
-            let off = (setup_sects + 1) * 512 + u32::from_le_bytes(data[0x248..0x24c].try_into().unwrap()) as usize;
+            let off = (setup_sects + 1) * 512
+                + u32::from_le_bytes(data[0x248..0x24c].try_into().unwrap()) as usize;
             let len = u32::from_le_bytes(data[0x24c..0x250].try_into().unwrap()) as usize;
             // The kernel build appends the 4-byte uncompressed size to the payload.
             if len > 4 && off + len <= data.len() {
@@ -745,7 +915,9 @@ fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<()> {
         let mut missing = Vec::new();
         for (start, end) in candidates {
             let payload = &data[start..end];
-            let Some((_, tool, args, package)) = DECOMPRESSORS.iter().find(|(m, ..)| payload.starts_with(m)) else {
+            let Some((_, tool, args, package)) =
+                DECOMPRESSORS.iter().find(|(m, ..)| payload.starts_with(m))
+            else {
                 continue;
             };
             let Some(tool_path) = find_tool(tool) else {
@@ -757,9 +929,16 @@ fn extract_vmlinux(vmlinuz: &Path, out: &Path) -> Result<()> {
             }
         }
         if !missing.is_empty() {
-            bail!("cannot decompress {}: missing {}", vmlinuz.display(), missing.join(", "));
+            bail!(
+                "cannot decompress {}: missing {}",
+                vmlinuz.display(),
+                missing.join(", ")
+            );
         }
-        bail!("found no xz/zstd/gzip payload that decompresses to an ELF vmlinux in {}", vmlinuz.display())
+        bail!(
+            "found no xz/zstd/gzip payload that decompresses to an ELF vmlinux in {}",
+            vmlinuz.display()
+        )
     })();
     match result {
         Ok(()) => fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display())),
@@ -776,7 +955,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 fn looks_like_vmlinux(p: &Path) -> bool {
     let mut head = [0u8; 5];
-    File::open(p).and_then(|mut f| f.read_exact(&mut head)).is_ok()
+    File::open(p)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
         && &head == b"\x7fELF\x02"
         && fs::metadata(p).is_ok_and(|m| m.len() > 4 << 20)
 }
@@ -806,11 +987,15 @@ fn decompress(tool: &Path, args: &[&str], input: &[u8], out: &Path) -> Result<()
 /// Read a module file, decompressing `.ko.xz` / `.ko.zst` / `.ko.gz`.
 fn read_module(path: &Path) -> Result<Vec<u8>> {
     let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let Some((_, tool, args, package)) = DECOMPRESSORS.iter().find(|(m, ..)| data.starts_with(m)) else {
+    let Some((_, tool, args, package)) = DECOMPRESSORS.iter().find(|(m, ..)| data.starts_with(m))
+    else {
         return Ok(data);
     };
     let tool_path = find_tool(tool).ok_or_else(|| {
-        anyhow!("{} is compressed: install `{tool}` (Debian package {package})", path.display())
+        anyhow!(
+            "{} is compressed: install `{tool}` (Debian package {package})",
+            path.display()
+        )
     })?;
     let tmp = std::env::temp_dir().join(format!("lbd-vm-module-{}.ko", std::process::id()));
     decompress(&tool_path, args, &data, &tmp)?;
@@ -829,13 +1014,19 @@ fn module_name(path: &str) -> String {
 /// The modules to insmod (relative paths under the modules dir), dependencies first.
 fn module_load_order(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<String>> {
     let dep_path = modules_dir.join("modules.dep");
-    let dep_text = fs::read_to_string(&dep_path).with_context(|| format!("reading {}", dep_path.display()))?;
+    let dep_text =
+        fs::read_to_string(&dep_path).with_context(|| format!("reading {}", dep_path.display()))?;
     let mut deps: HashMap<String, (String, Vec<String>)> = HashMap::new();
     for line in dep_text.lines() {
-        let Some((module, rest)) = line.split_once(':') else { continue };
+        let Some((module, rest)) = line.split_once(':') else {
+            continue;
+        };
         deps.insert(
             module_name(module),
-            (module.to_string(), rest.split_whitespace().map(module_name).collect()),
+            (
+                module.to_string(),
+                rest.split_whitespace().map(module_name).collect(),
+            ),
         );
     }
     let builtin: HashSet<String> = fs::read_to_string(modules_dir.join("modules.builtin"))
@@ -856,7 +1047,10 @@ fn module_load_order(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<String>>
             return Ok(());
         }
         let (path, ds) = deps.get(name).ok_or_else(|| {
-            anyhow!("module {name} is neither built in nor listed in {}/modules.dep", modules_dir.display())
+            anyhow!(
+                "module {name} is neither built in nor listed in {}/modules.dep",
+                modules_dir.display()
+            )
         })?;
         for d in ds {
             visit(d, deps, builtin, seen, order, modules_dir)?;
@@ -867,14 +1061,23 @@ fn module_load_order(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<String>>
 
     let (mut seen, mut order) = (HashSet::new(), Vec::new());
     for w in wanted {
-        visit(&w.replace('-', "_"), &deps, &builtin, &mut seen, &mut order, modules_dir)?;
+        visit(
+            &w.replace('-', "_"),
+            &deps,
+            &builtin,
+            &mut seen,
+            &mut order,
+            modules_dir,
+        )?;
     }
     Ok(order)
 }
 
 fn build_initramfs(kernel: &Kernel, out: &Path) -> Result<()> {
     let mut cpio = Cpio::default();
-    for dir in ["bin", "sbin", "dev", "proc", "sys", "tmp", "lower", "rw", "newroot", "modules"] {
+    for dir in [
+        "bin", "sbin", "dev", "proc", "sys", "tmp", "lower", "rw", "newroot", "modules",
+    ] {
         cpio.dir(dir);
     }
     // The kernel opens /dev/console for init's stdio before /init can mount devtmpfs.
@@ -885,7 +1088,11 @@ fn build_initramfs(kernel: &Kernel, out: &Path) -> Result<()> {
     let mut order = String::new();
     for rel in module_load_order(&kernel.modules_dir, GUEST_MODULES)? {
         let name = module_name(&rel);
-        cpio.file(&format!("modules/{name}.ko"), 0o644, &read_module(&kernel.modules_dir.join(&rel))?);
+        cpio.file(
+            &format!("modules/{name}.ko"),
+            0o644,
+            &read_module(&kernel.modules_dir.join(&rel))?,
+        );
         order += &name;
         order.push('\n');
     }
@@ -940,7 +1147,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -959,11 +1166,17 @@ mod tests {
     #[test]
     fn command_script_quotes_argv() {
         let dir = std::env::temp_dir();
-        let argv: Vec<String> = ["printf", "%s|", "a b", "c'd", "$HOME", "$FOO"].map(String::from).to_vec();
+        let argv: Vec<String> = ["printf", "%s|", "a b", "c'd", "$HOME", "$FOO"]
+            .map(String::from)
+            .to_vec();
         let script = command_script(&dir, &[("FOO".into(), "x 'y'".into())], &argv).unwrap();
         let path = dir.join(format!("lbd-vm-test-{}.sh", std::process::id()));
         fs::write(&path, script).unwrap();
-        let out = Command::new("/bin/sh").arg(&path).env_clear().output().unwrap();
+        let out = Command::new("/bin/sh")
+            .arg(&path)
+            .env_clear()
+            .output()
+            .unwrap();
         let _ = fs::remove_file(&path);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "a b|c'd|$HOME|$FOO|");
         // One word is a shell script.
@@ -972,9 +1185,28 @@ mod tests {
         assert!(command_script(&dir, &[("A-B".into(), String::new())], &argv).is_err());
     }
 
+    /// Boots the real VM (~5 s): `cargo test -p xtask -- --ignored`.
+    #[test]
+    #[ignore = "boots a VM; needs qemu-system-x86, linux-image-amd64, busybox-static"]
+    fn run_reports_output_env_and_exit_code() {
+        let opts = VmOptions {
+            timeout: Duration::from_secs(120),
+            env: vec![("LBD_X".into(), "y z".into())],
+            ..VmOptions::default()
+        };
+        let argv = ["sh", "-c", "uname -r; echo \"$LBD_X\" >&2; exit 3"].map(String::from);
+        let out = run(&opts, &argv).unwrap();
+        assert_eq!(out.exit_code, 3);
+        let release = prepare().unwrap().kernel_release;
+        assert_eq!(out.output, format!("{release}\ny z\n"));
+    }
+
     #[test]
     fn module_names() {
         assert_eq!(module_name("kernel/net/9p/9pnet_virtio.ko"), "9pnet_virtio");
-        assert_eq!(module_name("kernel/drivers/char/hw_random/virtio-rng.ko.xz"), "virtio_rng");
+        assert_eq!(
+            module_name("kernel/drivers/char/hw_random/virtio-rng.ko.xz"),
+            "virtio_rng"
+        );
     }
 }

@@ -36,7 +36,7 @@ mount9p() { # tag dir opts
     done
 }
 
-mount9p hostroot /lower ro
+mount9p hostroot /lower "ro,${LBD_9P_CACHE:-cache=loose}"
 mount -t tmpfs -o mode=0755 tmpfs /rw || die "mount tmpfs /rw"
 mkdir -p /rw/upper /rw/work
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work,index=off,metacopy=off,redirect_dir=off \

@@ -1,0 +1,472 @@
+//! The rig: a client, a director and backends on one L2 segment (a bridge in its own namespace).
+//! Backends run nginx and a UDP responder, hold the VIPs on `lo` with `arp_ignore=1` and
+//! `arp_announce=2` (classic DSR real servers); the director holds the VIPs on its `eth0` so its
+//! kernel answers ARP/ND for them, and runs `lbd`. All addresses live inside the rig's namespaces.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::Netns;
+
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+pub const DIRECTOR_V4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 10);
+pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
+pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x100);
+pub const HTTP_PORT: u16 = 80;
+pub const UDP_PORT: u16 = 5353;
+
+pub fn backend_v4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 99, 0, 11 + i as u8)
+}
+
+pub fn backend_v6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x11 + i as u16)
+}
+
+/// The name backend `i` answers with (HTTP body and UDP reply).
+pub fn backend_name(i: usize) -> String {
+    format!("be{}", i + 1)
+}
+
+/// `config/rig.toml` with another control socket, for rigs that run side by side.
+pub fn rig_config(socket: &Path) -> String {
+    let text = include_str!("../../config/rig.toml");
+    text.replace("/run/lbd/rig.sock", &socket.display().to_string())
+}
+
+/// Path of the `lbd` binary next to the running test/xtask binary (built by `cargo xtask`), or
+/// `$LBD_BIN`.
+pub fn lbd_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("LBD_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join("lbd");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("lbd binary not found near {} (run `cargo build -p lb-userspace` or set LBD_BIN)", exe.display())
+}
+
+struct UdpResponder {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for UdpResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub struct Rig {
+    pub work: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    lbd: Option<Child>,
+    udp: Vec<UdpResponder>,
+    /// `xdp_pass` on the director's peer port (see `lb_userspace::xdp::attach_pass`).
+    _peer_pass: Option<aya::Ebpf>,
+    // Namespaces last: dropped after the processes and threads that use them.
+    pub client: Netns,
+    pub director: Netns,
+    pub backends: Vec<Netns>,
+    pub switch: Netns,
+}
+
+impl Rig {
+    /// Builds the rig with `n` backends; `prefix` (≤ 6 characters) keeps rigs apart.
+    pub fn up(prefix: &str, n: usize) -> Result<Rig> {
+        assert!(prefix.len() <= 6 && n <= 9);
+        let work = std::env::temp_dir().join(format!("lbd-rig-{prefix}"));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        let switch = Netns::new(&format!("{prefix}-sw"))?;
+        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
+        let client = Netns::new(&format!("{prefix}-client"))?;
+        let director = Netns::new(&format!("{prefix}-dir"))?;
+        let mut backends = Vec::new();
+        for i in 0..n {
+            backends.push(Netns::new(&format!("{prefix}-be{}", i + 1))?);
+        }
+        let socket = work.join("lbd.sock");
+        let config = work.join("rig.toml");
+        std::fs::write(&config, rig_config(&socket))?;
+        let mut rig = Rig {
+            work,
+            socket,
+            config,
+            lbd: None,
+            udp: Vec::new(),
+            _peer_pass: None,
+            client,
+            director,
+            backends,
+            switch,
+        };
+        rig.wire(&rig.client, "vc", 2)?;
+        rig.wire(&rig.director, "vd", 10)?;
+        // XDP_TX out of the director's veth is delivered promptly only if its peer runs XDP.
+        let pass = rig.switch.enter(|| lb_userspace::xdp::attach_pass("vd"))??;
+        rig._peer_pass = Some(pass);
+        rig.director.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "eth0"])?;
+        rig.director.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "eth0", "nodad"])?;
+        for i in 0..n {
+            let be = &rig.backends[i];
+            rig.wire(be, &format!("vb{}", i + 1), 11 + i as u8)?;
+            be.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+            be.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "lo"])?;
+            for (k, v) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+                be.sysctl(&format!("net.ipv4.conf.all.{k}"), v)?;
+                be.sysctl(&format!("net.ipv4.conf.eth0.{k}"), v)?;
+            }
+            rig.start_nginx(i)?;
+            rig.start_udp(i)?;
+        }
+        Ok(rig)
+    }
+
+    /// Connects `ns` to the bridge: `eth0` inside, `peer` on the bridge, host number `host`.
+    fn wire(&self, ns: &Netns, peer: &str, host: u8) -> Result<()> {
+        self.switch.ip(&["link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+        self.switch.ip(&["link", "set", peer, "master", "br0", "up"])?;
+        ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        ns.sysctl("net.ipv6.conf.eth0.accept_dad", "0")?;
+        ns.ip(&["link", "set", "eth0", "address", &format!("02:99:00:00:00:{host:02x}")])?;
+        ns.ip(&["addr", "add", &format!("10.99.0.{host}/24"), "dev", "eth0"])?;
+        ns.ip(&["addr", "add", &format!("fd00:99::{host}/64"), "dev", "eth0", "nodad"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        // veth leaves checksums to "hardware" (CHECKSUM_PARTIAL) and a frame sent on with XDP_TX
+        // loses that state, arriving with a half-done checksum. Real NICs checksum on the wire;
+        // here every host computes its own.
+        ns.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
+        Ok(())
+    }
+
+    fn start_nginx(&self, i: usize) -> Result<()> {
+        let dir = self.work.join(format!("nginx-{}", i + 1));
+        std::fs::create_dir_all(&dir)?;
+        let d = dir.display();
+        let name = backend_name(i);
+        let conf = format!(
+            "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             keepalive_timeout 600s;\n  keepalive_requests 100000;\n\
+             server {{\n    listen 80;\n    listen [::]:80;\n\
+             location / {{ default_type text/plain; return 200 \"{name}\\n\"; }}\n  }}\n}}\n"
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let conf_arg = conf_path.display().to_string();
+        let err_arg = dir.join("error.log").display().to_string();
+        // nginx daemonizes; the master stays in the backend's namespace and dies with it.
+        self.backends[i]
+            .exec(&["nginx", "-e", &err_arg, "-c", &conf_arg])
+            .with_context(|| format!("starting nginx on {name}"))?;
+        Ok(())
+    }
+
+    /// Stops nginx on backend `i` (for health-check style tests).
+    pub fn stop_nginx(&self, i: usize) -> Result<()> {
+        let pid = self.work.join(format!("nginx-{}", i + 1)).join("nginx.pid");
+        self.backends[i].exec(&["sh", "-c", &format!("kill $(cat {})", pid.display())]).map(drop)
+    }
+
+    fn start_udp(&mut self, i: usize) -> Result<()> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = backend_name(i);
+        let path = format!("/var/run/netns/{}", self.backends[i].name);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let bind = || -> Result<UdpSocket> {
+                let file = std::fs::File::open(&path)?;
+                nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET)?;
+                // Bound to the VIP itself, so replies leave with the VIP as their source (DSR).
+                let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(VIP_V4), UDP_PORT))?;
+                sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+                Ok(sock)
+            };
+            let sock = match bind() {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut buf = [0u8; 1500];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(name.as_bytes(), from);
+                }
+            }
+        });
+        ready_rx.recv().context("UDP responder thread")??;
+        self.udp.push(UdpResponder { stop, thread: Some(thread) });
+        Ok(())
+    }
+
+    /// Uses an existing config file (and the control socket it names) instead of the generated one.
+    pub fn use_config(&mut self, path: &Path) -> Result<()> {
+        let config = lb_userspace::config::Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.config = path.to_path_buf();
+        self.socket = config.director.control_socket;
+        Ok(())
+    }
+
+    /// Starts `lbd run` in the director namespace and waits until every real server is resolved.
+    pub fn start_lbd(&mut self) -> Result<()> {
+        let bin = lbd_binary()?;
+        let log = self.work.join("lbd.log");
+        let child = self.director.spawn(
+            &[bin.to_str().expect("UTF-8 path"), "run", "--config", self.config.to_str().expect("UTF-8 path")],
+            Some(&log),
+        )?;
+        self.lbd = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(st) = self.status() {
+                let vs = st["virtual_servers"].as_array().cloned().unwrap_or_default();
+                let all_up = vs.iter().all(|v| {
+                    v["real_servers"].as_array().is_some_and(|r| r.iter().all(|r| r["state"] == "up"))
+                });
+                if !vs.is_empty() && all_up {
+                    return Ok(());
+                }
+            }
+            if let Some(status) = self.lbd.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("lbd exited ({status}) during start-up:\n{}", self.lbd_log());
+            }
+            if Instant::now() > deadline {
+                bail!("lbd did not report all real servers up within 20 s:\n{}", self.lbd_log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn lbd_log(&self) -> String {
+        std::fs::read_to_string(self.work.join("lbd.log")).unwrap_or_default()
+    }
+
+    /// Runs the `lbd` CLI (status, reload, check ...) on the host; returns (exit code, stdout, stderr).
+    pub fn lbd_cli(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let out = Command::new(lbd_binary()?).args(args).output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// `lbd status --json` of the rig's daemon.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let sock = self.socket.display().to_string();
+        let (code, out, err) = self.lbd_cli(&["status", "--json", "--socket", &sock])?;
+        if code != 0 {
+            bail!("lbd status failed ({code}): {err}");
+        }
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// Packets the director's fast path counted under `reason`.
+    pub fn reason_packets(&self, reason: &str) -> Result<u64> {
+        let st = self.status()?;
+        st["reasons"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["reason"] == reason))
+            .and_then(|r| r["packets"].as_u64())
+            .with_context(|| format!("no reason {reason} in status"))
+    }
+
+    /// Sends `n` HTTP requests from the client, each on a new connection; counts answers by backend.
+    pub fn http_batch(&self, vip: IpAddr, n: usize) -> Result<BTreeMap<String, usize>> {
+        self.client.enter(move || -> Result<BTreeMap<String, usize>> {
+            let mut counts = BTreeMap::new();
+            for _ in 0..n {
+                let name = http_get_new(SocketAddr::new(vip, HTTP_PORT))?;
+                *counts.entry(name).or_insert(0) += 1;
+            }
+            Ok(counts)
+        })?
+    }
+
+    /// Sends `n` UDP datagrams from distinct source ports; counts replies by backend and checks
+    /// each reply came from the VIP.
+    pub fn udp_batch(&self, n: usize) -> Result<BTreeMap<String, usize>> {
+        self.client.enter(move || -> Result<BTreeMap<String, usize>> {
+            let mut counts = BTreeMap::new();
+            let vip = SocketAddr::new(IpAddr::V4(VIP_V4), UDP_PORT);
+            for _ in 0..n {
+                let sock = UdpSocket::bind("0.0.0.0:0")?;
+                sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+                sock.send_to(b"who", vip)?;
+                let mut buf = [0u8; 64];
+                let (len, from) = sock.recv_from(&mut buf).context("no UDP reply within 2 s")?;
+                if from != vip {
+                    bail!("UDP reply came from {from}, not from the VIP {vip}");
+                }
+                let name = String::from_utf8_lossy(&buf[..len]).into_owned();
+                *counts.entry(name).or_insert(0) += 1;
+            }
+            Ok(counts)
+        })?
+    }
+}
+
+/// One HTTP/1.1 GET on a new connection; returns the body (the backend's name).
+pub fn http_get_new(addr: SocketAddr) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    body_of(&resp)
+}
+
+/// A keep-alive HTTP connection (for "long-lived connection" tests).
+pub struct KeepAlive {
+    stream: TcpStream,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> Result<Self> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(Self { stream })
+    }
+
+    /// One request on the open connection; returns the backend's name.
+    pub fn get(&mut self) -> Result<String> {
+        self.stream.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")?;
+        let mut buf = vec![0u8; 4096];
+        let mut resp = Vec::new();
+        loop {
+            let n = self.stream.read(&mut buf).context("reading the response on the kept-alive connection")?;
+            if n == 0 {
+                bail!("connection closed");
+            }
+            resp.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&resp);
+            if let Some(head_end) = text.find("\r\n\r\n") {
+                let len: usize = text[..head_end]
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                    .context("no Content-Length")?
+                    .parse()?;
+                if resp.len() >= head_end + 4 + len {
+                    return body_of(&text);
+                }
+            }
+        }
+    }
+}
+
+fn body_of(resp: &str) -> Result<String> {
+    if !resp.starts_with("HTTP/1.1 200") {
+        bail!("unexpected response: {resp:?}");
+    }
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_string()).context("no body")?;
+    Ok(body)
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.lbd.take() {
+            // SIGTERM to `ip netns exec` reaches lbd (exec replaces it), which detaches cleanly.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.udp.clear();
+    }
+}
+
+/// A config for the rig's director with just the given virtual servers:
+/// `(address, port, protocol, real server addresses)`.
+pub fn custom_config(socket: &Path, vips: &[(IpAddr, u16, &str, Vec<IpAddr>)]) -> String {
+    let mut text = format!(
+        "[director]\ninterface = \"eth0\"\nxdp_mode = \"native\"\ncontrol_socket = \"{}\"\n",
+        socket.display()
+    );
+    for (addr, port, proto, reals) in vips {
+        text += &format!("\n[[virtual_server]]\naddress = \"{addr}\"\nport = {port}\nprotocol = \"{proto}\"\n");
+        for r in reals {
+            text += &format!("[[virtual_server.real_server]]\naddress = \"{r}\"\n");
+        }
+    }
+    text
+}
+
+fn summary(label: &str, counts: &BTreeMap<String, usize>) {
+    let total: usize = counts.values().sum();
+    let per: Vec<String> = counts.iter().map(|(b, n)| format!("{b} {n:>4}")).collect();
+    println!("  {label:<34} {total:>4} answered: {}", per.join("   "));
+}
+
+/// `cargo xtask run`: the rig with `config`, a batch of requests, a summary, then (unless `once`)
+/// wait for Ctrl-C. Everything is torn down on the way out.
+pub fn run_interactive(config: &Path, requests: usize, once: bool) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    // Blocked here so the main thread can wait for them; children get a clean mask from std.
+    signals.thread_block()?;
+    println!("rig: namespaces lbdrig-{{sw,client,dir,be1,be2,be3}} on bridge br0, 10.99.0.0/24 and fd00:99::/64");
+    let mut rig = Rig::up("lbdrig", 3)?;
+    rig.use_config(config)?;
+    println!("rig: starting lbd run --config {} in lbdrig-dir", config.display());
+    rig.start_lbd()?;
+    println!("rig: requests from the client (10.99.0.2) to the VIPs, each on a new connection:");
+    summary(&format!("HTTP {VIP_V4}:{HTTP_PORT}"), &rig.http_batch(IpAddr::V4(VIP_V4), requests)?);
+    summary(&format!("UDP  {VIP_V4}:{UDP_PORT}"), &rig.udp_batch(requests / 5)?);
+    summary(&format!("HTTP [{VIP_V6}]:{HTTP_PORT}"), &rig.http_batch(IpAddr::V6(VIP_V6), requests / 5)?);
+    let sock = rig.socket.display().to_string();
+    let (_, text, _) = rig.lbd_cli(&["status", "--socket", &sock])?;
+    println!("\n$ lbd status --socket {sock}\n{text}");
+    if once {
+        println!("rig: --once given, tearing down");
+        return Ok(());
+    }
+    println!("rig: up. Try:");
+    println!("  ip netns exec lbdrig-client curl -s http://{VIP_V4}/");
+    println!("  {} status --socket {sock}", lbd_binary()?.display());
+    println!("  lbd log: {}", rig.work.join("lbd.log").display());
+    println!("rig: Ctrl-C tears it down.");
+    signals.wait()?;
+    println!("rig: tearing down");
+    Ok(())
+}

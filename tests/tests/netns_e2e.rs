@@ -1,0 +1,138 @@
+//! End-to-end tests in a namespace rig: a client, lbd on a director with native XDP, three nginx
+//! backends answering the client directly (DSR). Run as root by `cargo xtask test`.
+
+use std::net::{IpAddr, SocketAddr};
+
+use lb_tests::{
+    netns::require_root,
+    rig::{self, backend_name, backend_v4, KeepAlive, Rig, DIRECTOR_V4, VIP_V4, VIP_V6},
+};
+
+fn assert_spread(counts: &std::collections::BTreeMap<String, usize>, total: usize) {
+    let third = total as f64 / 3.0;
+    assert_eq!(counts.len(), 3, "all three backends must answer: {counts:?}");
+    for (name, n) in counts {
+        let dev = (*n as f64 - third).abs() / third;
+        assert!(dev <= 0.25, "{name} served {n} of {total} requests, more than 25 % off a third: {counts:?}");
+    }
+}
+
+#[test]
+fn http_spreads_over_backends_and_replies_bypass_the_director() -> anyhow::Result<()> {
+    require_root()?;
+    let mut rig = Rig::up("lte1", 3)?;
+    rig.start_lbd()?;
+    let not_vip_before = rig.reason_packets("not-vip")?;
+    let counts = rig.http_batch(IpAddr::V4(VIP_V4), 300)?;
+    assert_spread(&counts, 300);
+
+    let st = rig.status()?;
+    let http = &st["virtual_servers"][0];
+    assert_eq!(http["address"], "10.99.0.100");
+    assert_eq!(http["traffic"]["conns"], 300, "one new flow per request: {http}");
+    // Each request is at least SYN, ACK, request, FIN/ACK from the client: ≥ 4 packets. The
+    // answers (SYN-ACK, response, FIN...) would be counted as not-vip had they crossed the
+    // director; only stray ARP/ND may appear there.
+    let forwarded = http["traffic"]["packets"].as_u64().unwrap();
+    assert!(forwarded >= 1200, "director forwarded {forwarded} packets for 300 requests");
+    let not_vip = rig.reason_packets("not-vip")? - not_vip_before;
+    assert!(not_vip < 30, "{not_vip} non-VIP packets reached the director: replies must bypass it");
+
+    // The text view names every backend with its counters.
+    let sock = rig.socket.display().to_string();
+    let (code, text, _) = rig.lbd_cli(&["status", "--socket", &sock])?;
+    assert_eq!(code, 0);
+    assert!(text.contains("TCP  10.99.0.100:80"), "{text}");
+    for i in 0..3 {
+        assert!(text.contains(&format!("-> {}:80", backend_v4(i))), "{text}");
+    }
+    Ok(())
+}
+
+#[test]
+fn udp_and_ipv6_vips_work_the_same_way() -> anyhow::Result<()> {
+    require_root()?;
+    let mut rig = Rig::up("lte2", 3)?;
+    rig.start_lbd()?;
+    let udp = rig.udp_batch(150)?;
+    assert_spread(&udp, 150);
+    let v6 = rig.http_batch(IpAddr::V6(VIP_V6), 150)?;
+    assert_spread(&v6, 150);
+    Ok(())
+}
+
+#[test]
+fn long_lived_connection_keeps_its_backend_when_another_is_removed() -> anyhow::Result<()> {
+    require_root()?;
+    let mut rig = Rig::up("lte3", 3)?;
+    rig.start_lbd()?;
+    let vip = SocketAddr::new(IpAddr::V4(VIP_V4), rig::HTTP_PORT);
+    let socket = rig.socket.clone();
+    let config = rig.config.clone();
+    // Open the connection, learn its backend, remove another backend from the config, reload.
+    let (mut conn, owner) = rig.client.enter(move || -> anyhow::Result<(KeepAlive, String)> {
+        let mut c = KeepAlive::connect(vip)?;
+        let owner = c.get()?;
+        Ok((c, owner))
+    })??;
+    let owner_idx = (0..3).find(|&i| backend_name(i) == owner).expect("a backend name");
+    let removed = (owner_idx + 1) % 3;
+    let reals: Vec<IpAddr> = (0..3).filter(|&i| i != removed).map(|i| IpAddr::V4(backend_v4(i))).collect();
+    std::fs::write(&config, rig::custom_config(&socket, &[(IpAddr::V4(VIP_V4), 80, "tcp", reals)]))?;
+    let sock = socket.display().to_string();
+    let (code, out, err) = rig.lbd_cli(&["reload", "--socket", &sock])?;
+    assert_eq!(code, 0, "reload failed: {out}{err}");
+
+    let still = rig.client.enter(move || -> anyhow::Result<Vec<String>> {
+        (0..5).map(|_| conn.get()).collect()
+    })??;
+    assert!(still.iter().all(|b| *b == owner), "the open connection moved: {owner} then {still:?}");
+    let after = rig.http_batch(IpAddr::V4(VIP_V4), 60)?;
+    assert!(!after.contains_key(&backend_name(removed)), "removed backend still gets new connections: {after:?}");
+    assert_eq!(after.len(), 2, "{after:?}");
+    Ok(())
+}
+
+#[test]
+fn bad_reload_is_refused_and_traffic_continues() -> anyhow::Result<()> {
+    require_root()?;
+    let mut rig = Rig::up("lte4", 3)?;
+    rig.start_lbd()?;
+    let before = rig.status()?["virtual_servers"].clone();
+    std::fs::write(&rig.config, "[director]\ninterface = \"eth0\"\ntabel_size = 5\n")?;
+    let sock = rig.socket.display().to_string();
+    let (code, _, err) = rig.lbd_cli(&["reload", "--socket", &sock])?;
+    assert_ne!(code, 0);
+    let want = format!("{}:3:1: unknown key `tabel_size` in [director]", rig.config.display());
+    assert!(err.contains(&want), "reload error should point at the key: {err}");
+    assert_eq!(rig.status()?["virtual_servers"].as_array().map(Vec::len), before.as_array().map(Vec::len));
+    assert_spread(&rig.http_batch(IpAddr::V4(VIP_V4), 90)?, 90);
+    Ok(())
+}
+
+#[test]
+fn traffic_to_the_director_itself_is_untouched() -> anyhow::Result<()> {
+    require_root()?;
+    let mut rig = Rig::up("lte5", 3)?;
+    rig.start_lbd()?;
+    // A service of the director's own, on its own address, and ping.
+    let listener = rig.director.enter(|| std::net::TcpListener::bind((DIRECTOR_V4, 8080)))??;
+    let server = std::thread::spawn(move || -> anyhow::Result<()> {
+        use std::io::Write;
+        let (mut s, _) = listener.accept()?;
+        s.write_all(b"director\n")?;
+        Ok(())
+    });
+    let got = rig.client.enter(|| -> anyhow::Result<String> {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(DIRECTOR_V4), 8080), std::time::Duration::from_secs(2))?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })??;
+    server.join().expect("server thread")?;
+    assert_eq!(got, "director\n");
+    rig.client.exec(&["ping", "-c", "2", "-W", "1", &DIRECTOR_V4.to_string()])?;
+    assert!(rig.reason_packets("not-vip")? > 0, "the director's own traffic passes as not-vip");
+    Ok(())
+}
