@@ -408,3 +408,78 @@ async fn accept_loop(listener: tokio::net::UnixListener, tx: mpsc::Sender<Contro
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::FakeDataplane;
+
+    const ETH0: IfaceInfo = IfaceInfo { ifindex: 2, mac: [2, 0, 0, 0, 0, 0xd] };
+
+    fn config(extra_director: &str, reals: &[&str]) -> Config {
+        let mut text = format!("[director]\ninterface = \"eth0\"\n{extra_director}\n[[virtual_server]]\naddress = \"10.0.0.100\"\nport = 80\n");
+        for r in reals {
+            text += &format!("[[virtual_server.real_server]]\n{r}\n");
+        }
+        Config::parse(&text, "test.toml").expect("valid config")
+    }
+
+    fn controller(cfg: Config) -> (Controller, FakeDataplane) {
+        let fake = FakeDataplane::default();
+        let ifaces = HashMap::from([("eth0".to_string(), ETH0)]);
+        (Controller::new(cfg, "test.toml".into(), Box::new(fake.clone()), ifaces), fake)
+    }
+
+    fn key(addr: &str) -> NeighKey {
+        NeighKey { ifindex: ETH0.ifindex, addr: addr.parse().unwrap() }
+    }
+
+    #[test]
+    fn desired_state_uses_static_and_resolved_macs() {
+        let cfg = config("", &["address = \"10.0.0.11\"\nmac = \"02:00:00:00:00:0b\"", "address = \"10.0.0.12\"\nweight = 3"]);
+        let (mut ctl, fake) = controller(cfg);
+        // Only the real server without a configured MAC is resolved through the neighbour table.
+        assert_eq!(ctl.neigh_keys().into_iter().map(NeighKey::from).collect::<Vec<_>>(), vec![key("10.0.0.12")]);
+        ctl.apply().unwrap();
+        let svc = &fake.current().unwrap()[0];
+        assert_eq!(svc.vip.to_string(), "TCP 10.0.0.100:80");
+        assert_eq!(svc.backends[0].mac, Some([2, 0, 0, 0, 0, 0xb]));
+        assert_eq!(svc.backends[1].mac, None, "unresolved until the neighbour table answers");
+        assert_eq!((svc.backends[1].weight, svc.backends[1].ifindex, svc.backends[1].src_mac), (3, 2, ETH0.mac));
+
+        assert!(ctl.on_neigh(&NeighEvent::Reachable { key: key("10.0.0.12"), mac: [2, 0, 0, 0, 0, 0xc] }));
+        assert!(!ctl.on_neigh(&NeighEvent::Reachable { key: key("10.0.0.12"), mac: [2, 0, 0, 0, 0, 0xc] }), "same MAC: no change");
+        // The kernel forgetting the entry keeps the last known MAC in use.
+        assert!(!ctl.on_neigh(&NeighEvent::Gone { key: key("10.0.0.12") }));
+        ctl.apply().unwrap();
+        assert_eq!(fake.current().unwrap()[0].backends[1].mac, Some([2, 0, 0, 0, 0, 0xc]));
+    }
+
+    #[test]
+    fn reload_applies_changes_and_refuses_restart_only_settings() {
+        let (mut ctl, fake) = controller(config("", &["address = \"10.0.0.11\"", "address = \"10.0.0.12\""]));
+        ctl.apply().unwrap();
+        let ifaces = || HashMap::from([("eth0".to_string(), ETH0)]);
+
+        ctl.reload(config("", &["address = \"10.0.0.11\""]), ifaces()).unwrap();
+        assert_eq!(fake.current().unwrap()[0].backends.len(), 1);
+
+        let err = ctl.reload(config("table_size = 131071", &["address = \"10.0.0.13\""]), ifaces()).unwrap_err();
+        assert_eq!(err.to_string(), "[director] table_size (65537 -> 131071) changed; that needs a restart of lbd");
+        assert_eq!(fake.applied().len(), 2, "nothing was programmed");
+        assert_eq!(ctl.config().virtual_servers[0].real_servers[0].address.to_string(), "10.0.0.11");
+    }
+
+    #[test]
+    fn failed_reload_restores_the_running_config() {
+        let (mut ctl, fake) = controller(config("", &["address = \"10.0.0.11\""]));
+        ctl.apply().unwrap();
+        fake.fail_next("map full");
+        let ifaces = HashMap::from([("eth0".to_string(), ETH0)]);
+        let err = ctl.reload(config("", &["address = \"10.0.0.12\""]), ifaces).unwrap_err();
+        assert!(format!("{err:#}").contains("map full"), "{err:#}");
+        assert_eq!(ctl.config().virtual_servers[0].real_servers[0].address.to_string(), "10.0.0.11");
+        let last = fake.current().unwrap();
+        assert_eq!(last[0].backends[0].addr.to_string(), "10.0.0.11", "old state programmed again");
+    }
+}

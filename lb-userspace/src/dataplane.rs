@@ -8,6 +8,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     net::IpAddr,
+    sync::{Arc, Mutex},
 };
 
 use serde::Serialize;
@@ -115,15 +116,28 @@ pub trait Dataplane: Send {
     fn stats(&self) -> Result<DataplaneStats, DataplaneError>;
 }
 
-/// In-memory dataplane for tests without root: records every state it was given.
-#[derive(Debug, Default)]
+/// In-memory dataplane for tests without root: records every state it was given. Clones share the
+/// record, so a test keeps one clone while the controller owns the other.
+#[derive(Clone, Debug, Default)]
 pub struct FakeDataplane {
-    pub applied: Vec<Vec<ServiceSpec>>,
+    applied: Arc<Mutex<Vec<Vec<ServiceSpec>>>>,
+    fail: Arc<Mutex<Option<String>>>,
 }
 
 impl FakeDataplane {
-    pub fn current(&self) -> Option<&[ServiceSpec]> {
-        self.applied.last().map(Vec::as_slice)
+    /// Every state applied so far, oldest first.
+    pub fn applied(&self) -> Vec<Vec<ServiceSpec>> {
+        self.applied.lock().expect("fake dataplane lock").clone()
+    }
+
+    /// The state programmed last.
+    pub fn current(&self) -> Option<Vec<ServiceSpec>> {
+        self.applied().last().cloned()
+    }
+
+    /// Makes the next `apply` fail with `message` (and leave the programmed state alone).
+    pub fn fail_next(&self, message: &str) {
+        *self.fail.lock().expect("fake dataplane lock") = Some(message.to_string());
     }
 }
 
@@ -132,7 +146,10 @@ impl Dataplane for FakeDataplane {
         "fake"
     }
     fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
-        self.applied.push(services.to_vec());
+        if let Some(message) = self.fail.lock().expect("fake dataplane lock").take() {
+            return Err(DataplaneError::Other(message));
+        }
+        self.applied.lock().expect("fake dataplane lock").push(services.to_vec());
         Ok(())
     }
     fn stats(&self) -> Result<DataplaneStats, DataplaneError> {

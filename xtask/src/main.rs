@@ -47,7 +47,8 @@ enum Cmd {
     },
 }
 
-/// The workspace root (xtask lives one level below it).
+/// The workspace root (xtask lives one level below it). xtask depends on nothing of lbd's own, so
+/// it builds on a fresh machine before `setup` has installed the eBPF toolchain.
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
@@ -89,14 +90,27 @@ fn main() -> Result<()> {
         Cmd::Run { once, requests } => {
             setup::setup()?;
             require_root("cargo xtask run")?;
-            cargo(&["build", "-p", "lb-userspace"])?;
-            lb_tests::rig::run_interactive(&root().join("config/rig.toml"), requests, once)
+            cargo(&["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"])?;
+            let mut rig = Command::new(root().join("target/debug/lbd-rig"));
+            rig.arg("--requests").arg(requests.to_string()).arg(root().join("config/rig.toml"));
+            if once {
+                rig.arg("--once");
+            }
+            let mut child = rig.spawn().context("starting lbd-rig")?;
+            // Ctrl-C reaches the rig, which tears down; we wait for it instead of dying first.
+            // SAFETY: only changes this process's disposition, after the child was spawned.
+            unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+            let status = child.wait()?;
+            if !status.success() {
+                bail!("the rig failed ({status})");
+            }
+            Ok(())
         }
         Cmd::Test { args } => {
             setup::setup()?;
             require_root("cargo xtask test")?;
-            cargo(&["build", "-p", "lb-userspace"])?;
-            let mut test = vec!["test", "-p", "lb-common", "-p", "lb-userspace", "-p", "lb-tests"];
+            cargo(&["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"])?;
+            let mut test = vec!["test", "-p", "lb-common", "-p", "lb-userspace", "-p", "lb-tests", "-p", "xtask"];
             test.extend(args.iter().map(String::as_str));
             if !args.iter().any(|a| a == "--") {
                 test.push("--");

@@ -90,7 +90,9 @@ fn nightly_rust_src() -> Result<()> {
 }
 
 fn bpf_linker() -> Result<()> {
-    if let Ok(out) = quiet(Command::new("bpf-linker").arg("--version")) {
+    // It loads libLLVM from the nightly sysroot, found through the environment `rustup run`
+    // sets up, which is also how aya-build runs it.
+    if let Ok(out) = quiet(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"])) {
         let version = String::from_utf8_lossy(&out.stdout);
         if out.status.success() && version.contains(BPF_LINKER_VERSION) {
             report("bpf-linker", &format!("ok ({})", version.trim()));

@@ -1,0 +1,41 @@
+//! The `lbd` command line as an operator meets it (no root needed).
+
+use std::process::Command;
+
+fn lbd(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lbd")).args(args).output().expect("run lbd");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn check_accepts_the_shipped_configs() {
+    for name in ["rig.toml", "example.toml"] {
+        let path = format!("{}/../config/{name}", env!("CARGO_MANIFEST_DIR"));
+        let (code, out, err) = lbd(&["check", "--config", &path]);
+        assert_eq!(code, 0, "{name}: {err}");
+        assert!(out.starts_with(&format!("{path}: OK (")), "{out}");
+    }
+}
+
+#[test]
+fn check_reports_file_line_col_and_exits_2() {
+    let dir = std::env::temp_dir().join(format!("lbd-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "[director]\ninterface = \"eth0\"\n\n[[virtual_server]]\naddress = \"10.0.0.300\"\nport = 80\n").unwrap();
+    let (code, out, err) = lbd(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert_eq!(out, "");
+    assert!(err.starts_with(&format!("{}:5:11: invalid IP address", path.display())), "{err}");
+    let (code, _, err) = lbd(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 2, "run refuses a bad config before touching anything: {err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn status_without_a_daemon_says_what_to_do() {
+    let (code, _, err) = lbd(&["status", "--socket", "/nonexistent/lbd.sock"]);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("lbd status: cannot reach lbd at /nonexistent/lbd.sock"), "{err}");
+    assert!(err.contains("is `lbd run` running?"), "{err}");
+}
