@@ -52,10 +52,10 @@ fn ipv4_header(f: Flow4, proto: etherparse::IpNumber) -> Ipv4Header {
     Ipv4Header::new(0, 64, proto, f.src.octets(), f.dst.octets()).expect("valid header")
 }
 
-/// TCP SYN whose IPv4 header carries options (IHL 7: a record-route-free NOP/EOL padding).
+/// TCP SYN whose IPv4 header carries options (IHL 7: seven NOPs and an end-of-options byte).
 pub fn tcp4_syn_with_options(f: Flow4) -> Vec<u8> {
     let mut ip = ipv4_header(f, etherparse::IpNumber::TCP);
-    ip.set_options(&[1, 1, 1, 1, 1, 1, 1, 0]).expect("8 option bytes");
+    ip.options = [1u8, 1, 1, 1, 1, 1, 1, 0].into();
     let b = PacketBuilder::ethernet2(CLIENT_MAC, DIRECTOR_MAC)
         .ip(IpHeaders::Ipv4(ip, Default::default()))
         .tcp(f.sport, f.dport, 1000, 64240)
