@@ -415,10 +415,10 @@ impl Drop for Rig {
 }
 
 /// A config for the rig's director with just the given virtual servers:
-/// `(address, port, protocol, real server addresses)`.
-pub fn custom_config(socket: &Path, vips: &[(IpAddr, u16, &str, Vec<IpAddr>)]) -> String {
+/// `(address, port, protocol, real server addresses)`, in `xdp_mode` ("native" or "generic").
+pub fn custom_config(socket: &Path, xdp_mode: &str, vips: &[(IpAddr, u16, &str, Vec<IpAddr>)]) -> String {
     let mut text = format!(
-        "[director]\ninterface = \"eth0\"\nxdp_mode = \"native\"\ncontrol_socket = \"{}\"\n",
+        "[director]\ninterface = \"eth0\"\nxdp_mode = \"{xdp_mode}\"\ncontrol_socket = \"{}\"\n",
         socket.display()
     );
     for (addr, port, proto, reals) in vips {

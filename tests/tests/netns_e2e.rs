@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use lb_tests::{
-    netns::require_root,
+    netns::{require_root, Netns},
     rig::{self, backend_name, backend_v4, KeepAlive, Rig, DIRECTOR_V4, VIP_V4, VIP_V6},
 };
 
@@ -78,7 +78,7 @@ fn long_lived_connection_keeps_its_backend_when_another_is_removed() -> anyhow::
     let owner_idx = (0..3).find(|&i| backend_name(i) == owner).expect("a backend name");
     let removed = (owner_idx + 1) % 3;
     let reals: Vec<IpAddr> = (0..3).filter(|&i| i != removed).map(|i| IpAddr::V4(backend_v4(i))).collect();
-    std::fs::write(&config, rig::custom_config(&socket, &[(IpAddr::V4(VIP_V4), 80, "tcp", reals)]))?;
+    std::fs::write(&config, rig::custom_config(&socket, "native", &[(IpAddr::V4(VIP_V4), 80, "tcp", reals)]))?;
     let sock = socket.display().to_string();
     let (code, out, err) = rig.lbd_cli(&["reload", "--socket", &sock])?;
     assert_eq!(code, 0, "reload failed: {out}{err}");
@@ -134,5 +134,39 @@ fn traffic_to_the_director_itself_is_untouched() -> anyhow::Result<()> {
     assert_eq!(got, "director\n");
     rig.client.exec(&["ping", "-c", "2", "-W", "1", &DIRECTOR_V4.to_string()])?;
     assert!(rig.reason_packets("not-vip")? > 0, "the director's own traffic passes as not-vip");
+    Ok(())
+}
+
+#[test]
+fn generic_xdp_mode_forwards_too() -> anyhow::Result<()> {
+    require_root()?;
+    let mut rig = Rig::up("lte6", 3)?;
+    let reals = (0..3).map(|i| IpAddr::V4(backend_v4(i))).collect();
+    std::fs::write(&rig.config, rig::custom_config(&rig.socket, "generic", &[(IpAddr::V4(VIP_V4), 80, "tcp", reals)]))?;
+    rig.start_lbd()?;
+    assert_eq!(rig.status()?["xdp_mode"], "generic");
+    assert_spread(&rig.http_batch(IpAddr::V4(VIP_V4), 90)?, 90);
+    Ok(())
+}
+
+#[test]
+fn failed_native_attach_says_so_plainly() -> anyhow::Result<()> {
+    require_root()?;
+    // `lo` has no native XDP support.
+    let ns = Netns::new("lte7-dir")?;
+    let dir = std::env::temp_dir().join("lbd-lte7");
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("lo.toml");
+    let text = rig::custom_config(&dir.join("lbd.sock"), "native", &[(IpAddr::V4(VIP_V4), 80, "tcp", vec![])])
+        .replace("interface = \"eth0\"", "interface = \"lo\"");
+    std::fs::write(&config, text)?;
+    let lbd = rig::lbd_binary()?;
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, lbd.to_str().unwrap(), "run", "--config", config.to_str().unwrap()])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("attaching XDP to lo in native mode failed"), "{err}");
+    assert!(err.contains("try xdp_mode = \"generic\""), "{err}");
     Ok(())
 }
