@@ -1,6 +1,7 @@
 //! The control socket: a Unix stream socket (mode 0600) speaking one JSON object per line.
 //! `{"cmd":"status"}` → `{"ok":true,"status":{...}}`; `{"cmd":"reload"}` → `{"ok":true}` or
-//! `{"ok":false,"error":"..."}`.
+//! `{"ok":false,"error":"..."}`; `{"cmd":"drain","vip":"10.0.0.1:80","backend":"10.0.0.11"}` and
+//! `{"cmd":"enable",...}` (optional `"protocol":"tcp"`).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -18,6 +19,21 @@ use crate::status::Status;
 pub enum Request {
     Status,
     Reload,
+    /// Weight 0 for matching real servers (they keep their flows, get no new ones) until
+    /// `Enable`, a restart, or a config change to them.
+    Drain(BackendSelector),
+    Enable(BackendSelector),
+}
+
+/// Which real servers a `drain`/`enable` is about, as typed on the command line.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackendSelector {
+    /// `ADDR:PORT` of the virtual server (`[v6]:port` for IPv6).
+    pub vip: String,
+    /// `ADDR` or `ADDR:PORT` of the real server.
+    pub backend: String,
+    /// "tcp" or "udp"; both when absent.
+    pub protocol: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -27,11 +43,14 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// What a command did, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 impl Response {
     pub fn error(message: impl Into<String>) -> Self {
-        Self { ok: false, error: Some(message.into()), status: None }
+        Self { ok: false, error: Some(message.into()), ..Default::default() }
     }
 }
 

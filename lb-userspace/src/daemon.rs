@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, Director, Protocol, XdpMode},
-    control::{self, Request, Response},
+    control::{self, BackendSelector, Request, Response},
     dataplane::{BackendSpec, Dataplane, DataplaneStats, ServiceSpec, VipAddr},
     neigh::{Mac, NeighEvent, NeighKey, Resolver},
     status::{format_mac, RealServerStatus, ReasonStatus, Status, TrafficStatus, VirtualServerStatus},
@@ -55,13 +55,24 @@ pub struct Controller {
     /// Last known MAC per backend address; kept when the kernel forgets the entry (the XDP path
     /// bypasses the kernel, so its neighbour entries go stale and get collected).
     macs: HashMap<NeighKey, Mac>,
+    /// Real servers drained from the CLI: weight 0 until enabled, a restart, or a config change
+    /// to them.
+    drained: BTreeSet<(VipAddr, String)>,
     started: Instant,
 }
 
 impl Controller {
     /// `ifaces` must hold every interface the config names.
     pub fn new(config: Config, config_path: PathBuf, dataplane: Box<dyn Dataplane>, ifaces: HashMap<String, IfaceInfo>) -> Self {
-        Self { config, config_path, dataplane, ifaces, macs: HashMap::new(), started: Instant::now() }
+        Self {
+            config,
+            config_path,
+            dataplane,
+            ifaces,
+            macs: HashMap::new(),
+            drained: BTreeSet::new(),
+            started: Instant::now(),
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -114,10 +125,12 @@ impl Controller {
                     .iter()
                     .map(|rs| {
                         let iface = self.ifaces[self.iface_of(&rs.interface)];
+                        let vip = VipAddr { addr: vs.address, port: vs.port, protocol: vs.protocol };
+                        let drained = self.drained.contains(&(vip, rs_key(rs)));
                         BackendSpec {
                             addr: rs.address,
                             port: rs.port,
-                            weight: rs.weight,
+                            weight: if drained { 0 } else { rs.weight },
                             mac: self.mac_of(iface.ifindex, rs),
                             ifindex: iface.ifindex,
                             src_mac: iface.mac,
@@ -126,6 +139,54 @@ impl Controller {
                     .collect(),
             })
             .collect()
+    }
+
+    /// Drains (weight 0) or re-enables the real servers `sel` names; returns what it changed, e.g.
+    /// `["TCP 10.0.0.1:80 -> 10.0.0.11:80"]`. Unknown names are an error listing what exists.
+    pub fn set_drained(&mut self, sel: &BackendSelector, drain: bool) -> anyhow::Result<Vec<String>> {
+        let vip: std::net::SocketAddr =
+            sel.vip.parse().with_context(|| format!("`{}` is not ADDR:PORT of a virtual server", sel.vip))?;
+        let (addr, port) = match sel.backend.parse::<std::net::SocketAddr>() {
+            Ok(sa) => (sa.ip(), Some(sa.port())),
+            Err(_) => (
+                sel.backend.parse::<IpAddr>().with_context(|| format!("`{}` is not ADDR or ADDR:PORT of a real server", sel.backend))?,
+                None,
+            ),
+        };
+        let protocol = match sel.protocol.as_deref() {
+            None => None,
+            Some("tcp") => Some(Protocol::Tcp),
+            Some("udp") => Some(Protocol::Udp),
+            Some(other) => anyhow::bail!("unknown protocol `{other}`; expected tcp or udp"),
+        };
+        let mut hits = Vec::new();
+        let mut known = Vec::new();
+        for vs in self.config.virtual_servers.iter().filter(|vs| {
+            vs.address == vip.ip() && vs.port == vip.port() && protocol.is_none_or(|p| p == vs.protocol)
+        }) {
+            let v = VipAddr { addr: vs.address, port: vs.port, protocol: vs.protocol };
+            for rs in &vs.real_servers {
+                known.push(rs_key(rs));
+                if rs.address == addr && port.is_none_or(|p| p == rs.port) {
+                    hits.push((v, rs_key(rs)));
+                }
+            }
+        }
+        if hits.is_empty() {
+            if known.is_empty() {
+                anyhow::bail!("no virtual server {}", sel.vip);
+            }
+            anyhow::bail!("no real server {} in virtual server {} (it has {})", sel.backend, sel.vip, known.join(", "));
+        }
+        for hit in &hits {
+            if drain {
+                self.drained.insert(hit.clone());
+            } else {
+                self.drained.remove(hit);
+            }
+        }
+        self.apply()?;
+        Ok(hits.iter().map(|(v, k)| format!("{v} -> {k}")).collect())
     }
 
     pub fn apply(&mut self) -> anyhow::Result<()> {
@@ -140,10 +201,24 @@ impl Controller {
         restart_only_changes(&self.config.director, &new.director)?;
         let old = std::mem::replace(&mut self.config, new);
         let old_ifaces = std::mem::replace(&mut self.ifaces, ifaces);
+        // A drain lasts until the config changes that real server (or removes it).
+        let old_drained = self.drained.clone();
+        let weights = |c: &Config| -> HashMap<(VipAddr, String), u32> {
+            c.virtual_servers
+                .iter()
+                .flat_map(|vs| {
+                    let v = VipAddr { addr: vs.address, port: vs.port, protocol: vs.protocol };
+                    vs.real_servers.iter().map(move |rs| ((v, rs_key(rs)), rs.weight))
+                })
+                .collect()
+        };
+        let (before, after) = (weights(&old), weights(&self.config));
+        self.drained.retain(|k| after.get(k).is_some_and(|w| before.get(k) == Some(w)));
         if let Err(e) = self.apply() {
             // Put the old state back (the dataplane switches tables atomically per VIP).
             self.config = old;
             self.ifaces = old_ifaces;
+            self.drained = old_drained;
             let _ = self.apply();
             return Err(e);
         }
@@ -194,15 +269,17 @@ impl Controller {
                         .zip(&vs.real_servers)
                         .map(|(b, rs)| {
                             let st = stats.backends.get(&(svc.vip, b.key())).copied().unwrap_or_default();
-                            let state = match (b.mac, b.weight) {
-                                (None, _) => "unresolved",
-                                (Some(_), 0) => "drained",
-                                _ => "up",
+                            let state = if b.mac.is_none() {
+                                "unresolved"
+                            } else if self.drained.contains(&(svc.vip, b.key())) {
+                                "drained"
+                            } else {
+                                "up"
                             };
                             RealServerStatus {
                                 address: rs.address.to_string(),
                                 port: rs.port,
-                                weight: rs.weight,
+                                weight: b.weight,
                                 state: state.to_string(),
                                 mac: b.mac.as_ref().map(format_mac),
                                 interface: self.iface_of(&rs.interface).to_string(),
@@ -215,6 +292,14 @@ impl Controller {
                 })
                 .collect(),
         }
+    }
+}
+
+/// A real server's identity within its virtual server (also its Maglev key).
+fn rs_key(rs: &crate::config::RealServer) -> String {
+    match rs.address {
+        IpAddr::V4(a) => format!("{a}:{}", rs.port),
+        IpAddr::V6(a) => format!("[{a}]:{}", rs.port),
     }
 }
 
@@ -336,7 +421,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             Some((req, reply)) = ctl_rx.recv() => {
                 let resp = match req {
                     Request::Status => match ctl.dataplane().stats() {
-                        Ok(stats) => Response { ok: true, status: Some(ctl.status(&stats)), error: None },
+                        Ok(stats) => Response { ok: true, status: Some(ctl.status(&stats)), ..Default::default() },
                         Err(e) => Response::error(format!("reading counters: {e}")),
                     },
                     Request::Reload => match reload(&mut ctl, &resolver, &mut watched) {
@@ -346,6 +431,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                             Response::error(format!("{e:#}"))
                         }
                     },
+                    Request::Drain(sel) => admin(&mut ctl, &sel, true),
+                    Request::Enable(sel) => admin(&mut ctl, &sel, false),
                 };
                 let _ = reply.send(resp);
             }
@@ -357,6 +444,19 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     drop(ctl); // dropping the dataplane detaches the program
     let _ = std::fs::remove_file(&d.control_socket);
     Ok(())
+}
+
+fn admin(ctl: &mut Controller, sel: &BackendSelector, drain: bool) -> Response {
+    let verb = if drain { "drained" } else { "enabled" };
+    match ctl.set_drained(sel, drain) {
+        Ok(changed) => {
+            for c in &changed {
+                info!("{verb} {c} (from the control socket)");
+            }
+            Response { ok: true, message: Some(format!("{verb}: {}", changed.join(", "))), ..Default::default() }
+        }
+        Err(e) => Response::error(format!("{e:#}")),
+    }
 }
 
 fn reload(ctl: &mut Controller, resolver: &Resolver, watched: &mut BTreeSet<NeighKeyOrd>) -> anyhow::Result<()> {
@@ -468,6 +568,31 @@ mod tests {
         assert_eq!(err.to_string(), "[director] table_size (65537 -> 131071) changed; that needs a restart of lbd");
         assert_eq!(fake.applied().len(), 2, "nothing was programmed");
         assert_eq!(ctl.config().virtual_servers[0].real_servers[0].address.to_string(), "10.0.0.11");
+    }
+
+    #[test]
+    fn drain_sets_weight_zero_until_enabled_or_the_config_changes_it() {
+        let (mut ctl, fake) = controller(config("", &["address = \"10.0.0.11\"", "address = \"10.0.0.12\"\nweight = 2"]));
+        ctl.apply().unwrap();
+        let sel = |b: &str| BackendSelector { vip: "10.0.0.100:80".into(), backend: b.into(), protocol: None };
+        assert_eq!(ctl.set_drained(&sel("10.0.0.12"), true).unwrap(), vec!["TCP 10.0.0.100:80 -> 10.0.0.12:80"]);
+        assert_eq!(fake.current().unwrap()[0].backends[1].weight, 0);
+        let err = ctl.set_drained(&sel("10.0.0.13:80"), true).unwrap_err();
+        assert_eq!(err.to_string(), "no real server 10.0.0.13:80 in virtual server 10.0.0.100:80 (it has 10.0.0.11:80, 10.0.0.12:80)");
+        let err = ctl.set_drained(&BackendSelector { vip: "10.0.0.100:81".into(), ..sel("10.0.0.12") }, true).unwrap_err();
+        assert_eq!(err.to_string(), "no virtual server 10.0.0.100:81");
+
+        // A reload that leaves the real server alone keeps the drain...
+        let ifaces = || HashMap::from([("eth0".to_string(), ETH0)]);
+        ctl.reload(config("", &["address = \"10.0.0.11\"\nweight = 3", "address = \"10.0.0.12\"\nweight = 2"]), ifaces()).unwrap();
+        assert_eq!(fake.current().unwrap()[0].backends[1].weight, 0);
+        // ...one that changes it ends the drain.
+        ctl.reload(config("", &["address = \"10.0.0.11\"", "address = \"10.0.0.12\"\nweight = 4"]), ifaces()).unwrap();
+        assert_eq!(fake.current().unwrap()[0].backends[1].weight, 4);
+
+        ctl.set_drained(&sel("10.0.0.11"), true).unwrap();
+        ctl.set_drained(&sel("10.0.0.11:80"), false).unwrap();
+        assert_eq!(fake.current().unwrap()[0].backends[0].weight, 1);
     }
 
     #[test]

@@ -41,6 +41,33 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Drain or re-enable a real server (like `ipvsadm -e ... -w 0`): a drained real server keeps
+    /// its connections and gets no new ones, until enabled, a restart, or a config change to it.
+    Backend {
+        #[command(subcommand)]
+        action: BackendAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendAction {
+    /// Weight 0: keep established flows, take no new ones.
+    Drain(BackendArgs),
+    /// Undo a drain: the configured weight applies again.
+    Enable(BackendArgs),
+}
+
+#[derive(clap::Args)]
+struct BackendArgs {
+    /// The virtual server, ADDR:PORT (IPv6: [ADDR]:PORT).
+    vip: String,
+    /// The real server, ADDR or ADDR:PORT.
+    backend: String,
+    /// Only the virtual server with this protocol (tcp or udp); default both.
+    #[arg(long)]
+    protocol: Option<String>,
+    #[command(flatten)]
+    target: Target,
 }
 
 #[derive(clap::Args)]
@@ -127,6 +154,24 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Backend { action } => {
+            let (args, drain) = match action {
+                BackendAction::Drain(a) => (a, true),
+                BackendAction::Enable(a) => (a, false),
+            };
+            let sel = control::BackendSelector { vip: args.vip, backend: args.backend, protocol: args.protocol };
+            let req = if drain { Request::Drain(sel) } else { Request::Enable(sel) };
+            match client(&args.target, req) {
+                Ok(resp) => {
+                    println!("{}", resp.message.unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lbd backend: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Reload { target } => match client(&target, Request::Reload) {
             Ok(_) => {
                 println!("reloaded");

@@ -170,3 +170,43 @@ fn failed_native_attach_says_so_plainly() -> anyhow::Result<()> {
     assert!(err.contains("try xdp_mode = \"generic\""), "{err}");
     Ok(())
 }
+
+#[test]
+fn drained_backend_keeps_its_connection_and_gets_no_new_ones() -> anyhow::Result<()> {
+    require_root()?;
+    let mut rig = Rig::up("lte8", 3)?;
+    rig.start_lbd()?;
+    let vip = SocketAddr::new(IpAddr::V4(VIP_V4), rig::HTTP_PORT);
+    let (mut conn, owner) = rig.client.enter(move || -> anyhow::Result<(KeepAlive, String)> {
+        let mut c = KeepAlive::connect(vip)?;
+        let owner = c.get()?;
+        Ok((c, owner))
+    })??;
+    let idx = (0..3).find(|&i| backend_name(i) == owner).expect("a backend name");
+    let sock = rig.socket.display().to_string();
+    let backend = backend_v4(idx).to_string();
+    let (code, out, err) = rig.lbd_cli(&["backend", "drain", "10.99.0.100:80", &backend, "--protocol", "tcp", "--socket", &sock])?;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), format!("drained: TCP 10.99.0.100:80 -> {backend}:80"));
+    let st = rig.status()?;
+    let row = &st["virtual_servers"][0]["real_servers"][idx];
+    assert_eq!((row["state"].as_str(), row["weight"].as_u64()), (Some("drained"), Some(0)), "{row}");
+
+    let (still, conn) = rig.client.enter(move || -> anyhow::Result<(Vec<String>, KeepAlive)> {
+        let got = (0..3).map(|_| conn.get()).collect::<anyhow::Result<_>>()?;
+        Ok((got, conn))
+    })??;
+    assert!(still.iter().all(|b| *b == owner), "the drained backend lost its connection: {still:?}");
+    let after = rig.http_batch(IpAddr::V4(VIP_V4), 60)?;
+    assert!(!after.contains_key(&owner), "{owner} is drained but got new connections: {after:?}");
+    drop(conn);
+
+    let (code, _, err) = rig.lbd_cli(&["backend", "enable", "10.99.0.100:80", &backend, "--socket", &sock])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(rig.http_batch(IpAddr::V4(VIP_V4), 60)?.contains_key(&owner), "{owner} enabled again");
+
+    let (code, _, err) = rig.lbd_cli(&["backend", "drain", "10.99.0.100:80", "10.99.0.99", "--socket", &sock])?;
+    assert_eq!(code, 1);
+    assert!(err.contains("no real server 10.99.0.99 in virtual server 10.99.0.100:80"), "{err}");
+    Ok(())
+}
