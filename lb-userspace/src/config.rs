@@ -39,8 +39,9 @@ use toml::Spanned;
 /// Control socket path used when `[director] control_socket` is not set.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lbd/lbd.sock";
 
-/// Schedulers accepted in `[[virtual_server]] scheduler`; the first is the default.
-const SCHEDULERS: &[&str] = &["maglev"];
+/// Schedulers accepted in `[[virtual_server]] scheduler`; the first is the default and the only
+/// one the XDP fast path has. The others are IPVS's (`mode = "ipvs"`); `maglev` is IPVS's `mh`.
+const SCHEDULERS: &[&str] = &["maglev", "rr", "wrr", "lc", "wlc", "sh", "sed", "nq"];
 
 /// A validated configuration.
 ///
@@ -64,7 +65,12 @@ pub struct Director {
     /// `interface` (required): the interface VIP traffic arrives on and, in one-arm DSR, leaves
     /// from again towards the real servers. At most 15 bytes, no `/`, `:` or whitespace.
     pub interface: String,
-    /// `xdp_mode`: how the XDP program is attached; `"native"` (default) or `"generic"`.
+    /// `mode`: which dataplane forwards: `"auto"` (default: native XDP, else generic XDP, else
+    /// IPVS, saying in one log line what it picked and why), `"xdp"` or `"ipvs"` (forced; fails
+    /// plainly when impossible).
+    pub mode: Mode,
+    /// `xdp_mode`: how the XDP program is attached with `mode = "xdp"`; `"native"` (default) or
+    /// `"generic"`.
     pub xdp_mode: XdpMode,
     /// `table_size`: slots in each virtual server's Maglev lookup table (M in the Maglev paper).
     /// Must be prime, 3..=1_000_003; default 65537. Keep it well above the number of real servers
@@ -95,6 +101,45 @@ pub enum XdpMode {
     Native,
     /// In the generic network stack (`"generic"`): works with any driver, much slower.
     Generic,
+}
+
+/// Which dataplane forwards VIP traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Native XDP, else generic XDP, else IPVS.
+    #[default]
+    Auto,
+    /// The XDP fast path, attached as `xdp_mode` says.
+    Xdp,
+    /// The kernel's IPVS, programmed over generic netlink (for kernels without XDP).
+    Ipvs,
+}
+
+/// How packets reach a real server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// Direct server return (`"dsr"`, IPVS "direct routing", `ipvsadm -g`): only the Ethernet
+    /// destination changes; the real server answers the client directly.
+    #[default]
+    Dsr,
+    /// Masquerading (`"nat"`, `ipvsadm -m`, IPVS only): the destination address (and port) are
+    /// rewritten; replies must come back through the director.
+    Nat,
+    /// IP-in-IP (`"tunnel"`, `ipvsadm -i`, IPVS only).
+    Tunnel,
+}
+
+/// `persistence = { timeout = "300s", netmask = "255.255.255.0" }`: like `ipvsadm -p 300 -M ...`,
+/// clients (grouped by `netmask`) stick to one real server for `timeout` after their last
+/// connection. IPVS only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Persistence {
+    /// Seconds, 1..=2^31.
+    pub timeout_secs: u32,
+    /// Prefix length of the client netmask (32 or 128 = each client alone).
+    pub prefix_len: u8,
 }
 
 /// Log level of the daemon and of the fast path's per-packet logs.
@@ -132,16 +177,28 @@ impl fmt::Display for Protocol {
 /// `[[virtual_server]]`: a VIP, its port and protocol, and the real servers behind it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtualServer {
-    /// `address` (required): the VIP, IPv4 or IPv6.
+    /// `address` (required unless `fwmark` is given): the VIP, IPv4 or IPv6. For a firewall-mark
+    /// virtual server, the unspecified address of its `family` (`"ipv4"` default, `"ipv6"`).
     pub address: IpAddr,
     /// `port` (required): 0 = every port of the address. A specific port of the same address and
     /// protocol is allowed beside it and wins in the fast path.
     pub port: u16,
     /// `protocol`: default `"tcp"`.
     pub protocol: Protocol,
-    /// `scheduler`: how new flows are spread over the real servers; only `"maglev"` (default)
-    /// for now.
+    /// `scheduler`: how new flows are spread over the real servers: `"maglev"` (default), or with
+    /// `mode = "ipvs"` one of IPVS's `rr`, `wrr`, `lc`, `wlc`, `sh`, `sed`, `nq`.
     pub scheduler: String,
+    /// `forwarding`: `"dsr"` (default); `"nat"` and `"tunnel"` need `mode = "ipvs"`.
+    pub forwarding: Forwarding,
+    /// `persistence`: sticky clients (IPVS only).
+    pub persistence: Option<Persistence>,
+    /// `fwmark`: a firewall-mark virtual server (keepalived's `virtual_server fwmark N`, IPVS
+    /// only): packets carrying this mark, whatever their address, port and protocol.
+    pub fwmark: Option<u32>,
+    /// `mh_fallback` / `mh_port`: IPVS `mh` (maglev) flags: skip real servers with weight 0 /
+    /// hash the source port too (`ipvsadm -b mh-fallback,mh-port`).
+    pub mh_fallback: bool,
+    pub mh_port: bool,
     /// The `[[virtual_server.real_server]]` tables, in file order. May be empty: the VIP's traffic
     /// is then dropped and counted as no-backend.
     #[serde(rename = "real_server")]
@@ -292,6 +349,8 @@ struct RawConfig {
 struct RawDirector {
     interface: Spanned<String>,
     #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
     xdp_mode: XdpMode,
     table_size: Option<Spanned<i64>>,
     control_socket: Option<Spanned<PathBuf>>,
@@ -305,13 +364,25 @@ struct RawDirector {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a table")]
 struct RawVirtualServer {
-    address: Spanned<String>,
-    port: Spanned<i64>,
-    #[serde(default)]
-    protocol: Protocol,
+    address: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
+    protocol: Option<Spanned<Protocol>>,
     scheduler: Option<Spanned<String>>,
+    forwarding: Option<Spanned<Forwarding>>,
+    persistence: Option<Spanned<RawPersistence>>,
+    fwmark: Option<Spanned<i64>>,
+    family: Option<Spanned<String>>,
+    mh_fallback: Option<Spanned<bool>>,
+    mh_port: Option<Spanned<bool>>,
     #[serde(default)]
     real_server: Vec<Spanned<RawRealServer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawPersistence {
+    timeout: Spanned<String>,
+    netmask: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -334,6 +405,7 @@ fn table_of(keys: &[&str]) -> Option<&'static str> {
             "in [[virtual_server.real_server]]",
             keys_of::<RawRealServer>(),
         ),
+        ("in persistence", keys_of::<RawPersistence>()),
     ]
     .into_iter()
     .find(|(_, accepted)| *accepted == keys)
@@ -355,15 +427,16 @@ impl Validator<'_> {
         }
         let mut seen = HashMap::new();
         let mut virtual_servers = Vec::new();
+        let mode = director.as_ref().map(|d| d.mode);
         for raw_vs in &raw.virtual_server {
-            if let Some(vs) = self.virtual_server(raw_vs) {
-                let what = format!(
-                    "virtual server {}/{}",
-                    SocketAddr::new(vs.address, vs.port),
-                    vs.protocol
-                );
-                let key = (vs.address, vs.port, vs.protocol);
-                self.unique(&mut seen, key, raw_vs.get_ref().address.span().start, what);
+            if let Some(vs) = self.virtual_server(raw_vs, mode) {
+                let what = match vs.fwmark {
+                    Some(mark) => format!("firewall-mark virtual server {mark}"),
+                    None => format!("virtual server {}/{}", SocketAddr::new(vs.address, vs.port), vs.protocol),
+                };
+                let key = (vs.address, vs.port, vs.protocol, vs.fwmark);
+                let at = raw_vs.get_ref().address.as_ref().map_or(raw_vs.span().start, |a| a.span().start);
+                self.unique(&mut seen, key, at, what);
                 virtual_servers.push(vs);
             }
         }
@@ -393,6 +466,7 @@ impl Validator<'_> {
         );
         Some(Director {
             interface: interface?,
+            mode: raw.mode,
             xdp_mode: raw.xdp_mode,
             table_size: table_size?,
             control_socket: control_socket?,
@@ -429,16 +503,101 @@ impl Validator<'_> {
         }
     }
 
-    fn virtual_server(&mut self, raw: &Spanned<RawVirtualServer>) -> Option<VirtualServer> {
-        let span = self.lines.position(raw.span().start);
-        let raw = raw.get_ref();
-        let address = self.check(&raw.address, |a| ip_address(a));
-        let port = self.check(&raw.port, int("port", 0..=65535));
-        let scheduler = self.check_or(&raw.scheduler, SCHEDULERS[0].to_owned(), |s| scheduler(s));
+    /// `mode` is `None` when `[director]` itself is invalid (IPVS-only checks are then skipped).
+    fn virtual_server(&mut self, spanned: &Spanned<RawVirtualServer>, mode: Option<Mode>) -> Option<VirtualServer> {
+        let start = spanned.span().start;
+        let span = self.lines.position(start);
+        let raw = spanned.get_ref();
+        let ipvs_only = |what: String| -> Result<(), String> {
+            match mode {
+                Some(Mode::Xdp | Mode::Auto) => Err(format!(
+                    "{what} needs [director] mode = \"ipvs\": the XDP fast path does maglev with DSR only"
+                )),
+                _ => Ok(()),
+            }
+        };
+        let fwmark = self.check_optional(&raw.fwmark, |m| {
+            let mark: u32 = int("fwmark", 1..=i64::from(u32::MAX))(m)?;
+            ipvs_only("a firewall-mark virtual server".into()).map(|()| mark)
+        });
+        // The structure follows what was written, even where the mark itself was refused.
+        let (address, port, protocol) = match &raw.fwmark {
+            Some(_) => {
+                for (key, present) in [
+                    ("address", raw.address.as_ref().map(|v| v.span().start)),
+                    ("port", raw.port.as_ref().map(|v| v.span().start)),
+                    ("protocol", raw.protocol.as_ref().map(|v| v.span().start)),
+                ] {
+                    if let Some(at) = present {
+                        self.error(at, format!("`{key}` does not go with `fwmark`: the mark alone selects the traffic"));
+                    }
+                }
+                let family = self.check_or(&raw.family, IpAddr::from([0u8; 4]), |f| match f.as_str() {
+                    "ipv4" => Ok(IpAddr::from([0u8; 4])),
+                    "ipv6" => Ok(IpAddr::from([0u16; 8])),
+                    other => Err(format!("unknown family `{other}`; expected one of: ipv4, ipv6")),
+                });
+                (family.unwrap_or(IpAddr::from([0u8; 4])), Some(0), Protocol::Tcp)
+            }
+            _ => {
+                if let Some(f) = &raw.family {
+                    self.error(f.span().start, "`family` only goes with `fwmark`; the address gives the family".into());
+                }
+                let address = match &raw.address {
+                    Some(a) => self.check(a, |a| ip_address(a)),
+                    None => {
+                        self.error(start, "missing required key `address` (or `fwmark`) in [[virtual_server]]".into());
+                        None
+                    }
+                };
+                let port = match &raw.port {
+                    Some(p) => self.check(p, int("port", 0..=65535)),
+                    None => {
+                        self.error(start, "missing required key `port` in [[virtual_server]]".into());
+                        None
+                    }
+                };
+                let protocol = raw.protocol.as_ref().map_or(Protocol::Tcp, |p| *p.get_ref());
+                (address.unwrap_or(IpAddr::from([0u8; 4])), port, protocol)
+            }
+        };
+        let scheduler = self.check_or(&raw.scheduler, SCHEDULERS[0].to_owned(), |s| {
+            let name = scheduler(s)?;
+            if name != SCHEDULERS[0] {
+                ipvs_only(format!("scheduler `{name}`"))?;
+            }
+            Ok(name)
+        });
+        let forwarding = self.check_or(&raw.forwarding, Forwarding::Dsr, |f| match f {
+            Forwarding::Dsr => Ok(Forwarding::Dsr),
+            Forwarding::Nat => ipvs_only("forwarding `nat`".into()).map(|()| Forwarding::Nat),
+            Forwarding::Tunnel => ipvs_only("forwarding `tunnel`".into()).map(|()| Forwarding::Tunnel),
+        });
+        let persistence = match &raw.persistence {
+            None => Some(None),
+            Some(p) => match ipvs_only("persistence".into()) {
+                Ok(()) => self.persistence(p.get_ref(), address),
+                Err(message) => {
+                    self.error(p.span().start, message);
+                    None
+                }
+            },
+        };
+        let mh = |flag: &Option<Spanned<bool>>, name: &str, v: &mut Self| -> Option<bool> {
+            v.check_or(flag, false, |&on| {
+                if on {
+                    ipvs_only(format!("`{name}`"))?;
+                }
+                Ok(on)
+            })
+        };
+        let mh_fallback = mh(&raw.mh_fallback, "mh_fallback", self);
+        let mh_port = mh(&raw.mh_port, "mh_port", self);
+        let rewrites_ports = raw.forwarding.as_ref().is_some_and(|f| *f.get_ref() == Forwarding::Nat);
         let mut seen = HashMap::new();
         let mut real_servers = Vec::new();
         for raw_rs in &raw.real_server {
-            if let Some(rs) = self.real_server(raw_rs, port) {
+            if let Some(rs) = self.real_server(raw_rs, port, rewrites_ports) {
                 let what = format!("real server {}", SocketAddr::new(rs.address, rs.port));
                 self.unique(
                     &mut seen,
@@ -450,27 +609,47 @@ impl Validator<'_> {
             }
         }
         Some(VirtualServer {
-            address: address?,
+            address,
             port: port?,
-            protocol: raw.protocol,
+            protocol,
             scheduler: scheduler?,
+            forwarding: forwarding?,
+            persistence: persistence?,
+            fwmark: fwmark?,
+            mh_fallback: mh_fallback?,
+            mh_port: mh_port?,
             real_servers,
             span,
         })
     }
 
-    /// `vip_port` is `None` when the virtual server's port is itself invalid.
+    fn persistence(&mut self, raw: &RawPersistence, vip: IpAddr) -> Option<Option<Persistence>> {
+        let timeout_secs = self.check(&raw.timeout, |t| {
+            let d = duration(t)?;
+            u32::try_from(d.as_secs())
+                .ok()
+                .filter(|&s| (1..=1 << 31).contains(&s))
+                .ok_or_else(|| format!("persistence timeout must be between 1s and {}s, got `{t}`", 1u32 << 31))
+        });
+        let max = if vip.is_ipv4() { 32 } else { 128 };
+        let prefix_len = self.check_or(&raw.netmask, max, |m| netmask(m, vip));
+        Some(Some(Persistence { timeout_secs: timeout_secs?, prefix_len: prefix_len? }))
+    }
+
+    /// `vip_port` is `None` when the virtual server's port is itself invalid; `rewrites_ports` is
+    /// true for NAT, the one forwarding method that may change the destination port.
     fn real_server(
         &mut self,
         raw: &Spanned<RawRealServer>,
         vip_port: Option<u16>,
+        rewrites_ports: bool,
     ) -> Option<RealServer> {
         let span = self.lines.position(raw.span().start);
         let raw = raw.get_ref();
         let address = self.check(&raw.address, |a| ip_address(a));
         let port = match &raw.port {
             Some(port) => self.check(port, |p| {
-                int("port", 0..=65535)(p).and_then(|p| dsr_port(p, vip_port))
+                int("port", 0..=65535)(p).and_then(|p| if rewrites_ports { Ok(p) } else { dsr_port(p, vip_port) })
             }),
             None => vip_port,
         };
@@ -640,6 +819,41 @@ fn scheduler(name: &str) -> Result<String, String> {
             "unknown scheduler `{name}`; expected one of: {}",
             SCHEDULERS.join(", ")
         ))
+    }
+}
+
+/// A duration such as `"300s"`, `"500ms"`, `"5m"`, `"1h"`.
+pub fn duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("invalid duration `{text}`; write a number with a unit: ms, s, m or h (e.g. \"500ms\", \"2s\")");
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    };
+    ms.map(std::time::Duration::from_millis).ok_or_else(bad)
+}
+
+/// A persistence netmask: an IPv4 mask (`"255.255.255.0"`) or a prefix length (`"24"`, `"/64"`).
+fn netmask(text: &str, vip: IpAddr) -> Result<u8, String> {
+    let max: u8 = if vip.is_ipv4() { 32 } else { 128 };
+    if let Ok(len) = text.trim_start_matches('/').parse::<u8>() {
+        return if len <= max { Ok(len) } else { Err(format!("netmask /{len} is longer than {max} bits")) };
+    }
+    match text.parse::<std::net::Ipv4Addr>() {
+        Ok(mask) if vip.is_ipv4() => {
+            let bits = u32::from(mask);
+            if bits.leading_ones() + bits.trailing_zeros() == 32 {
+                Ok(bits.leading_ones() as u8)
+            } else {
+                Err(format!("netmask `{text}` is not contiguous"))
+            }
+        }
+        _ => Err(format!("invalid netmask `{text}`; write a prefix length like \"24\" or an IPv4 mask like \"255.255.255.0\"")),
     }
 }
 
@@ -843,6 +1057,7 @@ mod tests {
     fn default_director(interface: &str) -> Director {
         Director {
             interface: interface.into(),
+            mode: Mode::Auto,
             xdp_mode: XdpMode::Native,
             table_size: 65537,
             control_socket: "/run/lbd/lbd.sock".into(),
@@ -896,6 +1111,7 @@ port = 8080
         let expected = Config {
             director: Director {
                 interface: "eth1".into(),
+                mode: Mode::Auto,
                 xdp_mode: XdpMode::Generic,
                 table_size: 251,
                 control_socket: "/tmp/lbd.sock".into(),
@@ -910,6 +1126,11 @@ port = 8080
                     port: 443,
                     protocol: Protocol::Udp,
                     scheduler: "maglev".into(),
+                    forwarding: Forwarding::Dsr,
+                    persistence: None,
+                    fwmark: None,
+                    mh_fallback: false,
+                    mh_port: false,
                     real_servers: vec![
                         RealServer {
                             address: v4(192, 0, 2, 21),
@@ -935,6 +1156,11 @@ port = 8080
                     port: 0,
                     protocol: Protocol::Tcp,
                     scheduler: "maglev".into(),
+                    forwarding: Forwarding::Dsr,
+                    persistence: None,
+                    fwmark: None,
+                    mh_fallback: false,
+                    mh_port: false,
                     real_servers: vec![RealServer {
                         address: v6("2001:db8::21"),
                         port: 8080,
@@ -978,6 +1204,7 @@ port = 8080
     fn rig_config() {
         let config = Config::load(&workspace_file("rig.toml")).unwrap();
         let director = Director {
+            mode: Mode::Xdp,
             control_socket: "/run/lbd/rig.sock".into(),
             ..default_director("eth0")
         };
@@ -1074,7 +1301,7 @@ protocol = "udp"
     fn unknown_keys() {
         assert_eq!(
             errors(&format!("{DIRECTOR}tabel_size = 3\n")),
-            ["t.toml:3:1: unknown key `tabel_size` in [director]; expected one of: interface, xdp_mode, \
+            ["t.toml:3:1: unknown key `tabel_size` in [director]; expected one of: interface, mode, xdp_mode, \
               table_size, control_socket, conntrack_size, max_vips, max_backends, log_level"]
         );
         assert_eq!(
@@ -1084,7 +1311,7 @@ protocol = "udp"
         assert_eq!(
             errors_after(true, "weight = 1\n"),
             ["t.toml:6:1: unknown key `weight` in [[virtual_server]]; expected one of: address, port, protocol, \
-              scheduler, real_server"]
+              scheduler, forwarding, persistence, fwmark, family, mh_fallback, mh_port, real_server"]
         );
         assert_eq!(
             errors_after(true, "[[virtual_server.real_server]]\naddress = \"10.0.0.2\"\n  wieght = 2\n"),
@@ -1092,9 +1319,9 @@ protocol = "udp"
               weight, mac, interface"]
         );
         // Dotted keys and inline tables are placed by their table too.
-        let inline = errors("director = { interface = \"eth0\", mode = \"xdp\" }\n");
+        let inline = errors("director = { interface = \"eth0\", modus = \"xdp\" }\n");
         assert!(
-            inline[0].starts_with("t.toml:1:34: unknown key `mode` in [director]; "),
+            inline[0].starts_with("t.toml:1:34: unknown key `modus` in [director]; "),
             "{inline:?}"
         );
         let dotted = errors(&format!("{DIRECTOR}health.port = 1\n"));
@@ -1145,7 +1372,7 @@ protocol = "udp"
         );
         assert_eq!(
             errors_after(false, "[[virtual_server]]\nport = 80\n"),
-            ["t.toml:3:1: missing required key `address`"]
+            ["t.toml:3:1: missing required key `address` (or `fwmark`) in [[virtual_server]]"]
         );
         assert_eq!(
             errors_after(false, "[virtual_server]\naddress = \"10.0.0.1\"\n"),
@@ -1226,8 +1453,58 @@ protocol = "udp"
         );
         assert_eq!(
             vs("address = \"10.0.0.1\"\nport = 80\nscheduler = \"wrr\""),
-            ["t.toml:6:13: unknown scheduler `wrr`; expected one of: maglev"]
+            ["t.toml:6:13: scheduler `wrr` needs [director] mode = \"ipvs\": the XDP fast path does maglev with DSR only"]
         );
+    }
+
+    #[test]
+    fn ipvs_only_features() {
+        let ipvs = "[director]\ninterface = \"eth0\"\nmode = \"ipvs\"\n";
+        let text = format!(
+            "{ipvs}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\nscheduler = \"wlc\"\nforwarding = \"nat\"\n\
+             persistence = {{ timeout = \"5m\", netmask = \"255.255.255.0\" }}\n\
+             [[virtual_server.real_server]]\naddress = \"10.0.0.11\"\nport = 8080\n\
+             [[virtual_server]]\nfwmark = 7\nfamily = \"ipv6\"\nmh_port = true\n"
+        );
+        let config = parse(&text).expect("valid in IPVS mode");
+        assert_eq!(config.director.mode, Mode::Ipvs);
+        let (web, mark) = (&config.virtual_servers[0], &config.virtual_servers[1]);
+        assert_eq!((web.scheduler.as_str(), web.forwarding), ("wlc", Forwarding::Nat));
+        assert_eq!(web.persistence, Some(Persistence { timeout_secs: 300, prefix_len: 24 }));
+        assert_eq!(web.real_servers[0].port, 8080, "NAT may change the port");
+        assert_eq!((mark.fwmark, mark.address, mark.mh_port), (Some(7), v6("::"), true));
+
+        // The same file without mode = "ipvs" is refused, feature by feature, at each key.
+        let xdp = text.replace("mode = \"ipvs\"\n", "");
+        assert_eq!(
+            errors(&xdp),
+            [
+                "t.toml:6:13: scheduler `wlc` needs [director] mode = \"ipvs\": the XDP fast path does maglev with DSR only",
+                "t.toml:7:14: forwarding `nat` needs [director] mode = \"ipvs\": the XDP fast path does maglev with DSR only",
+                "t.toml:8:15: persistence needs [director] mode = \"ipvs\": the XDP fast path does maglev with DSR only",
+                "t.toml:13:10: a firewall-mark virtual server needs [director] mode = \"ipvs\": the XDP fast path does maglev with DSR only",
+                "t.toml:15:11: `mh_port` needs [director] mode = \"ipvs\": the XDP fast path does maglev with DSR only",
+            ]
+        );
+        let bad = format!("{ipvs}[[virtual_server]]\nfwmark = 7\nport = 80\npersistence = {{ timeout = \"soon\" }}\n");
+        assert_eq!(
+            errors(&bad),
+            [
+                "t.toml:6:8: `port` does not go with `fwmark`: the mark alone selects the traffic",
+                "t.toml:7:27: invalid duration `soon`; write a number with a unit: ms, s, m or h (e.g. \"500ms\", \"2s\")",
+            ]
+        );
+        assert_eq!(
+            errors(&format!("{ipvs}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\npersistence = {{ timeout = \"1s\", netmask = \"255.0.255.0\" }}\n")),
+            ["t.toml:7:43: netmask `255.0.255.0` is not contiguous"]
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration("500ms"), Ok(std::time::Duration::from_millis(500)));
+        assert_eq!(duration("2m"), Ok(std::time::Duration::from_secs(120)));
+        assert!(duration("2").is_err() && duration("s").is_err() && duration("1.5s").is_err());
     }
 
     #[test]

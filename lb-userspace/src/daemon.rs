@@ -18,11 +18,12 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, Director, Protocol, XdpMode},
+    config::{Config, Director, Mode, Protocol, XdpMode},
     control::{self, BackendSelector, Request, Response},
-    dataplane::{BackendSpec, Dataplane, DataplaneStats, ServiceSpec, VipAddr},
+    dataplane::{BackendSpec, Dataplane, DataplaneStats, IpvsParams, ServiceSpec, VipAddr},
     neigh::{Mac, NeighEvent, NeighKey, Resolver},
     status::{format_mac, RealServerStatus, ReasonStatus, Status, TrafficStatus, VirtualServerStatus},
+    ipvs_dataplane::IpvsDataplane,
     xdp::{XdpDataplane, XdpOptions},
 };
 
@@ -59,6 +60,9 @@ pub struct Controller {
     /// to them.
     drained: BTreeSet<(VipAddr, String)>,
     started: Instant,
+    /// What `lbd status` says about the dataplane ("native XDP on eth0", "IPVS 1.2.1").
+    description: String,
+    xdp_mode: &'static str,
 }
 
 impl Controller {
@@ -72,7 +76,15 @@ impl Controller {
             macs: HashMap::new(),
             drained: BTreeSet::new(),
             started: Instant::now(),
+            description: String::new(),
+            xdp_mode: "",
         }
+    }
+
+    /// Sets what `lbd status` says about the dataplane.
+    pub fn describe(&mut self, description: String, xdp_mode: &'static str) {
+        self.description = description;
+        self.xdp_mode = xdp_mode;
     }
 
     pub fn config(&self) -> &Config {
@@ -90,6 +102,9 @@ impl Controller {
     /// Backends whose MAC must come from the neighbour table (no `mac` in the config).
     pub fn neigh_keys(&self) -> BTreeSet<NeighKeyOrd> {
         let mut keys = BTreeSet::new();
+        if !self.dataplane.needs_macs() {
+            return keys;
+        }
         for vs in &self.config.virtual_servers {
             for rs in vs.real_servers.iter().filter(|rs| rs.mac.is_none()) {
                 let ifindex = self.ifaces[self.iface_of(&rs.interface)].ifindex;
@@ -118,14 +133,21 @@ impl Controller {
             .virtual_servers
             .iter()
             .map(|vs| ServiceSpec {
-                vip: VipAddr { addr: vs.address, port: vs.port, protocol: vs.protocol },
+                vip: VipAddr::of(vs),
                 enabled: true,
+                ipvs: IpvsParams {
+                    scheduler: vs.scheduler.clone(),
+                    forwarding: vs.forwarding,
+                    persistence: vs.persistence,
+                    mh_fallback: vs.mh_fallback,
+                    mh_port: vs.mh_port,
+                },
                 backends: vs
                     .real_servers
                     .iter()
                     .map(|rs| {
                         let iface = self.ifaces[self.iface_of(&rs.interface)];
-                        let vip = VipAddr { addr: vs.address, port: vs.port, protocol: vs.protocol };
+                        let vip = VipAddr::of(vs);
                         let drained = self.drained.contains(&(vip, rs_key(rs)));
                         BackendSpec {
                             addr: rs.address,
@@ -164,7 +186,7 @@ impl Controller {
         for vs in self.config.virtual_servers.iter().filter(|vs| {
             vs.address == vip.ip() && vs.port == vip.port() && protocol.is_none_or(|p| p == vs.protocol)
         }) {
-            let v = VipAddr { addr: vs.address, port: vs.port, protocol: vs.protocol };
+            let v = VipAddr::of(vs);
             for rs in &vs.real_servers {
                 known.push(rs_key(rs));
                 if rs.address == addr && port.is_none_or(|p| p == rs.port) {
@@ -207,7 +229,7 @@ impl Controller {
             c.virtual_servers
                 .iter()
                 .flat_map(|vs| {
-                    let v = VipAddr { addr: vs.address, port: vs.port, protocol: vs.protocol };
+                    let v = VipAddr::of(vs);
                     vs.real_servers.iter().map(move |rs| ((v, rs_key(rs)), rs.weight))
                 })
                 .collect()
@@ -235,11 +257,8 @@ impl Controller {
             config: self.config_path.display().to_string(),
             dataplane: self.dataplane.name().to_string(),
             interface: d.interface.clone(),
-            xdp_mode: match d.xdp_mode {
-                XdpMode::Native => "native",
-                XdpMode::Generic => "generic",
-            }
-            .to_string(),
+            xdp_mode: self.xdp_mode.to_string(),
+            description: self.description.clone(),
             uptime_secs: self.started.elapsed().as_secs(),
             table_size: d.table_size,
             conntrack_entries: stats.connections,
@@ -269,7 +288,7 @@ impl Controller {
                         .zip(&vs.real_servers)
                         .map(|(b, rs)| {
                             let st = stats.backends.get(&(svc.vip, b.key())).copied().unwrap_or_default();
-                            let state = if b.mac.is_none() {
+                            let state = if b.mac.is_none() && self.dataplane.needs_macs() {
                                 "unresolved"
                             } else if self.drained.contains(&(svc.vip, b.key())) {
                                 "drained"
@@ -322,7 +341,7 @@ fn restart_only_changes(old: &Director, new: &Director) -> anyhow::Result<()> {
             }
         )*};
     }
-    check!(interface, xdp_mode, table_size, control_socket, conntrack_size, max_vips, max_backends, log_level);
+    check!(interface, mode, xdp_mode, table_size, control_socket, conntrack_size, max_vips, max_backends, log_level);
     if changed.is_empty() {
         Ok(())
     } else {
@@ -353,26 +372,44 @@ fn log_level_number(config: &Config) -> u8 {
 type ControlMsg = (Request, oneshot::Sender<Response>);
 
 /// `lbd run`: runs until SIGINT/SIGTERM; SIGHUP (or `{"cmd":"reload"}`) reloads the config.
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let d = config.director.clone();
-    let ifaces = resolve_ifaces(&config)?;
+/// The dataplane `lbd run` picked, and how to describe it.
+pub struct Picked {
+    pub dataplane: Box<dyn Dataplane>,
+    /// "native XDP on eth0", "IPVS 1.2.1", ...
+    pub description: String,
+    /// "native", "generic" or "" (IPVS).
+    pub xdp_mode: &'static str,
+}
+
+/// Why a BPF or netlink step failed, in an operator's words where the errno says it all.
+fn reason(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            match io.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::EACCES) => return format!("bpf() not permitted ({err})"),
+                Some(libc::ENOSYS) => return format!("the kernel has no bpf() system call ({err})"),
+                Some(libc::EOPNOTSUPP) => return format!("the driver has no native XDP ({err})"),
+                _ => {}
+            }
+        }
+        source = e.source();
+    }
+    err.to_string()
+}
+
+fn xdp(config: &Config, native: bool) -> anyhow::Result<Picked> {
+    let d = &config.director;
     let mut xdp = XdpDataplane::load(XdpOptions {
         table_size: d.table_size,
         max_vips: d.max_vips,
         max_backends: d.max_backends,
         conntrack_size: d.conntrack_size,
-        log_level: log_level_number(&config),
+        log_level: log_level_number(config),
     })?;
-    xdp.attach(&d.interface, d.xdp_mode == XdpMode::Native)?;
-    info!(
-        interface = %d.interface,
-        mode = ?d.xdp_mode,
-        virtual_servers = config.virtual_servers.len(),
-        real_servers = config.virtual_servers.iter().map(|v| v.real_servers.len()).sum::<usize>(),
-        "XDP fast path attached"
-    );
-    // The program's own log records (only at debug/trace level), kept alive for the whole run.
+    xdp.attach(&d.interface, native)?;
+    // The program's own log records (only at debug/trace level), kept alive for the whole run:
+    // the logger owns the log ring buffer.
     let logger = aya_log::EbpfLogger::init(xdp.ebpf_mut()).context("opening the fast path's log buffer")?;
     tokio::spawn(async move {
         // SAFETY: the AsyncFd owns the logger and with it the ring buffer's fd for its whole life.
@@ -384,9 +421,61 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             guard.clear_ready();
         }
     });
+    let mode = if native { "native" } else { "generic" };
+    Ok(Picked { dataplane: Box::new(xdp), description: format!("{mode} XDP on {}", d.interface), xdp_mode: mode })
+}
+
+fn ipvs(config: &Config) -> anyhow::Result<Picked> {
+    let mut dp = IpvsDataplane::new(IpvsDataplane::state_file_for(&config.director.control_socket))?;
+    let version = dp.version().map(|(a, b, c)| format!(" {a}.{b}.{c}")).unwrap_or_default();
+    Ok(Picked { dataplane: Box::new(dp), description: format!("IPVS{version}"), xdp_mode: "" })
+}
+
+/// Builds the dataplane `[director] mode` asks for. Nothing BPF-related runs before this, so lbd
+/// starts on kernels without BPF at all (`auto` then ends up with IPVS).
+pub fn pick_dataplane(config: &Config) -> anyhow::Result<Picked> {
+    let d = &config.director;
+    match d.mode {
+        Mode::Xdp => xdp(config, d.xdp_mode == XdpMode::Native),
+        Mode::Ipvs => ipvs(config).context("IPVS mode"),
+        Mode::Auto => {
+            let mut failed = Vec::new();
+            let tries: [(&str, &dyn Fn() -> anyhow::Result<Picked>); 3] = [
+                ("native XDP", &|| xdp(config, true)),
+                ("generic XDP", &|| xdp(config, false)),
+                ("IPVS", &|| ipvs(config)),
+            ];
+            for (name, attempt) in tries {
+                match attempt() {
+                    Ok(picked) => {
+                        let why = if failed.is_empty() { String::new() } else { format!(" ({})", failed.join("; ")) };
+                        info!("mode auto picked {}{why}", picked.description);
+                        return Ok(picked);
+                    }
+                    Err(e) => failed.push(format!("{name}: {}", reason(e.as_ref()))),
+                }
+            }
+            anyhow::bail!("mode auto found no working dataplane: {}", failed.join("; "))
+        }
+    }
+}
+
+/// `lbd run`: runs until SIGINT/SIGTERM; SIGHUP (or `{"cmd":"reload"}`) reloads the config.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let d = config.director.clone();
+    let ifaces = resolve_ifaces(&config)?;
+    let picked = pick_dataplane(&config)?;
+    info!(
+        dataplane = %picked.description,
+        virtual_servers = config.virtual_servers.len(),
+        real_servers = config.virtual_servers.iter().map(|v| v.real_servers.len()).sum::<usize>(),
+        "dataplane ready"
+    );
 
     let (resolver, mut neigh_rx) = Resolver::start().context("starting the neighbour resolver")?;
-    let mut ctl = Controller::new(config, config_path.to_path_buf(), Box::new(xdp), ifaces);
+    let mut ctl = Controller::new(config, config_path.to_path_buf(), picked.dataplane, ifaces);
+    ctl.describe(picked.description, picked.xdp_mode);
     let mut watched = ctl.neigh_keys();
     for key in &watched {
         resolver.watch((*key).into());

@@ -13,15 +13,29 @@ use std::{
 
 use serde::Serialize;
 
-use crate::config::Protocol;
+use crate::config::{Forwarding, Persistence, Protocol};
 
 /// A virtual service: what the fast path matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct VipAddr {
+    /// For a firewall-mark service: the unspecified address of its family.
     pub addr: IpAddr,
     /// 0 = every port.
     pub port: u16,
     pub protocol: Protocol,
+    /// A firewall-mark service (IPVS only) matches this mark instead of address, port, protocol.
+    pub fwmark: Option<u32>,
+}
+
+impl VipAddr {
+    pub fn new(addr: IpAddr, port: u16, protocol: Protocol) -> Self {
+        Self { addr, port, protocol, fwmark: None }
+    }
+
+    /// The virtual server's key, firewall mark included.
+    pub fn of(vs: &crate::config::VirtualServer) -> Self {
+        Self { fwmark: vs.fwmark, ..Self::new(vs.address, vs.port, vs.protocol) }
+    }
 }
 
 impl fmt::Display for VipAddr {
@@ -30,9 +44,11 @@ impl fmt::Display for VipAddr {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
         };
-        match self.addr {
-            IpAddr::V4(a) => write!(f, "{proto} {a}:{}", self.port),
-            IpAddr::V6(a) => write!(f, "{proto} [{a}]:{}", self.port),
+        match (self.fwmark, self.addr) {
+            (Some(mark), IpAddr::V4(_)) => write!(f, "FWM {mark}"),
+            (Some(mark), IpAddr::V6(_)) => write!(f, "FWM {mark} IPv6"),
+            (None, IpAddr::V4(a)) => write!(f, "{proto} {a}:{}", self.port),
+            (None, IpAddr::V6(a)) => write!(f, "{proto} [{a}]:{}", self.port),
         }
     }
 }
@@ -68,6 +84,32 @@ pub struct ServiceSpec {
     pub backends: Vec<BackendSpec>,
     /// Forward this VIP's traffic (false on a VRRP backup).
     pub enabled: bool,
+    /// What only IPVS uses (the XDP fast path is maglev with DSR; the config refuses the rest).
+    pub ipvs: IpvsParams,
+}
+
+impl ServiceSpec {
+    /// An enabled maglev/DSR service.
+    pub fn new(vip: VipAddr, backends: Vec<BackendSpec>) -> Self {
+        Self { vip, backends, enabled: true, ipvs: IpvsParams::default() }
+    }
+}
+
+/// A virtual server's IPVS settings, straight from the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpvsParams {
+    /// `maglev` (IPVS `mh`) or an IPVS scheduler name.
+    pub scheduler: String,
+    pub forwarding: Forwarding,
+    pub persistence: Option<Persistence>,
+    pub mh_fallback: bool,
+    pub mh_port: bool,
+}
+
+impl Default for IpvsParams {
+    fn default() -> Self {
+        Self { scheduler: "maglev".into(), forwarding: Forwarding::Dsr, persistence: None, mh_fallback: false, mh_port: false }
+    }
 }
 
 /// Traffic counters, summed over CPUs.
@@ -110,6 +152,11 @@ pub enum DataplaneError {
 pub trait Dataplane: Send {
     /// Short name for logs and `lbd status` ("xdp", "ipvs", "fake").
     fn name(&self) -> &'static str;
+    /// Whether real servers need a resolved MAC before they get traffic (XDP rewrites MACs; IPVS
+    /// leaves that to the kernel).
+    fn needs_macs(&self) -> bool {
+        true
+    }
     /// Programs the whole desired state. On error, what was already applied stays consistent
     /// (each VIP switches tables atomically) and the caller may retry.
     fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError>;

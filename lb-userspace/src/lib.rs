@@ -5,6 +5,8 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod ipvs;
+pub mod ipvs_dataplane;
 pub mod maglev;
 pub mod neigh;
 pub mod status;

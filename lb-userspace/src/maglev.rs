@@ -871,4 +871,28 @@ mod tests {
         assert_eq!(by_id, [565, 1125, 1699, 5651, 56497]);
         assert_eq!(hash64(&bytes, 0), 0xbedf_35de_f39b_302b);
     }
+
+    /// The fast path indexes tables with `lb_common::flow_hash`: consecutive client ports (what a
+    /// client's ephemeral ports look like) must spread evenly over the backends.
+    #[test]
+    fn flow_hash_spreads_consecutive_ports_evenly() {
+        let backends: Vec<MaglevBackend> =
+            (0..3).map(|i| MaglevBackend { key: format!("10.0.0.{}:80", 11 + i), weight: 1, id: i }).collect();
+        let table = build_table(&backends, 65537).unwrap();
+        let mut counts = [0u32; 3];
+        for sport in 30000u16..33000 {
+            let key = lb_common::FlowKey {
+                src: [u32::from_ne_bytes([10, 0, 0, 2]), 0, 0, 0],
+                dst: [u32::from_ne_bytes([10, 0, 0, 100]), 0, 0, 0],
+                sport: sport.to_be(),
+                dport: 80u16.to_be(),
+                proto: lb_common::PROTO_TCP,
+                family: lb_common::FAMILY_V4,
+                _pad: [0; 2],
+            };
+            counts[table[(lb_common::flow_hash(&key) % 65537) as usize] as usize] += 1;
+        }
+        // 3000 flows: a fair split is 1000 ± 26 (1σ); allow 4σ.
+        assert!(counts.iter().all(|&n| (896..=1104).contains(&n)), "{counts:?}");
+    }
 }

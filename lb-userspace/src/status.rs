@@ -10,9 +10,12 @@ pub struct Status {
     pub version: String,
     pub pid: u32,
     pub config: String,
-    /// "xdp" (later also "ipvs").
+    /// "xdp" or "ipvs".
     pub dataplane: String,
+    /// For people: "native XDP on eth0", "IPVS 1.2.1".
+    pub description: String,
     pub interface: String,
+    /// "native" or "generic" with XDP, "" with IPVS.
     pub xdp_mode: String,
     pub uptime_secs: u64,
     pub table_size: u32,
@@ -86,16 +89,18 @@ pub fn render(status: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "lbd {} (pid {}), {} dataplane, {} XDP on {}, up {}, config {}",
+        "lbd {} (pid {}), {}, up {}, config {}",
         status.version,
         status.pid,
-        status.dataplane,
-        status.xdp_mode,
-        status.interface,
+        status.description,
         human_duration(status.uptime_secs),
         status.config
     );
-    let _ = writeln!(out, "Lookup table {} slots per VIP, {} tracked connections", status.table_size, status.conntrack_entries);
+    if status.dataplane == "xdp" {
+        let _ = writeln!(out, "Lookup table {} slots per VIP, {} tracked connections", status.table_size, status.conntrack_entries);
+    } else {
+        let _ = writeln!(out, "{} connections", status.conntrack_entries);
+    }
     let _ = writeln!(
         out,
         "{:<5}{:<32}{:<11}{:>10}{:>12}{:>14}",
@@ -159,6 +164,7 @@ mod tests {
             pid: 42,
             config: "rig.toml".into(),
             dataplane: "xdp".into(),
+            description: "native XDP on eth0".into(),
             interface: "eth0".into(),
             xdp_mode: "native".into(),
             uptime_secs: 3723,
@@ -190,7 +196,7 @@ mod tests {
         };
         let text = render(&status);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], "lbd 0.1.0 (pid 42), xdp dataplane, native XDP on eth0, up 1h02m, config rig.toml");
+        assert_eq!(lines[0], "lbd 0.1.0 (pid 42), native XDP on eth0, up 1h02m, config rig.toml");
         assert!(lines[4].starts_with("TCP  10.99.0.100:80"), "{}", lines[4]);
         assert!(lines[4].ends_with("3          20          2000"), "{}", lines[4]);
         assert!(lines[5].starts_with("  -> 10.99.0.11:80"), "{}", lines[5]);

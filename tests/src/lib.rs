@@ -4,3 +4,4 @@
 pub mod netns;
 pub mod packets;
 pub mod rig;
+pub mod vm;

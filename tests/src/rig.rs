@@ -82,6 +82,8 @@ pub struct Rig {
     pub config: PathBuf,
     lbd: Option<Child>,
     udp: Vec<UdpResponder>,
+    /// Next unused client source port (see `ports`).
+    next_port: std::sync::atomic::AtomicU16,
     /// `xdp_pass` on the director's peer port (see `lb_userspace::xdp::attach_pass`).
     _peer_pass: Option<aya::Ebpf>,
     // Namespaces last: dropped after the processes and threads that use them.
@@ -116,6 +118,7 @@ impl Rig {
             config,
             lbd: None,
             udp: Vec::new(),
+            next_port: std::sync::atomic::AtomicU16::new(20000),
             _peer_pass: None,
             client,
             director,
@@ -301,12 +304,21 @@ impl Rig {
             .with_context(|| format!("no reason {reason} in status"))
     }
 
-    /// Sends `n` HTTP requests from the client, each on a new connection; counts answers by backend.
+    /// `n` distinct client source ports, never used before by this rig. Chosen rather than
+    /// ephemeral, so which backend a request reaches is a function of the test, not of chance.
+    fn ports(&self, n: usize) -> std::ops::Range<u16> {
+        let first = self.next_port.fetch_add(n as u16, Ordering::Relaxed);
+        first..first + n as u16
+    }
+
+    /// Sends `n` HTTP requests from the client, each on a new connection from its own source port;
+    /// counts answers by backend.
     pub fn http_batch(&self, vip: IpAddr, n: usize) -> Result<BTreeMap<String, usize>> {
+        let ports = self.ports(n);
         self.client.enter(move || -> Result<BTreeMap<String, usize>> {
             let mut counts = BTreeMap::new();
-            for _ in 0..n {
-                let name = http_get_new(SocketAddr::new(vip, HTTP_PORT))?;
+            for port in ports {
+                let name = http_get_from(port, SocketAddr::new(vip, HTTP_PORT))?;
                 *counts.entry(name).or_insert(0) += 1;
             }
             Ok(counts)
@@ -316,11 +328,12 @@ impl Rig {
     /// Sends `n` UDP datagrams from distinct source ports; counts replies by backend and checks
     /// each reply came from the VIP.
     pub fn udp_batch(&self, n: usize) -> Result<BTreeMap<String, usize>> {
+        let ports = self.ports(n);
         self.client.enter(move || -> Result<BTreeMap<String, usize>> {
             let mut counts = BTreeMap::new();
             let vip = SocketAddr::new(IpAddr::V4(VIP_V4), UDP_PORT);
-            for _ in 0..n {
-                let sock = UdpSocket::bind("0.0.0.0:0")?;
+            for port in ports {
+                let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
                 sock.set_read_timeout(Some(Duration::from_secs(2)))?;
                 sock.send_to(b"who", vip)?;
                 let mut buf = [0u8; 64];
@@ -336,9 +349,19 @@ impl Rig {
     }
 }
 
-/// One HTTP/1.1 GET on a new connection; returns the body (the backend's name).
-pub fn http_get_new(addr: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| format!("connecting to {addr}"))?;
+/// One HTTP/1.1 GET on a new connection from source port `port`; returns the body (the
+/// backend's name).
+pub fn http_get_from(port: u16, addr: SocketAddr) -> Result<String> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    let local: SocketAddr = match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, port).into(),
+    };
+    sock.bind(&local.into()).with_context(|| format!("binding source port {port}"))?;
+    sock.connect_timeout(&addr.into(), Duration::from_secs(2)).with_context(|| format!("connecting to {addr} from port {port}"))?;
+    let mut s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")?;
     let mut resp = String::new();
@@ -415,10 +438,11 @@ impl Drop for Rig {
 }
 
 /// A config for the rig's director with just the given virtual servers:
-/// `(address, port, protocol, real server addresses)`, in `xdp_mode` ("native" or "generic").
+/// `(address, port, protocol, real server addresses)`, with `mode = "xdp"` in `xdp_mode`
+/// ("native" or "generic").
 pub fn custom_config(socket: &Path, xdp_mode: &str, vips: &[(IpAddr, u16, &str, Vec<IpAddr>)]) -> String {
     let mut text = format!(
-        "[director]\ninterface = \"eth0\"\nxdp_mode = \"{xdp_mode}\"\ncontrol_socket = \"{}\"\n",
+        "[director]\ninterface = \"eth0\"\nmode = \"xdp\"\nxdp_mode = \"{xdp_mode}\"\ncontrol_socket = \"{}\"\n",
         socket.display()
     );
     for (addr, port, proto, reals) in vips {

@@ -50,7 +50,7 @@ fn backend(last: u8, port: u16, mac: [u8; 6], ifindex: u32) -> BackendSpec {
 }
 
 fn svc(addr: IpAddr, port: u16, protocol: Protocol, backends: Vec<BackendSpec>) -> ServiceSpec {
-    ServiceSpec { vip: VipAddr { addr, port, protocol }, backends, enabled: true }
+    ServiceSpec::new(VipAddr::new(addr, port, protocol), backends)
 }
 
 fn flow(sport: u16, dport: u16) -> Flow4 {

@@ -1,0 +1,303 @@
+//! The IPVS dataplane: the same `Dataplane` trait as XDP, programming the kernel's IPVS over
+//! generic netlink (`crate::ipvs`) for kernels without XDP.
+//!
+//! It reconciles rather than rebuilds: each `apply` reads what the kernel holds, adds what is
+//! missing, edits what differs and deletes only what lbd owns. Ownership is the set of services lbd
+//! created, kept in a small state file beside the control socket, so that
+//! - a restart of lbd finds its services as it left them (a second reconcile changes nothing and
+//!   established connections never notice), and
+//! - services an operator added by hand with ipvsadm are never touched, flushed or deleted.
+//!
+//! lbd therefore leaves its IPVS services in place when it stops: connections keep flowing while it
+//! restarts. Remove a service by removing it from the config and reloading (or `ipvsadm -D`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{Forwarding, Protocol},
+    dataplane::{BackendSpec, BackendStats, Dataplane, DataplaneError, DataplaneStats, ServiceSpec, Traffic, VipAddr},
+    ipvs::{self, Destination, Family, IpvsClient, IpvsError, Service, ServiceKey},
+};
+
+pub struct IpvsDataplane {
+    client: IpvsClient,
+    state_file: PathBuf,
+    /// Services lbd created (from the state file, then from each apply).
+    owned: BTreeSet<ServiceKey>,
+    /// The VIPs of the last apply, to map kernel services back for `stats`.
+    vips: BTreeMap<ServiceKey, VipAddr>,
+}
+
+/// One owned service, as stored in the state file.
+#[derive(Serialize, Deserialize)]
+struct OwnedKey {
+    addr: Option<IpAddr>,
+    protocol: Option<String>,
+    port: Option<u16>,
+    fwmark: Option<u32>,
+    ipv6: bool,
+}
+
+impl From<&ServiceKey> for OwnedKey {
+    fn from(key: &ServiceKey) -> Self {
+        match key {
+            ServiceKey::Inet { addr, protocol, port } => OwnedKey {
+                addr: Some(*addr),
+                protocol: Some(protocol.name().to_string()),
+                port: Some(*port),
+                fwmark: None,
+                ipv6: addr.is_ipv6(),
+            },
+            ServiceKey::Fwmark { family, mark } => {
+                OwnedKey { addr: None, protocol: None, port: None, fwmark: Some(*mark), ipv6: *family == Family::V6 }
+            }
+        }
+    }
+}
+
+impl OwnedKey {
+    fn key(&self) -> Option<ServiceKey> {
+        if let Some(mark) = self.fwmark {
+            let family = if self.ipv6 { Family::V6 } else { Family::V4 };
+            return Some(ServiceKey::Fwmark { family, mark });
+        }
+        let protocol = match self.protocol.as_deref()? {
+            "TCP" => ipvs::Protocol::Tcp,
+            "UDP" => ipvs::Protocol::Udp,
+            "SCTP" => ipvs::Protocol::Sctp,
+            _ => return None,
+        };
+        Some(ServiceKey::Inet { addr: self.addr?, protocol, port: self.port? })
+    }
+}
+
+fn kernel_error(e: IpvsError) -> DataplaneError {
+    DataplaneError::Other(e.to_string())
+}
+
+/// The IPVS key of a VIP.
+pub fn service_key(vip: &VipAddr) -> ServiceKey {
+    match vip.fwmark {
+        Some(mark) => ServiceKey::Fwmark { family: Family::of(vip.addr), mark },
+        None => ServiceKey::Inet {
+            addr: vip.addr,
+            protocol: match vip.protocol {
+                Protocol::Tcp => ipvs::Protocol::Tcp,
+                Protocol::Udp => ipvs::Protocol::Udp,
+            },
+            port: vip.port,
+        },
+    }
+}
+
+/// The IPVS service for a spec: `maglev` is IPVS's `mh`; persistence and mh flags map to the
+/// service flags ipvsadm sets for `-p`, `-M` and `-b mh-fallback,mh-port`.
+pub fn service_of(spec: &ServiceSpec) -> Service {
+    let p = &spec.ipvs;
+    let scheduler = if p.scheduler == "maglev" { "mh" } else { p.scheduler.as_str() };
+    let mut svc = Service::new(service_key(&spec.vip), scheduler);
+    if let Some(pers) = p.persistence {
+        svc.flags |= ipvs::IP_VS_SVC_F_PERSISTENT;
+        svc.timeout = pers.timeout_secs;
+        svc.netmask = match svc.key.family() {
+            Family::V4 => u32::MAX.checked_shl(32 - u32::from(pers.prefix_len)).unwrap_or(0),
+            Family::V6 => u32::from(pers.prefix_len),
+        };
+    }
+    if p.mh_fallback {
+        svc.flags |= ipvs::IP_VS_SVC_F_SCHED1;
+    }
+    if p.mh_port {
+        svc.flags |= ipvs::IP_VS_SVC_F_SCHED2;
+    }
+    svc
+}
+
+pub fn destination_of(b: &BackendSpec, forwarding: Forwarding) -> Destination {
+    let fwd = match forwarding {
+        Forwarding::Dsr => ipvs::Forwarding::DirectRoute,
+        Forwarding::Nat => ipvs::Forwarding::Masquerade,
+        Forwarding::Tunnel => ipvs::Forwarding::Tunnel,
+    };
+    Destination::new(b.addr, b.port, fwd, b.weight)
+}
+
+fn traffic(s: &ipvs::Stats) -> Traffic {
+    Traffic { packets: s.in_packets, bytes: s.in_bytes, new_flows: s.conns }
+}
+
+impl IpvsDataplane {
+    /// Connects to IPVS (loading `ip_vs` if needed) and reads which services lbd owns from
+    /// `state_file`.
+    pub fn new(state_file: PathBuf) -> Result<Self, IpvsError> {
+        let client = IpvsClient::connect()?;
+        let owned = read_owned(&state_file);
+        Ok(Self { client, state_file, owned, vips: BTreeMap::new() })
+    }
+
+    /// The kernel's IPVS version.
+    pub fn version(&mut self) -> Result<(u8, u8, u8), IpvsError> {
+        self.client.info().map(|i| i.version)
+    }
+
+    /// The state file lbd keeps for a given control socket (`/run/lbd/lbd.sock` →
+    /// `/run/lbd/lbd.ipvs-owned.json`).
+    pub fn state_file_for(control_socket: &Path) -> PathBuf {
+        control_socket.with_extension("ipvs-owned.json")
+    }
+
+    fn save_owned(&self) -> Result<(), DataplaneError> {
+        let keys: Vec<OwnedKey> = self.owned.iter().map(OwnedKey::from).collect();
+        let text = serde_json::to_string_pretty(&keys).expect("owned keys serialize");
+        let tmp = self.state_file.with_extension("tmp");
+        let io = |e: std::io::Error| DataplaneError::Other(format!("writing {}: {e}", self.state_file.display()));
+        if let Some(dir) = self.state_file.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, &self.state_file).map_err(io)
+    }
+}
+
+fn read_owned(path: &Path) -> BTreeSet<ServiceKey> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return BTreeSet::new();
+    };
+    match serde_json::from_str::<Vec<OwnedKey>>(&text) {
+        Ok(keys) => keys.iter().filter_map(OwnedKey::key).collect(),
+        Err(e) => {
+            tracing::warn!("ignoring unreadable {}: {e}", path.display());
+            BTreeSet::new()
+        }
+    }
+}
+
+/// Service settings IPVS reports back as they were written (stats and the kernel-internal
+/// HASHED flag aside).
+fn same_service(a: &Service, b: &Service) -> bool {
+    a.scheduler == b.scheduler
+        && a.flags & !ipvs::IP_VS_SVC_F_HASHED == b.flags & !ipvs::IP_VS_SVC_F_HASHED
+        && (a.flags & ipvs::IP_VS_SVC_F_PERSISTENT == 0 || (a.timeout == b.timeout && a.netmask == b.netmask))
+}
+
+impl Dataplane for IpvsDataplane {
+    fn name(&self) -> &'static str {
+        "ipvs"
+    }
+
+    fn needs_macs(&self) -> bool {
+        false
+    }
+
+    fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
+        let kernel: BTreeMap<ServiceKey, Service> =
+            self.client.services().map_err(kernel_error)?.into_iter().map(|s| (s.key.clone(), s)).collect();
+        let mut wanted = BTreeMap::new();
+        for spec in services {
+            let svc = service_of(spec);
+            let key = svc.key.clone();
+            match kernel.get(&key) {
+                None => self.client.add_service(&svc).map_err(kernel_error)?,
+                Some(have) if !same_service(have, &svc) => self.client.edit_service(&svc).map_err(kernel_error)?,
+                Some(_) => {}
+            }
+            // Owned from the moment it exists, so a failure further down still cleans it up later.
+            self.owned.insert(key.clone());
+            let have = match kernel.contains_key(&key) {
+                true => self.client.destinations(&key).map_err(kernel_error)?,
+                false => Vec::new(),
+            };
+            let dests: Vec<Destination> =
+                spec.backends.iter().map(|b| destination_of(b, spec.ipvs.forwarding)).collect();
+            for d in &dests {
+                match have.iter().find(|h| h.addr == d.addr && h.port == d.port) {
+                    None => self.client.add_destination(&key, d).map_err(kernel_error)?,
+                    Some(h) if h.weight != d.weight || h.forwarding != d.forwarding => {
+                        self.client.edit_destination(&key, d).map_err(kernel_error)?
+                    }
+                    Some(_) => {}
+                }
+            }
+            for h in have.iter().filter(|h| !dests.iter().any(|d| d.addr == h.addr && d.port == h.port)) {
+                self.client.del_destination(&key, h.addr, h.port).map_err(kernel_error)?;
+            }
+            wanted.insert(key, spec.vip);
+        }
+        let stale: Vec<ServiceKey> = self.owned.iter().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        for key in stale {
+            if kernel.contains_key(&key) {
+                self.client.del_service(&key).map_err(kernel_error)?;
+            }
+            self.owned.remove(&key);
+        }
+        self.vips = wanted;
+        self.save_owned()
+    }
+
+    fn stats(&self) -> Result<DataplaneStats, DataplaneError> {
+        // Dumps need `&mut` on the socket; a second short-lived client keeps `stats` read-only.
+        let mut client = IpvsClient::connect().map_err(kernel_error)?;
+        let mut out = DataplaneStats::default();
+        for svc in client.services().map_err(kernel_error)? {
+            let Some(vip) = self.vips.get(&svc.key) else { continue };
+            out.vips.insert(*vip, traffic(&svc.stats));
+            for d in client.destinations(&svc.key).map_err(kernel_error)? {
+                out.connections += u64::from(d.active_conns) + u64::from(d.inactive_conns);
+                let key = match d.addr {
+                    IpAddr::V4(a) => format!("{a}:{}", d.port),
+                    IpAddr::V6(a) => format!("[{a}]:{}", d.port),
+                };
+                out.backends.insert((*vip, key), BackendStats { traffic: traffic(&d.stats), slots: None });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Persistence;
+    use crate::dataplane::IpvsParams;
+
+    fn spec(ipvs: IpvsParams, fwmark: Option<u32>) -> ServiceSpec {
+        let mut vip = VipAddr::new("10.0.0.1".parse().unwrap(), 80, Protocol::Tcp);
+        vip.fwmark = fwmark;
+        ServiceSpec { ipvs, ..ServiceSpec::new(vip, vec![]) }
+    }
+
+    #[test]
+    fn config_maps_to_ipvs_like_ipvsadm() {
+        let s = service_of(&spec(IpvsParams::default(), None));
+        assert_eq!((s.key.to_string(), s.scheduler.as_str(), s.flags), ("TCP  10.0.0.1:80".into(), "mh", 0));
+        let p = IpvsParams {
+            scheduler: "wlc".into(),
+            persistence: Some(Persistence { timeout_secs: 300, prefix_len: 24 }),
+            mh_fallback: true,
+            mh_port: true,
+            ..IpvsParams::default()
+        };
+        let s = service_of(&spec(p, Some(7)));
+        assert_eq!(s.key, ServiceKey::Fwmark { family: Family::V4, mark: 7 });
+        assert_eq!((s.scheduler.as_str(), s.timeout, s.netmask), ("wlc", 300, 0xffff_ff00));
+        assert_eq!(s.flags, ipvs::IP_VS_SVC_F_PERSISTENT | ipvs::IP_VS_SVC_F_SCHED1 | ipvs::IP_VS_SVC_F_SCHED2);
+    }
+
+    #[test]
+    fn owned_keys_round_trip_through_the_state_file_format() {
+        let keys = [
+            ServiceKey::Inet { addr: "2001:db8::1".parse().unwrap(), protocol: ipvs::Protocol::Udp, port: 53 },
+            ServiceKey::Fwmark { family: Family::V6, mark: 9 },
+        ];
+        for key in keys {
+            let json = serde_json::to_string(&OwnedKey::from(&key)).unwrap();
+            assert_eq!(serde_json::from_str::<OwnedKey>(&json).unwrap().key(), Some(key));
+        }
+    }
+}
