@@ -195,7 +195,8 @@ pub struct VirtualServer {
     /// `fwmark`: a firewall-mark virtual server (keepalived's `virtual_server fwmark N`, IPVS
     /// only): packets carrying this mark, whatever their address, port and protocol.
     pub fwmark: Option<u32>,
-    /// `mh_fallback` / `mh_port`: IPVS `mh` (maglev) flags: skip real servers with weight 0 /
+    /// `mh_fallback` (default true) / `mh_port` (default false): IPVS `mh` (maglev) flags: send new
+    /// connections of a drained (weight 0) real server to another one rather than refusing them /
     /// hash the source port too (`ipvsadm -b mh-fallback,mh-port`).
     pub mh_fallback: bool,
     pub mh_port: bool,
@@ -591,7 +592,12 @@ impl Validator<'_> {
                 Ok(on)
             })
         };
-        let mh_fallback = mh(&raw.mh_fallback, "mh_fallback", self);
+        // Default on: without it IPVS mh refuses new connections that hash to a drained (weight 0)
+        // real server instead of sending them to another, unlike the XDP fast path.
+        let mh_fallback = match &raw.mh_fallback {
+            None => Some(true),
+            flag => mh(flag, "mh_fallback", self),
+        };
         let mh_port = mh(&raw.mh_port, "mh_port", self);
         let rewrites_ports = raw.forwarding.as_ref().is_some_and(|f| *f.get_ref() == Forwarding::Nat);
         let mut seen = HashMap::new();
@@ -1129,7 +1135,7 @@ port = 8080
                     forwarding: Forwarding::Dsr,
                     persistence: None,
                     fwmark: None,
-                    mh_fallback: false,
+                    mh_fallback: true,
                     mh_port: false,
                     real_servers: vec![
                         RealServer {
@@ -1159,7 +1165,7 @@ port = 8080
                     forwarding: Forwarding::Dsr,
                     persistence: None,
                     fwmark: None,
-                    mh_fallback: false,
+                    mh_fallback: true,
                     mh_port: false,
                     real_servers: vec![RealServer {
                         address: v6("2001:db8::21"),

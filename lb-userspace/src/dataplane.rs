@@ -108,7 +108,7 @@ pub struct IpvsParams {
 
 impl Default for IpvsParams {
     fn default() -> Self {
-        Self { scheduler: "maglev".into(), forwarding: Forwarding::Dsr, persistence: None, mh_fallback: false, mh_port: false }
+        Self { scheduler: "maglev".into(), forwarding: Forwarding::Dsr, persistence: None, mh_fallback: true, mh_port: false }
     }
 }
 

@@ -275,7 +275,8 @@ mod tests {
     #[test]
     fn config_maps_to_ipvs_like_ipvsadm() {
         let s = service_of(&spec(IpvsParams::default(), None));
-        assert_eq!((s.key.to_string(), s.scheduler.as_str(), s.flags), ("TCP  10.0.0.1:80".into(), "mh", 0));
+        assert_eq!((s.key.to_string(), s.scheduler.as_str()), ("TCP  10.0.0.1:80".into(), "mh"));
+        assert_eq!(s.flags, ipvs::IP_VS_SVC_F_SCHED1, "mh-fallback by default");
         let p = IpvsParams {
             scheduler: "wlc".into(),
             persistence: Some(Persistence { timeout_secs: 300, prefix_len: 24 }),

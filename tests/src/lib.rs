@@ -4,4 +4,5 @@
 pub mod netns;
 pub mod packets;
 pub mod rig;
+pub mod seccomp;
 pub mod vm;

@@ -69,12 +69,18 @@ impl Netns {
 
     /// Starts a long-running process inside the namespace.
     pub fn spawn(&self, args: &[&str], log: Option<&std::path::Path>) -> Result<Child> {
+        self.spawn_with(args, log, |_| {})
+    }
+
+    /// [`Self::spawn`], letting `adjust` change the command first (e.g. a seccomp filter).
+    pub fn spawn_with(&self, args: &[&str], log: Option<&std::path::Path>, adjust: impl FnOnce(&mut Command)) -> Result<Child> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).args(args).stdin(Stdio::null());
         if let Some(path) = log {
             let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
             cmd.stdout(f.try_clone()?).stderr(f);
         }
+        adjust(&mut cmd);
         cmd.spawn().with_context(|| format!("starting {args:?} in {}", self.name))
     }
 

@@ -242,12 +242,23 @@ impl Rig {
 
     /// Starts `lbd run` in the director namespace and waits until every real server is resolved.
     pub fn start_lbd(&mut self) -> Result<()> {
+        self.start_lbd_with(|_| {})
+    }
+
+    /// [`Self::start_lbd`] with `adjust` applied to the command (e.g. `seccomp::block_bpf`). The
+    /// log is appended to, so restarts keep the earlier runs' lines.
+    pub fn start_lbd_with(&mut self, adjust: impl FnOnce(&mut Command)) -> Result<()> {
         let bin = lbd_binary()?;
         let log = self.work.join("lbd.log");
-        let child = self.director.spawn(
-            &[bin.to_str().expect("UTF-8 path"), "run", "--config", self.config.to_str().expect("UTF-8 path")],
-            Some(&log),
-        )?;
+        let config = self.config.to_str().expect("UTF-8 path").to_string();
+        let child = self.director.spawn_with(&[bin.to_str().expect("UTF-8 path"), "run", "--config", &config], None, |cmd| {
+            if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(&log) {
+                if let Ok(f2) = f.try_clone() {
+                    cmd.stdout(f2).stderr(f);
+                }
+            }
+            adjust(cmd);
+        })?;
         self.lbd = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -415,8 +426,9 @@ fn body_of(resp: &str) -> Result<String> {
     Ok(body)
 }
 
-impl Drop for Rig {
-    fn drop(&mut self) {
+impl Rig {
+    /// Stops lbd with SIGTERM (as an operator would), waiting up to 5 s.
+    pub fn stop_lbd(&mut self) {
         if let Some(mut child) = self.lbd.take() {
             // SIGTERM to `ip netns exec` reaches lbd (exec replaces it), which detaches cleanly.
             let _ = nix::sys::signal::kill(
@@ -433,6 +445,12 @@ impl Drop for Rig {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.stop_lbd();
         self.udp.clear();
     }
 }

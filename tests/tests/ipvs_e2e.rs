@@ -1,0 +1,188 @@
+//! lbd in IPVS mode, end to end: the rig (client, director, three nginx backends) inside the VM
+//! that boots Debian's kernel (the host kernel has no IPVS). Each test re-runs itself in the guest
+//! (see `tests/src/vm.rs`) and costs one boot. On the host, a companion test checks that
+//! `mode = "auto"` picks native XDP where it can.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{bail, Context, Result};
+use lb_tests::{
+    netns::require_root,
+    rig::{self, backend_name, backend_v4, KeepAlive, Rig, VIP_V4},
+    seccomp,
+    vm::{test_path, vm_test},
+};
+
+/// A config for the rig's director in `mode` with one TCP VIP on port 80 over the three backends.
+fn config(rig: &Rig, mode: &str, extra_vs: &str) -> String {
+    let mut text = format!(
+        "[director]\ninterface = \"eth0\"\nmode = \"{mode}\"\ncontrol_socket = \"{}\"\n\n\
+         [[virtual_server]]\naddress = \"{VIP_V4}\"\nport = 80\n{extra_vs}\n",
+        rig.socket.display()
+    );
+    for i in 0..3 {
+        text += &format!("[[virtual_server.real_server]]\naddress = \"{}\"\n", backend_v4(i));
+    }
+    text
+}
+
+/// `ipvsadm -Ln` in the director's namespace, without the counters (they move).
+fn ipvsadm(rig: &Rig) -> Result<String> {
+    let out = rig.director.exec(&["ipvsadm", "-Ln"])?;
+    Ok(out
+        .lines()
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            // "  -> RemoteAddress:Port Forward Weight ActiveConn InActConn": drop the last two.
+            if cols.first() == Some(&"->") && cols.len() == 6 && cols[1] != "RemoteAddress:Port" {
+                cols[..4].join(" ")
+            } else {
+                cols.join(" ")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// Every backend answered, none with less than 15 % of the requests (IPVS's mh hashes with a key
+/// chosen at boot, so the exact split differs between runs; 15 % is > 6σ below a third).
+fn assert_spread(counts: &std::collections::BTreeMap<String, usize>, total: usize) {
+    assert_eq!(counts.len(), 3, "all three backends must answer: {counts:?}");
+    assert!(counts.values().all(|&n| n * 100 >= total * 15), "uneven spread: {counts:?}");
+}
+
+fn open_connection(rig: &Rig) -> Result<(KeepAlive, String)> {
+    let vip = SocketAddr::new(IpAddr::V4(VIP_V4), rig::HTTP_PORT);
+    rig.client.enter(move || -> Result<(KeepAlive, String)> {
+        let mut c = KeepAlive::connect(vip)?;
+        let owner = c.get()?;
+        Ok((c, owner))
+    })?
+}
+
+fn still_served(rig: &Rig, mut conn: KeepAlive, owner: &str) -> Result<KeepAlive> {
+    let (got, conn) = rig.client.enter(move || -> Result<(Vec<String>, KeepAlive)> {
+        let got = (0..3).map(|_| conn.get()).collect::<Result<_>>()?;
+        Ok((got, conn))
+    })??;
+    if got.iter().any(|b| b != owner) {
+        bail!("the open connection moved from {owner}: {got:?}");
+    }
+    Ok(conn)
+}
+
+#[test]
+fn ipvs_dsr_drain_restart_and_hand_added_services() {
+    vm_test(&test_path(module_path!(), "ipvs_dsr_drain_restart_and_hand_added_services"), || {
+        dsr_drain_restart().unwrap()
+    })
+}
+
+fn dsr_drain_restart() -> Result<()> {
+    let mut rig = Rig::up("ipv1", 3)?;
+    // A service an operator added by hand: lbd must leave it alone.
+    rig.director.exec(&["ipvsadm", "-A", "-t", "10.99.0.200:8080", "-s", "rr"])?;
+    std::fs::write(&rig.config, config(&rig, "ipvs", "mh_port = true"))?;
+    rig.start_lbd()?;
+    let st = rig.status()?;
+    assert_eq!(st["dataplane"], "ipvs", "{st}");
+
+    let table = ipvsadm(&rig)?;
+    assert!(table.contains("TCP 10.99.0.100:80 mh (mh-fallback,mh-port)"), "{table}");
+    for i in 0..3 {
+        assert!(table.contains(&format!("-> {}:80 Route 1", backend_v4(i))), "{table}");
+    }
+    assert!(table.contains("TCP 10.99.0.200:8080 rr"), "{table}");
+    assert_spread(&rig.http_batch(IpAddr::V4(VIP_V4), 150)?, 150);
+    let counted = &rig.status()?["virtual_servers"][0]["traffic"];
+    let _ = counted; // IPVS updates its counters every 2 s; the spread above is what users see.
+
+    // Drain: weight 0 in IPVS, the open connection stays, new ones avoid the backend.
+    let (conn, owner) = open_connection(&rig)?;
+    let idx = (0..3).find(|&i| backend_name(i) == owner).context("a backend name")?;
+    let sock = rig.socket.display().to_string();
+    let backend = backend_v4(idx).to_string();
+    let (code, _, err) = rig.lbd_cli(&["backend", "drain", "10.99.0.100:80", &backend, "--socket", &sock])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(ipvsadm(&rig)?.contains(&format!("-> {backend}:80 Route 0")), "{}", ipvsadm(&rig)?);
+    let conn = still_served(&rig, conn, &owner)?;
+    let after = rig.http_batch(IpAddr::V4(VIP_V4), 60)?;
+    assert!(!after.contains_key(&owner), "{owner} is drained but got new connections: {after:?}");
+    rig.lbd_cli(&["backend", "enable", "10.99.0.100:80", &backend, "--socket", &sock])?;
+
+    // Restart lbd: the connection survives, IPVS is unchanged, the hand-made service too.
+    let before = ipvsadm(&rig)?;
+    rig.stop_lbd();
+    let conn = still_served(&rig, conn, &owner)?;
+    rig.start_lbd()?;
+    assert_eq!(ipvsadm(&rig)?, before, "a restart must not change IPVS");
+    let conn = still_served(&rig, conn, &owner)?;
+
+    // Removing the VIP from the config removes lbd's service, and only that.
+    std::fs::write(&rig.config, config(&rig, "ipvs", "mh_port = true").split("[[virtual_server]]").next().unwrap())?;
+    let (code, _, err) = rig.lbd_cli(&["reload", "--socket", &sock])?;
+    assert_eq!(code, 0, "{err}");
+    let table = ipvsadm(&rig)?;
+    assert!(!table.contains("10.99.0.100:80"), "{table}");
+    assert!(table.contains("TCP 10.99.0.200:8080 rr"), "{table}");
+    drop(conn);
+
+    // With bpf() blocked (a kernel without BPF), mode = "auto" starts and picks IPVS.
+    rig.stop_lbd();
+    std::fs::write(&rig.config, config(&rig, "auto", ""))?;
+    rig.start_lbd_with(seccomp::block_bpf)?;
+    let st = rig.status()?;
+    assert_eq!(st["dataplane"], "ipvs", "{st}");
+    let log = rig.lbd_log();
+    assert!(
+        log.contains("mode auto picked IPVS") && log.contains("native XDP: the kernel has no bpf() system call"),
+        "one line saying what auto picked and why: {log}"
+    );
+    // Plain mh hashes the client address only: one client lands on one real server.
+    assert_eq!(rig.http_batch(IpAddr::V4(VIP_V4), 30)?.values().sum::<usize>(), 30);
+    Ok(())
+}
+
+#[test]
+fn ipvs_nat_forwards_and_rewrites_back() {
+    vm_test(&test_path(module_path!(), "ipvs_nat_forwards_and_rewrites_back"), || nat().unwrap())
+}
+
+fn nat() -> Result<()> {
+    let mut rig = Rig::up("ipv2", 3)?;
+    // NAT: replies must return through the director, which rewrites them back to the VIP.
+    rig.director.sysctl("net.ipv4.ip_forward", "1")?;
+    for key in ["all", "eth0"] {
+        rig.director.sysctl(&format!("net.ipv4.conf.{key}.send_redirects"), "0")?;
+    }
+    for be in &rig.backends {
+        be.ip(&["route", "add", &format!("{}/32", rig::CLIENT_V4), "via", &rig::DIRECTOR_V4.to_string()])?;
+        // The VIP must not be local on a NAT real server: they answer as themselves.
+        be.ip(&["addr", "del", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+    }
+    std::fs::write(&rig.config, config(&rig, "ipvs", "forwarding = \"nat\"\nscheduler = \"rr\""))?;
+    rig.start_lbd()?;
+    let table = ipvsadm(&rig)?;
+    assert!(table.contains("TCP 10.99.0.100:80 rr"), "{table}");
+    assert!(table.contains(&format!("-> {}:80 Masq 1", backend_v4(0))), "{table}");
+    let counts = rig.http_batch(IpAddr::V4(VIP_V4), 60)?;
+    // rr over three: exactly a third each.
+    assert!(counts.values().all(|&n| n == 20), "{counts:?}");
+    Ok(())
+}
+
+#[test]
+fn auto_mode_picks_native_xdp_on_the_host() -> Result<()> {
+    if lb_tests::vm::in_vm() {
+        return Ok(()); // this one is about the host
+    }
+    require_root()?;
+    let mut rig = Rig::up("ipv3", 3)?;
+    std::fs::write(&rig.config, config(&rig, "auto", ""))?;
+    rig.start_lbd()?;
+    let st = rig.status()?;
+    assert_eq!((st["dataplane"].as_str(), st["description"].as_str()), (Some("xdp"), Some("native XDP on eth0")), "{st}");
+    assert!(rig.lbd_log().contains("mode auto picked native XDP on eth0"), "{}", rig.lbd_log());
+    assert_eq!(rig.http_batch(IpAddr::V4(VIP_V4), 30)?.len(), 3);
+    Ok(())
+}
