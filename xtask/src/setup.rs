@@ -5,8 +5,9 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-/// Debian packages: the rig and tests (nginx, iproute2, ethtool, ping, curl, wrk, tcpdump) and
-/// the VM runner (qemu, Debian's kernel, busybox for the initramfs).
+/// Debian packages: the rig and tests (nginx, iproute2, ethtool, ping, curl, wrk, tcpdump), the
+/// VM runner (qemu, Debian's kernel, busybox for the initramfs), plot fonts for the bench, and
+/// keepalived/nftables/arping for the VRRP tests.
 pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -20,6 +21,11 @@ pub const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     "xz-utils",
     "zstd",
+    "fonts-dejavu-core",
+    // VRRP interop tests: the real keepalived, nftables to drop multicast, arping.
+    "keepalived",
+    "nftables",
+    "iputils-arping",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -60,8 +66,11 @@ fn apt() -> Result<()> {
     if !out.status.success() {
         bail!("apt-get install {} failed: {}", missing.join(" "), String::from_utf8_lossy(&out.stderr));
     }
-    // nginx's package starts a system-wide server; the rig runs its own per namespace.
-    let _ = quiet(Command::new("systemctl").args(["disable", "--now", "nginx"]));
+    // nginx's and keepalived's packages start system-wide daemons; tests run their own per
+    // namespace.
+    for unit in ["nginx", "keepalived"] {
+        let _ = quiet(Command::new("systemctl").args(["disable", "--now", unit]));
+    }
     report("debian packages", "installed");
     Ok(())
 }

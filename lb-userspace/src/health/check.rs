@@ -1,0 +1,924 @@
+//! The probes: one [`probe`] runs one check of one real server (with its retries) and tells
+//! whether it passed and why, in words an operator reads in the log and in `lbd status`.
+//!
+//! | kind | passes | typical reasons |
+//! | --- | --- | --- |
+//! | `tcp` | the handshake completes | `connected`, `connection refused`, `timeout after 500ms` |
+//! | `http`, `https` | the status is expected and the body matches | `HTTP 200`, `HTTP 503`, `body mismatch: "ok" not found`, `digest mismatch: body MD5 is …`, `TLS: certificate not trusted (unknown issuer) …` |
+//! | `script` | exit 0 (or 2..=255 with `dynamic_weight`) | `script exit 0`, `script exit 1`, `script exit 5 (weight 3)`, `script killed by signal 9`, `timeout after 1s` |
+//! | `udp` | see [`UdpCheck`] | `reply received`, `reply mismatch: "pong" not found`, `ICMP port unreachable`, `no ICMP error within 500ms` |
+//! | `dns` | a NOERROR reply with a record of the type asked | `DNS answer: 1 A record`, `DNS NXDOMAIN`, `DNS reply has no A record` |
+//! | `none` | always | `no check` |
+//!
+//! Every attempt is bounded by `timeout` (the whole exchange: connect, TLS, request, reply and
+//! body); a failed attempt is retried `retries` times after `retry_delay`. Each attempt opens its
+//! own connection, as keepalived's checkers do.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use md5::{Digest, Md5};
+use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UdpSocket};
+
+use super::config::{
+    format_duration, BodyMatch, CommandText, DnsCheck, HealthCheck, HttpCheck, ProbeKind,
+    ScriptCheck, TlsCheck, UdpCheck, Via,
+};
+
+/// Largest HTTP body read for `expect_body` and `digest`.
+pub const MAX_BODY: usize = 1 << 20;
+/// Largest UDP reply read.
+const MAX_DATAGRAM: usize = 65536;
+
+/// What is checked: a real server, and the VIP path to it for `via = "vip"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeTarget {
+    /// The real server's own address.
+    pub addr: IpAddr,
+    /// The real server's port; the check's `port` overrides it.
+    pub port: u16,
+    /// The director's address probes leave from (keepalived's `bindto`); `None`: the kernel's
+    /// choice. Set it where the director holds VIPs on the interface towards the real servers:
+    /// IPv6 source selection may pick a VIP (unless it was added with `preferred_lft 0`), and
+    /// the real server would answer the VIP, which it holds itself.
+    pub source: Option<IpAddr>,
+    /// The DSR path, needed by `via = "vip"` (and given to scripts as `LBD_VIP`).
+    pub vip: Option<VipPath>,
+}
+
+/// How to reach a real server through the VIP: a frame addressed to the VIP, sent out of
+/// `ifindex` to the real server's MAC, as the fast path forwards client traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VipPath {
+    /// The virtual server's address.
+    pub vip: IpAddr,
+    /// Interface the real server is reached through.
+    pub ifindex: u32,
+    /// That interface's MAC (the frame's source).
+    pub src_mac: [u8; 6],
+    /// The real server's MAC; `None` while unresolved (a `via = "vip"` check then fails).
+    pub dst_mac: Option<[u8; 6]>,
+}
+
+/// The result of one check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProbeResult {
+    /// Passed.
+    pub ok: bool,
+    /// Why, in the operator's words: `"HTTP 503"`, `"timeout after 500ms"`, `"connected"`, ...
+    pub reason: String,
+    /// A weight a `script` check with `dynamic_weight` set (exit code − 2).
+    pub weight: Option<u32>,
+    /// Duration of the last attempt.
+    #[serde(serialize_with = "serialize_latency")]
+    pub latency: Duration,
+    /// Attempts made (1 + retries used).
+    pub attempts: u32,
+}
+
+fn serialize_latency<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((d.as_secs_f64() * 1e6).round() / 1e3)
+}
+
+/// One attempt's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Attempt {
+    pub ok: bool,
+    pub reason: String,
+    pub weight: Option<u32>,
+}
+
+pub(super) fn pass(reason: impl Into<String>) -> Attempt {
+    Attempt {
+        ok: true,
+        reason: reason.into(),
+        weight: None,
+    }
+}
+
+pub(super) fn fail(reason: impl Into<String>) -> Attempt {
+    Attempt {
+        ok: false,
+        reason: reason.into(),
+        weight: None,
+    }
+}
+
+/// Runs one check of `target`: attempts until one passes, at most `1 + retries`, pausing
+/// `retry_delay` before each retry. The result is the last attempt's.
+pub async fn probe(check: &HealthCheck, target: &ProbeTarget) -> ProbeResult {
+    let timing = &check.timing;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let start = Instant::now();
+        let attempt = attempt(check, target).await;
+        let latency = start.elapsed();
+        if attempt.ok || attempts > timing.retries {
+            return ProbeResult {
+                ok: attempt.ok,
+                reason: attempt.reason,
+                weight: attempt.weight,
+                latency,
+                attempts,
+            };
+        }
+        tokio::time::sleep(timing.retry_delay).await;
+    }
+}
+
+async fn attempt(check: &HealthCheck, target: &ProbeTarget) -> Attempt {
+    let timeout = check.timing.timeout;
+    let port = check.port.unwrap_or(target.port);
+    let addr = SocketAddr::new(target.addr, port);
+    match &check.probe {
+        ProbeKind::None => pass("no check"),
+        ProbeKind::Tcp if check.via == Via::Vip => match &target.vip {
+            Some(path) => {
+                super::vip::syn_probe(target.addr, target.source, path, port, timeout).await
+            }
+            None => fail("via = \"vip\" needs the virtual server's address"),
+        },
+        ProbeKind::Tcp => bounded(timeout, tcp(addr, target.source)).await,
+        ProbeKind::Http(http) => bounded(timeout, http_get(addr, target.source, http)).await,
+        ProbeKind::Script(script) => run_script(script, target, port, timeout).await,
+        ProbeKind::Udp(udp) => udp_check(addr, target.source, udp, timeout).await,
+        ProbeKind::Dns(dns) => bounded(timeout, dns_check(addr, target.source, dns)).await,
+    }
+}
+
+/// `f`, or a failure "timeout after …" when it takes longer than `timeout`.
+async fn bounded(timeout: Duration, f: impl Future<Output = Attempt>) -> Attempt {
+    tokio::time::timeout(timeout, f)
+        .await
+        .unwrap_or_else(|_| timed_out(timeout))
+}
+
+fn timed_out(timeout: Duration) -> Attempt {
+    fail(format!("timeout after {}", format_duration(timeout)))
+}
+
+/// An I/O error in few words: `connection refused`, `host unreachable`, ...
+pub fn io_reason(e: &io::Error) -> String {
+    use io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => "connection refused".into(),
+        ConnectionReset => "connection reset".into(),
+        ConnectionAborted => "connection aborted".into(),
+        HostUnreachable => "host unreachable".into(),
+        NetworkUnreachable => "network unreachable".into(),
+        AddrNotAvailable => "address not available".into(),
+        UnexpectedEof => "connection closed".into(),
+        _ => {
+            let text = e.to_string();
+            match text.find(" (os error") {
+                Some(i) => text[..i].to_lowercase(),
+                None => text,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// tcp
+
+/// A TCP connection to `addr`, from `source` if given.
+async fn connect_tcp(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    if let Some(source) = source {
+        socket.bind(SocketAddr::new(source, 0))?;
+    }
+    socket.connect(addr).await
+}
+
+async fn tcp(addr: SocketAddr, source: Option<IpAddr>) -> Attempt {
+    match connect_tcp(addr, source).await {
+        Ok(stream) => {
+            // Close with a RST: no TIME_WAIT on the director for each check (as HAProxy does).
+            let _ = stream.set_zero_linger();
+            pass("connected")
+        }
+        Err(e) => fail(io_reason(&e)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// http, https
+
+async fn http_get(addr: SocketAddr, source: Option<IpAddr>, http: &HttpCheck) -> Attempt {
+    let stream = match connect_tcp(addr, source).await {
+        Ok(s) => s,
+        Err(e) => return fail(io_reason(&e)),
+    };
+    let _ = stream.set_nodelay(true);
+    // Whoever closes first, the director keeps no TIME_WAIT per check.
+    let _ = stream.set_zero_linger();
+    match &http.tls {
+        None => exchange(stream, addr, http).await,
+        Some(tls) => {
+            let config = match tls_config(tls) {
+                Ok(c) => c,
+                Err(e) => return fail(format!("TLS: {e}")),
+            };
+            let name_text = http.host.as_deref().map(strip_port).unwrap_or_default();
+            let name = if name_text.is_empty() {
+                ServerName::IpAddress(addr.ip().into())
+            } else {
+                match ServerName::try_from(name_text.to_owned()) {
+                    Ok(n) => n,
+                    Err(_) => return fail(format!("TLS: invalid server name {name_text:?}")),
+                }
+            };
+            let shown = if name_text.is_empty() {
+                addr.ip().to_string()
+            } else {
+                name_text.to_owned()
+            };
+            match tokio_rustls::TlsConnector::from(config)
+                .connect(name, stream)
+                .await
+            {
+                Ok(tls_stream) => exchange(tls_stream, addr, http).await,
+                Err(e) => fail(tls_reason(&e, &shown)),
+            }
+        }
+    }
+}
+
+/// `host` without a `:port` suffix (IPv6 literals in brackets lose the brackets).
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => host,
+    }
+}
+
+/// One GET over an established connection (plain or TLS).
+async fn exchange<S>(stream: S, addr: SocketAddr, http: &HttpCheck) -> Attempt
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) =
+        match hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io).await {
+            Ok(pair) => pair,
+            Err(e) => return fail(format!("HTTP: {e}")),
+        };
+    let default_port = if http.tls.is_some() { 443 } else { 80 };
+    let host = match &http.host {
+        Some(h) => h.clone(),
+        None => match (addr.ip(), addr.port()) {
+            (IpAddr::V4(a), p) if p == default_port => a.to_string(),
+            (IpAddr::V6(a), p) if p == default_port => format!("[{a}]"),
+            (ip, p) => SocketAddr::new(ip, p).to_string(),
+        },
+    };
+    let request = match hyper::Request::get(http.path.as_str())
+        .header(hyper::header::HOST, host)
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("lbd-health/", env!("CARGO_PKG_VERSION")),
+        )
+        .header(hyper::header::ACCEPT, "*/*")
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("HTTP: cannot build the request: {e}")),
+    };
+    let response = async {
+        let response = match sender.send_request(request).await {
+            Ok(r) => r,
+            Err(e) => return fail(hyper_reason(&e)),
+        };
+        let status = response.status().as_u16();
+        if !http.expect_status.iter().any(|r| r.contains(&status)) {
+            return fail(format!("HTTP {status}"));
+        }
+        if http.expect_body.is_none() && http.digest.is_none() {
+            return pass(format!("HTTP {status}"));
+        }
+        let body = match Limited::new(response.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return fail(format!("body larger than {} KiB", MAX_BODY / 1024))
+            }
+            Err(e) => match e.downcast_ref::<hyper::Error>() {
+                Some(e) => return fail(hyper_reason(e)),
+                None => return fail(format!("HTTP: reading the body: {e}")),
+            },
+        };
+        match &http.expect_body {
+            Some(BodyMatch::Contains(text)) if !contains(&body, text.as_bytes()) => {
+                return fail(format!("body mismatch: {text:?} not found"))
+            }
+            Some(BodyMatch::Regex(re)) if !re.is_match(&String::from_utf8_lossy(&body)) => {
+                return fail(format!("body mismatch: no match for /{}/", re.as_str()))
+            }
+            _ => {}
+        }
+        if let Some(want) = &http.digest {
+            let got = md5_hex(&body);
+            if &got != want {
+                return fail(format!("digest mismatch: body MD5 is {got}"));
+            }
+        }
+        pass(format!("HTTP {status}"))
+    };
+    // The connection is driven here (not spawned) so that a timeout drops it with the attempt.
+    let mut conn = std::pin::pin!(conn);
+    let mut response = std::pin::pin!(response);
+    tokio::select! {
+        r = &mut response => r,
+        c = &mut conn => match c {
+            Ok(()) => response.await,
+            Err(e) => fail(hyper_reason(&e)),
+        },
+    }
+}
+
+fn hyper_reason(e: &hyper::Error) -> String {
+    // The underlying I/O error (reset, ...) says more than hyper's wrapper.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            return io_reason(io);
+        }
+        source = s.source();
+    }
+    format!("HTTP: {e}")
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// MD5 of `data` in lower-case hex, as keepalived's `genhash` prints it.
+pub fn md5_hex(data: &[u8]) -> String {
+    Md5::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A handshake error in the operator's words.
+fn tls_reason(e: &io::Error, name: &str) -> String {
+    use rustls::CertificateError as C;
+    let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return format!("TLS: {}", io_reason(e));
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            C::UnknownIssuer => {
+                "TLS: certificate not trusted (unknown issuer); set `ca_file`, or `tls_verify = false`".into()
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => format!("TLS: certificate not valid for {name}"),
+            C::Expired | C::ExpiredContext { .. } => "TLS: certificate expired".into(),
+            C::NotValidYet | C::NotValidYetContext { .. } => "TLS: certificate not valid yet".into(),
+            C::Revoked => "TLS: certificate revoked".into(),
+            C::BadSignature => "TLS: bad certificate signature".into(),
+            other => format!("TLS: invalid certificate: {other:?}"),
+        },
+        other => format!("TLS: {other}"),
+    }
+}
+
+/// Reads a PEM file of CA certificates (`ca_file`); the error is a message for the operator.
+pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("cannot read `ca_file` {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("`ca_file` {} is not PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "`ca_file` {} holds no PEM certificate",
+            path.display()
+        ));
+    }
+    let mut store = rustls::RootCertStore::empty();
+    for cert in &certs {
+        store
+            .add(cert.clone())
+            .map_err(|e| format!("`ca_file` {}: invalid CA certificate: {e}", path.display()))?;
+    }
+    Ok(certs)
+}
+
+/// TLS client configurations, built once per (`tls_verify`, `ca_file`) and rebuilt when the CA
+/// file changes.
+type TlsKey = (bool, Option<PathBuf>);
+type TlsCache = HashMap<TlsKey, (Option<SystemTime>, Arc<rustls::ClientConfig>)>;
+static TLS_CONFIGS: OnceLock<Mutex<TlsCache>> = OnceLock::new();
+
+fn tls_config(tls: &TlsCheck) -> Result<Arc<rustls::ClientConfig>, String> {
+    let key = (tls.verify, tls.ca_file.clone());
+    let mtime = tls
+        .ca_file
+        .as_ref()
+        .and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    let cache = TLS_CONFIGS.get_or_init(Default::default);
+    if let Some((when, config)) = cache.lock().expect("TLS cache lock").get(&key) {
+        if *when == mtime {
+            return Ok(config.clone());
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let mut config = if !tls.verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        match &tls.ca_file {
+            Some(path) => {
+                for cert in load_ca_file(path)? {
+                    roots.add(cert).map_err(|e| e.to_string())?;
+                }
+            }
+            None => {
+                roots.add_parsable_certificates(system_roots().iter().cloned());
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = Arc::new(config);
+    cache
+        .lock()
+        .expect("TLS cache lock")
+        .insert(key, (mtime, config.clone()));
+    Ok(config)
+}
+
+/// The system's trust store (`/etc/ssl/certs` on Debian), read once.
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
+}
+
+/// `tls_verify = false`: any certificate is accepted; the handshake's signatures are still
+/// checked (the connection is encrypted, just not authenticated).
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// script
+
+/// Kills a script's whole process group (`sh -c` and whatever it started) unless it finished.
+struct GroupGuard(Option<i32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Builds the command of a `script` check or a notify command: a shell line runs under
+/// `/bin/sh -c`, an argument vector directly. Standard input is `/dev/null`, output discarded,
+/// and the command gets its own process group so that a timeout kills everything it started.
+pub fn command(text: &CommandText) -> tokio::process::Command {
+    let mut cmd = match text {
+        CommandText::Shell(line) => {
+            let mut c = tokio::process::Command::new("/bin/sh");
+            c.arg("-c").arg(line);
+            c
+        }
+        CommandText::Argv(argv) => {
+            let mut c = tokio::process::Command::new(argv.first().map_or("", String::as_str));
+            c.args(argv.iter().skip(1));
+            c
+        }
+    };
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs `cmd` for at most `timeout`; on timeout its process group is killed. `Ok(status)` when it
+/// finished, `Err(reason)` otherwise.
+pub async fn run_bounded(
+    mut cmd: tokio::process::Command,
+    timeout: Duration,
+) -> Result<std::process::ExitStatus, String> {
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run script: {}", io_reason(&e)))?;
+    // Dropped before the end (the check was stopped): the group is killed.
+    let mut guard = GroupGuard(child.id().map(|p| p as i32));
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => {
+            // Finished: what it left running in the background is its own business, as in keepalived.
+            guard.0 = None;
+            Ok(status)
+        }
+        Ok(Err(e)) => Err(format!("script: {}", io_reason(&e))),
+        Err(_) => {
+            drop(guard); // kills the group
+            let _ = child.wait().await;
+            Err(format!("timeout after {}", format_duration(timeout)))
+        }
+    }
+}
+
+async fn run_script(
+    script: &ScriptCheck,
+    target: &ProbeTarget,
+    port: u16,
+    timeout: Duration,
+) -> Attempt {
+    let mut cmd = command(&script.command);
+    cmd.env("LBD_RS_ADDRESS", target.addr.to_string())
+        .env("LBD_RS_PORT", port.to_string());
+    if let Some(vip) = &target.vip {
+        cmd.env("LBD_VIP", vip.vip.to_string());
+    }
+    match run_bounded(cmd, timeout).await {
+        Err(reason) => fail(reason),
+        Ok(status) => script_outcome(status, script.dynamic_weight),
+    }
+}
+
+fn script_outcome(status: std::process::ExitStatus, dynamic_weight: bool) -> Attempt {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => pass("script exit 0"),
+        (Some(code @ 2..=255), _) if dynamic_weight => {
+            let weight = (code - 2) as u32;
+            Attempt {
+                ok: true,
+                reason: format!("script exit {code} (weight {weight})"),
+                weight: Some(weight),
+            }
+        }
+        (Some(code), _) => fail(format!("script exit {code}")),
+        (None, Some(signal)) => fail(format!("script killed by signal {signal}")),
+        (None, None) => fail("script ended without an exit code"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// udp
+
+async fn connected_udp(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<UdpSocket> {
+    let local: SocketAddr = match (addr, source) {
+        (_, Some(source)) => (source, 0).into(),
+        (SocketAddr::V4(_), None) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        (SocketAddr::V6(_), None) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local).await?;
+    socket.connect(addr).await?;
+    Ok(socket)
+}
+
+fn shown(bytes: &[u8]) -> String {
+    format!("{:?}", String::from_utf8_lossy(bytes))
+}
+
+async fn udp_check(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    udp: &UdpCheck,
+    timeout: Duration,
+) -> Attempt {
+    let socket = match connected_udp(addr, source).await {
+        Ok(s) => s,
+        Err(e) => return fail(io_reason(&e)),
+    };
+    if let Err(e) = socket.send(&udp.payload).await {
+        return fail(udp_io_reason(&e));
+    }
+    let mut buf = vec![0; MAX_DATAGRAM];
+    match tokio::time::timeout(timeout, socket.recv(&mut buf)).await {
+        Ok(Ok(n)) => match &udp.expect_reply {
+            Some(want) if !contains(&buf[..n], want) => {
+                fail(format!("reply mismatch: {} not found", shown(want)))
+            }
+            _ => pass("reply received"),
+        },
+        Ok(Err(e)) => fail(udp_io_reason(&e)),
+        Err(_) => match &udp.expect_reply {
+            None => pass(format!("no ICMP error within {}", format_duration(timeout))),
+            Some(_) => timed_out(timeout),
+        },
+    }
+}
+
+fn udp_io_reason(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "ICMP port unreachable".into(),
+        _ => io_reason(e),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dns
+
+async fn dns_check(addr: SocketAddr, source: Option<IpAddr>, dns: &DnsCheck) -> Attempt {
+    let socket = match connected_udp(addr, source).await {
+        Ok(s) => s,
+        Err(e) => return fail(io_reason(&e)),
+    };
+    let id = fastrand::u16(..);
+    let query = dns_query(id, &dns.query_name, dns.query_type.code());
+    if let Err(e) = socket.send(&query).await {
+        return fail(udp_io_reason(&e));
+    }
+    let mut buf = vec![0; MAX_DATAGRAM];
+    loop {
+        let n = match socket.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => return fail(udp_io_reason(&e)),
+        };
+        match dns_answer(&buf[..n], id, dns.query_type.code()) {
+            DnsReply::OtherId => continue,
+            DnsReply::Malformed => return fail("DNS reply malformed"),
+            DnsReply::Rcode(code) => return fail(format!("DNS {}", rcode_name(code))),
+            DnsReply::Records(0) => {
+                return fail(format!("DNS reply has no {} record", dns.query_type))
+            }
+            DnsReply::Records(n) => {
+                let s = if n == 1 { "" } else { "s" };
+                return pass(format!("DNS answer: {n} {} record{s}", dns.query_type));
+            }
+        }
+    }
+}
+
+/// A recursive query for `name`/`qtype`/IN.
+pub fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = Vec::with_capacity(32 + name.len());
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&0x0100u16.to_be_bytes()); // RD
+    q.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]); // 1 question
+    if name != "." {
+        for label in name.trim_end_matches('.').split('.') {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&1u16.to_be_bytes()); // IN
+    q
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum DnsReply {
+    OtherId,
+    Malformed,
+    Rcode(u8),
+    Records(usize),
+}
+
+/// Reads a reply: its id, rcode and the answers of type `qtype`.
+fn dns_answer(msg: &[u8], id: u16, qtype: u16) -> DnsReply {
+    if msg.len() < 12 {
+        return DnsReply::Malformed;
+    }
+    let be = |i: usize| u16::from_be_bytes([msg[i], msg[i + 1]]);
+    if be(0) != id {
+        return DnsReply::OtherId;
+    }
+    let flags = be(2);
+    if flags & 0x8000 == 0 {
+        return DnsReply::Malformed;
+    }
+    let rcode = (flags & 0xf) as u8;
+    if rcode != 0 {
+        return DnsReply::Rcode(rcode);
+    }
+    let (qd, an) = (be(4) as usize, be(6) as usize);
+    let mut at = 12;
+    for _ in 0..qd {
+        let Some(end) = skip_name(msg, at) else {
+            return DnsReply::Malformed;
+        };
+        at = end + 4;
+    }
+    let mut found = 0;
+    for _ in 0..an {
+        let Some(end) = skip_name(msg, at) else {
+            return DnsReply::Malformed;
+        };
+        if end + 10 > msg.len() {
+            return DnsReply::Malformed;
+        }
+        let rtype = be(end);
+        let rdlen = be(end + 8) as usize;
+        at = end + 10 + rdlen;
+        if at > msg.len() {
+            return DnsReply::Malformed;
+        }
+        if rtype == qtype {
+            found += 1;
+        }
+    }
+    DnsReply::Records(found)
+}
+
+/// The offset after the name at `at` (labels, ending in a zero byte or a compression pointer).
+fn skip_name(msg: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let len = *msg.get(at)? as usize;
+        match len {
+            0 => return Some(at + 1),
+            l if l & 0xc0 == 0xc0 => return (at + 2 <= msg.len()).then_some(at + 2),
+            l if l & 0xc0 != 0 => return None,
+            l => at += 1 + l,
+        }
+    }
+}
+
+fn rcode_name(code: u8) -> String {
+    match code {
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => format!("rcode {n}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_messages() {
+        let q = dns_query(0x1234, "www.example.com", 1);
+        assert_eq!(&q[..4], &[0x12, 0x34, 0x01, 0x00]);
+        assert_eq!(&q[12..], b"\x03www\x07example\x03com\x00\x00\x01\x00\x01");
+        assert_eq!(&dns_query(1, ".", 6)[12..], b"\x00\x00\x06\x00\x01");
+
+        // A reply: the question, a CNAME and an A record via compression pointers.
+        let mut r = q.clone();
+        r[2] = 0x81;
+        r[3] = 0x80;
+        r[7] = 2; // ANCOUNT
+        r.extend_from_slice(&[0xc0, 12, 0, 5, 0, 1, 0, 0, 0, 60, 0, 2, 0xc0, 16]);
+        r.extend_from_slice(&[0xc0, 16, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 0, 0, 1]);
+        assert_eq!(dns_answer(&r, 0x1234, 1), DnsReply::Records(1));
+        assert_eq!(dns_answer(&r, 0x1234, 28), DnsReply::Records(0));
+        assert_eq!(dns_answer(&r, 0x9999, 1), DnsReply::OtherId);
+        assert_eq!(
+            dns_answer(&r[..r.len() - 2], 0x1234, 1),
+            DnsReply::Malformed
+        );
+        let mut nx = q.clone();
+        nx[2] = 0x81;
+        nx[3] = 0x83;
+        assert_eq!(dns_answer(&nx, 0x1234, 1), DnsReply::Rcode(3));
+        assert_eq!(
+            dns_answer(&q, 0x1234, 1),
+            DnsReply::Malformed,
+            "a query is not a reply"
+        );
+    }
+
+    #[test]
+    fn small_helpers() {
+        assert_eq!(md5_hex(b"hello"), "5d41402abc4b2a76b9719d911017c592");
+        assert_eq!(strip_port("example.com:8443"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[fd00::1]:443"), "fd00::1");
+        assert_eq!(strip_port("fd00::1"), "fd00::1");
+        assert!(contains(b"all healthy here", b"healthy"));
+        assert!(!contains(b"unhealthy", b"fine"));
+        use std::os::unix::process::ExitStatusExt;
+        let exit = |code: i32| std::process::ExitStatus::from_raw(code << 8);
+        assert_eq!(script_outcome(exit(0), false), pass("script exit 0"));
+        assert_eq!(script_outcome(exit(1), true), fail("script exit 1"));
+        assert_eq!(script_outcome(exit(5), false), fail("script exit 5"));
+        assert_eq!(
+            script_outcome(exit(5), true),
+            Attempt {
+                ok: true,
+                reason: "script exit 5 (weight 3)".into(),
+                weight: Some(3)
+            }
+        );
+        assert_eq!(
+            script_outcome(std::process::ExitStatus::from_raw(9), false),
+            fail("script killed by signal 9")
+        );
+    }
+
+    fn check(text: &str) -> HealthCheck {
+        toml::from_str::<super::super::config::HealthCheckSpec>(&text.replace(", ", "\n"))
+            .unwrap()
+            .validate(1)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn retries_and_their_delay() {
+        // A closed port on loopback: refused at once, retried twice 50 ms apart.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let c = check(r#"kind = "tcp", retries = 2, retry_delay = "50ms", timeout = "1s""#);
+        let target = ProbeTarget {
+            addr: "127.0.0.1".parse().unwrap(),
+            port,
+            source: None,
+            vip: None,
+        };
+        let start = Instant::now();
+        let r = probe(&c, &target).await;
+        assert_eq!(
+            (r.ok, r.reason.as_str(), r.attempts, r.weight),
+            (false, "connection refused", 3, None)
+        );
+        assert!(
+            start.elapsed() >= Duration::from_millis(100),
+            "{:?}",
+            start.elapsed()
+        );
+
+        let none = probe(&check(r#"kind = "none""#), &target).await;
+        assert_eq!(
+            (none.ok, none.reason.as_str(), none.attempts),
+            (true, "no check", 1)
+        );
+    }
+}

@@ -1,0 +1,691 @@
+//! Runs every real server's check on its own schedule and reports changes.
+//!
+//! One tokio task per check: it waits a random part of `warmup` (so that a thousand checks do not
+//! fire in one burst after a start or a reload), then probes every `interval` (a probe that takes
+//! longer delays the next one; probes of one check never overlap). Probes run under a semaphore
+//! (at most [`SchedulerOptions::max_probes`] at once, scripts at most
+//! [`SchedulerOptions::max_scripts`]), so a burst of slow real servers cannot exhaust sockets or
+//! processes. Each result goes through the check's [`CheckState`]; a transition is logged once
+//! (with its reason), sent as a [`HealthEvent`], and runs `notify_up`/`notify_down` detached with
+//! a timeout.
+//!
+//! The controller owns the [`Scheduler`]: [`Scheduler::set`] on start and on every reload (checks
+//! that did not change keep running and keep their state; changed ones restart with their state
+//! kept), [`Scheduler::health`] when it builds the dataplane state, [`Scheduler::status`] for
+//! `lbd status`. Must be used inside a tokio runtime. Dropping it stops every check.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::check::{self, ProbeResult, ProbeTarget};
+use super::config::{CheckKind, CommandText, HealthCheck, ProbeKind};
+use super::state::{CheckState, Health, StateSnapshot, Transition};
+
+/// Identifies a check: the virtual server's key and the real server's key, as the controller
+/// names them (e.g. `VipAddr` and `BackendSpec::key()` rendered as strings).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct CheckKey {
+    pub vip_key: String,
+    pub real_server_key: String,
+}
+
+/// Everything needed to run one real server's check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckConfig {
+    pub key: CheckKey,
+    pub check: HealthCheck,
+    pub target: ProbeTarget,
+    /// keepalived `alpha`: start down until the first pass.
+    pub alpha: bool,
+    /// Run (detached) when the real server comes up / goes down.
+    pub notify_up: Option<CommandText>,
+    pub notify_down: Option<CommandText>,
+}
+
+/// A change of a real server's health, for the controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthEvent {
+    pub vip_key: String,
+    pub real_server_key: String,
+    /// Up (serve) or down (remove, or weight 0 with `inhibit_on_failure`).
+    pub up: bool,
+    /// The result that caused it: `"HTTP 503"`, `"timeout after 500ms"`, `"connected"`, ...
+    pub reason: String,
+    /// Weight set by a `dynamic_weight` script (also sent alone, with `up = true`, when it changes
+    /// while the real server is up); `None`: the configured weight.
+    pub weight: Option<u32>,
+}
+
+/// A check's status for `lbd status`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckStatus {
+    pub vip_key: String,
+    pub real_server_key: String,
+    pub kind: CheckKind,
+    #[serde(flatten)]
+    pub state: StateSnapshot,
+}
+
+/// Limits of a scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerOptions {
+    /// Probes running at once (each holds a socket); default 512.
+    pub max_probes: usize,
+    /// `script` probes running at once (each is a process); default 16.
+    pub max_scripts: usize,
+    /// Notify commands running at once; more wait their turn (detached). Default 16.
+    pub max_notifies: usize,
+    /// Limit of a notify command's run; it is killed after. Default 10 s.
+    pub notify_timeout: Duration,
+}
+
+impl Default for SchedulerOptions {
+    fn default() -> Self {
+        SchedulerOptions {
+            max_probes: 512,
+            max_scripts: 16,
+            max_notifies: 16,
+            notify_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Runs probes; the real one is [`check::probe`]. Tests substitute scripted results.
+pub trait Prober: Send + Sync + 'static {
+    fn probe<'a>(
+        &'a self,
+        check: &'a HealthCheck,
+        target: &'a ProbeTarget,
+    ) -> Pin<Box<dyn Future<Output = ProbeResult> + Send + 'a>>;
+}
+
+/// The real probes of [`check::probe`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NetworkProber;
+
+impl Prober for NetworkProber {
+    fn probe<'a>(
+        &'a self,
+        check: &'a HealthCheck,
+        target: &'a ProbeTarget,
+    ) -> Pin<Box<dyn Future<Output = ProbeResult> + Send + 'a>> {
+        Box::pin(check::probe(check, target))
+    }
+}
+
+struct Shared {
+    events: mpsc::Sender<HealthEvent>,
+    probes: Semaphore,
+    scripts: Semaphore,
+    notifies: Arc<Semaphore>,
+    options: SchedulerOptions,
+    prober: Box<dyn Prober>,
+}
+
+struct Running {
+    config: CheckConfig,
+    state: Arc<Mutex<CheckState>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// The set of running checks.
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    checks: HashMap<CheckKey, Running>,
+}
+
+impl Scheduler {
+    /// A scheduler sending its events to `events`, with the real probes.
+    pub fn new(events: mpsc::Sender<HealthEvent>, options: SchedulerOptions) -> Scheduler {
+        Self::with_prober(events, options, NetworkProber)
+    }
+
+    /// A scheduler with another prober (tests).
+    pub fn with_prober(
+        events: mpsc::Sender<HealthEvent>,
+        options: SchedulerOptions,
+        prober: impl Prober,
+    ) -> Scheduler {
+        Scheduler {
+            shared: Arc::new(Shared {
+                events,
+                probes: Semaphore::new(options.max_probes.max(1)),
+                scripts: Semaphore::new(options.max_scripts.max(1)),
+                notifies: Arc::new(Semaphore::new(options.max_notifies.max(1))),
+                options,
+                prober: Box::new(prober),
+            }),
+            checks: HashMap::new(),
+        }
+    }
+
+    /// Makes `checks` the running set: new ones start, missing ones stop, changed ones restart
+    /// keeping their state (health, counters; thresholds updated). Unchanged ones go on
+    /// untouched. Duplicated keys: the last wins.
+    pub fn set(&mut self, checks: impl IntoIterator<Item = CheckConfig>) {
+        let mut wanted: HashMap<CheckKey, CheckConfig> = HashMap::new();
+        for c in checks {
+            wanted.insert(c.key.clone(), c);
+        }
+        self.checks.retain(|key, _| wanted.contains_key(key));
+        for (key, config) in wanted {
+            self.add(config);
+            debug_assert!(self.checks.contains_key(&key));
+        }
+    }
+
+    /// Adds a check, or replaces the one with the same key (see [`Self::set`]).
+    pub fn add(&mut self, config: CheckConfig) {
+        let key = config.key.clone();
+        let state = match self.checks.remove(&key) {
+            Some(old) if old.config == config => {
+                self.checks.insert(key, old);
+                return;
+            }
+            Some(old) => {
+                let state = old.state.clone();
+                let timing = config.check.timing;
+                state
+                    .lock()
+                    .expect("check state lock")
+                    .set_thresholds(timing.rise, timing.fall);
+                state
+            }
+            None => {
+                let timing = config.check.timing;
+                // `none` is always up: alpha has nothing to wait for.
+                let alpha = config.alpha && config.check.probe != ProbeKind::None;
+                Arc::new(Mutex::new(CheckState::new(
+                    timing.rise,
+                    timing.fall,
+                    alpha,
+                    Instant::now(),
+                )))
+            }
+        };
+        let task = (config.check.probe != ProbeKind::None)
+            .then(|| tokio::spawn(run(self.shared.clone(), config.clone(), state.clone())));
+        self.checks.insert(
+            key,
+            Running {
+                config,
+                state,
+                task,
+            },
+        );
+    }
+
+    /// Stops a check; false if there was none.
+    pub fn remove(&mut self, key: &CheckKey) -> bool {
+        self.checks.remove(key).is_some()
+    }
+
+    /// Number of checks.
+    pub fn len(&self) -> usize {
+        self.checks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.checks.is_empty()
+    }
+
+    /// Whether a real server is up, and its dynamic weight; `None` for a key without a check
+    /// (not checked: up with its configured weight).
+    pub fn health(&self, key: &CheckKey) -> Option<(bool, Option<u32>)> {
+        let running = self.checks.get(key)?;
+        let state = running.state.lock().expect("check state lock");
+        Some((state.health() == Health::Up, state.weight()))
+    }
+
+    /// One check's status.
+    pub fn status_of(&self, key: &CheckKey) -> Option<CheckStatus> {
+        let now = Instant::now();
+        self.checks.get(key).map(|r| status(key, r, now))
+    }
+
+    /// Every check's status, ordered by key.
+    pub fn status(&self) -> Vec<CheckStatus> {
+        let now = Instant::now();
+        let sorted: BTreeMap<_, _> = self.checks.iter().collect();
+        sorted
+            .into_iter()
+            .map(|(key, r)| status(key, r, now))
+            .collect()
+    }
+
+    /// Runs a command (e.g. a virtual server's quorum up/down command) detached, with the
+    /// scheduler's notify limits; see [`spawn_notify`].
+    pub fn notify(&self, command: &CommandText, env: Vec<(String, String)>) {
+        spawn_notify(
+            self.shared.notifies.clone(),
+            command.clone(),
+            env,
+            self.shared.options.notify_timeout,
+        );
+    }
+}
+
+fn status(key: &CheckKey, running: &Running, now: Instant) -> CheckStatus {
+    CheckStatus {
+        vip_key: key.vip_key.clone(),
+        real_server_key: key.real_server_key.clone(),
+        kind: running.config.check.kind(),
+        state: running
+            .state
+            .lock()
+            .expect("check state lock")
+            .snapshot(now),
+    }
+}
+
+/// Runs `command` in a task of its own, at most `timeout` (then its process group is killed),
+/// once a permit of `limit` is free; never waits for it. Its exit is logged.
+pub fn spawn_notify(
+    limit: Arc<Semaphore>,
+    command: CommandText,
+    env: Vec<(String, String)>,
+    timeout: Duration,
+) {
+    tokio::spawn(async move {
+        let Ok(_permit) = limit.acquire_owned().await else {
+            return;
+        };
+        let mut cmd = check::command(&command);
+        cmd.envs(env);
+        let shown = match &command {
+            CommandText::Shell(line) => line.clone(),
+            CommandText::Argv(argv) => argv.join(" "),
+        };
+        match check::run_bounded(cmd, timeout).await {
+            Ok(status) if status.success() => debug!(command = %shown, "notify command done"),
+            Ok(status) => warn!(command = %shown, %status, "notify command failed"),
+            Err(reason) => warn!(command = %shown, %reason, "notify command failed"),
+        }
+    });
+}
+
+async fn run(shared: Arc<Shared>, config: CheckConfig, state: Arc<Mutex<CheckState>>) {
+    let timing = config.check.timing;
+    let warmup_nanos = timing.warmup.as_nanos().min(u128::from(u64::MAX)) as u64;
+    tokio::time::sleep(Duration::from_nanos(fastrand::u64(0..=warmup_nanos))).await;
+    let mut ticker = tokio::time::interval(timing.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let is_script = config.check.kind() == CheckKind::Script;
+    loop {
+        ticker.tick().await;
+        let result = {
+            let _script = if is_script {
+                shared.scripts.acquire().await.ok()
+            } else {
+                None
+            };
+            let _probe = shared.probes.acquire().await;
+            shared.prober.probe(&config.check, &config.target).await
+        };
+        let transition = state
+            .lock()
+            .expect("check state lock")
+            .record(Instant::now(), &result);
+        if !result.ok {
+            debug!(vip = %config.key.vip_key, real_server = %config.key.real_server_key, reason = %result.reason, "check failed");
+        }
+        let Some(transition) = transition else {
+            continue;
+        };
+        let key = &config.key;
+        let event = |up: bool, reason: String, weight: Option<u32>| HealthEvent {
+            vip_key: key.vip_key.clone(),
+            real_server_key: key.real_server_key.clone(),
+            up,
+            reason,
+            weight,
+        };
+        let (event, notify) = match transition {
+            Transition::Down { reason } => {
+                warn!(vip = %key.vip_key, real_server = %key.real_server_key, %reason, "real server down");
+                (event(false, reason, None), config.notify_down.as_ref())
+            }
+            Transition::Up { reason, weight } => {
+                info!(vip = %key.vip_key, real_server = %key.real_server_key, %reason, "real server up");
+                (event(true, reason, weight), config.notify_up.as_ref())
+            }
+            Transition::Weight { weight, reason } => {
+                info!(vip = %key.vip_key, real_server = %key.real_server_key, weight, %reason, "real server weight changed");
+                (event(true, reason, Some(weight)), None)
+            }
+        };
+        if let Some(command) = notify {
+            let env = vec![
+                ("LBD_VIP".to_string(), key.vip_key.clone()),
+                ("LBD_RS".to_string(), key.real_server_key.clone()),
+                (
+                    "LBD_STATE".to_string(),
+                    if event.up { "up" } else { "down" }.to_string(),
+                ),
+                ("LBD_REASON".to_string(), event.reason.clone()),
+            ];
+            spawn_notify(
+                shared.notifies.clone(),
+                command.clone(),
+                env,
+                shared.options.notify_timeout,
+            );
+        }
+        if shared.events.send(event).await.is_err() {
+            return; // the controller is gone
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Results scripted per real server (pass when the script runs out), each taking `latency`;
+    /// records when each probe started and how many ran at once.
+    #[derive(Default)]
+    struct Scripted {
+        results: Mutex<HashMap<u16, VecDeque<ProbeResult>>>,
+        starts: Mutex<Vec<(u16, tokio::time::Instant)>>,
+        running: AtomicUsize,
+        most: AtomicUsize,
+        latency: Duration,
+    }
+
+    impl Prober for Arc<Scripted> {
+        fn probe<'a>(
+            &'a self,
+            _: &'a HealthCheck,
+            target: &'a ProbeTarget,
+        ) -> Pin<Box<dyn Future<Output = ProbeResult> + Send + 'a>> {
+            Box::pin(async move {
+                self.starts
+                    .lock()
+                    .unwrap()
+                    .push((target.port, tokio::time::Instant::now()));
+                let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+                self.most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(self.latency).await;
+                self.running.fetch_sub(1, Ordering::SeqCst);
+                let next = self
+                    .results
+                    .lock()
+                    .unwrap()
+                    .get_mut(&target.port)
+                    .and_then(VecDeque::pop_front);
+                next.unwrap_or_else(|| result(true, "HTTP 200", None))
+            })
+        }
+    }
+
+    fn result(ok: bool, reason: &str, weight: Option<u32>) -> ProbeResult {
+        ProbeResult {
+            ok,
+            reason: reason.into(),
+            weight,
+            latency: Duration::from_millis(1),
+            attempts: 1,
+        }
+    }
+
+    fn config(port: u16, text: &str, alpha: bool) -> CheckConfig {
+        CheckConfig {
+            key: key(port),
+            check: HealthCheck::from_toml(text, port).unwrap(),
+            target: ProbeTarget {
+                addr: "10.0.0.1".parse().unwrap(),
+                port,
+                source: None,
+                vip: None,
+            },
+            alpha,
+            notify_up: None,
+            notify_down: None,
+        }
+    }
+
+    fn key(port: u16) -> CheckKey {
+        CheckKey {
+            vip_key: "TCP 10.0.0.100:0".into(),
+            real_server_key: format!("10.0.0.1:{port}"),
+        }
+    }
+
+    fn scheduler(
+        prober: &Arc<Scripted>,
+        options: SchedulerOptions,
+    ) -> (Scheduler, mpsc::Receiver<HealthEvent>) {
+        let (tx, rx) = mpsc::channel(64);
+        (Scheduler::with_prober(tx, options, prober.clone()), rx)
+    }
+
+    const TCP_1S: &str = "kind = \"tcp\"\ninterval = \"1s\"\nrise = 2\nfall = 2";
+
+    #[tokio::test(start_paused = true)]
+    async fn events_follow_rise_and_fall() {
+        let prober = Arc::new(Scripted::default());
+        let fail = || result(false, "connection refused", None);
+        prober.results.lock().unwrap().insert(
+            1,
+            [
+                fail(),
+                result(true, "connected", None),
+                fail(),
+                fail(),
+                fail(),
+            ]
+            .into(),
+        );
+        let (mut s, mut rx) = scheduler(&prober, SchedulerOptions::default());
+        s.set([config(1, TCP_1S, false)]);
+        let down = rx.recv().await.unwrap();
+        assert_eq!(
+            down,
+            HealthEvent {
+                vip_key: key(1).vip_key,
+                real_server_key: key(1).real_server_key,
+                up: false,
+                reason: "connection refused".into(),
+                weight: None
+            }
+        );
+        // Down after the 4th result (fail, pass, fail, fail): the flapping start changed nothing.
+        assert_eq!(prober.starts.lock().unwrap().len(), 4);
+        let st = s.status_of(&key(1)).unwrap();
+        assert_eq!(
+            (st.kind, st.state.state, st.state.consecutive_fails),
+            (CheckKind::Tcp, Health::Down, 2)
+        );
+        let up = rx.recv().await.unwrap();
+        assert_eq!((up.up, up.reason.as_str()), (true, "HTTP 200"));
+        assert_eq!(
+            prober.starts.lock().unwrap().len(),
+            7,
+            "fail, then two passes"
+        );
+        assert_eq!(s.health(&key(1)), Some((true, None)));
+        assert_eq!(s.health(&key(9)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warmup_spreads_the_first_probes_and_interval_holds() {
+        let prober = Arc::new(Scripted::default());
+        let (mut s, _rx) = scheduler(&prober, SchedulerOptions::default());
+        let start = tokio::time::Instant::now();
+        s.set((1..=200).map(|p| {
+            config(
+                p,
+                "kind = \"tcp\"\ninterval = \"1s\"\nwarmup = \"1s\"",
+                false,
+            )
+        }));
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        let firsts: Vec<Duration> = prober
+            .starts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| *t - start)
+            .collect();
+        // Within the warmup, spread over it: every tenth of the second got some, none got most.
+        let mut buckets = [0usize; 10];
+        for t in &firsts {
+            buckets[(t.as_millis() / 100).min(9) as usize] += 1;
+        }
+        assert!(
+            firsts.len() > 150,
+            "{} of 200 started in the first second",
+            firsts.len()
+        );
+        assert!(buckets.iter().all(|&n| n > 0 && n < 60), "{buckets:?}");
+        // Then once per interval each.
+        tokio::time::sleep(Duration::from_millis(5100)).await;
+        let starts = prober.starts.lock().unwrap().clone();
+        for p in 1..=200u16 {
+            let times: Vec<_> = starts
+                .iter()
+                .filter(|(q, _)| *q == p)
+                .map(|(_, t)| *t)
+                .collect();
+            assert!(
+                (6..=7).contains(&times.len()),
+                "port {p}: {} probes in 6 s",
+                times.len()
+            );
+            for pair in times.windows(2) {
+                assert_eq!(pair[1] - pair[0], Duration::from_secs(1), "port {p}");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_are_bounded() {
+        let prober = Arc::new(Scripted {
+            latency: Duration::from_millis(500),
+            ..Default::default()
+        });
+        let options = SchedulerOptions {
+            max_probes: 3,
+            ..Default::default()
+        };
+        let (mut s, _rx) = scheduler(&prober, options);
+        s.set((1..=20).map(|p| {
+            config(
+                p,
+                "kind = \"tcp\"\ninterval = \"1s\"\nwarmup = \"0s\"",
+                false,
+            )
+        }));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(prober.most.load(Ordering::SeqCst), 3);
+        assert!(prober.starts.lock().unwrap().len() >= 15);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reload_keeps_state_and_stops_removed_checks() {
+        let prober = Arc::new(Scripted::default());
+        prober
+            .results
+            .lock()
+            .unwrap()
+            .insert(1, (0..2).map(|_| result(false, "HTTP 503", None)).collect());
+        let (mut s, mut rx) = scheduler(&prober, SchedulerOptions::default());
+        s.set([
+            config(1, TCP_1S, false),
+            config(2, TCP_1S, false),
+            config(3, "kind = \"none\"", true),
+        ]);
+        assert!(!rx.recv().await.unwrap().up);
+        // `none` never probes and is up even with alpha.
+        assert_eq!(s.health(&key(3)), Some((true, None)));
+        // Same config again: nothing restarts. Changed thresholds: restarted, state kept.
+        s.set([
+            config(
+                1,
+                "kind = \"tcp\"\ninterval = \"1s\"\nrise = 5\nfall = 2",
+                false,
+            ),
+            config(2, TCP_1S, false),
+        ]);
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            s.health(&key(1)),
+            Some((false, None)),
+            "still down after the reload"
+        );
+        assert_eq!(s.status_of(&key(3)), None);
+        let before = prober
+            .starts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| *p == 1)
+            .count();
+        // rise = 5 now: five passes (plus warmup) before it is up.
+        let up = rx.recv().await.unwrap();
+        assert!(up.up);
+        let after = prober
+            .starts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| *p == 1)
+            .count();
+        assert_eq!(after - before, 5);
+        // Removing stops probing.
+        assert!(s.remove(&key(2)));
+        let count = |port| {
+            prober
+                .starts
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(p, _)| *p == port)
+                .count()
+        };
+        let n2 = count(2);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(count(2), n2);
+        assert_eq!(s.status().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dynamic_weight_events() {
+        let prober = Arc::new(Scripted::default());
+        prober.results.lock().unwrap().insert(
+            1,
+            [result(true, "script exit 5 (weight 3)", Some(3))].into(),
+        );
+        let (mut s, mut rx) = scheduler(&prober, SchedulerOptions::default());
+        s.set([config(
+            1,
+            "kind = \"script\"\ncommand = \"x\"\ndynamic_weight = true",
+            false,
+        )]);
+        let ev = rx.recv().await.unwrap();
+        assert_eq!(
+            (ev.up, ev.weight, ev.reason.as_str()),
+            (true, Some(3), "script exit 5 (weight 3)")
+        );
+        assert_eq!(s.health(&key(1)), Some((true, Some(3))));
+    }
+}
