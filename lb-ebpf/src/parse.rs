@@ -47,15 +47,32 @@ pub struct IpPacket {
 }
 
 /// Reads a `T` at `off` bytes into the packet, bounds-checked for the verifier.
+///
+/// `T` is made of bytes or 16-bit words (alignment ≤ 2, checked at compile time) and every
+/// offset read here is even (Ethernet 14, VLAN 4, IPv4 IHL × 4, IPv6 40 and 8-byte extension
+/// headers), while XDP frames start at an even address (the driver's headroom), so the read is
+/// aligned: it compiles to 16-bit loads. An unaligned read would be byte loads plus shifts, as
+/// the BPF target has no misaligned access (measured: about a sixth of the hit path's
+/// instructions went there).
 #[inline(always)]
 pub fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+    const { assert!(core::mem::align_of::<T>() <= 2) };
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + size_of::<T>() > end {
         return None;
     }
-    // SAFETY: checked above that the bytes lie inside the packet.
-    Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+    // SAFETY: checked above that the bytes lie inside the packet; aligned as explained above.
+    Some(unsafe { core::ptr::read((start + off) as *const T) })
+}
+
+/// The address word (wire-order bytes in a host u32, as `FlowKey` holds them) made of two
+/// consecutive 16-bit words read from the packet.
+#[inline(always)]
+fn word(hi_addr_first: u16, second: u16) -> u32 {
+    let [a, b] = hi_addr_first.to_ne_bytes();
+    let [c, d] = second.to_ne_bytes();
+    u32::from_ne_bytes([a, b, c, d])
 }
 
 #[inline(always)]
@@ -85,22 +102,21 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
 
 #[inline(always)]
 fn parse_v4(ctx: &XdpContext, l3: usize) -> Parsed {
-    let Some(hdr) = load::<[u32; 5]>(ctx, l3) else {
+    let Some(h) = load::<[u16; 10]>(ctx, l3) else {
         return Parsed::Malformed;
     };
-    let b0 = hdr[0].to_ne_bytes()[0];
+    let b0 = h[0].to_ne_bytes()[0];
     let ihl = ((b0 & 0x0f) as usize) * 4;
     if b0 >> 4 != 4 || ihl < 20 {
         return Parsed::Malformed;
     }
-    let w1 = hdr[1].to_ne_bytes();
-    let frag = u16::from_be_bytes([w1[2], w1[3]]);
+    let frag = u16::from_be(h[3]);
     let more_fragments = frag & 0x2000 != 0;
     let offset = frag & 0x1fff;
-    let proto = hdr[2].to_ne_bytes()[1];
+    let proto = h[4].to_ne_bytes()[1];
     let mut flow = FlowKey {
-        src: [hdr[3], 0, 0, 0],
-        dst: [hdr[4], 0, 0, 0],
+        src: [word(h[6], h[7]), 0, 0, 0],
+        dst: [word(h[8], h[9]), 0, 0, 0],
         proto,
         family: FAMILY_V4,
         ..FlowKey::default()
@@ -117,16 +133,16 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Parsed {
 
 #[inline(always)]
 fn parse_v6(ctx: &XdpContext, l3: usize) -> Parsed {
-    let Some(hdr) = load::<[u32; 10]>(ctx, l3) else {
+    let Some(h) = load::<[u16; 20]>(ctx, l3) else {
         return Parsed::Malformed;
     };
-    if hdr[0].to_ne_bytes()[0] >> 4 != 6 {
+    if h[0].to_ne_bytes()[0] >> 4 != 6 {
         return Parsed::Malformed;
     }
-    let mut next = hdr[1].to_ne_bytes()[2];
+    let mut next = h[3].to_ne_bytes()[0];
     let mut flow = FlowKey {
-        src: [hdr[2], hdr[3], hdr[4], hdr[5]],
-        dst: [hdr[6], hdr[7], hdr[8], hdr[9]],
+        src: [word(h[4], h[5]), word(h[6], h[7]), word(h[8], h[9]), word(h[10], h[11])],
+        dst: [word(h[12], h[13]), word(h[14], h[15]), word(h[16], h[17]), word(h[18], h[19])],
         family: FAMILY_V6,
         ..FlowKey::default()
     };

@@ -1,5 +1,6 @@
 //! `cargo xtask`: set-up, build, the namespace rig, the test suite and the VM runner.
 
+mod bench;
 mod setup;
 mod vm;
 
@@ -39,6 +40,13 @@ enum Cmd {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Benchmark the fast path, the live packet path and the controller (needs root); report in
+    /// target/bench/report.md.
+    Bench {
+        /// The one-minute smoke run (CI).
+        #[arg(long)]
+        quick: bool,
     },
     /// Boot Debian's kernel under qemu and run a command there: `cargo xtask vm -- COMMAND`.
     Vm {
@@ -119,6 +127,7 @@ fn main() -> Result<()> {
             test.push("--test-threads=1");
             cargo(&test)
         }
+        Cmd::Bench { quick } => bench::bench(quick),
         Cmd::Vm { args } => vm::main(&args),
     }
 }

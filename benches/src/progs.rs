@@ -1,0 +1,206 @@
+//! The benchmark's own XDP programs (lb-ebpf/src/aux.rs, embedded as `AUX_OBJECT`), and access to
+//! the counters of lbd's program.
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{Array, DevMapHash, Map, MapData, PerCpuArray, PerCpuValues, ProgramArray},
+    programs::{ProgramFd, Xdp, XdpMode},
+    Ebpf,
+};
+use lb_common::{reason, FlowKey, FlowValue, ReasonCounter, VipInfo, VipKey};
+use lb_userspace::xdp::{XdpDataplane, AUX_OBJECT};
+
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+pub const CFG_EGRESS: u32 = 0;
+pub const CFG_FLOWS: u32 = 1;
+pub const CFG_BASE: u32 = 2;
+pub const CFG_FAMILY: u32 = 3;
+
+/// One instance of the auxiliary object (its own maps), with some of its programs loaded.
+pub struct Aux {
+    ebpf: Ebpf,
+}
+
+impl Aux {
+    pub fn load(programs: &[&str]) -> Result<Aux> {
+        Self::load_sized(programs, 16)
+    }
+
+    /// Like `load`, with `BENCH_LRU` sized to `lru` entries.
+    pub fn load_sized(programs: &[&str], lru: u32) -> Result<Aux> {
+        if AUX_OBJECT.is_empty() {
+            bail!("lbd was built without its eBPF objects (AYA_BUILD_SKIP); rebuild without it");
+        }
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries("BENCH_LRU", lru)
+            .map_max_entries("BENCH_LRU_PCPU", lru)
+            .load(AUX_OBJECT)
+            .context("loading the auxiliary eBPF object")?;
+        for name in programs {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no program {name} in the auxiliary object (stale build?)"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+        }
+        Ok(Aux { ebpf })
+    }
+
+    pub fn prog(&mut self, name: &str) -> &mut Xdp {
+        self.ebpf
+            .program_mut(name)
+            .expect("loaded")
+            .try_into()
+            .expect("XDP program")
+    }
+
+    pub fn prog_fd(&mut self, name: &str) -> Result<ProgramFd> {
+        Ok(self.prog(name).fd()?.try_clone()?)
+    }
+
+    /// Attaches `name` in native mode to `iface` of the calling thread's namespace; the link
+    /// lives as long as this object.
+    pub fn attach(&mut self, name: &str, iface: &str) -> Result<()> {
+        self.prog(name)
+            .attach(iface, XdpMode::Driver)
+            .with_context(|| format!("attaching {name} to {iface} (native)"))?;
+        Ok(())
+    }
+
+    pub fn set_cfg(&mut self, index: u32, value: u32) -> Result<()> {
+        let mut cfg: Array<&mut MapData, u32> = Array::try_from(self.ebpf.map_mut("BENCH_CFG").context("BENCH_CFG")?)?;
+        cfg.set(index, value, 0)?;
+        Ok(())
+    }
+
+    pub fn add_port(&mut self, ifindex: u32) -> Result<()> {
+        let mut ports: DevMapHash<&mut MapData> =
+            DevMapHash::try_from(self.ebpf.map_mut("BENCH_PORTS").context("BENCH_PORTS")?)?;
+        ports.insert(ifindex, ifindex, None, 0)?;
+        Ok(())
+    }
+
+    pub fn set_jump(&mut self, target: &ProgramFd) -> Result<()> {
+        let mut jump: ProgramArray<&mut MapData> =
+            ProgramArray::try_from(self.ebpf.map_mut("BENCH_JUMP").context("BENCH_JUMP")?)?;
+        jump.set(0, target, 0)
+            .context("putting the program into the tail-call array")?;
+        Ok(())
+    }
+
+    fn per_cpu(&mut self, name: &str) -> Result<PerCpuArray<&mut MapData, u64>> {
+        Ok(PerCpuArray::try_from(
+            self.ebpf.map_mut(name).with_context(|| name.to_string())?,
+        )?)
+    }
+
+    /// Inserts the all-zero keys `bench_maps_*` look up.
+    pub fn fill_bench_maps(&mut self) -> Result<()> {
+        let mut hash: aya::maps::HashMap<&mut MapData, VipKey, VipInfo> =
+            aya::maps::HashMap::try_from(self.ebpf.map_mut("BENCH_HASH").context("BENCH_HASH")?)?;
+        hash.insert(
+            VipKey::default(),
+            VipInfo {
+                vip_id: 1,
+                active: 0,
+                flags: 1,
+                _pad: 0,
+            },
+            0,
+        )?;
+        let mut lru: aya::maps::HashMap<&mut MapData, FlowKey, FlowValue> =
+            aya::maps::HashMap::try_from(self.ebpf.map_mut("BENCH_LRU").context("BENCH_LRU")?)?;
+        lru.insert(
+            FlowKey::default(),
+            FlowValue {
+                backend: 1,
+                generation: 1,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Zeroes the generator's sequence number (so the next run starts at flow 0).
+    pub fn reset_seq(&mut self) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let mut seq = self.per_cpu("BENCH_SEQ")?;
+        seq.set(0, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+        Ok(())
+    }
+
+    /// The generator's sequence number summed over CPUs (frames it rewrote since the reset).
+    pub fn seq(&mut self) -> Result<u64> {
+        Ok(self.per_cpu("BENCH_SEQ")?.get(&0, 0)?.iter().sum())
+    }
+
+    /// Packets and bytes `bench_sink` has counted, summed over CPUs.
+    pub fn sink(&mut self) -> Result<(u64, u64)> {
+        let map = self.per_cpu("BENCH_SINK")?;
+        let p: u64 = map.get(&0, 0)?.iter().sum();
+        let b: u64 = map.get(&1, 0)?.iter().sum();
+        Ok((p, b))
+    }
+}
+
+/// Per-reason packet counters of lbd's loaded program, read straight from its `GLOBAL_STATS`
+/// map (found through the program's map ids): `XdpDataplane::stats` also walks the connection
+/// table, which is slow with a million entries.
+pub struct Reasons {
+    map: PerCpuArray<MapData, ReasonCounter>,
+}
+
+impl Reasons {
+    pub fn of(dp: &mut XdpDataplane) -> Result<Reasons> {
+        let ids = dp
+            .program()
+            .info()?
+            .map_ids()?
+            .context("the kernel does not list the program's maps")?;
+        for id in ids {
+            let data = MapData::from_id(id)?;
+            if data.info()?.name_as_str() == Some(lb_common::map_names::GLOBAL_STATS) {
+                return Ok(Reasons {
+                    map: PerCpuArray::try_from(Map::PerCpuArray(data))?,
+                });
+            }
+        }
+        bail!("GLOBAL_STATS not among the program's maps")
+    }
+
+    /// Packets per reason, in `reason::NAMES` order.
+    pub fn packets(&self) -> Result<Vec<u64>> {
+        (0..reason::COUNT)
+            .map(|i| Ok(self.map.get(&i, 0)?.iter().map(|c| c.packets).sum()))
+            .collect()
+    }
+}
+
+/// Checks that between `before` and `after` exactly `n` packets were counted, all under `want`.
+pub fn check_reasons(before: &[u64], after: &[u64], want: u32, n: u64, what: &str) -> Result<()> {
+    let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    let ok = delta
+        .iter()
+        .enumerate()
+        .all(|(i, &d)| if i as u32 == want { d == n } else { d == 0 });
+    if !ok {
+        let shown: Vec<String> = delta
+            .iter()
+            .enumerate()
+            .filter(|(_, &d)| d != 0)
+            .map(|(i, d)| format!("{} {d}", reason::NAMES[i]))
+            .collect();
+        bail!(
+            "{what}: expected {n} packets counted as {}, the program counted: {}",
+            reason::NAMES[want as usize],
+            if shown.is_empty() {
+                "nothing".into()
+            } else {
+                shown.join(", ")
+            }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! `cargo xtask bench [--quick]`: set up, build lbd and the benchmark (`benches/`, crate
+//! `lb-bench`) in release mode, and run it as root. The report lands in `target/bench/`
+//! (`report.md`, `report.json`, PNG plots); the command fails if the report is missing or the
+//! benchmark found a ratio that is not sane. `--quick` is the one-minute smoke run CI uses.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+/// Where cargo puts its output: `$CARGO_TARGET_DIR` (relative to the workspace root) or `target`.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => crate::root().join(dir),
+        None => crate::root().join("target"),
+    }
+}
+
+pub fn bench(quick: bool) -> Result<()> {
+    crate::setup::setup()?;
+    crate::require_root("cargo xtask bench")?;
+    // lbd itself too: the TCP part starts it in the rig (found next to lb-bench).
+    crate::cargo(&["build", "--release", "-p", "lb-userspace", "-p", "lb-bench"])?;
+    let bin = target_dir().join("release/lb-bench");
+    let out = crate::root().join("target/bench");
+    for stale in ["report.md", "report.json"] {
+        let _ = std::fs::remove_file(out.join(stale));
+    }
+    let mut cmd = Command::new(&bin);
+    cmd.arg("--out").arg(&out).current_dir(crate::root());
+    if quick {
+        cmd.arg("--quick");
+    }
+    let status = cmd.status().with_context(|| format!("starting {}", bin.display()))?;
+    for file in ["report.md", "report.json"] {
+        if !out.join(file).is_file() {
+            bail!("the benchmark wrote no {} ({status})", out.join(file).display());
+        }
+    }
+    if !status.success() {
+        bail!(
+            "the benchmark failed ({status}); see {}",
+            out.join("report.md").display()
+        );
+    }
+    println!("bench: report in {}", out.join("report.md").display());
+    Ok(())
+}
