@@ -767,8 +767,6 @@ fn scheduler_reports_changes_and_runs_notify_commands() -> Result<()> {
     result
 }
 
-
-
 /// `via = "vip"` in the namespace rig with lbd's XDP fast path attached on the director, which
 /// also holds the VIPs on its `eth0` (a SYN-ACK from the VIP is a martian to its kernel, so
 /// only the packet socket sees it). IPv4 and IPv6.

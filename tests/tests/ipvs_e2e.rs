@@ -94,8 +94,6 @@ fn dsr_drain_restart() -> Result<()> {
     }
     assert!(table.contains("TCP 10.99.0.200:8080 rr"), "{table}");
     assert_spread(&rig.http_batch(IpAddr::V4(VIP_V4), 150)?, 150);
-    let counted = &rig.status()?["virtual_servers"][0]["traffic"];
-    let _ = counted; // IPVS updates its counters every 2 s; the spread above is what users see.
 
     // Drain: weight 0 in IPVS, the open connection stays, new ones avoid the backend.
     let (conn, owner) = open_connection(&rig)?;

@@ -18,7 +18,6 @@ use lb_userspace::{
     xdp::{addr_words, XdpDataplane, XdpOptions},
 };
 
-const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -175,7 +174,6 @@ fn cases(other_ifindex: u32) -> anyhow::Result<()> {
         }
     }
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), table.len(), failures.join("\n"));
-    assert_ne!(XDP_ABORTED, XDP_TX);
     Ok(())
 }
 
