@@ -36,6 +36,8 @@ use serde::de::{DeserializeOwned, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use toml::Spanned;
 
+use crate::health::config::{CommandText, HealthCheck, HealthCheckSpec};
+
 /// Control socket path used when `[director] control_socket` is not set.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lbd/lbd.sock";
 
@@ -200,6 +202,20 @@ pub struct VirtualServer {
     /// hash the source port too (`ipvsadm -b mh-fallback,mh-port`).
     pub mh_fallback: bool,
     pub mh_port: bool,
+    /// `quorum` (default 1) and `hysteresis` (default 0), as keepalived's: the virtual server
+    /// loses quorum when the summed weight of its live real servers drops below
+    /// `quorum - hysteresis` (or to 0) and regains it at `quorum + hysteresis`.
+    pub quorum: u32,
+    pub hysteresis: u32,
+    /// `sorry_server = "ADDR[:PORT]"`: served (in DSR, like a real server) instead of the real
+    /// servers while the virtual server has no quorum. The port defaults to the virtual server's.
+    pub sorry_server: Option<SocketAddr>,
+    /// `quorum_up` / `quorum_down`: commands run (detached, with a time limit) when quorum is
+    /// regained / lost; a string for `/bin/sh -c` or an argument array.
+    pub quorum_up: Option<CommandText>,
+    pub quorum_down: Option<CommandText>,
+    /// `alpha` (default false): checked real servers start down until their first pass.
+    pub alpha: bool,
     /// The `[[virtual_server.real_server]]` tables, in file order. May be empty: the VIP's traffic
     /// is then dropped and counted as no-backend.
     #[serde(rename = "real_server")]
@@ -227,6 +243,17 @@ pub struct RealServer {
     /// `interface`: when the real server is reached through another interface than
     /// `[director] interface` (frames are then sent there with `XDP_REDIRECT`).
     pub interface: Option<String>,
+    /// `health_check`: this real server's own table over its virtual server's `health_check`
+    /// (key by key); `None`: not checked, always up.
+    pub health_check: Option<HealthCheck>,
+    /// `inhibit_on_failure` (default: the virtual server's, else false): when its check fails it
+    /// stays with weight 0 (keeps its established flows, gets no new ones) instead of leaving the
+    /// table.
+    pub inhibit_on_failure: bool,
+    /// `notify_up` / `notify_down`: commands run (detached, with a time limit) when its check
+    /// brings it up / takes it down.
+    pub notify_up: Option<CommandText>,
+    pub notify_down: Option<CommandText>,
     /// Where this `[[virtual_server.real_server]]` table starts in the file.
     #[serde(skip)]
     pub span: Span,
@@ -318,6 +345,8 @@ impl Config {
             _ => {
                 let mut problems = validator.problems;
                 problems.sort_by_key(|d| (d.line, d.col));
+                // A virtual server's health_check is checked with each real server inheriting it.
+                problems.dedup();
                 Err(ConfigError::Invalid(problems))
             }
         }
@@ -375,6 +404,14 @@ struct RawVirtualServer {
     family: Option<Spanned<String>>,
     mh_fallback: Option<Spanned<bool>>,
     mh_port: Option<Spanned<bool>>,
+    health_check: Option<Spanned<HealthCheckSpec>>,
+    inhibit_on_failure: Option<Spanned<bool>>,
+    alpha: Option<Spanned<bool>>,
+    quorum: Option<Spanned<i64>>,
+    hysteresis: Option<Spanned<i64>>,
+    sorry_server: Option<Spanned<String>>,
+    quorum_up: Option<Spanned<CommandText>>,
+    quorum_down: Option<Spanned<CommandText>>,
     #[serde(default)]
     real_server: Vec<Spanned<RawRealServer>>,
 }
@@ -394,6 +431,10 @@ struct RawRealServer {
     weight: Option<Spanned<i64>>,
     mac: Option<Spanned<String>>,
     interface: Option<Spanned<String>>,
+    health_check: Option<Spanned<HealthCheckSpec>>,
+    inhibit_on_failure: Option<Spanned<bool>>,
+    notify_up: Option<Spanned<CommandText>>,
+    notify_down: Option<Spanned<CommandText>>,
 }
 
 /// Where an unknown key was, told apart by the keys its table accepts (see [`reword`]).
@@ -407,10 +448,21 @@ fn table_of(keys: &[&str]) -> Option<&'static str> {
             keys_of::<RawRealServer>(),
         ),
         ("in persistence", keys_of::<RawPersistence>()),
+        ("in health_check", keys_of::<HealthCheckSpec>()),
     ]
     .into_iter()
     .find(|(_, accepted)| *accepted == keys)
     .map(|(place, _)| place)
+}
+
+/// What a virtual server hands down to its real servers.
+struct ServerDefaults<'a> {
+    /// `None` when the virtual server's port is itself invalid.
+    vip_port: Option<u16>,
+    /// True for NAT, the one forwarding method that may change the destination port.
+    rewrites_ports: bool,
+    health_check: Option<&'a Spanned<HealthCheckSpec>>,
+    inhibit_on_failure: bool,
 }
 
 /// Checks the parsed file and converts it, collecting every problem.
@@ -600,10 +652,37 @@ impl Validator<'_> {
         };
         let mh_port = mh(&raw.mh_port, "mh_port", self);
         let rewrites_ports = raw.forwarding.as_ref().is_some_and(|f| *f.get_ref() == Forwarding::Nat);
+        let quorum = self.check_or(&raw.quorum, 1, int("quorum", 1..=i64::from(u32::MAX)));
+        let hysteresis = self.check_or(&raw.hysteresis, 0, int("hysteresis", 0..=i64::from(u32::MAX)));
+        let sorry_server = self.check_optional(&raw.sorry_server, |text| {
+            let sorry = socket_address(text, port.unwrap_or(0))?;
+            if sorry.is_ipv4() != address.is_ipv4() {
+                return Err(format!("sorry server {sorry} is not of the virtual server's address family"));
+            }
+            if !rewrites_ports {
+                dsr_port(sorry.port(), port)?;
+            }
+            Ok(sorry)
+        });
+        let quorum_up = self.check_optional(&raw.quorum_up, |c| c.checked("quorum_up"));
+        let quorum_down = self.check_optional(&raw.quorum_down, |c| c.checked("quorum_down"));
+        let alpha = raw.alpha.as_ref().is_some_and(|a| *a.get_ref());
+        let defaults = ServerDefaults {
+            vip_port: port,
+            rewrites_ports,
+            health_check: raw.health_check.as_ref(),
+            inhibit_on_failure: raw.inhibit_on_failure.as_ref().is_some_and(|i| *i.get_ref()),
+        };
+        if raw.real_server.is_empty() {
+            // Nothing inherits the table: check it alone, so its mistakes are not silent.
+            if let Some(hc) = &raw.health_check {
+                self.health_check(hc.get_ref(), hc.span().start, port.unwrap_or(0));
+            }
+        }
         let mut seen = HashMap::new();
         let mut real_servers = Vec::new();
         for raw_rs in &raw.real_server {
-            if let Some(rs) = self.real_server(raw_rs, port, rewrites_ports) {
+            if let Some(rs) = self.real_server(raw_rs, &defaults) {
                 let what = format!("real server {}", SocketAddr::new(rs.address, rs.port));
                 self.unique(
                     &mut seen,
@@ -624,6 +703,12 @@ impl Validator<'_> {
             fwmark: fwmark?,
             mh_fallback: mh_fallback?,
             mh_port: mh_port?,
+            quorum: quorum?,
+            hysteresis: hysteresis?,
+            sorry_server: sorry_server?,
+            quorum_up: quorum_up?,
+            quorum_down: quorum_down?,
+            alpha,
             real_servers,
             span,
         })
@@ -642,15 +727,10 @@ impl Validator<'_> {
         Some(Some(Persistence { timeout_secs: timeout_secs?, prefix_len: prefix_len? }))
     }
 
-    /// `vip_port` is `None` when the virtual server's port is itself invalid; `rewrites_ports` is
-    /// true for NAT, the one forwarding method that may change the destination port.
-    fn real_server(
-        &mut self,
-        raw: &Spanned<RawRealServer>,
-        vip_port: Option<u16>,
-        rewrites_ports: bool,
-    ) -> Option<RealServer> {
-        let span = self.lines.position(raw.span().start);
+    fn real_server(&mut self, raw: &Spanned<RawRealServer>, defaults: &ServerDefaults) -> Option<RealServer> {
+        let (vip_port, rewrites_ports) = (defaults.vip_port, defaults.rewrites_ports);
+        let table_at = raw.span().start;
+        let span = self.lines.position(table_at);
         let raw = raw.get_ref();
         let address = self.check(&raw.address, |a| ip_address(a));
         let port = match &raw.port {
@@ -662,14 +742,44 @@ impl Validator<'_> {
         let weight = self.check_or(&raw.weight, 1, int("weight", 0..=65535));
         let mac = self.check_optional(&raw.mac, |m| mac_address(m));
         let interface = self.check_optional(&raw.interface, |name| interface_name(name));
+        let own = raw.health_check.as_ref();
+        let merged = HealthCheckSpec::merge(defaults.health_check.map(|h| h.get_ref()), own.map(|h| h.get_ref()));
+        let health_check = match (merged, port) {
+            (Some(spec), Some(port)) => {
+                // Problems of the table as a whole belong where the table was written.
+                let at = own.or(defaults.health_check).map_or(table_at, |h| h.span().start);
+                self.health_check(&spec, at, port).map(Some)
+            }
+            _ => Some(None),
+        };
+        let inhibit_on_failure = raw.inhibit_on_failure.as_ref().map_or(defaults.inhibit_on_failure, |i| *i.get_ref());
+        let notify_up = self.check_optional(&raw.notify_up, |c| c.checked("notify_up"));
+        let notify_down = self.check_optional(&raw.notify_down, |c| c.checked("notify_down"));
         Some(RealServer {
             address: address?,
             port: port?,
             weight: weight?,
             mac: mac?,
             interface: interface?,
+            health_check: health_check?,
+            inhibit_on_failure,
+            notify_up: notify_up?,
+            notify_down: notify_down?,
             span,
         })
+    }
+
+    /// Validates a (merged) `health_check` table; problems of the whole table go to `table_at`.
+    fn health_check(&mut self, spec: &HealthCheckSpec, table_at: usize, port: u16) -> Option<HealthCheck> {
+        match spec.validate(port) {
+            Ok(check) => Some(check),
+            Err(problems) => {
+                for p in problems {
+                    self.error(p.at.unwrap_or(table_at), p.message);
+                }
+                None
+            }
+        }
     }
 
     /// Runs `check` on a value; a failure is recorded at the value's position.
@@ -860,6 +970,17 @@ fn netmask(text: &str, vip: IpAddr) -> Result<u8, String> {
             }
         }
         _ => Err(format!("invalid netmask `{text}`; write a prefix length like \"24\" or an IPv4 mask like \"255.255.255.0\"")),
+    }
+}
+
+/// `ADDR`, `ADDR:PORT` or `[V6ADDR]:PORT`; the port defaults to `default_port`.
+fn socket_address(text: &str, default_port: u16) -> Result<SocketAddr, String> {
+    if let Ok(sa) = text.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    match text.parse::<IpAddr>() {
+        Ok(ip) => Ok(SocketAddr::new(ip, default_port)),
+        Err(_) => Err(format!("invalid address `{text}`; expected ADDR, ADDR:PORT or [IPV6]:PORT")),
     }
 }
 
@@ -1137,6 +1258,12 @@ port = 8080
                     fwmark: None,
                     mh_fallback: true,
                     mh_port: false,
+                    quorum: 1,
+                    hysteresis: 0,
+                    sorry_server: None,
+                    quorum_up: None,
+                    quorum_down: None,
+                    alpha: false,
                     real_servers: vec![
                         RealServer {
                             address: v4(192, 0, 2, 21),
@@ -1144,6 +1271,10 @@ port = 8080
                             weight: 0,
                             mac: Some([0x02, 0, 0, 0xab, 0xcd, 0x01]),
                             interface: Some("eth2".into()),
+                            health_check: None,
+                            inhibit_on_failure: false,
+                            notify_up: None,
+                            notify_down: None,
                             span: Span { line: 17, col: 1 },
                         },
                         RealServer {
@@ -1152,6 +1283,10 @@ port = 8080
                             weight: 1,
                             mac: None,
                             interface: None,
+                            health_check: None,
+                            inhibit_on_failure: false,
+                            notify_up: None,
+                            notify_down: None,
                             span: Span { line: 24, col: 1 },
                         },
                     ],
@@ -1167,12 +1302,22 @@ port = 8080
                     fwmark: None,
                     mh_fallback: true,
                     mh_port: false,
+                    quorum: 1,
+                    hysteresis: 0,
+                    sorry_server: None,
+                    quorum_up: None,
+                    quorum_down: None,
+                    alpha: false,
                     real_servers: vec![RealServer {
                         address: v6("2001:db8::21"),
                         port: 8080,
                         weight: 1,
                         mac: None,
                         interface: None,
+                        health_check: None,
+                        inhibit_on_failure: false,
+                        notify_up: None,
+                        notify_down: None,
                         span: Span { line: 31, col: 1 },
                     }],
                     span: Span { line: 27, col: 3 },
@@ -1304,6 +1449,87 @@ protocol = "udp"
     }
 
     #[test]
+    fn health_checks_are_inherited_and_overridden() {
+        let config = parse(&format!(
+            r#"{DIRECTOR}[[virtual_server]]
+address = "10.0.0.1"
+port = 80
+health_check = {{ kind = "http", path = "/healthz", interval = "1s", timeout = "500ms", rise = 2, fall = 3 }}
+inhibit_on_failure = true
+quorum = 2
+hysteresis = 1
+sorry_server = "10.0.0.9"
+quorum_down = "logger quorum lost"
+alpha = true
+[[virtual_server.real_server]]
+address = "10.0.0.2"
+notify_down = ["/usr/bin/logger", "down"]
+[[virtual_server.real_server]]
+address = "10.0.0.3"
+inhibit_on_failure = false
+health_check = {{ fall = 1 }}
+[[virtual_server.real_server]]
+address = "10.0.0.4"
+health_check = {{ kind = "tcp", port = 22 }}
+"#
+        ))
+        .unwrap();
+        let vs = &config.virtual_servers[0];
+        assert_eq!((vs.quorum, vs.hysteresis, vs.alpha), (2, 1, true));
+        assert_eq!(vs.sorry_server, Some("10.0.0.9:80".parse().unwrap()));
+        assert_eq!(vs.quorum_down, Some(CommandText::Shell("logger quorum lost".into())));
+        let [a, b, c] = &vs.real_servers[..] else { panic!() };
+        let (ha, hb, hc) = (a.health_check.as_ref().unwrap(), b.health_check.as_ref().unwrap(), c.health_check.as_ref().unwrap());
+        assert_eq!((ha.kind().as_str(), ha.timing.fall, ha.timing.rise), ("http", 3, 2));
+        assert_eq!(a.notify_down, Some(CommandText::Argv(vec!["/usr/bin/logger".into(), "down".into()])));
+        // Key by key: only `fall` changes.
+        assert_eq!((hb.kind().as_str(), hb.timing.fall, hb.timing.interval), ("http", 1, std::time::Duration::from_secs(1)));
+        // Another kind inherits only the timing.
+        assert_eq!((hc.kind().as_str(), hc.port, hc.timing.fall), ("tcp", Some(22), 3));
+        assert_eq!((a.inhibit_on_failure, b.inhibit_on_failure, c.inhibit_on_failure), (true, false, true));
+        assert_eq!(parse(&format!("{DIRECTOR}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\n[[virtual_server.real_server]]\naddress = \"10.0.0.2\"\n")).unwrap().virtual_servers[0].real_servers[0].health_check, None);
+    }
+
+    #[test]
+    fn health_check_problems_point_at_the_value() {
+        // A mistake in the virtual server's table is reported once, however many inherit it.
+        assert_eq!(
+            errors_after(
+                true,
+                "health_check = { kind = \"http\", interval = \"1 sec\" }\n[[virtual_server.real_server]]\naddress = \"10.0.0.2\"\n\
+                 [[virtual_server.real_server]]\naddress = \"10.0.0.3\"\n"
+            ),
+            ["t.toml:6:44: `interval`: invalid duration \"1 sec\": expected a number and a unit (ms, s, m or h), like \"1s\", \"500ms\" or \"1m30s\""]
+        );
+        assert_eq!(
+            errors_after(true, "[[virtual_server.real_server]]\naddress = \"10.0.0.2\"\nhealth_check = { path = \"/\" }\n"),
+            ["t.toml:8:16: health_check needs `kind`: one of tcp, http, https, script, udp, dns, none"]
+        );
+        assert_eq!(
+            errors_after(true, "health_check = { kind = \"tcp\", rise = 0 }\n"),
+            ["t.toml:6:39: `rise` must be between 1 and 1000, got 0"]
+        );
+        assert_eq!(
+            errors_after(true, "health_check = { kind = \"tcp\", tries = 3 }\n"),
+            ["t.toml:6:32: unknown key `tries` in health_check; expected one of: kind, port, via, interval, timeout, \
+              retries, retry_delay, rise, fall, warmup, path, host, expect_status, expect_body, digest, tls_verify, \
+              ca_file, command, dynamic_weight, payload, expect_reply, query_name, query_type"]
+        );
+        assert_eq!(
+            errors_after(true, "sorry_server = \"10.0.0.9:8080\"\nquorum = 0\nquorum_up = \" \"\n"),
+            [
+                "t.toml:6:16: DSR cannot rewrite ports: real server port 8080 differs from virtual server port 80",
+                "t.toml:7:10: quorum must be between 1 and 4294967295, got 0",
+                "t.toml:8:13: `quorum_up` must not be empty",
+            ]
+        );
+        assert_eq!(
+            errors_after(true, "sorry_server = \"fd00::9\"\n"),
+            ["t.toml:6:16: sorry server [fd00::9]:80 is not of the virtual server's address family"]
+        );
+    }
+
+    #[test]
     fn unknown_keys() {
         assert_eq!(
             errors(&format!("{DIRECTOR}tabel_size = 3\n")),
@@ -1317,12 +1543,13 @@ protocol = "udp"
         assert_eq!(
             errors_after(true, "weight = 1\n"),
             ["t.toml:6:1: unknown key `weight` in [[virtual_server]]; expected one of: address, port, protocol, \
-              scheduler, forwarding, persistence, fwmark, family, mh_fallback, mh_port, real_server"]
+              scheduler, forwarding, persistence, fwmark, family, mh_fallback, mh_port, health_check, \
+              inhibit_on_failure, alpha, quorum, hysteresis, sorry_server, quorum_up, quorum_down, real_server"]
         );
         assert_eq!(
             errors_after(true, "[[virtual_server.real_server]]\naddress = \"10.0.0.2\"\n  wieght = 2\n"),
             ["t.toml:8:3: unknown key `wieght` in [[virtual_server.real_server]]; expected one of: address, port, \
-              weight, mac, interface"]
+              weight, mac, interface, health_check, inhibit_on_failure, notify_up, notify_down"]
         );
         // Dotted keys and inline tables are placed by their table too.
         let inline = errors("director = { interface = \"eth0\", modus = \"xdp\" }\n");

@@ -21,8 +21,13 @@ use crate::{
     config::{Config, Director, Mode, Protocol, XdpMode},
     control::{self, BackendSelector, Request, Response},
     dataplane::{BackendSpec, Dataplane, DataplaneStats, IpvsParams, ServiceSpec, VipAddr},
+    health::{
+        config::Via,
+        state::{live_weight, table_weight},
+        CheckConfig, CheckKey, HealthEvent, ProbeTarget, Quorum, QuorumChange, Scheduler, SchedulerOptions, VipPath,
+    },
     neigh::{Mac, NeighEvent, NeighKey, Resolver},
-    status::{format_mac, RealServerStatus, ReasonStatus, Status, TrafficStatus, VirtualServerStatus},
+    status::{format_mac, HealthStatus, RealServerStatus, ReasonStatus, Status, TrafficStatus, VirtualServerStatus},
     ipvs_dataplane::IpvsDataplane,
     xdp::{XdpDataplane, XdpOptions},
 };
@@ -63,6 +68,11 @@ pub struct Controller {
     /// What `lbd status` says about the dataplane ("native XDP on eth0", "IPVS 1.2.1").
     description: String,
     xdp_mode: &'static str,
+    /// The health checks, once [`Self::start_health`] ran (inside the tokio runtime). Until then
+    /// every real server counts as up.
+    health: Option<Scheduler>,
+    /// Quorum state per virtual server (kept across reloads for the ones that stay).
+    quorums: HashMap<VipAddr, Quorum>,
 }
 
 impl Controller {
@@ -78,7 +88,134 @@ impl Controller {
             started: Instant::now(),
             description: String::new(),
             xdp_mode: "",
+            health: None,
+            quorums: HashMap::new(),
         }
+    }
+
+    /// Starts the health checks (with `scheduler`, which sends its events to the run loop) and
+    /// takes their initial state (`alpha` real servers start down).
+    pub fn start_health(&mut self, scheduler: Scheduler) {
+        self.health = Some(scheduler);
+        self.sync_checks();
+    }
+
+    /// Makes the running checks those the config and the resolved MACs call for: new ones
+    /// start, removed ones stop, unchanged ones go on with their state.
+    pub fn sync_checks(&mut self) {
+        let checks = self.check_configs();
+        if let Some(scheduler) = &mut self.health {
+            scheduler.set(checks);
+        }
+    }
+
+    /// One check per real server that has a `health_check`.
+    pub fn check_configs(&self) -> Vec<CheckConfig> {
+        let mut out = Vec::new();
+        for vs in &self.config.virtual_servers {
+            let vip = VipAddr::of(vs);
+            for rs in &vs.real_servers {
+                let Some(check) = &rs.health_check else { continue };
+                let iface = self.ifaces[self.iface_of(&rs.interface)];
+                // The MAC only matters to `via = "vip"`; leaving it out elsewhere keeps a MAC
+                // change from restarting the check.
+                let dst_mac = (check.via == Via::Vip).then(|| self.mac_of(iface.ifindex, rs)).flatten();
+                out.push(CheckConfig {
+                    key: check_key(vip, rs),
+                    check: check.clone(),
+                    target: ProbeTarget {
+                        addr: rs.address,
+                        port: rs.port,
+                        source: None,
+                        vip: (vs.fwmark.is_none()).then_some(VipPath {
+                            vip: vs.address,
+                            ifindex: iface.ifindex,
+                            src_mac: iface.mac,
+                            dst_mac,
+                        }),
+                    },
+                    alpha: vs.alpha,
+                    notify_up: rs.notify_up.clone(),
+                    notify_down: rs.notify_down.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// A real server's health: up, and its dynamic weight. Real servers without a check, and
+    /// every one before the checks start, are up.
+    fn health_of(&self, vip: VipAddr, rs: &crate::config::RealServer) -> (bool, Option<u32>) {
+        match (&self.health, &rs.health_check) {
+            (Some(scheduler), Some(_)) => scheduler.health(&check_key(vip, rs)).unwrap_or((true, None)),
+            _ => (true, None),
+        }
+    }
+
+    /// The real servers' table weights: `None` = out of the table (failed its check), `Some(0)`
+    /// = kept without new flows (drained, or failed with `inhibit_on_failure`).
+    fn weights(&self, vs: &crate::config::VirtualServer) -> Vec<(bool, Option<u32>)> {
+        let vip = VipAddr::of(vs);
+        vs.real_servers
+            .iter()
+            .map(|rs| {
+                let (up, dynamic) = self.health_of(vip, rs);
+                let weight = table_weight(up, rs.weight, dynamic, rs.inhibit_on_failure);
+                let drained = self.drained.contains(&(vip, rs_key(rs)));
+                (up, weight.map(|w| if drained { 0 } else { w }))
+            })
+            .collect()
+    }
+
+    /// Re-evaluates every virtual server's quorum; logs each change once and runs its
+    /// `quorum_up`/`quorum_down` command (detached).
+    fn update_quorums(&mut self) {
+        let mut quorums = std::mem::take(&mut self.quorums);
+        for vs in &self.config.virtual_servers {
+            let vip = VipAddr::of(vs);
+            let live = live_weight(self.weights(vs).into_iter().map(|(up, w)| (up, w.unwrap_or(0))));
+            let quorum = quorums.entry(vip).or_insert_with(|| Quorum::new(vs.quorum, vs.hysteresis));
+            quorum.set(vs.quorum, vs.hysteresis);
+            let Some(change) = quorum.update(live) else { continue };
+            let (what, command) = match change {
+                QuorumChange::Gained => ("gained", &vs.quorum_up),
+                QuorumChange::Lost => ("lost", &vs.quorum_down),
+            };
+            let serving = match (change, vs.sorry_server) {
+                (QuorumChange::Lost, Some(sorry)) => format!("; sorry server {sorry} serves"),
+                (QuorumChange::Gained, Some(_)) => "; real servers serve again".to_string(),
+                _ => String::new(),
+            };
+            warn!("{vip}: quorum {what} (live weight {live}, quorum {}, hysteresis {}){serving}", vs.quorum, vs.hysteresis);
+            if let (Some(command), Some(scheduler)) = (command, &self.health) {
+                scheduler.notify(
+                    command,
+                    vec![
+                        ("LBD_VIRTUAL_SERVER".into(), vip.to_string()),
+                        ("LBD_QUORUM".into(), if change == QuorumChange::Gained { "up" } else { "down" }.into()),
+                    ],
+                );
+            }
+        }
+        quorums.retain(|vip, _| self.config.virtual_servers.iter().any(|vs| VipAddr::of(vs) == *vip));
+        self.quorums = quorums;
+    }
+
+    fn serves_sorry(&self, vs: &crate::config::VirtualServer) -> bool {
+        let has_quorum = self.quorums.get(&VipAddr::of(vs)).is_none_or(Quorum::has_quorum);
+        !has_quorum && vs.sorry_server.is_some()
+    }
+
+    /// A health event from the checks (already logged by the scheduler): re-evaluates the
+    /// quorums and programs the dataplane.
+    pub fn on_health(&mut self, ev: &HealthEvent) -> anyhow::Result<()> {
+        let start = Instant::now();
+        self.apply()?;
+        tracing::debug!(
+            virtual_server = %ev.vip_key, real_server = %ev.real_server_key, up = ev.up,
+            "dataplane updated {:?} after the health change", start.elapsed()
+        );
+        Ok(())
     }
 
     /// Sets what `lbd status` says about the dataplane.
@@ -102,13 +239,18 @@ impl Controller {
     /// Backends whose MAC must come from the neighbour table (no `mac` in the config).
     pub fn neigh_keys(&self) -> BTreeSet<NeighKeyOrd> {
         let mut keys = BTreeSet::new();
-        if !self.dataplane.needs_macs() {
-            return keys;
-        }
+        let forwarding = self.dataplane.needs_macs();
+        let director = self.ifaces[&self.config.director.interface].ifindex;
         for vs in &self.config.virtual_servers {
-            for rs in vs.real_servers.iter().filter(|rs| rs.mac.is_none()) {
+            // `via = "vip"` checks send frames to the real server's MAC, whatever the dataplane.
+            let probed = |rs: &&crate::config::RealServer| rs.health_check.as_ref().is_some_and(|c| c.via == Via::Vip);
+            for rs in vs.real_servers.iter().filter(|rs| rs.mac.is_none() && (forwarding || probed(rs))) {
                 let ifindex = self.ifaces[self.iface_of(&rs.interface)].ifindex;
                 keys.insert(NeighKeyOrd(ifindex, rs.address));
+            }
+            // Resolved ahead, so that losing quorum switches at once.
+            if let (true, Some(sorry)) = (forwarding, vs.sorry_server) {
+                keys.insert(NeighKeyOrd(director, sorry.ip()));
             }
         }
         keys
@@ -127,7 +269,8 @@ impl Controller {
         rs.mac.or_else(|| self.macs.get(&NeighKey { ifindex, addr: rs.address }).copied())
     }
 
-    /// The dataplane state the config and the resolved MACs call for.
+    /// The dataplane state the config, the resolved MACs, the health checks and the drains call
+    /// for. Without quorum (and with a sorry server) a virtual server has the sorry server alone.
     pub fn desired(&self) -> Vec<ServiceSpec> {
         self.config
             .virtual_servers
@@ -142,23 +285,38 @@ impl Controller {
                     mh_fallback: vs.mh_fallback,
                     mh_port: vs.mh_port,
                 },
-                backends: vs
-                    .real_servers
-                    .iter()
-                    .map(|rs| {
-                        let iface = self.ifaces[self.iface_of(&rs.interface)];
-                        let vip = VipAddr::of(vs);
-                        let drained = self.drained.contains(&(vip, rs_key(rs)));
-                        BackendSpec {
-                            addr: rs.address,
-                            port: rs.port,
-                            weight: if drained { 0 } else { rs.weight },
-                            mac: self.mac_of(iface.ifindex, rs),
-                            ifindex: iface.ifindex,
-                            src_mac: iface.mac,
-                        }
-                    })
-                    .collect(),
+                backends: self.backends(vs),
+            })
+            .collect()
+    }
+
+    /// What a virtual server's table holds: its sorry server while it serves, else the real
+    /// servers in the table.
+    fn backends(&self, vs: &crate::config::VirtualServer) -> Vec<BackendSpec> {
+        if let (true, Some(sorry)) = (self.serves_sorry(vs), vs.sorry_server) {
+            let iface = self.ifaces[&self.config.director.interface];
+            return vec![BackendSpec {
+                addr: sorry.ip(),
+                port: sorry.port(),
+                weight: 1,
+                mac: self.macs.get(&NeighKey { ifindex: iface.ifindex, addr: sorry.ip() }).copied(),
+                ifindex: iface.ifindex,
+                src_mac: iface.mac,
+            }];
+        }
+        vs.real_servers
+            .iter()
+            .zip(self.weights(vs))
+            .filter_map(|(rs, (_, weight))| {
+                let iface = self.ifaces[self.iface_of(&rs.interface)];
+                Some(BackendSpec {
+                    addr: rs.address,
+                    port: rs.port,
+                    weight: weight?,
+                    mac: self.mac_of(iface.ifindex, rs),
+                    ifindex: iface.ifindex,
+                    src_mac: iface.mac,
+                })
             })
             .collect()
     }
@@ -212,6 +370,7 @@ impl Controller {
     }
 
     pub fn apply(&mut self) -> anyhow::Result<()> {
+        self.update_quorums();
         let desired = self.desired();
         self.dataplane.apply(&desired).context("programming the dataplane")
     }
@@ -236,11 +395,14 @@ impl Controller {
         };
         let (before, after) = (weights(&old), weights(&self.config));
         self.drained.retain(|k| after.get(k).is_some_and(|w| before.get(k) == Some(w)));
+        // Checks that did not change go on with their state; new ones start (down with alpha).
+        self.sync_checks();
         if let Err(e) = self.apply() {
             // Put the old state back (the dataplane switches tables atomically per VIP).
             self.config = old;
             self.ifaces = old_ifaces;
             self.drained = old_drained;
+            self.sync_checks();
             let _ = self.apply();
             return Err(e);
         }
@@ -282,15 +444,45 @@ impl Controller {
                     scheduler: vs.scheduler.clone(),
                     enabled: svc.enabled,
                     traffic: traffic(stats.vips.get(&svc.vip).copied().unwrap_or_default()),
-                    real_servers: svc
-                        .backends
+                    quorum: self.quorums.get(&svc.vip).is_none_or(Quorum::has_quorum),
+                    sorry_server: vs.sorry_server.map(|sorry| {
+                        let serving = self.serves_sorry(vs);
+                        let iface = self.ifaces[&self.config.director.interface];
+                        let key = BackendSpec { addr: sorry.ip(), port: sorry.port(), weight: 1, mac: None, ifindex: 0, src_mac: [0; 6] }.key();
+                        let st = stats.backends.get(&(svc.vip, key)).copied().unwrap_or_default();
+                        RealServerStatus {
+                            address: sorry.ip().to_string(),
+                            port: sorry.port(),
+                            weight: u32::from(serving),
+                            state: if serving { "serving" } else { "standby" }.to_string(),
+                            mac: self.macs.get(&NeighKey { ifindex: iface.ifindex, addr: sorry.ip() }).map(format_mac),
+                            interface: self.config.director.interface.clone(),
+                            slots: st.slots,
+                            share_percent: st.slots.map(|s| (s as f64 * 1000.0 / table).round() / 10.0),
+                            traffic: traffic(st.traffic),
+                            health: None,
+                        }
+                    }),
+                    real_servers: vs
+                        .real_servers
                         .iter()
-                        .zip(&vs.real_servers)
-                        .map(|(b, rs)| {
-                            let st = stats.backends.get(&(svc.vip, b.key())).copied().unwrap_or_default();
-                            let state = if b.mac.is_none() && self.dataplane.needs_macs() {
+                        .zip(self.weights(vs))
+                        .map(|(rs, (up, weight))| {
+                            let key = rs_key(rs);
+                            let iface = self.ifaces[self.iface_of(&rs.interface)];
+                            let mac = self.mac_of(iface.ifindex, rs);
+                            let st = stats.backends.get(&(svc.vip, key.clone())).copied().unwrap_or_default();
+                            let health = match (&self.health, &rs.health_check) {
+                                (Some(scheduler), Some(_)) => scheduler.status_of(&check_key(svc.vip, rs)).map(HealthStatus::from),
+                                _ => None,
+                            };
+                            let state = if !up && weight.is_none() {
+                                "down"
+                            } else if !up {
+                                "inhibited"
+                            } else if mac.is_none() && self.dataplane.needs_macs() {
                                 "unresolved"
-                            } else if self.drained.contains(&(svc.vip, b.key())) {
+                            } else if self.drained.contains(&(svc.vip, key)) {
                                 "drained"
                             } else {
                                 "up"
@@ -298,13 +490,14 @@ impl Controller {
                             RealServerStatus {
                                 address: rs.address.to_string(),
                                 port: rs.port,
-                                weight: b.weight,
+                                weight: weight.unwrap_or(0),
                                 state: state.to_string(),
-                                mac: b.mac.as_ref().map(format_mac),
+                                mac: mac.as_ref().map(format_mac),
                                 interface: self.iface_of(&rs.interface).to_string(),
                                 slots: st.slots,
                                 share_percent: st.slots.map(|s| (s as f64 * 1000.0 / table).round() / 10.0),
                                 traffic: traffic(st.traffic),
+                                health,
                             }
                         })
                         .collect(),
@@ -312,6 +505,11 @@ impl Controller {
                 .collect(),
         }
     }
+}
+
+/// The health check of a real server of `vip`.
+fn check_key(vip: VipAddr, rs: &crate::config::RealServer) -> CheckKey {
+    CheckKey { vip_key: vip.to_string(), real_server_key: rs_key(rs) }
 }
 
 /// A real server's identity within its virtual server (also its Maglev key).
@@ -480,6 +678,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     for key in &watched {
         resolver.watch((*key).into());
     }
+    let (health_tx, mut health_rx) = mpsc::channel::<HealthEvent>(4096);
+    ctl.start_health(Scheduler::new(health_tx, SchedulerOptions::default()));
     ctl.apply()?;
 
     let listener = control::bind(&d.control_socket)?;
@@ -497,9 +697,20 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     info!(address = %key.addr, mac = %format_mac(mac), "real server MAC resolved");
                 }
                 if ctl.on_neigh(&ev) {
+                    ctl.sync_checks();
                     if let Err(e) = ctl.apply() {
                         error!("{e:#}");
                     }
+                }
+            }
+            Some(ev) = health_rx.recv() => {
+                // Several checks changing at once (a switch port going down): one update.
+                let mut last = ev;
+                while let Ok(next) = health_rx.try_recv() {
+                    last = next;
+                }
+                if let Err(e) = ctl.on_health(&last) {
+                    error!("{e:#}");
                 }
             }
             _ = sighup.recv() => {
@@ -682,6 +893,118 @@ mod tests {
         ctl.set_drained(&sel("10.0.0.11"), true).unwrap();
         ctl.set_drained(&sel("10.0.0.11:80"), false).unwrap();
         assert_eq!(fake.current().unwrap()[0].backends[0].weight, 1);
+    }
+
+    /// Probes that pass or fail as the test says, per real server address.
+    #[derive(Clone, Default)]
+    struct Switchboard(std::sync::Arc<std::sync::Mutex<HashMap<IpAddr, bool>>>);
+
+    impl Switchboard {
+        fn set(&self, addr: &str, ok: bool) {
+            self.0.lock().unwrap().insert(addr.parse().unwrap(), ok);
+        }
+    }
+
+    impl crate::health::scheduler::Prober for Switchboard {
+        fn probe<'a>(
+            &'a self,
+            _: &'a crate::health::HealthCheck,
+            target: &'a ProbeTarget,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = crate::health::ProbeResult> + Send + 'a>> {
+            let ok = self.0.lock().unwrap().get(&target.addr).copied().unwrap_or(true);
+            Box::pin(async move {
+                crate::health::ProbeResult {
+                    ok,
+                    reason: if ok { "connected" } else { "connection refused" }.into(),
+                    weight: None,
+                    latency: std::time::Duration::from_millis(1),
+                    attempts: 1,
+                }
+            })
+        }
+    }
+
+    fn table(fake: &FakeDataplane) -> Vec<(String, u32)> {
+        fake.current().unwrap()[0].backends.iter().map(|b| (b.key(), b.weight)).collect()
+    }
+
+    /// Waits (in paused time) for the next health event and hands it to the controller.
+    async fn next_event(ctl: &mut Controller, rx: &mut mpsc::Receiver<HealthEvent>) -> HealthEvent {
+        let ev = rx.recv().await.expect("health event");
+        ctl.on_health(&ev).unwrap();
+        ev
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_checks_leave_the_table_and_quorum_brings_the_sorry_server() {
+        let cfg = config(
+            "",
+            &[
+                "address = \"10.0.0.11\"\nhealth_check = { kind = \"tcp\", interval = \"1s\", rise = 2, fall = 2 }",
+                "address = \"10.0.0.12\"\nhealth_check = { kind = \"tcp\", interval = \"1s\", rise = 2, fall = 2 }",
+                "address = \"10.0.0.13\"\ninhibit_on_failure = true\nhealth_check = { kind = \"tcp\", interval = \"1s\", rise = 2, fall = 2 }",
+            ],
+        );
+        let mut cfg = cfg;
+        cfg.virtual_servers[0].quorum = 2;
+        cfg.virtual_servers[0].sorry_server = Some("10.0.0.99:80".parse().unwrap());
+        let (mut ctl, fake) = controller(cfg);
+        let probes = Switchboard::default();
+        let (tx, mut rx) = mpsc::channel(16);
+        ctl.start_health(Scheduler::with_prober(tx, SchedulerOptions::default(), probes.clone()));
+        ctl.apply().unwrap();
+        assert_eq!(table(&fake), [("10.0.0.11:80".into(), 1), ("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 1)]);
+
+        // Out of the table after `fall` failures; the others stay.
+        probes.set("10.0.0.11", false);
+        let ev = next_event(&mut ctl, &mut rx).await;
+        assert_eq!((ev.real_server_key.as_str(), ev.up, ev.reason.as_str()), ("10.0.0.11:80", false, "connection refused"));
+        assert_eq!(table(&fake), [("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 1)]);
+        let st = ctl.status(&DataplaneStats::default());
+        let rs = &st.virtual_servers[0].real_servers;
+        assert_eq!((rs[0].state.as_str(), rs[0].weight), ("down", 0));
+        let h = rs[0].health.as_ref().unwrap();
+        assert_eq!((h.state.as_str(), h.consecutive_fails, h.down_reason.as_deref()), ("down", 2, Some("connection refused")));
+
+        // inhibit_on_failure: kept with weight 0. Live weight 1 < quorum 2: the sorry server alone.
+        probes.set("10.0.0.13", false);
+        next_event(&mut ctl, &mut rx).await;
+        assert_eq!(table(&fake), [("10.0.0.99:80".into(), 1)]);
+        let st = ctl.status(&DataplaneStats::default());
+        assert!(!st.virtual_servers[0].quorum);
+        assert_eq!(st.virtual_servers[0].sorry_server.as_ref().unwrap().state, "serving");
+        assert_eq!(st.virtual_servers[0].real_servers[2].state, "inhibited");
+
+        // Back after `rise` passes: quorum again, the sorry server goes.
+        probes.set("10.0.0.11", true);
+        let ev = next_event(&mut ctl, &mut rx).await;
+        assert_eq!((ev.real_server_key.as_str(), ev.up), ("10.0.0.11:80", true));
+        assert_eq!(table(&fake), [("10.0.0.11:80".into(), 1), ("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 0)]);
+        assert_eq!(ctl.status(&DataplaneStats::default()).virtual_servers[0].sorry_server.as_ref().unwrap().state, "standby");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reload_keeps_check_state_and_alpha_starts_down() {
+        let hc = "health_check = { kind = \"tcp\", interval = \"1s\", rise = 1, fall = 1 }";
+        let (mut ctl, fake) = controller(config("", &[&format!("address = \"10.0.0.11\"\n{hc}"), "address = \"10.0.0.12\""]));
+        let probes = Switchboard::default();
+        let (tx, mut rx) = mpsc::channel(16);
+        ctl.start_health(Scheduler::with_prober(tx, SchedulerOptions::default(), probes.clone()));
+        ctl.apply().unwrap();
+        probes.set("10.0.0.11", false);
+        next_event(&mut ctl, &mut rx).await;
+        assert_eq!(table(&fake), [("10.0.0.12:80".into(), 1)]);
+
+        // A reload that leaves the check alone keeps it down; a new checked real server with
+        // alpha starts down until its first pass.
+        let ifaces = HashMap::from([("eth0".to_string(), ETH0)]);
+        let mut new = config("", &[&format!("address = \"10.0.0.11\"\n{hc}"), "address = \"10.0.0.12\"", &format!("address = \"10.0.0.13\"\n{hc}")]);
+        new.virtual_servers[0].alpha = true;
+        ctl.reload(new, ifaces).unwrap();
+        assert_eq!(table(&fake), [("10.0.0.12:80".into(), 1)]);
+        let ev = next_event(&mut ctl, &mut rx).await;
+        assert_eq!((ev.real_server_key.as_str(), ev.up), ("10.0.0.13:80", true));
+        assert_eq!(table(&fake), [("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 1)]);
     }
 
     #[test]

@@ -48,7 +48,17 @@ pub struct VirtualServerStatus {
     pub scheduler: String,
     pub enabled: bool,
     pub traffic: TrafficStatus,
+    /// False while the live real servers' weight is below `quorum`.
+    #[serde(default = "yes")]
+    pub quorum: bool,
+    /// The sorry server: state "serving" (without quorum) or "standby".
+    #[serde(default)]
+    pub sorry_server: Option<RealServerStatus>,
     pub real_servers: Vec<RealServerStatus>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -56,7 +66,9 @@ pub struct RealServerStatus {
     pub address: String,
     pub port: u16,
     pub weight: u32,
-    /// "up" (in the table), "drained" (weight 0: keeps its flows), "unresolved" (no MAC yet).
+    /// "up" (in the table), "down" (failed its check: out of the table), "inhibited" (failed
+    /// with `inhibit_on_failure`: weight 0, keeps its flows), "drained" (weight 0 from the CLI),
+    /// "unresolved" (no MAC yet).
     pub state: String,
     pub mac: Option<String>,
     pub interface: String,
@@ -64,6 +76,53 @@ pub struct RealServerStatus {
     pub slots: Option<u32>,
     pub share_percent: Option<f64>,
     pub traffic: TrafficStatus,
+    /// Its health check, if it has one.
+    #[serde(default)]
+    pub health: Option<HealthStatus>,
+}
+
+/// A real server's health check for `lbd status`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct HealthStatus {
+    /// `tcp`, `http`, ...
+    pub kind: String,
+    /// "up" or "down".
+    pub state: String,
+    /// Seconds since the last change of state (or since the check started).
+    pub since_secs: f64,
+    pub consecutive_passes: u32,
+    pub consecutive_fails: u32,
+    /// The last result: passed, why, how long its last attempt took, how long ago.
+    pub last_ok: Option<bool>,
+    pub last_reason: Option<String>,
+    pub last_latency_ms: Option<f64>,
+    pub last_secs_ago: Option<f64>,
+    /// Why it went down, while it is down.
+    pub down_reason: Option<String>,
+    pub checks: u64,
+}
+
+impl From<crate::health::CheckStatus> for HealthStatus {
+    fn from(c: crate::health::CheckStatus) -> Self {
+        let s = c.state;
+        HealthStatus {
+            kind: c.kind.to_string(),
+            state: match s.state {
+                crate::health::Health::Up => "up",
+                crate::health::Health::Down => "down",
+            }
+            .to_string(),
+            since_secs: s.since_secs,
+            consecutive_passes: s.consecutive_passes,
+            consecutive_fails: s.consecutive_fails,
+            last_ok: s.last_ok,
+            last_reason: s.last_reason,
+            last_latency_ms: s.last_latency_ms,
+            last_secs_ago: s.last_secs_ago,
+            down_reason: s.down_reason,
+            checks: s.checks,
+        }
+    }
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
@@ -82,6 +141,26 @@ fn human_duration(secs: u64) -> String {
         (0, _, _) => format!("{h}h{m:02}m"),
         _ => format!("{d}d{h:02}h"),
     }
+}
+
+/// `check http up 2m05s: HTTP 200 in 0.4ms, 12 passes in a row`.
+fn check_line(h: &HealthStatus) -> String {
+    let mut line = format!("check {} {} {}", h.kind, h.state, human_duration(h.since_secs as u64));
+    if h.state == "down" {
+        if let Some(why) = &h.down_reason {
+            let _ = write!(line, " ({why})");
+        }
+    }
+    if let Some(reason) = &h.last_reason {
+        let latency = h.last_latency_ms.map_or(String::new(), |ms| format!(" in {ms}ms"));
+        let _ = write!(line, ": last {reason}{latency}");
+    }
+    let (n, what) = if h.consecutive_fails > 0 { (h.consecutive_fails, "fail") } else { (h.consecutive_passes, "pass") };
+    if n > 0 {
+        let plural = if n == 1 { "" } else if what == "pass" { "es" } else { "s" };
+        let _ = write!(line, ", {n} {what}{plural} in a row");
+    }
+    line
 }
 
 /// Text for people: one header, then a block per virtual server, like `ipvsadm -Ln --stats`.
@@ -113,9 +192,10 @@ pub fn render(status: &Status) -> String {
     );
     for vs in &status.virtual_servers {
         let sched = if vs.enabled { vs.scheduler.clone() } else { format!("{} (off)", vs.scheduler) };
+        let quorum = if vs.quorum { "" } else { "  quorum lost" };
         let _ = writeln!(
             out,
-            "{:<5}{:<32}{:<11}{:>10}{:>12}{:>14}",
+            "{:<5}{:<32}{:<11}{:>10}{:>12}{:>14}{quorum}",
             vs.protocol.to_uppercase(),
             host_port(&vs.address, vs.port),
             sched,
@@ -123,7 +203,8 @@ pub fn render(status: &Status) -> String {
             vs.traffic.packets,
             vs.traffic.bytes
         );
-        for rs in &vs.real_servers {
+        let sorry = vs.sorry_server.iter().map(|s| (s, " (sorry server)"));
+        for (rs, note) in vs.real_servers.iter().map(|r| (r, "")).chain(sorry) {
             let share = rs.share_percent.map_or("-".to_string(), |p| format!("{p:.1}%"));
             let _ = writeln!(
                 out,
@@ -137,6 +218,13 @@ pub fn render(status: &Status) -> String {
                 rs.traffic.packets,
                 rs.traffic.bytes
             );
+            if !note.is_empty() {
+                out.truncate(out.trim_end().len());
+                let _ = writeln!(out, "{note}");
+            }
+            if let Some(h) = &rs.health {
+                let _ = writeln!(out, "       {}", check_line(h));
+            }
         }
     }
     let active: Vec<String> = status
@@ -177,6 +265,8 @@ mod tests {
                 scheduler: "maglev".into(),
                 enabled: true,
                 traffic: TrafficStatus { conns: 3, packets: 20, bytes: 2000 },
+                quorum: true,
+                sorry_server: None,
                 real_servers: vec![RealServerStatus {
                     address: "10.99.0.11".into(),
                     port: 80,
@@ -187,6 +277,7 @@ mod tests {
                     slots: Some(65537),
                     share_percent: Some(100.0),
                     traffic: TrafficStatus { conns: 3, packets: 20, bytes: 2000 },
+                    health: None,
                 }],
             }],
             reasons: vec![

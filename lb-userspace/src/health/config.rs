@@ -208,6 +208,20 @@ pub enum CommandText {
     Argv(Vec<String>),
 }
 
+impl CommandText {
+    /// The command if it can run: a non-empty line, or an argument vector naming a program
+    /// first; else the message, naming `key`.
+    pub fn checked(&self, key: &str) -> Result<CommandText, String> {
+        match self {
+            CommandText::Shell(s) if s.trim().is_empty() => Err(format!("`{key}` must not be empty")),
+            CommandText::Argv(a) if a.is_empty() || a[0].is_empty() => {
+                Err(format!("`{key}` must name a program first"))
+            }
+            c => Ok(c.clone()),
+        }
+    }
+}
+
 /// One problem in a `health_check` table.
 ///
 /// `at` is the byte offset of the offending value in the file when one value is to blame (as
@@ -790,13 +804,7 @@ impl HealthCheckSpec {
                             .into(),
                     ),
                     Some(command) => {
-                        if let Some(c) = v.value("command", command, |c| match c {
-                            CommandText::Shell(s) if s.trim().is_empty() => Err("`command` must not be empty".to_string()),
-                            CommandText::Argv(a) if a.is_empty() || a[0].is_empty() => {
-                                Err("`command` must name a program first".to_string())
-                            }
-                            c => Ok(c.clone()),
-                        }) {
+                        if let Some(c) = v.value("command", command, |c| c.checked("command")) {
                             script.command = c;
                         }
                     }
