@@ -73,6 +73,9 @@ pub struct Controller {
     health: Option<Scheduler>,
     /// Quorum state per virtual server (kept across reloads for the ones that stay).
     quorums: HashMap<VipAddr, Quorum>,
+    /// The addresses of the interfaces real servers are reached through (see
+    /// [`Self::probe_source`]).
+    addresses: HashMap<String, Vec<IpAddr>>,
 }
 
 impl Controller {
@@ -90,7 +93,28 @@ impl Controller {
             xdp_mode: "",
             health: None,
             quorums: HashMap::new(),
+            addresses: HashMap::new(),
         }
+    }
+
+    /// Tells the controller the interfaces' addresses (see [`interface_addresses`]); call
+    /// [`Self::sync_checks`] after.
+    pub fn set_addresses(&mut self, addresses: HashMap<String, Vec<IpAddr>>) {
+        self.addresses = addresses;
+    }
+
+    /// The source address of checks of `real` through `iface`: the kernel's choice, unless the
+    /// interface holds a VIP of that family. The kernel may then pick the VIP (IPv6 prefers the
+    /// longest matching prefix) and the real server, which holds the VIP too, answers itself:
+    /// probes then leave from the interface's first own (non-VIP, not link-local) address.
+    fn probe_source(&self, iface: &str, real: IpAddr) -> Option<IpAddr> {
+        let addrs = self.addresses.get(iface)?;
+        let vips: BTreeSet<IpAddr> = self.config.virtual_servers.iter().map(|vs| vs.address).collect();
+        let same_family = |a: &&IpAddr| a.is_ipv4() == real.is_ipv4();
+        if !addrs.iter().filter(same_family).any(|a| vips.contains(a)) {
+            return None;
+        }
+        addrs.iter().filter(same_family).find(|a| !vips.contains(a) && !is_link_local(a)).copied()
     }
 
     /// Starts the health checks (with `scheduler`, which sends its events to the run loop) and
@@ -126,7 +150,7 @@ impl Controller {
                     target: ProbeTarget {
                         addr: rs.address,
                         port: rs.port,
-                        source: None,
+                        source: self.probe_source(self.iface_of(&rs.interface), rs.address),
                         vip: (vs.fwmark.is_none()).then_some(VipPath {
                             vip: vs.address,
                             ifindex: iface.ifindex,
@@ -547,6 +571,31 @@ fn restart_only_changes(old: &Director, new: &Director) -> anyhow::Result<()> {
     }
 }
 
+fn is_link_local(a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
+    }
+}
+
+/// The addresses of every interface, by name, in the kernel's order.
+pub fn interface_addresses() -> HashMap<String, Vec<IpAddr>> {
+    let mut out: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return out };
+    for ifa in addrs {
+        let Some(addr) = ifa.address else { continue };
+        let ip = if let Some(v4) = addr.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        out.entry(ifa.interface_name).or_default().push(ip);
+    }
+    out
+}
+
 /// Resolves every interface a config names.
 pub fn resolve_ifaces(config: &Config) -> anyhow::Result<HashMap<String, IfaceInfo>> {
     let mut names = vec![config.director.interface.clone()];
@@ -679,6 +728,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         resolver.watch((*key).into());
     }
     let (health_tx, mut health_rx) = mpsc::channel::<HealthEvent>(4096);
+    ctl.set_addresses(interface_addresses());
     ctl.start_health(Scheduler::new(health_tx, SchedulerOptions::default()));
     ctl.apply()?;
 
@@ -763,6 +813,7 @@ fn reload(ctl: &mut Controller, resolver: &Resolver, watched: &mut BTreeSet<Neig
     let path = ctl.config_path.clone();
     let new = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let ifaces = resolve_ifaces(&new)?;
+    ctl.set_addresses(interface_addresses());
     ctl.reload(new, ifaces)?;
     let now = ctl.neigh_keys();
     for key in now.difference(watched) {
@@ -1005,6 +1056,20 @@ mod tests {
         let ev = next_event(&mut ctl, &mut rx).await;
         assert_eq!((ev.real_server_key.as_str(), ev.up), ("10.0.0.13:80", true));
         assert_eq!(table(&fake), [("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 1)]);
+    }
+
+    #[test]
+    fn checks_leave_from_an_own_address_where_the_interface_holds_a_vip() {
+        let (mut ctl, _) = controller(config("", &["address = \"10.0.0.11\"\nhealth_check = { kind = \"tcp\" }"]));
+        let addrs = |list: &[&str]| HashMap::from([("eth0".to_string(), list.iter().map(|a| a.parse().unwrap()).collect())]);
+        ctl.set_addresses(addrs(&["169.254.0.1", "10.0.0.100", "10.0.0.5", "fd00::5"]));
+        assert_eq!(ctl.check_configs()[0].target.source, Some("10.0.0.5".parse().unwrap()));
+        // Without a VIP on the interface, the kernel chooses.
+        ctl.set_addresses(addrs(&["10.0.0.5", "fd00::5"]));
+        assert_eq!(ctl.check_configs()[0].target.source, None);
+        let check = &ctl.check_configs()[0];
+        assert_eq!((check.key.vip_key.as_str(), check.key.real_server_key.as_str()), ("TCP 10.0.0.100:80", "10.0.0.11:80"));
+        assert_eq!(check.target.vip.map(|p| (p.vip, p.dst_mac)), Some(("10.0.0.100".parse().unwrap(), None)));
     }
 
     #[test]

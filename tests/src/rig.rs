@@ -164,7 +164,33 @@ impl Rig {
         Ok(())
     }
 
-    fn start_nginx(&self, i: usize) -> Result<()> {
+    /// Starts nginx on backend `i` (again, after [`Self::stop_nginx`]: retried until the old one
+    /// has let go of its ports, at most 5 s).
+    pub fn start_nginx(&self, i: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.start_nginx_once(i) {
+                Err(e) if Instant::now() < deadline && format!("{e:#}").contains("in use") => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Makes backend `i`'s `/healthz` answer 200 (`true`) or 404 (`false`); nginx goes on serving
+    /// everything else.
+    pub fn set_healthz(&self, i: usize, healthy: bool) -> Result<()> {
+        let path = self.work.join(format!("nginx-{}", i + 1)).join("healthz");
+        if healthy {
+            std::fs::write(path, format!("{} ok\n", backend_name(i)))?;
+        } else {
+            std::fs::remove_file(path)?;
+        }
+        Ok(())
+    }
+
+    fn start_nginx_once(&self, i: usize) -> Result<()> {
         let dir = self.work.join(format!("nginx-{}", i + 1));
         std::fs::create_dir_all(&dir)?;
         let d = dir.display();
@@ -176,8 +202,11 @@ impl Rig {
              fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
              keepalive_timeout 600s;\n  keepalive_requests 100000;\n\
              server {{\n    listen 80;\n    listen [::]:80;\n\
-             location / {{ default_type text/plain; return 200 \"{name}\\n\"; }}\n  }}\n}}\n"
+             location / {{ default_type text/plain; return 200 \"{name}\\n\"; }}\n\
+             location = /healthz {{ default_type text/plain; alias {d}/healthz; }}\n  }}\n}}\n"
         );
+        // Health checks fetch /healthz: 200 while the file exists, 404 once `set_healthz` removes it.
+        std::fs::write(dir.join("healthz"), format!("{name} ok\n"))?;
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf)?;
         let conf_arg = conf_path.display().to_string();
@@ -189,10 +218,20 @@ impl Rig {
         Ok(())
     }
 
-    /// Stops nginx on backend `i` (for health-check style tests).
+    /// Stops nginx on backend `i` (for health-check style tests) and waits (at most 5 s) until
+    /// it is gone.
     pub fn stop_nginx(&self, i: usize) -> Result<()> {
-        let pid = self.work.join(format!("nginx-{}", i + 1)).join("nginx.pid");
-        self.backends[i].exec(&["sh", "-c", &format!("kill $(cat {})", pid.display())]).map(drop)
+        let pid_file = self.work.join(format!("nginx-{}", i + 1)).join("nginx.pid");
+        let pid = std::fs::read_to_string(&pid_file)?.trim().to_string();
+        self.backends[i].exec(&["kill", &pid])?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            if Instant::now() > deadline {
+                bail!("nginx {pid} on {} did not stop within 5 s", backend_name(i));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     fn start_udp(&mut self, i: usize) -> Result<()> {
@@ -336,6 +375,31 @@ impl Rig {
         })?
     }
 
+    /// Starts a client that sends HTTP requests to `vip`, each on a new connection from its own
+    /// source port, one after another (at most `max` of them) until [`ClientLoop::stop`].
+    pub fn client_loop(&self, vip: IpAddr, max: usize) -> Result<ClientLoop> {
+        let ports = self.ports(max);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let path = format!("/var/run/netns/{}", self.client.name);
+        let thread = std::thread::spawn(move || -> Result<Vec<Answer>> {
+            let file = std::fs::File::open(&path)?;
+            nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let mut answers = Vec::new();
+            for port in ports {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                let sent = Instant::now();
+                let result = http_get_from(port, SocketAddr::new(vip, HTTP_PORT)).map_err(|e| format!("{e:#}"));
+                answers.push(Answer { sent, result });
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(answers)
+        });
+        Ok(ClientLoop { stop, thread })
+    }
+
     /// Sends `n` UDP datagrams from distinct source ports; counts replies by backend and checks
     /// each reply came from the VIP.
     pub fn udp_batch(&self, n: usize) -> Result<BTreeMap<String, usize>> {
@@ -357,6 +421,28 @@ impl Rig {
             }
             Ok(counts)
         })?
+    }
+}
+
+/// One request of a [`ClientLoop`]: when it was sent, and the backend that answered or why it
+/// failed.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub sent: Instant,
+    pub result: std::result::Result<String, String>,
+}
+
+/// A client sending requests in the background (see [`Rig::client_loop`]).
+pub struct ClientLoop {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Vec<Answer>>>,
+}
+
+impl ClientLoop {
+    /// Stops the client and returns every answer, in order.
+    pub fn stop(self) -> Result<Vec<Answer>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().map_err(|_| anyhow::anyhow!("client loop panicked"))?
     }
 }
 
