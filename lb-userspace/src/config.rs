@@ -1407,6 +1407,8 @@ port = 8080
             (rs.port, rs.weight, rs.mac, &rs.interface),
             (vs.port, 1, None, &None)
         );
+        assert_eq!((vs.quorum, vs.hysteresis, vs.alpha, rs.inhibit_on_failure), (1, 0, false, false));
+        assert_eq!((&vs.sorry_server, &rs.health_check), (&None, &None));
     }
 
     #[test]
