@@ -53,7 +53,8 @@ pub struct ApplyTime {
 pub struct Control {
     pub builds: Vec<BuildTime>,
     pub applies: Vec<ApplyTime>,
-    pub health_checks: String,
+    /// `None` when that part failed (the error is in the report's errors).
+    pub health_checks: Option<crate::health::HealthLoad>,
 }
 
 fn members(n: usize) -> Vec<MaglevBackend> {

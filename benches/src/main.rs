@@ -11,6 +11,7 @@
 
 mod control;
 mod fastpath;
+mod health;
 mod live;
 mod plot;
 mod progs;
@@ -30,6 +31,7 @@ struct Plan {
     live: live::Params,
     tcp: tcp::Params,
     control: control::Params,
+    health: health::Params,
 }
 
 fn plan(quick: bool) -> Plan {
@@ -62,6 +64,11 @@ fn plan(quick: bool) -> Plan {
                 apply_backends: 100,
                 apply_rounds: 4,
             },
+            health: health::Params {
+                backends: vec![1000],
+                seconds: 3,
+                changes: 2,
+            },
         }
     } else {
         Plan {
@@ -92,6 +99,11 @@ fn plan(quick: bool) -> Plan {
                 apply_backends: 100,
                 apply_rounds: 10,
             },
+            health: health::Params {
+                backends: vec![1000, 10_000],
+                seconds: 10,
+                changes: 5,
+            },
         }
     }
 }
@@ -108,10 +120,6 @@ fn pktgen() -> String {
         _ => "no pktgen module in this kernel: the generator is BPF_PROG_TEST_RUN live frames".into(),
     }
 }
-
-const HEALTH: &str = "Not measured: health checks have not landed in lbd (the health-check engine exists as tested \
-    units but the daemon runs no prober yet), so there is no health-check load to measure. When it is wired in, \
-    this section should time a probe round for N real servers and the CPU it costs.";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -162,7 +170,8 @@ fn main() -> Result<()> {
         + 1
         + 5
         + plan.control.sizes.len() * plan.control.backends.len()
-        + plan.control.apply_vips.len();
+        + plan.control.apply_vips.len()
+        + plan.health.backends.len();
     let mut progress = sys::Progress::new(steps);
     eprintln!("bench: {} run, report in {}", report.mode, out.display());
 
@@ -195,10 +204,18 @@ fn main() -> Result<()> {
             let builds = control::builds(&plan.control, &mut progress)?;
             let ns = Netns::new("lbdb-ctl")?;
             let applies = sys::in_ns(&ns.name, None, || control::applies(&plan.control, &mut progress))??;
+            drop(ns);
+            let health_checks = match health::run_all(&plan.health, &mut progress) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    report.errors.push(format!("health-check load: {e:#}"));
+                    None
+                }
+            };
             Ok(control::Control {
                 builds,
                 applies,
-                health_checks: HEALTH.into(),
+                health_checks,
             })
         })();
         match control {
