@@ -197,14 +197,14 @@ impl Pair {
     }
 
     /// Waits until director `i`'s VI_1 is in `state` (polling its control socket every 5 ms);
-    /// returns when it entered it (from the status's time in state), within a few ms.
+    /// returns when it entered it: the time in state the status gives, back from when the
+    /// answer arrived (so never early; late by the answer's way back, well under a ms).
     pub fn wait_state(&self, i: usize, state: VrrpState, limit: Duration) -> Result<Instant> {
         let start = Instant::now();
         loop {
-            let polled = Instant::now();
             if let Ok(inst) = self.instance(i) {
                 if inst.state == state {
-                    return Ok(polled - Duration::from_secs_f64(inst.in_state_secs));
+                    return Ok(Instant::now() - Duration::from_secs_f64(inst.in_state_secs));
                 }
             }
             if start.elapsed() > limit {
