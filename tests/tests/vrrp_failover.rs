@@ -67,6 +67,12 @@ fn backup_timers() -> (Duration, Duration) {
     (master_down_interval(Version::V3, 100, ms(100)), skew_time(Version::V3, 100, ms(100)))
 }
 
+/// Packets director `i`'s fast path counted under `reason`.
+fn reason_packets(p: &Pair, i: usize, reason: &str) -> Result<u64> {
+    let st = p.status(i)?;
+    st.reasons.iter().find(|r| r.reason == reason).map(|r| r.packets).with_context(|| format!("no reason {reason}"))
+}
+
 /// HTTP requests from the client, each on a new connection; every one must be answered.
 fn all_answered(p: &Pair, n: usize) -> Result<()> {
     let counts = p.rig.http_batch(IpAddr::V4(VIP_V4), n)?;
@@ -79,6 +85,17 @@ fn sigkill_of_the_master_hands_the_vip_to_the_backup_within_the_master_down_inte
     require_root()?;
     let mut p = Pair::up("vf1", PairOptions::default())?;
     start_pair(&mut p)?;
+    // A split view: the client sends to the backup's MAC. The backup drops the VIP's traffic
+    // (counted as vip-disabled) instead of forwarding it to a backend.
+    let disabled_before = reason_packets(&p, 1, "vip-disabled")?;
+    let vip = VIP_V4.to_string();
+    p.rig.client.ip(&["neigh", "replace", &vip, "lladdr", &mac_string(&director_mac(1)), "dev", "eth0", "nud", "permanent"])?;
+    let addr = SocketAddr::new(IpAddr::V4(VIP_V4), HTTP_PORT);
+    let connected = p.rig.client.enter(move || std::net::TcpStream::connect_timeout(&addr, ms(500)).is_ok())?;
+    p.rig.client.ip(&["neigh", "del", &vip, "dev", "eth0"])?;
+    assert!(!connected, "a connection through the backup succeeded");
+    let dropped = reason_packets(&p, 1, "vip-disabled")? - disabled_before;
+    assert!(dropped >= 1, "the backup dropped {dropped} VIP packets: the SYN was not seen");
     // Only the master answers ARP (from lbd's own responder: no director has the VIP).
     only_answers(&p, director_mac(0))?;
     let macs = arping(&p.rig.client, VIP_V4)?;
@@ -118,6 +135,7 @@ fn sigkill_of_the_master_hands_the_vip_to_the_backup_within_the_master_down_inte
     let sock = p.lbd[1].socket.display().to_string();
     let (code, text, _) = p.rig.lbd_cli(&["status", "--socket", &sock])?;
     assert_eq!(code, 0);
+    println!("$ lbd status (the new master)\n{text}");
     assert!(text.contains(&format!("VRRP VI_1 eth0 vrid {VRID} v3 MASTER priority 100 (100)")), "{text}");
     assert!(text.contains("-> 10.99.0.100 on eth0 (answered)"), "{text}");
     Ok(())
