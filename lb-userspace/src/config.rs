@@ -37,6 +37,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use toml::Spanned;
 
 use crate::health::config::{CommandText, HealthCheck, HealthCheckSpec};
+use crate::vrrp::{spec::locate_key, VrrpInstanceSpec, VrrpScriptSpec, VrrpSpec, VrrpSyncGroupSpec};
 
 /// Control socket path used when `[director] control_socket` is not set.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lbd/lbd.sock";
@@ -56,6 +57,10 @@ pub struct Config {
     /// The `[[virtual_server]]` tables, in file order.
     #[serde(rename = "virtual_server")]
     pub virtual_servers: Vec<VirtualServer>,
+    /// `[[vrrp_instance]]`, `[[vrrp_script]]`, `[[vrrp_sync_group]]` (keepalived's names): the
+    /// VRRP instances that decide whether this director carries a VIP. Empty: no VRRP, every
+    /// VIP always carried. See `crate::vrrp::spec` for the keys.
+    pub vrrp: VrrpSpec,
 }
 
 /// `[director]`: settings of this director host.
@@ -372,6 +377,12 @@ struct RawConfig {
     director: RawDirector,
     #[serde(default)]
     virtual_server: Vec<Spanned<RawVirtualServer>>,
+    #[serde(default)]
+    vrrp_instance: Vec<Spanned<VrrpInstanceSpec>>,
+    #[serde(default)]
+    vrrp_script: Vec<Spanned<VrrpScriptSpec>>,
+    #[serde(default)]
+    vrrp_sync_group: Vec<Spanned<VrrpSyncGroupSpec>>,
 }
 
 #[derive(Deserialize)]
@@ -449,6 +460,9 @@ fn table_of(keys: &[&str]) -> Option<&'static str> {
         ),
         ("in persistence", keys_of::<RawPersistence>()),
         ("in health_check", keys_of::<HealthCheckSpec>()),
+        ("in [[vrrp_instance]]", keys_of::<VrrpInstanceSpec>()),
+        ("in [[vrrp_script]]", keys_of::<VrrpScriptSpec>()),
+        ("in [[vrrp_sync_group]]", keys_of::<VrrpSyncGroupSpec>()),
     ]
     .into_iter()
     .find(|(_, accepted)| *accepted == keys)
@@ -493,10 +507,37 @@ impl Validator<'_> {
                 virtual_servers.push(vs);
             }
         }
+        let vrrp = self.vrrp(raw);
         Some(Config {
             director: director?,
             virtual_servers,
+            vrrp,
         })
+    }
+
+    /// The VRRP tables: [`VrrpSpec::validate`]'s problems, each at the key it names (else at
+    /// its table). The instances' interfaces are checked by name here and looked up when lbd
+    /// starts them. A virtual server whose VIP no instance lists is carried whatever the VRRP
+    /// state; one whose VIP an instance lists only while that instance is MASTER.
+    fn vrrp(&mut self, raw: &RawConfig) -> VrrpSpec {
+        let spec = VrrpSpec {
+            instances: raw.vrrp_instance.iter().map(|t| t.get_ref().clone()).collect(),
+            scripts: raw.vrrp_script.iter().map(|t| t.get_ref().clone()).collect(),
+            sync_groups: raw.vrrp_sync_group.iter().map(|t| t.get_ref().clone()).collect(),
+        };
+        for problem in spec.validate() {
+            let table = match problem.table {
+                "vrrp_script" => raw.vrrp_script.get(problem.index).map(Spanned::span),
+                "vrrp_sync_group" => raw.vrrp_sync_group.get(problem.index).map(Spanned::span),
+                _ => raw.vrrp_instance.get(problem.index).map(Spanned::span),
+            };
+            let at = table.map_or(0, |span| match problem.field {
+                "" => span.start,
+                key => locate_key(self.lines.text, span, key),
+            });
+            self.error(at, problem.message);
+        }
+        spec
     }
 
     fn director(&mut self, raw: &RawDirector) -> Option<Director> {
@@ -1323,6 +1364,7 @@ port = 8080
                     span: Span { line: 27, col: 3 },
                 },
             ],
+            vrrp: VrrpSpec::default(),
         };
         assert_eq!(parse(text).unwrap(), expected);
     }
@@ -1334,7 +1376,8 @@ port = 8080
             config,
             Config {
                 director: default_director("eth0"),
-                virtual_servers: vec![]
+                virtual_servers: vec![],
+                vrrp: VrrpSpec::default(),
             }
         );
 
@@ -1540,7 +1583,8 @@ health_check = {{ kind = "tcp", port = 22 }}
         );
         assert_eq!(
             errors(&format!("bogus = 1\n{DIRECTOR}")),
-            ["t.toml:1:1: unknown key `bogus` at the top level; expected one of: director, virtual_server"]
+            ["t.toml:1:1: unknown key `bogus` at the top level; expected one of: director, virtual_server, \
+              vrrp_instance, vrrp_script, vrrp_sync_group"]
         );
         assert_eq!(
             errors_after(true, "weight = 1\n"),
@@ -1924,6 +1968,119 @@ rig.toml:10:7: invalid MAC address `nope`; expected six hex bytes like 02:00:00:
                 path.display()
             )
         );
+    }
+
+    /// The `[[vrrp_instance]]` of most VRRP tests: lines 3 to 7 after `DIRECTOR`.
+    const VRRP: &str = "[[vrrp_instance]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\n\
+                        virtual_addresses = [\"10.0.0.1\"]\n";
+
+    #[test]
+    fn vrrp_tables() {
+        let text = format!(
+            "{DIRECTOR}{VRRP}priority = 150\nadvert_interval = \"100ms\"\nversion = 3\npreempt = false\n\
+             unicast_source = \"10.0.0.2\"\nunicast_peers = [\"10.0.0.3\"]\ntrack_script = [\"chk\"]\n\
+             [[vrrp_script]]\nname = \"chk\"\nscript = \"true\"\n\
+             [[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\n[[virtual_server]]\naddress = \"10.0.0.9\"\nport = 80\n"
+        );
+        let config = parse(&text).unwrap();
+        let [vi] = &config.vrrp.instances[..] else { panic!("{:?}", config.vrrp) };
+        assert_eq!((vi.name.as_str(), vi.interface.as_str(), vi.virtual_router_id), ("VI_1", "eth0", 51));
+        assert_eq!((vi.priority, vi.effective_version(), vi.preempt), (Some(150), 3, Some(false)));
+        assert_eq!(vi.advert_interval.map(|d| d.0), Some(std::time::Duration::from_millis(100)));
+        assert_eq!((vi.unicast_source, &vi.unicast_peers[..]), (Some(v4(10, 0, 0, 2)), &[v4(10, 0, 0, 3)][..]));
+        assert_eq!(config.vrrp.scripts[0].name, "chk");
+        // The first virtual server follows VI_1's state, the second is always carried.
+        assert!(config.vrrp.covers(config.virtual_servers[0].address));
+        assert!(!config.vrrp.covers(config.virtual_servers[1].address));
+        // `lbd status --json` / the config as JSON carry the VRRP tables.
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["vrrp"]["instances"][0]["advert_interval"], "100ms");
+        assert_eq!(json["vrrp"]["instances"][0]["virtual_addresses"][0]["address"], "10.0.0.1");
+
+        // No VRRP tables: nothing covered.
+        assert_eq!(parse(DIRECTOR).unwrap().vrrp, VrrpSpec::default());
+    }
+
+    #[test]
+    fn vrrp_problems_are_reported_at_their_key() {
+        let vrrp = |rest: &str| errors(&format!("{DIRECTOR}{VRRP}{rest}"));
+        assert_eq!(vrrp("priority = 300\n"), ["t.toml:8:1: priority must be 1..=255 (255 = address owner), got 300"]);
+        assert_eq!(
+            vrrp("advert_interval = \"100ms\"\n"),
+            ["t.toml:8:1: VRRPv2 carries whole seconds: advert_interval must be 1s..=255s, got 100ms; use version = 3 \
+              for shorter intervals"]
+        );
+        assert_eq!(
+            vrrp("version = 3\nauthentication = { auth_type = \"PASS\", auth_pass = \"secret\" }\n"),
+            ["t.toml:9:1: authentication exists in VRRPv2 only (RFC 5798 removed it)"]
+        );
+        // Keys written inline are found too; problems come in file order.
+        assert_eq!(
+            errors(&format!(
+                "{DIRECTOR}[[vrrp_instance]]\nname = \"VI 1\"\ninterface = \"eth0\"\n  virtual_router_id = 0\n\
+                 virtual_addresses = [\"10.0.0.1\", \"fd00::1\"]\n"
+            )),
+            [
+                "t.toml:4:1: name `VI 1` must be non-empty, without whitespace",
+                "t.toml:6:3: virtual_router_id must be 1..=255, got 0",
+                "t.toml:7:1: virtual address #2 (fd00::1) is not of the same family as the first; use one instance per family",
+            ]
+        );
+        // Across tables: at the second instance's key, at the tracking instance, at the group.
+        assert_eq!(
+            vrrp(&format!("track_script = [\"nope\"]\n{VRRP}")),
+            [
+                "t.toml:8:1: no [[vrrp_script]] named `nope`",
+                "t.toml:10:1: instance name `VI_1` is already used by [[vrrp_instance]] #1",
+                "t.toml:12:1: virtual_router_id 51 on eth0 is already used by instance `VI_1`",
+                "t.toml:13:1: 10.0.0.1 is already a virtual address of instance `VI_1`",
+            ]
+        );
+        assert_eq!(
+            vrrp("[[vrrp_sync_group]]\nname = \"G\"\ngroup = [\"VI_1\", \"VI_9\"]\n"),
+            ["t.toml:10:1: no [[vrrp_instance]] named `VI_9`"]
+        );
+        assert_eq!(
+            vrrp("[[vrrp_script]]\nname = \"chk\"\nscript = \" \"\nfall = 0\n"),
+            ["t.toml:10:1: the command must not be empty", "t.toml:11:1: fall must be 1..=1000, got 0"]
+        );
+        // Types, syntax, unknown and missing keys come from the parser, at the value.
+        assert_eq!(
+            vrrp("nopreempt = true\n"),
+            ["t.toml:8:1: unknown key `nopreempt` in [[vrrp_instance]]; expected one of: name, interface, \
+              virtual_router_id, priority, advert_interval, version, preempt, preempt_delay, virtual_addresses, \
+              unicast_peers, unicast_source, authentication, garp_master_delay, garp_master_repeat, \
+              garp_master_refresh, garp_master_refresh_repeat, track_interface, track_script, notify_master, \
+              notify_backup, notify_fault, notify_stop, notify, notify_timeout"]
+        );
+        let bad_duration = vrrp("preempt_delay = \"5 seconds\"\n");
+        assert!(bad_duration[0].starts_with("t.toml:8:17: invalid duration `5 seconds`"), "{bad_duration:?}");
+        assert_eq!(
+            errors(&format!("{DIRECTOR}[[vrrp_instance]]\nname = \"VI_1\"\n")),
+            ["t.toml:3:1: missing required key `interface`"]
+        );
+    }
+
+    #[test]
+    fn example_vrrp_section_is_valid() {
+        // The commented-out VRRP keys of example.toml, uncommented, form a valid configuration.
+        let text = std::fs::read_to_string(workspace_file("example.toml")).unwrap();
+        let vrrp: String = text
+            .lines()
+            .skip_while(|l| *l != "# [[vrrp_instance]]")
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with("[[") || l.split_once(" = ").is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_')))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let config = parse(&format!("{DIRECTOR}{vrrp}")).unwrap_or_else(|e| panic!("{e}\n{vrrp}"));
+        let names: Vec<_> = config.vrrp.instances.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["VI_1", "VI_2"]);
+        assert_eq!((config.vrrp.scripts.len(), config.vrrp.sync_groups.len()), (1, 1));
+        assert!(config.vrrp.instances[0].authentication.is_some() && !config.vrrp.instances[0].unicast_peers.is_empty());
+        // ... and VI_1 covers the example's virtual server.
+        let example = Config::load(&workspace_file("example.toml")).unwrap();
+        assert!(example.vrrp.instances.is_empty(), "VRRP is off by default");
+        assert!(config.vrrp.covers(example.virtual_servers[0].address));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! around it (signals, neighbour events, control socket).
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
     time::Instant,
@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
 };
 use tracing::{error, info, warn};
 
@@ -29,6 +29,7 @@ use crate::{
     neigh::{Mac, NeighEvent, NeighKey, Resolver},
     status::{format_mac, HealthStatus, RealServerStatus, ReasonStatus, Status, TrafficStatus, VirtualServerStatus},
     ipvs_dataplane::IpvsDataplane,
+    vrrp::{VrrpHandle, VrrpSpec, VrrpState},
     xdp::{XdpDataplane, XdpOptions},
 };
 
@@ -76,6 +77,9 @@ pub struct Controller {
     /// The addresses of the interfaces real servers are reached through (see
     /// [`Self::probe_source`]).
     addresses: HashMap<String, Vec<IpAddr>>,
+    /// The virtual addresses VRRP says are ours (their instance is MASTER), as last synced
+    /// from the running [`VrrpHandle`] (see [`Controller::set_vrrp_owned`]).
+    vrrp_owned: HashSet<IpAddr>,
 }
 
 impl Controller {
@@ -94,6 +98,7 @@ impl Controller {
             health: None,
             quorums: HashMap::new(),
             addresses: HashMap::new(),
+            vrrp_owned: HashSet::new(),
         }
     }
 
@@ -242,6 +247,31 @@ impl Controller {
         Ok(())
     }
 
+    /// Whether the dataplane carries `vip`: always, unless a `[[vrrp_instance]]` lists it; then
+    /// only while VRRP says it is ours. A backup drops the VIP's traffic (it must not forward
+    /// what a split view sends it, or clients would get duplicates).
+    pub fn vip_enabled(&self, vip: IpAddr) -> bool {
+        !self.config.vrrp.covers(vip) || self.vrrp_owned.contains(&vip)
+    }
+
+    /// Records which virtual addresses VRRP says are ours; true (after one log line per
+    /// virtual server that changes) when the dataplane must be applied again.
+    pub fn set_vrrp_owned(&mut self, owned: HashSet<IpAddr>) -> bool {
+        if owned == self.vrrp_owned {
+            return false;
+        }
+        let before: Vec<bool> = self.config.virtual_servers.iter().map(|vs| self.vip_enabled(vs.address)).collect();
+        self.vrrp_owned = owned;
+        for (vs, was) in self.config.virtual_servers.iter().zip(before) {
+            let now = self.vip_enabled(vs.address);
+            if now != was {
+                let what = if now { "carried: VRRP master" } else { "dropped: VRRP backup (not master)" };
+                info!(virtual_server = %VipAddr::of(vs), "virtual server {what}");
+            }
+        }
+        true
+    }
+
     /// Sets what `lbd status` says about the dataplane.
     pub fn describe(&mut self, description: String, xdp_mode: &'static str) {
         self.description = description;
@@ -301,7 +331,7 @@ impl Controller {
             .iter()
             .map(|vs| ServiceSpec {
                 vip: VipAddr::of(vs),
-                enabled: true,
+                enabled: self.vip_enabled(vs.address),
                 ipvs: IpvsParams {
                     scheduler: vs.scheduler.clone(),
                     forwarding: vs.forwarding,
@@ -448,6 +478,8 @@ impl Controller {
             uptime_secs: self.started.elapsed().as_secs(),
             table_size: d.table_size,
             conntrack_entries: stats.connections,
+            // The run loop adds the VRRP instances (`with_vrrp`).
+            vrrp: Vec::new(),
             reasons: stats
                 .reasons
                 .iter()
@@ -731,6 +763,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     ctl.set_addresses(interface_addresses());
     ctl.start_health(Scheduler::new(health_tx, SchedulerOptions::default()));
     ctl.apply()?;
+    // After the dataplane: until VRRP says otherwise, the VIPs it lists are dropped.
+    let mut vrrp = start_vrrp(&ctl.config().vrrp)?;
 
     let listener = control::bind(&d.control_socket)?;
     info!(socket = %d.control_socket.display(), "control socket ready");
@@ -763,18 +797,25 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     error!("{e:#}");
                 }
             }
+            changed = vrrp_changed(&mut vrrp) => {
+                if changed.is_err() {
+                    error!("VRRP stopped unexpectedly; the virtual servers it covers are dropped until lbd restarts");
+                    vrrp = None;
+                }
+                sync_vrrp(&mut ctl, vrrp.as_ref());
+            }
             _ = sighup.recv() => {
-                if let Err(e) = reload(&mut ctl, &resolver, &mut watched) {
+                if let Err(e) = reload_all(&mut ctl, &resolver, &mut watched, &mut vrrp).await {
                     error!("reload failed, still running the previous configuration: {e:#}");
                 }
             }
             Some((req, reply)) = ctl_rx.recv() => {
                 let resp = match req {
                     Request::Status => match ctl.dataplane().stats() {
-                        Ok(stats) => Response { ok: true, status: Some(ctl.status(&stats)), ..Default::default() },
+                        Ok(stats) => Response { ok: true, status: Some(with_vrrp(ctl.status(&stats), vrrp.as_ref())), ..Default::default() },
                         Err(e) => Response::error(format!("reading counters: {e}")),
                     },
-                    Request::Reload => match reload(&mut ctl, &resolver, &mut watched) {
+                    Request::Reload => match reload_all(&mut ctl, &resolver, &mut watched, &mut vrrp).await {
                         Ok(()) => Response { ok: true, ..Default::default() },
                         Err(e) => {
                             error!("reload failed, still running the previous configuration: {e:#}");
@@ -790,6 +831,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
+    // Before the dataplane goes: masters send priority 0, so the backup takes over at once.
+    stop_vrrp(&mut ctl, &mut vrrp).await;
     info!("shutting down: detaching XDP");
     drop(ctl); // dropping the dataplane detaches the program
     let _ = std::fs::remove_file(&d.control_socket);
@@ -814,6 +857,7 @@ fn reload(ctl: &mut Controller, resolver: &Resolver, watched: &mut BTreeSet<Neig
     let new = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let ifaces = resolve_ifaces(&new)?;
     ctl.set_addresses(interface_addresses());
+    check_vrrp_ifaces(&new.vrrp)?;
     ctl.reload(new, ifaces)?;
     let now = ctl.neigh_keys();
     for key in now.difference(watched) {
@@ -825,6 +869,118 @@ fn reload(ctl: &mut Controller, resolver: &Resolver, watched: &mut BTreeSet<Neig
     *watched = now;
     info!(config = %path.display(), "configuration reloaded");
     Ok(())
+}
+
+/// The running VRRP instances and the channel their states change on.
+struct Vrrp {
+    handle: VrrpHandle,
+    states: watch::Receiver<BTreeMap<String, VrrpState>>,
+}
+
+/// Starts VRRP for `spec`, in this process's network namespace; `None` without instances.
+fn start_vrrp(spec: &VrrpSpec) -> anyhow::Result<Option<Vrrp>> {
+    if spec.instances.is_empty() {
+        return Ok(None);
+    }
+    check_vrrp_ifaces(spec)?;
+    let (handle, states) = VrrpHandle::start(spec.clone()).context("starting VRRP")?;
+    Ok(Some(Vrrp { handle, states }))
+}
+
+/// The interfaces instances send adverts on and answer ARP/NDP on must exist (tracked
+/// interfaces may come and go: that is what tracking them is for).
+fn check_vrrp_ifaces(spec: &VrrpSpec) -> anyhow::Result<()> {
+    for inst in &spec.instances {
+        let devs = std::iter::once(&inst.interface).chain(inst.virtual_addresses.iter().filter_map(|a| a.dev.as_ref()));
+        for dev in devs {
+            nix::net::if_::if_nametoindex(dev.as_str())
+                .with_context(|| format!("[[vrrp_instance]] {}: interface {dev} not found", inst.name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the dataplane carry exactly the virtual servers whose VIPs VRRP owns now (all
+/// covered ones dropped without VRRP).
+fn sync_vrrp(ctl: &mut Controller, vrrp: Option<&Vrrp>) {
+    let owned = match vrrp {
+        Some(v) => {
+            let addrs = ctl.config().vrrp.instances.iter().flat_map(|i| &i.virtual_addresses).map(|a| a.address);
+            addrs.filter(|a| v.handle.owns(*a)).collect()
+        }
+        None => HashSet::new(),
+    };
+    if ctl.set_vrrp_owned(owned) {
+        if let Err(e) = ctl.apply() {
+            error!("{e:#}");
+        }
+    }
+}
+
+/// Stops VRRP cleanly (priority-0 adverts, notify_stop) and drops the VIPs it covered.
+async fn stop_vrrp(ctl: &mut Controller, vrrp: &mut Option<Vrrp>) {
+    if let Some(v) = vrrp.take() {
+        v.handle.shutdown().await;
+    }
+    sync_vrrp(ctl, None);
+}
+
+/// The next VRRP state change (`Err` if VRRP died); pending forever without VRRP.
+async fn vrrp_changed(vrrp: &mut Option<Vrrp>) -> Result<(), watch::error::RecvError> {
+    match vrrp {
+        Some(v) => v.states.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn with_vrrp(mut status: Status, vrrp: Option<&Vrrp>) -> Status {
+    status.vrrp = vrrp.map(|v| v.handle.status()).unwrap_or_default();
+    status
+}
+
+/// [`reload`], then VRRP restarted if (and only if) its tables changed: the old instances stop
+/// cleanly (a master hands over with priority 0) and the new ones start as a fresh lbd would.
+/// If they cannot start, the previous configuration is put back and VRRP runs it again.
+async fn reload_all(
+    ctl: &mut Controller,
+    resolver: &Resolver,
+    watched: &mut BTreeSet<NeighKeyOrd>,
+    vrrp: &mut Option<Vrrp>,
+) -> anyhow::Result<()> {
+    let old = ctl.config().clone();
+    reload(ctl, resolver, watched)?;
+    if ctl.config().vrrp == old.vrrp {
+        sync_vrrp(ctl, vrrp.as_ref());
+        return Ok(());
+    }
+    info!("VRRP configuration changed: restarting VRRP");
+    stop_vrrp(ctl, vrrp).await;
+    let err = match start_vrrp(&ctl.config().vrrp) {
+        Ok(v) => {
+            *vrrp = v;
+            sync_vrrp(ctl, vrrp.as_ref());
+            return Ok(());
+        }
+        Err(e) => e,
+    };
+    let ifaces = resolve_ifaces(&old)?;
+    ctl.reload(old, ifaces)?;
+    rewatch(ctl, resolver, watched);
+    *vrrp = start_vrrp(&ctl.config().vrrp)?;
+    sync_vrrp(ctl, vrrp.as_ref());
+    Err(err.context("the new VRRP configuration did not start"))
+}
+
+/// Follows the neighbour entries the controller's config needs now.
+fn rewatch(ctl: &Controller, resolver: &Resolver, watched: &mut BTreeSet<NeighKeyOrd>) {
+    let now = ctl.neigh_keys();
+    for key in now.difference(watched) {
+        resolver.watch((*key).into());
+    }
+    for key in watched.difference(&now) {
+        resolver.unwatch((*key).into());
+    }
+    *watched = now;
 }
 
 async fn accept_loop(listener: tokio::net::UnixListener, tx: mpsc::Sender<ControlMsg>) {
@@ -1070,6 +1226,78 @@ mod tests {
         let check = &ctl.check_configs()[0];
         assert_eq!((check.key.vip_key.as_str(), check.key.real_server_key.as_str()), ("TCP 10.0.0.100:80", "10.0.0.11:80"));
         assert_eq!(check.target.vip.map(|p| (p.vip, p.dst_mac)), Some(("10.0.0.100".parse().unwrap(), None)));
+    }
+
+    /// VIP 10.0.0.100 (covered by VI_1 when `vrrp` says so) and 10.0.0.200 (never covered).
+    fn vrrp_config(vrrp: &str) -> Config {
+        let text = format!(
+            "[director]\ninterface = \"eth0\"\n[[virtual_server]]\naddress = \"10.0.0.100\"\nport = 80\n\
+             [[virtual_server.real_server]]\naddress = \"10.0.0.11\"\n\
+             [[virtual_server]]\naddress = \"10.0.0.200\"\nport = 80\n{vrrp}"
+        );
+        Config::parse(&text, "test.toml").expect("valid config")
+    }
+
+    const VI_1: &str =
+        "[[vrrp_instance]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\nvirtual_addresses = [\"10.0.0.100\"]\n";
+
+    fn enabled(fake: &FakeDataplane) -> Vec<(String, bool)> {
+        fake.current().unwrap().iter().map(|s| (s.vip.addr.to_string(), s.enabled)).collect()
+    }
+
+    fn owned(addrs: &[&str]) -> HashSet<IpAddr> {
+        addrs.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn vrrp_ownership_enables_only_the_vips_it_covers() {
+        let (mut ctl, fake) = controller(vrrp_config(VI_1));
+        ctl.apply().unwrap();
+        // Until VRRP says we are master, the covered VIP is dropped; the other is always carried.
+        let dropped = vec![("10.0.0.100".to_string(), false), ("10.0.0.200".to_string(), true)];
+        let carried = vec![("10.0.0.100".to_string(), true), ("10.0.0.200".to_string(), true)];
+        assert_eq!(enabled(&fake), dropped);
+        assert!(!ctl.status(&DataplaneStats::default()).virtual_servers[0].enabled);
+
+        assert!(ctl.set_vrrp_owned(owned(&["10.0.0.100"])));
+        ctl.apply().unwrap();
+        assert_eq!(enabled(&fake), carried);
+        assert!(ctl.status(&DataplaneStats::default()).virtual_servers[0].enabled);
+        assert!(!ctl.set_vrrp_owned(owned(&["10.0.0.100"])), "no change, nothing to apply");
+        // Owning an address no virtual server has changes nothing in the dataplane.
+        assert!(ctl.set_vrrp_owned(owned(&["10.0.0.100", "10.0.0.7"])));
+        ctl.apply().unwrap();
+        assert_eq!(enabled(&fake), carried);
+
+        // Back to backup (what the run loop does on a state change): dropped again at once.
+        ctl.set_vrrp_owned(owned(&["10.0.0.100"]));
+        let before = fake.applied().len();
+        sync_vrrp(&mut ctl, None);
+        assert_eq!(fake.applied().len(), before + 1, "applied once");
+        assert_eq!(enabled(&fake), dropped);
+        sync_vrrp(&mut ctl, None);
+        assert_eq!(fake.applied().len(), before + 1, "nothing changed, nothing applied");
+
+        // A reload without VRRP carries every VIP; one that covers the VIP again drops it.
+        let ifaces = || HashMap::from([("eth0".to_string(), ETH0)]);
+        ctl.reload(vrrp_config(""), ifaces()).unwrap();
+        assert_eq!(enabled(&fake), carried);
+        ctl.reload(vrrp_config(VI_1), ifaces()).unwrap();
+        assert_eq!(enabled(&fake), dropped);
+    }
+
+    #[test]
+    fn vrrp_interfaces_must_exist() {
+        let cfg = vrrp_config(&VI_1.replace("\"eth0\"", "\"nosuch0\""));
+        let err = check_vrrp_ifaces(&cfg.vrrp).unwrap_err();
+        assert_eq!(err.to_string(), "[[vrrp_instance]] VI_1: interface nosuch0 not found");
+        let cfg = vrrp_config(&VI_1.replace("interface = \"eth0\"", "interface = \"lo\"").replace(
+            "[\"10.0.0.100\"]",
+            "[{ address = \"10.0.0.100\", dev = \"nosuch1\" }]",
+        ));
+        let err = check_vrrp_ifaces(&cfg.vrrp).unwrap_err();
+        assert_eq!(err.to_string(), "[[vrrp_instance]] VI_1: interface nosuch1 not found");
+        check_vrrp_ifaces(&vrrp_config(&VI_1.replace("\"eth0\"", "\"lo\"")).vrrp).unwrap();
     }
 
     #[test]

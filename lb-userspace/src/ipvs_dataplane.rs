@@ -195,11 +195,15 @@ impl Dataplane for IpvsDataplane {
         false
     }
 
+    /// A disabled service (a VRRP backup's) is withdrawn from IPVS: deleted if lbd created it,
+    /// added again when enabled. IPVS only sees traffic to addresses local to the director, and
+    /// a backup's kernel must not hand VIP traffic to IPVS, which would forward it (with a
+    /// split view the client would get duplicates); with the service gone it never does.
     fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
         let kernel: BTreeMap<ServiceKey, Service> =
             self.client.services().map_err(kernel_error)?.into_iter().map(|s| (s.key.clone(), s)).collect();
         let mut wanted = BTreeMap::new();
-        for spec in services {
+        for spec in services.iter().filter(|s| s.enabled) {
             let svc = service_of(spec);
             let key = svc.key.clone();
             match kernel.get(&key) {

@@ -119,7 +119,11 @@ fn main() -> ExitCode {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 let rs: usize = c.virtual_servers.iter().map(|v| v.real_servers.len()).sum();
-                println!("{}: OK ({} virtual servers, {} real servers)", config.display(), c.virtual_servers.len(), rs);
+                let vrrp = match c.vrrp.instances.len() {
+                    0 => String::new(),
+                    n => format!(", {n} VRRP instances"),
+                };
+                println!("{}: OK ({} virtual servers, {} real servers{vrrp})", config.display(), c.virtual_servers.len(), rs);
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -23,6 +23,9 @@ pub struct Status {
     pub virtual_servers: Vec<VirtualServerStatus>,
     /// Packets and bytes per fast-path reason ("new-flow", "conntrack-hit", "not-vip", ...).
     pub reasons: Vec<ReasonStatus>,
+    /// The `[[vrrp_instance]]`s (empty without VRRP).
+    #[serde(default)]
+    pub vrrp: Vec<crate::vrrp::VrrpInstanceStatus>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -238,6 +241,7 @@ pub fn render(status: &Status) -> String {
         "Fast path packets: {}",
         if active.is_empty() { "none yet".to_string() } else { active.join(", ") }
     );
+    out += &crate::vrrp::render_status(&status.vrrp);
     out
 }
 
@@ -284,6 +288,7 @@ mod tests {
                 ReasonStatus { reason: "new-flow".into(), packets: 3, bytes: 300 },
                 ReasonStatus { reason: "malformed".into(), packets: 0, bytes: 0 },
             ],
+            vrrp: vec![],
         };
         let text = render(&status);
         let lines: Vec<&str> = text.lines().collect();
@@ -293,5 +298,6 @@ mod tests {
         assert!(lines[5].starts_with("  -> 10.99.0.11:80"), "{}", lines[5]);
         assert!(lines[5].contains("02:00:00:00:00:0b") && lines[5].contains("100.0%"), "{}", lines[5]);
         assert_eq!(lines[6], "Fast path packets: new-flow 3");
+        assert_eq!(lines.len(), 7, "no VRRP lines without VRRP");
     }
 }

@@ -1,6 +1,7 @@
 //! Test support shared by the integration tests and `cargo xtask run`: network namespaces, test
 //! frames, and the rig (client, director, backends on one bridge).
 
+pub mod failover;
 pub mod health;
 pub mod netns;
 pub mod packets;

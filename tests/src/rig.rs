@@ -22,6 +22,8 @@ use crate::netns::Netns;
 
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
 pub const DIRECTOR_V4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 10);
+/// The second director of [`Rig::up_pair`].
+pub const DIRECTOR2_V4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 20);
 pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
 pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x100);
 pub const HTTP_PORT: u16 = 80;
@@ -145,6 +147,20 @@ impl Rig {
             rig.start_udp(i)?;
         }
         Ok(rig)
+    }
+
+    /// The rig for a VRRP pair: [`Rig::up`] without the VIPs on the director (lbd answers ARP/ND
+    /// for them while master and never gives them to the kernel), and a second director
+    /// `{prefix}-dir2` ([`DIRECTOR2_V4`], MAC `02:99:00:00:00:14`) on the bridge, wired like the
+    /// first. Neither runs lbd yet: `tests/src/failover.rs` starts one on each.
+    pub fn up_pair(prefix: &str, n: usize) -> Result<(Rig, SecondDirector)> {
+        let rig = Rig::up(prefix, n)?;
+        rig.director.ip(&["addr", "del", &format!("{VIP_V4}/32"), "dev", "eth0"])?;
+        rig.director.ip(&["addr", "del", &format!("{VIP_V6}/128"), "dev", "eth0"])?;
+        let ns = Netns::new(&format!("{prefix}-dir2"))?;
+        rig.wire(&ns, "vd2", 20)?;
+        let pass = rig.switch.enter(|| lb_userspace::xdp::attach_pass("vd2"))??;
+        Ok((rig, SecondDirector { _peer_pass: pass, ns }))
     }
 
     /// Connects `ns` to the bridge: `eth0` inside, `peer` on the bridge, host number `host`.
@@ -532,6 +548,13 @@ impl Rig {
             let _ = child.wait();
         }
     }
+}
+
+/// The second director of [`Rig::up_pair`].
+pub struct SecondDirector {
+    /// `xdp_pass` on its bridge port (see [`Rig::up`]).
+    _peer_pass: aya::Ebpf,
+    pub ns: Netns,
 }
 
 impl Drop for Rig {

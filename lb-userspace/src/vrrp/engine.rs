@@ -460,7 +460,11 @@ impl Engine {
                 VrrpState::Backup if due(self.inst[i].down_at) => {
                     self.inst[i].want_master = true;
                     if self.group_can_go_master(i) {
-                        info!(instance = %self.inst[i].p.name, "no advert from a master within the master-down interval");
+                        let inst = &self.inst[i];
+                        match inst.master {
+                            Some(m) => info!(instance = %inst.p.name, master = %m, "no advert from the master within the master-down interval"),
+                            None => info!(instance = %inst.p.name, "no master heard within the master-down interval (or Skew_Time after a priority-0 advert)"),
+                        }
                         self.become_master(now, i, &mut out);
                         self.group_follow_master(now, i, &mut out);
                     } else {
@@ -554,6 +558,7 @@ impl Engine {
             VrrpState::Backup => {
                 if adv.priority == 0 {
                     // The master is leaving: take over after Skew_Time only.
+                    info!(instance = %inst.p.name, peer = %src, skew = ?inst.skew(), "the master is stopping (priority-0 advert): taking over after Skew_Time unless another master speaks");
                     inst.down_at = Some(now + inst.skew());
                     inst.master = None;
                     inst.master_priority = None;
