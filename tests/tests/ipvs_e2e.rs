@@ -170,6 +170,50 @@ fn nat() -> Result<()> {
 }
 
 #[test]
+fn ipvs_health_check_failure_removes_the_backend() {
+    vm_test(&test_path(module_path!(), "ipvs_health_check_failure_removes_the_backend"), || {
+        health_check().unwrap()
+    })
+}
+
+/// The same checks and bound as the XDP mode's (`tests/tests/health_e2e.rs`): every 500 ms, 300 ms
+/// timeout, no retries, fall = rise = 2: acted on within `fall × interval + timeout + 1 s`.
+fn health_check() -> Result<()> {
+    use std::time::{Duration, Instant};
+    const BOUND: Duration = Duration::from_millis(2 * 500 + 300 + 1000);
+    let check = r#"health_check = { kind = "http", path = "/healthz", interval = "500ms", timeout = "300ms", rise = 2, fall = 2, retries = 0 }"#;
+    let mut rig = Rig::up("ipv4", 3)?;
+    std::fs::write(&rig.config, config(&rig, "ipvs", &format!("scheduler = \"rr\"\n{check}")))?;
+    rig.start_lbd()?;
+    let be2 = format!("-> {}:80 Route 1", backend_v4(1));
+    assert!(ipvsadm(&rig)?.contains(&be2), "{}", ipvsadm(&rig)?);
+
+    let wait = |present: bool| -> Result<()> {
+        let start = Instant::now();
+        while ipvsadm(&rig)?.contains(&be2) != present {
+            if start.elapsed() > BOUND {
+                bail!("be2 still {} IPVS after {BOUND:?}:\n{}\n{}", if present { "missing from" } else { "in" }, ipvsadm(&rig)?, rig.lbd_log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
+    rig.stop_nginx(1)?;
+    wait(false)?;
+    let st = rig.status()?;
+    assert_eq!(st["virtual_servers"][0]["real_servers"][1]["state"], "down", "{st}");
+    // rr over the two left: every request answered, none by be2.
+    let counts = rig.http_batch(IpAddr::V4(VIP_V4), 40)?;
+    assert_eq!(counts, [("be1".to_string(), 20), ("be3".to_string(), 20)].into(), "{counts:?}");
+
+    rig.start_nginx(1)?;
+    wait(true)?;
+    let counts = rig.http_batch(IpAddr::V4(VIP_V4), 30)?;
+    assert!(counts.values().all(|&n| n == 10), "{counts:?}");
+    Ok(())
+}
+
+#[test]
 fn auto_mode_picks_native_xdp_on_the_host() -> Result<()> {
     if lb_tests::vm::in_vm() {
         return Ok(()); // this one is about the host

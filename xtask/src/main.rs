@@ -24,6 +24,10 @@ enum Cmd {
     Build {
         #[arg(long)]
         release: bool,
+        /// A statically linked release binary for any x86-64 Linux, old C libraries included
+        /// (musl): target/x86_64-unknown-linux-musl/release/lbd.
+        #[arg(long = "static")]
+        static_: bool,
     },
     /// Build, bring up the namespace rig with lbd (config/rig.toml), send requests and show which
     /// backend served how many; keeps the rig up until Ctrl-C.
@@ -83,11 +87,50 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask build --static`: lbd linked statically against musl, checked to need no dynamic
+/// loader and to run.
+fn build_static() -> Result<()> {
+    setup::setup()?;
+    setup::musl_target()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let target = setup::MUSL_TARGET;
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "--target", target, "-p", "lb-userspace", "--bin", "lbd"])
+        .env(format!("CC_{}", target.replace('-', "_")), "musl-gcc")
+        .current_dir(root())
+        .status()
+        .context("running cargo build --target musl")?;
+    if !status.success() {
+        bail!("the static build failed ({status})");
+    }
+    let bin = root().join("target").join(target).join("release/lbd");
+    let file = Command::new("file").arg(&bin).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let ldd = Command::new("ldd").arg(&bin).output().context("running ldd")?;
+    let ldd_text = String::from_utf8_lossy(&ldd.stdout).to_string() + &String::from_utf8_lossy(&ldd.stderr);
+    if !(ldd_text.contains("statically linked") || ldd_text.contains("not a dynamic executable")) {
+        bail!("{} is not statically linked: ldd says {}", bin.display(), ldd_text.trim());
+    }
+    let version = Command::new(&bin).arg("--version").output().context("running the static lbd")?;
+    if !version.status.success() {
+        bail!("{} --version failed", bin.display());
+    }
+    let size = std::fs::metadata(&bin)?.len();
+    println!(
+        "static: {} ({:.1} MB, {}): {}",
+        bin.display(),
+        size as f64 / 1e6,
+        file.ok().and_then(|f| f.split(", ").find(|p| p.contains("static")).map(str::to_string)).unwrap_or_else(|| "static".into()),
+        String::from_utf8_lossy(&version.stdout).trim()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Setup => setup::setup(),
-        Cmd::Build { release } => {
+        Cmd::Build { static_: true, .. } => build_static(),
+        Cmd::Build { release, .. } => {
             setup::setup()?;
             let mut args = vec!["build", "-p", "lb-userspace"];
             if release {

@@ -26,6 +26,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "keepalived",
     "nftables",
     "iputils-arping",
+    // `cargo xtask build --static`: musl-gcc for the C parts of the dependency tree.
+    "musl-tools",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -42,6 +44,24 @@ pub fn setup() -> Result<()> {
     apt()?;
     nightly_rust_src()?;
     bpf_linker()
+}
+
+/// The Rust target of the static build.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Adds the musl target to the stable toolchain (for `cargo xtask build --static`).
+pub fn musl_target() -> Result<()> {
+    let list = quiet(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if String::from_utf8_lossy(&list.stdout).lines().any(|l| l.trim() == MUSL_TARGET) {
+        report("rust target musl", "ok");
+        return Ok(());
+    }
+    report("rust target musl", &format!("adding {MUSL_TARGET}"));
+    let out = quiet(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
+    if !out.status.success() {
+        bail!("rustup target add {MUSL_TARGET} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
 }
 
 fn installed(pkg: &str) -> bool {

@@ -835,8 +835,8 @@ fn service_of(ctx: &Ctx<'_>, m: &GenlMsg) -> Result<Service, IpvsError> {
 
 fn set_recv_timeout(socket: &NlSocketHandle, timeout: Duration) -> io::Result<()> {
     let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        tv_sec: timeout.as_secs() as _,
+        tv_usec: timeout.subsec_micros() as _,
     };
     // SAFETY: a valid socket fd and a timeval that outlives the call, with its exact size.
     let rc = unsafe {
