@@ -682,7 +682,7 @@ fn section_fastpath(s: &mut String, fp: &FastPath) {
     );
     let _ = writeln!(
         s,
-        "| `bench_maps_hit`: only the kernel map lookups of a hit (hash, 20-byte key; LRU hash, 40-byte key) | {} ({}–{}), {}× |",
+        "| `bench_maps_hit`: only the kernel hash-map work of an IPv4 hit (LRU hash lookup, 16-byte key) | {} ({}–{}), {}× |",
         f1(fp.maps_hit.median),
         f1(fp.maps_hit.min),
         f1(fp.maps_hit.max),
@@ -690,7 +690,7 @@ fn section_fastpath(s: &mut String, fp: &FastPath) {
     );
     let _ = writeln!(
         s,
-        "| `bench_maps_new`: only the map work of a new flow (hash lookup, LRU miss, LRU insert) | {} ({}–{}), {}× |",
+        "| `bench_maps_new`: only the map work of an IPv4 new flow (LRU miss, 20-byte hash lookup, 16-byte LRU insert) | {} ({}–{}), {}× |",
         f1(fp.maps_new.median),
         f1(fp.maps_new.min),
         f1(fp.maps_new.max),

@@ -19,9 +19,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    map_names, reason, Backend, Counters, FlowKey, FlowValue, ReasonCounter, VipInfo, VipKey,
-    BACKEND_F_ALIVE, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROGRAM_NAME, PROTO_TCP, PROTO_UDP,
-    VIP_F_ENABLED,
+    addr_filter_bit, map_names, reason, Backend, Counters, FlowKey, FlowKey4, FlowValue, ReasonCounter,
+    VipInfo, VipKey, ADDR_FILTER_WORDS, BACKEND_F_ALIVE, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROGRAM_NAME,
+    PROTO_TCP, PROTO_UDP, VIP_F_ANY_PORT, VIP_F_ENABLED,
 };
 
 use crate::{
@@ -65,6 +65,7 @@ pub struct XdpOptions {
     pub table_size: u32,
     pub max_vips: u32,
     pub max_backends: u32,
+    /// Entries of each connection table: IPv4 and IPv6 flows have one each.
     pub conntrack_size: u32,
     /// aya-log level for the program's per-packet logs (0 = off, 1 error .. 5 trace). The
     /// verifier prunes every log statement above it.
@@ -112,7 +113,12 @@ pub struct XdpDataplane {
     vips_map: BpfHashMap<MapData, VipKey, VipInfo>,
     backends_map: Array<MapData, Backend>,
     tables_map: Array<MapData, u32>,
-    conntrack: BpfHashMap<MapData, FlowKey, FlowValue>,
+    vip_flags_map: Array<MapData, u32>,
+    addr_filter_map: Array<MapData, u32>,
+    /// What `ADDR_FILTER` holds.
+    addr_filter: Vec<u32>,
+    conntrack4: BpfHashMap<MapData, FlowKey4, FlowValue>,
+    conntrack6: BpfHashMap<MapData, FlowKey, FlowValue>,
     tx_ports: DevMapHash<MapData>,
     global_stats: PerCpuArray<MapData, ReasonCounter>,
     vip_stats: PerCpuArray<MapData, Counters>,
@@ -151,11 +157,13 @@ impl XdpDataplane {
             .override_global("TABLE_SIZE", &opts.table_size, true)
             .override_global(aya_log::LEVEL, &opts.log_level, false)
             .map_max_entries(map_names::VIPS, opts.max_vips)
+            .map_max_entries(map_names::VIP_FLAGS, opts.max_vips)
             .map_max_entries(map_names::VIP_STATS, opts.max_vips)
             .map_max_entries(map_names::BACKENDS, opts.max_backends)
             .map_max_entries(map_names::BACKEND_STATS, opts.max_backends)
             .map_max_entries(map_names::TABLES, tables_len)
-            .map_max_entries(map_names::CONNTRACK, opts.conntrack_size)
+            .map_max_entries(map_names::CONNTRACK4, opts.conntrack_size)
+            .map_max_entries(map_names::CONNTRACK6, opts.conntrack_size)
             .load(OBJECT)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
@@ -166,7 +174,11 @@ impl XdpDataplane {
             vips_map: take(&mut ebpf, map_names::VIPS)?,
             backends_map: take(&mut ebpf, map_names::BACKENDS)?,
             tables_map: take(&mut ebpf, map_names::TABLES)?,
-            conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
+            vip_flags_map: take(&mut ebpf, map_names::VIP_FLAGS)?,
+            addr_filter_map: take(&mut ebpf, map_names::ADDR_FILTER)?,
+            addr_filter: vec![0; ADDR_FILTER_WORDS as usize],
+            conntrack4: take(&mut ebpf, map_names::CONNTRACK4)?,
+            conntrack6: take(&mut ebpf, map_names::CONNTRACK6)?,
             tx_ports: take(&mut ebpf, map_names::TX_PORTS)?,
             global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
             vip_stats: take(&mut ebpf, map_names::VIP_STATS)?,
@@ -227,9 +239,28 @@ impl XdpDataplane {
         self.link.as_ref().map(|(_, iface)| iface.as_str())
     }
 
-    /// Number of entries in the connection table (walks the map: for status and tests).
+    /// Number of entries in the connection tables (walks the maps: for status and tests).
     pub fn conntrack_len(&self) -> usize {
-        self.conntrack.keys().filter(Result::is_ok).count()
+        self.conntrack4.keys().filter(Result::is_ok).count() + self.conntrack6.keys().filter(Result::is_ok).count()
+    }
+
+    /// Makes `ADDR_FILTER` hold the bits of `addrs` (only words that change are written). Bits
+    /// are set before the VIPs they stand for appear in `VIPS` and cleared after they left it,
+    /// so the filter never hides a VIP.
+    fn write_addr_filter<'a>(&mut self, addrs: impl Iterator<Item = &'a VipAddr>, keep_old: bool) -> Result<(), DataplaneError> {
+        let mut want = if keep_old { self.addr_filter.clone() } else { vec![0; ADDR_FILTER_WORDS as usize] };
+        for vip in addrs {
+            let (addr, family) = addr_words(vip.addr);
+            let bit = addr_filter_bit(&addr, family);
+            want[(bit / 32) as usize] |= 1 << (bit % 32);
+        }
+        for (i, (&w, have)) in want.iter().zip(self.addr_filter.iter_mut()).enumerate() {
+            if w != *have {
+                self.addr_filter_map.set(i as u32, w, 0).map_err(Self::map_err("writing the address filter"))?;
+                *have = w;
+            }
+        }
+        Ok(())
     }
 
     fn alloc_vip(&mut self) -> Result<(u32, [Vec<u32>; 2]), DataplaneError> {
@@ -291,6 +322,10 @@ impl XdpDataplane {
         }
         slot.enabled = enabled;
         let info = VipInfo { vip_id: slot.id, active: slot.active, flags: vip_flags(enabled), _pad: 0 };
+        let hit_flags = vip_flags(enabled) | if vip.port == 0 { VIP_F_ANY_PORT } else { 0 };
+        self.vip_flags_map
+            .set(slot.id, hit_flags, 0)
+            .map_err(Self::map_err(format!("flags of {vip}")))?;
         self.vips_map
             .insert(vip_key(vip), info, 0)
             .map_err(Self::map_err(format!("switching table of {vip}")))
@@ -376,6 +411,8 @@ impl Dataplane for XdpDataplane {
     fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
         // 1. VIPs that are gone stop matching first; their backends die with them.
         let wanted: std::collections::BTreeSet<VipAddr> = services.iter().map(|s| s.vip).collect();
+        // New addresses enter the filter before their VIPs do; old ones leave it at the end.
+        self.write_addr_filter(wanted.iter(), true)?;
         let gone: Vec<VipAddr> = self.vips.keys().filter(|v| !wanted.contains(v)).copied().collect();
         for vip in gone {
             match self.vips_map.remove(&vip_key(&vip)) {
@@ -456,6 +493,7 @@ impl Dataplane for XdpDataplane {
                 self.free_backend_ids.push(b.id);
             }
         }
+        self.write_addr_filter(wanted.iter(), false)?;
         Ok(())
     }
 
