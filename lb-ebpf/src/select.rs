@@ -35,7 +35,8 @@ pub fn find_vip(addr: [u32; 4], port: u16, proto: u8, family: u8) -> Option<VipI
 pub struct Choice {
     pub vip_id: u32,
     pub id: u32,
-    pub backend: Backend,
+    /// The `BACKENDS` element itself (no copy): valid for the whole run of the program.
+    pub backend: &'static Backend,
     /// The VIP forwards (`VIP_F_ENABLED`); always true for a choice from the lookup table.
     pub enabled: bool,
 }
@@ -59,7 +60,7 @@ pub fn established(ct: &FlowValue, addr: [u32; 4], port: u16, proto: u8, family:
             return None;
         }
     }
-    Some(Choice { vip_id: b.vip_id, id, backend: *b, enabled: flags & VIP_F_ENABLED != 0 })
+    Some(Choice { vip_id: b.vip_id, id, backend: b, enabled: flags & VIP_F_ENABLED != 0 })
 }
 
 /// The backend of `vip`'s live lookup table for a flow hashing to `hash`, or `None` when the VIP
@@ -78,5 +79,5 @@ pub fn from_table(vip: &VipInfo, hash: u32) -> Option<Choice> {
     if b.flags & BACKEND_F_ALIVE == 0 {
         return None;
     }
-    Some(Choice { vip_id: vip.vip_id, id, backend: *b, enabled: true })
+    Some(Choice { vip_id: vip.vip_id, id, backend: b, enabled: true })
 }
