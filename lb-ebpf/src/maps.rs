@@ -37,8 +37,12 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 
 /// Lookup tables: `max_vips * 2 * TABLE_SIZE` backend ids. VIP `v`, buffer `b` (0/1) occupies
 /// `[(2v + b) * M, (2v + b + 1) * M)`.
+/// Memory-mappable (`BPF_F_MMAPABLE`): the controller writes slots with plain stores.
 #[map(name = "TABLES")]
-pub static TABLES: Array<u32> = Array::with_max_entries(2 * DEFAULT_TABLE_SIZE, 0);
+pub static TABLES: Array<u32> = Array::with_max_entries(2 * DEFAULT_TABLE_SIZE, BPF_F_MMAPABLE);
+
+/// `BPF_F_MMAPABLE` (uapi/linux/bpf.h).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Connection tables, one per family: flows keep their backend while the lookup table changes
 /// under them. IPv4 has its own map for its 16-byte key (the kernel hashes and compares whole

@@ -26,7 +26,7 @@ use lb_common::{
 
 use crate::{
     config::Protocol,
-    dataplane::{BackendStats, Dataplane, DataplaneError, DataplaneStats, ServiceSpec, Traffic, VipAddr},
+    dataplane::{BackendSpec, BackendStats, Dataplane, DataplaneError, DataplaneStats, ServiceSpec, Traffic, VipAddr},
     maglev::{Maglev, MaglevBackend},
 };
 
@@ -86,6 +86,8 @@ pub enum LoadError {
     Map { name: &'static str, source: aya::maps::MapError },
     #[error("{0}")]
     Table(#[from] crate::maglev::MaglevError),
+    #[error("mapping the TABLES map into memory: {0}")]
+    Mmap(std::io::Error),
     #[error("attaching XDP to {iface} in {mode} mode failed: {source}{hint}")]
     Attach { iface: String, mode: &'static str, hint: &'static str, source: aya::programs::ProgramError },
 }
@@ -99,6 +101,72 @@ struct VipSlot {
     enabled: bool,
     /// A table has been made live at least once (until then the VIP is not in `VIPS`).
     installed: bool,
+    /// The backends last applied (an unchanged service is skipped) and the Maglev members its
+    /// live table was built from (an unchanged member set is not rebuilt).
+    applied: Vec<BackendSpec>,
+    members: Vec<MaglevBackend>,
+    /// Keys of the backends programmed for this VIP (entries of `XdpDataplane::backends`).
+    backend_keys: std::collections::BTreeSet<String>,
+}
+
+/// `TABLES` mapped into this process: the map is `BPF_F_MMAPABLE`, so slots are written with
+/// plain stores rather than one `bpf()` call each (the first install of 100 VIPs made 6.5 million
+/// of them). The kernel lays array elements out 8 bytes apart (value sizes round up to 8). The
+/// stores only ever go to a VIP's idle buffer; the `VIPS` update that flips to it is a system
+/// call, which orders them before the flip.
+struct MappedTables {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    entries: u32,
+}
+
+// SAFETY: the mapping is plain shared memory, written only through `&mut XdpDataplane`.
+unsafe impl Send for MappedTables {}
+unsafe impl Sync for MappedTables {}
+
+const TABLE_ELEM_SIZE: usize = 8;
+
+impl MappedTables {
+    fn new(ebpf: &mut Ebpf, entries: u32) -> Result<Self, LoadError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let name = map_names::TABLES;
+        let map = ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
+        let aya::maps::Map::Array(data) = map else {
+            return Err(LoadError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } });
+        };
+        let len = entries as usize * TABLE_ELEM_SIZE;
+        // SAFETY: maps a BPF array (created BPF_F_MMAPABLE) shared; checked for failure below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(LoadError::Mmap(std::io::Error::last_os_error()));
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or(LoadError::Mmap(std::io::Error::other("null mapping")))?;
+        Ok(Self { ptr, len, entries })
+    }
+
+    /// Sets slot `index` (over all VIPs' buffers).
+    fn set(&self, index: u32, value: u32) {
+        assert!(index < self.entries, "table slot {index} out of range");
+        // SAFETY: inside the mapping (checked above), 8-byte aligned (page-aligned base).
+        let slot = unsafe { &*(self.ptr.as_ptr().add(index as usize * TABLE_ELEM_SIZE) as *const std::sync::atomic::AtomicU32) };
+        slot.store(value, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for MappedTables {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what `new` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
 }
 
 struct BackendSlot {
@@ -112,7 +180,9 @@ pub struct XdpDataplane {
     maglev: Maglev,
     vips_map: BpfHashMap<MapData, VipKey, VipInfo>,
     backends_map: Array<MapData, Backend>,
-    tables_map: Array<MapData, u32>,
+    /// `TABLES`, kept open; written through `tables`.
+    _tables_map: Array<MapData, u32>,
+    tables: MappedTables,
     vip_flags_map: Array<MapData, u32>,
     addr_filter_map: Array<MapData, u32>,
     /// What `ADDR_FILTER` holds.
@@ -173,7 +243,8 @@ impl XdpDataplane {
         Ok(Self {
             vips_map: take(&mut ebpf, map_names::VIPS)?,
             backends_map: take(&mut ebpf, map_names::BACKENDS)?,
-            tables_map: take(&mut ebpf, map_names::TABLES)?,
+            tables: MappedTables::new(&mut ebpf, tables_len)?,
+            _tables_map: take(&mut ebpf, map_names::TABLES)?,
             vip_flags_map: take(&mut ebpf, map_names::VIP_FLAGS)?,
             addr_filter_map: take(&mut ebpf, map_names::ADDR_FILTER)?,
             addr_filter: vec![0; ADDR_FILTER_WORDS as usize],
@@ -310,9 +381,7 @@ impl XdpDataplane {
             let base = (slot.id * 2 + idle) * m;
             for (i, (&new, old)) in table.iter().zip(slot.tables[idle as usize].iter_mut()).enumerate() {
                 if new != *old {
-                    self.tables_map
-                        .set(base + i as u32, new, 0)
-                        .map_err(Self::map_err(format!("writing table of {vip}")))?;
+                    self.tables.set(base + i as u32, new);
                     *old = new;
                 }
             }
@@ -321,8 +390,14 @@ impl XdpDataplane {
             slot.installed = true;
         }
         slot.enabled = enabled;
-        let info = VipInfo { vip_id: slot.id, active: slot.active, flags: vip_flags(enabled), _pad: 0 };
-        let hit_flags = vip_flags(enabled) | if vip.port == 0 { VIP_F_ANY_PORT } else { 0 };
+        self.write_vip(vip)
+    }
+
+    /// Writes `vip`'s flags (`VIP_FLAGS`) and its `VIPS` entry (live table, flags).
+    fn write_vip(&mut self, vip: &VipAddr) -> Result<(), DataplaneError> {
+        let slot = &self.vips[vip];
+        let info = VipInfo { vip_id: slot.id, active: slot.active, flags: vip_flags(slot.enabled), _pad: 0 };
+        let hit_flags = vip_flags(slot.enabled) | if vip.port == 0 { VIP_F_ANY_PORT } else { 0 };
         self.vip_flags_map
             .set(slot.id, hit_flags, 0)
             .map_err(Self::map_err(format!("flags of {vip}")))?;
@@ -421,8 +496,8 @@ impl Dataplane for XdpDataplane {
             }
             let slot = self.vips.remove(&vip).expect("listed");
             self.free_vip_ids.push((slot.id, slot.tables));
-            let keys: Vec<_> = self.backends.keys().filter(|(v, _)| *v == vip).cloned().collect();
-            for key in keys {
+            for backend_key in slot.backend_keys {
+                let key = (vip, backend_key);
                 let b = self.backends.remove(&key).expect("listed");
                 self.write_backend(b.id, Backend::default(), &key.1)?;
                 self.free_backend_ids.push(b.id);
@@ -435,10 +510,29 @@ impl Dataplane for XdpDataplane {
                 let (id, tables) = self.alloc_vip()?;
                 Self::zero_counters(&mut self.vip_stats, id)?;
                 let last_flip = Instant::now() - FLIP_GRACE;
-                let slot = VipSlot { id, active: 1, tables, last_flip, enabled: svc.enabled, installed: false };
+                let slot = VipSlot {
+                    id,
+                    active: 1,
+                    tables,
+                    last_flip,
+                    enabled: svc.enabled,
+                    installed: false,
+                    applied: Vec::new(),
+                    members: Vec::new(),
+                    backend_keys: Default::default(),
+                };
                 self.vips.insert(svc.vip, slot);
             }
-            let vip_id = self.vips[&svc.vip].id;
+            let slot = &self.vips[&svc.vip];
+            let vip_id = slot.id;
+            if slot.installed && slot.applied == svc.backends {
+                // Same backends as last time: nothing to rebuild or rewrite, maybe the flag.
+                if slot.enabled != svc.enabled {
+                    self.vips.get_mut(&svc.vip).expect("allocated").enabled = svc.enabled;
+                    self.write_vip(&svc.vip)?;
+                }
+                continue;
+            }
 
             // 3. Backends: new ones get an id and a fresh generation; changed ones are rewritten.
             let mut members = Vec::new();
@@ -469,6 +563,7 @@ impl Dataplane for XdpDataplane {
                 if self.backends.get(&key).map(|s| s.entry) != Some(entry) {
                     self.write_backend(id, entry, &key.1)?;
                     self.backends.insert(key.clone(), BackendSlot { id, entry });
+                    self.vips.get_mut(&svc.vip).expect("allocated").backend_keys.insert(key.1.clone());
                 }
                 if b.ifindex != 0 {
                     self.ensure_tx_port(b.ifindex)?;
@@ -478,16 +573,28 @@ impl Dataplane for XdpDataplane {
                 }
             }
 
-            // 4. The new table, then the atomic flip (also carries the enabled flag).
-            let table = self.maglev.build(&members).map_err(|e| DataplaneError::Other(format!("{}: {e}", svc.vip)))?;
+            // 4. The new table (unless the members are unchanged), then the atomic flip (also
+            //    carries the enabled flag).
+            let slot = &self.vips[&svc.vip];
+            let table = if slot.installed && slot.members == members {
+                slot.tables[slot.active as usize].clone()
+            } else {
+                self.maglev.build(&members).map_err(|e| DataplaneError::Other(format!("{}: {e}", svc.vip)))?
+            };
             self.install(&svc.vip, table, svc.enabled)?;
 
             // 5. Backends no longer configured: only now that no table references them, mark them
             //    dead so their flows are re-chosen on the next packet.
             let keep: std::collections::HashSet<String> = svc.backends.iter().map(|b| b.key()).collect();
-            let dropped: Vec<_> =
-                self.backends.keys().filter(|(v, k)| *v == svc.vip && !keep.contains(k)).cloned().collect();
-            for key in dropped {
+            let slot = self.vips.get_mut(&svc.vip).expect("allocated");
+            let dropped: Vec<String> = slot.backend_keys.iter().filter(|k| !keep.contains(*k)).cloned().collect();
+            for k in &dropped {
+                slot.backend_keys.remove(k);
+            }
+            slot.members = members;
+            slot.applied = svc.backends.clone();
+            for backend_key in dropped {
+                let key = (svc.vip, backend_key);
                 let b = self.backends.remove(&key).expect("listed");
                 self.write_backend(b.id, Backend::default(), &key.1)?;
                 self.free_backend_ids.push(b.id);
