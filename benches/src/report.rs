@@ -884,8 +884,9 @@ fn section_control(s: &mut String, ctl: &Control) {
     let _ = writeln!(
         s,
         "The whole desired state goes in (as the daemon does on a reload); one backend is removed from (or put back \
-         into) the changed VIPs; `apply` rebuilds every VIP's table, rewrites the slots that changed in the idle \
-         buffer and flips each changed VIP with one map update. Changes are spaced past the 20 ms flip grace, so no \
+         into) the changed VIPs; `apply` skips the VIPs whose backends did not change, rebuilds the changed VIPs' \
+         tables, stores the slots that changed into the idle buffer (`TABLES` is memory-mapped) and flips each \
+         changed VIP with one map update. Changes are spaced past the 20 ms flip grace, so no \
          wait is included.\n"
     );
     let _ = writeln!(s, "| VIPs | VIPs changed | backends per VIP | ms per apply (median) | min | max | first install of all VIPs |\n|---|---|---|---|---|---|---|");
