@@ -99,6 +99,21 @@ pub fn builds(p: &Params, progress: &mut Progress) -> Result<Vec<BuildTime>> {
     Ok(out)
 }
 
+/// Builds the M = 65537 table for `n` weighted backends in a loop for `secs` seconds (for perf).
+pub fn profile_builds(n: usize, secs: f64) -> Result<()> {
+    let maglev = Maglev::new(65537)?;
+    let backends = members(n);
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while start.elapsed().as_secs_f64() < secs {
+        let t = Instant::now();
+        std::hint::black_box(maglev.build(&backends)?);
+        samples.push(ms(t.elapsed()));
+    }
+    eprintln!("{} builds, median {:.3} ms", samples.len(), Summary::of(&samples).median);
+    Ok(())
+}
+
 /// Must run inside a private network namespace (the dataplane adds ifindex 1 to its devmap).
 pub fn applies(p: &Params, progress: &mut Progress) -> Result<Vec<ApplyTime>> {
     let mut out = Vec::new();

@@ -157,10 +157,10 @@ pub struct FastPath {
     pub swap_mac: Summary,
     /// `bench_vary` + tail call to `bench_tx`: what the varied method subtracts.
     pub vary_floor: Summary,
-    /// `bench_maps_hit`: only the kernel map lookups of a connection-table hit (20-byte hash key,
-    /// 40-byte LRU key), both hitting.
+    /// `bench_maps_hit`: only the kernel hash-map work of an IPv4 connection-table hit (16-byte
+    /// LRU key, hitting).
     pub maps_hit: Summary,
-    /// `bench_maps_new`: only the map work of a new flow (hash lookup, LRU miss, LRU insert).
+    /// `bench_maps_new`: only the map work of an IPv4 new flow (LRU miss, hash lookup, LRU insert).
     pub maps_new: Summary,
     /// `bench_maps_new_pcpu`: the same with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`).
     pub maps_new_pcpu: Summary,

@@ -7,6 +7,7 @@
 //! ```text
 //! lb-bench [--quick] [--out DIR]        the benchmark (default DIR: target/bench)
 //! lb-bench profile CASE SECONDS         loop one per-packet case (for perf / bpftool)
+//! lb-bench profile-maglev N SECONDS     loop Maglev builds, M = 65537, N weighted backends
 //! ```
 
 mod control;
@@ -123,6 +124,12 @@ fn pktgen() -> String {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("profile-maglev") {
+        // `lb-bench profile-maglev N SECONDS`: Maglev builds (M = 65537) in a loop, for perf.
+        let n: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+        let secs: f64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(10.0);
+        return control::profile_builds(n, secs);
+    }
     require_root()?;
     if args.first().map(String::as_str) == Some("profile") {
         let case = args.get(1).context("usage: lb-bench profile CASE SECONDS")?.clone();

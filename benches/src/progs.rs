@@ -7,7 +7,7 @@ use aya::{
     programs::{ProgramFd, Xdp, XdpMode},
     Ebpf,
 };
-use lb_common::{reason, FlowKey, FlowValue, ReasonCounter, VipInfo, VipKey};
+use lb_common::{reason, FlowKey4, FlowValue, ReasonCounter, VipInfo, VipKey};
 use lb_userspace::xdp::{XdpDataplane, AUX_OBJECT};
 
 pub const XDP_PASS: u32 = 2;
@@ -110,10 +110,10 @@ impl Aux {
             },
             0,
         )?;
-        let mut lru: aya::maps::HashMap<&mut MapData, FlowKey, FlowValue> =
+        let mut lru: aya::maps::HashMap<&mut MapData, FlowKey4, FlowValue> =
             aya::maps::HashMap::try_from(self.ebpf.map_mut("BENCH_LRU").context("BENCH_LRU")?)?;
         lru.insert(
-            FlowKey::default(),
+            FlowKey4::default(),
             FlowValue {
                 backend: 1,
                 generation: 1,

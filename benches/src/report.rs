@@ -700,7 +700,7 @@ fn section_fastpath(s: &mut String, fp: &FastPath) {
     );
     let _ = writeln!(
         s,
-        "| `bench_maps_hit`: only the kernel map lookups of a hit (hash, 20-byte key; LRU hash, 40-byte key) | {} ({}–{}), {}× |",
+        "| `bench_maps_hit`: only the kernel hash-map work of an IPv4 hit (LRU hash lookup, 16-byte key) | {} ({}–{}), {}× |",
         f1(fp.maps_hit.median),
         f1(fp.maps_hit.min),
         f1(fp.maps_hit.max),
@@ -708,7 +708,7 @@ fn section_fastpath(s: &mut String, fp: &FastPath) {
     );
     let _ = writeln!(
         s,
-        "| `bench_maps_new`: only the map work of a new flow (hash lookup, LRU miss, LRU insert) | {} ({}–{}), {}× |",
+        "| `bench_maps_new`: only the map work of an IPv4 new flow (LRU miss, 20-byte hash lookup, 16-byte LRU insert) | {} ({}–{}), {}× |",
         f1(fp.maps_new.median),
         f1(fp.maps_new.min),
         f1(fp.maps_new.max),
@@ -902,8 +902,9 @@ fn section_control(s: &mut String, ctl: &Control) {
     let _ = writeln!(
         s,
         "The whole desired state goes in (as the daemon does on a reload); one backend is removed from (or put back \
-         into) the changed VIPs; `apply` rebuilds every VIP's table, rewrites the slots that changed in the idle \
-         buffer and flips each changed VIP with one map update. Changes are spaced past the 20 ms flip grace, so no \
+         into) the changed VIPs; `apply` skips the VIPs whose backends did not change, rebuilds the changed VIPs' \
+         tables, stores the slots that changed into the idle buffer (`TABLES` is memory-mapped) and flips each \
+         changed VIP with one map update. Changes are spaced past the 20 ms flip grace, so no \
          wait is included.\n"
     );
     let _ = writeln!(s, "| VIPs | VIPs changed | backends per VIP | ms per apply (median) | min | max | first install of all VIPs |\n|---|---|---|---|---|---|---|");

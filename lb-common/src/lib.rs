@@ -10,7 +10,10 @@ pub mod map_names {
     pub const VIPS: &str = "VIPS";
     pub const BACKENDS: &str = "BACKENDS";
     pub const TABLES: &str = "TABLES";
-    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const CONNTRACK4: &str = "CONNTRACK4";
+    pub const CONNTRACK6: &str = "CONNTRACK6";
+    pub const VIP_FLAGS: &str = "VIP_FLAGS";
+    pub const ADDR_FILTER: &str = "ADDR_FILTER";
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const VIP_STATS: &str = "VIP_STATS";
@@ -75,6 +78,36 @@ const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
 
 /// Forward this VIP's traffic. Cleared on a backup director (VRRP), which then passes nothing on.
 pub const VIP_F_ENABLED: u32 = 1;
+/// The VIP has port 0 (every port of its address). In `VIP_FLAGS` only: a connection-table hit
+/// on such a VIP checks that no port-specific VIP has since taken the flow's port.
+pub const VIP_F_ANY_PORT: u32 = 2;
+
+/// Words (u32) of the `ADDR_FILTER` array: a bitmap of `ADDR_FILTER_WORDS * 32` bits, one set
+/// for every VIP address (see [`addr_filter_bit`]). A clear bit proves "not a VIP address" with
+/// one array read; a set bit may be a collision, and the `VIPS` lookup decides.
+pub const ADDR_FILTER_WORDS: u32 = 1024;
+const ADDR_FILTER_SHIFT: u32 = 32 - 15; // 2^15 bits = 1024 words
+const _: () = assert!(ADDR_FILTER_WORDS * 32 == 1 << (32 - ADDR_FILTER_SHIFT));
+
+/// Bit of an IPv4 address (BE bytes read as a host u32, like `FlowKey4::dst`) in `ADDR_FILTER`:
+/// word `bit / 32`, bit `bit % 32` of that word. Multiplicative (Fibonacci) hashing.
+#[inline(always)]
+pub fn addr_filter_bit_v4(addr: u32) -> u32 {
+    addr.wrapping_mul(0x9e37_79b1) >> ADDR_FILTER_SHIFT
+}
+
+/// Bit of an IPv6 address (four words as in `FlowKey::dst`) in `ADDR_FILTER`.
+#[inline(always)]
+pub fn addr_filter_bit_v6(addr: &[u32; 4]) -> u32 {
+    let folded = addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24);
+    addr_filter_bit_v4(folded ^ 0x6666_6666)
+}
+
+/// Bit of an address as stored in `VipKey::addr` with its family.
+#[inline(always)]
+pub fn addr_filter_bit(addr: &[u32; 4], family: u8) -> u32 {
+    if family == FAMILY_V4 { addr_filter_bit_v4(addr[0]) } else { addr_filter_bit_v6(addr) }
+}
 
 /// Value of the `BACKENDS` array, indexed by backend id.
 #[repr(C)]
@@ -100,7 +133,31 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 28);
 /// The backend exists and may keep its established flows (it may still have weight 0).
 pub const BACKEND_F_ALIVE: u32 = 1;
 
-/// Key of the `CONNTRACK` LRU hash: one direction of a flow as the director sees it.
+/// Key of the `CONNTRACK4` LRU hash: one direction of an IPv4 flow as the director sees it.
+/// 16 bytes rather than `FlowKey`'s 40: the kernel hashes and compares whole keys, so IPv4 flows
+/// cost less with their own map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey4 {
+    /// Source address, BE.
+    pub src: u32,
+    /// Destination address, BE.
+    pub dst: u32,
+    /// Source port, BE.
+    pub sport: u16,
+    /// Destination port, BE.
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Padding, zero. Two fields rather than `[u8; 3]`, which the BPF target zeroes with a
+    /// byte-loop `memset` call.
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey4>() == 16);
+
+/// Key of the `CONNTRACK6` LRU hash (IPv6 flows; IPv4 ones use [`FlowKey4`]), and the input of
+/// [`flow_hash`] for both families: one direction of a flow as the director sees it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
@@ -120,7 +177,7 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
-/// Value of the `CONNTRACK` LRU hash.
+/// Value of the `CONNTRACK4` and `CONNTRACK6` LRU hashes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
@@ -199,13 +256,24 @@ const _: () = assert!(core::mem::size_of::<ReasonCounter>() == 16);
 /// ports are hashed exactly as they sit in `FlowKey` (BE bytes read as host-order u32).
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey) -> u32 {
-    let mut a: u32 = 0xdead_beef ^ (key.proto as u32);
+    flow_hash_parts(key.proto, key.sport, key.dport, &key.src, &key.dst)
+}
+
+/// [`flow_hash`] of the `FlowKey` an IPv4 flow would have (addresses in word 0, the rest zero).
+#[inline(always)]
+pub fn flow_hash_v4(key: &FlowKey4) -> u32 {
+    flow_hash_parts(key.proto, key.sport, key.dport, &[key.src, 0, 0, 0], &[key.dst, 0, 0, 0])
+}
+
+#[inline(always)]
+fn flow_hash_parts(proto: u8, sport: u16, dport: u16, src: &[u32; 4], dst: &[u32; 4]) -> u32 {
+    let mut a: u32 = 0xdead_beef ^ (proto as u32);
     let mut b: u32 = 0x9e37_79b9;
-    let mut c: u32 = (key.sport as u32) << 16 | key.dport as u32;
+    let mut c: u32 = (sport as u32) << 16 | dport as u32;
     let mut i = 0;
     while i < 4 {
-        a = a.wrapping_add(key.src[i]);
-        b = b.wrapping_add(key.dst[i]);
+        a = a.wrapping_add(src[i]);
+        b = b.wrapping_add(dst[i]);
         jhash_final(&mut a, &mut b, &mut c);
         i += 1;
     }
@@ -237,7 +305,47 @@ mod pod {
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowKey4 {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for ReasonCounter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_hash_v4_is_flow_hash_of_the_long_key() {
+        for i in 0u32..1000 {
+            let k4 = FlowKey4 {
+                src: i.wrapping_mul(0x0101_0301),
+                dst: 0x0102_a8c0 ^ i,
+                sport: (i as u16).wrapping_mul(7),
+                dport: 80u16.to_be(),
+                proto: if i % 2 == 0 { PROTO_TCP } else { PROTO_UDP },
+                _pad0: 0,
+                _pad1: 0,
+            };
+            let k = FlowKey {
+                src: [k4.src, 0, 0, 0],
+                dst: [k4.dst, 0, 0, 0],
+                sport: k4.sport,
+                dport: k4.dport,
+                proto: k4.proto,
+                family: FAMILY_V4,
+                _pad: [0; 2],
+            };
+            assert_eq!(flow_hash_v4(&k4), flow_hash(&k));
+        }
+    }
+
+    #[test]
+    fn addr_filter_bits_are_in_range() {
+        for i in 0u32..100_000 {
+            let w = i.wrapping_mul(0x9e37_79b9);
+            assert!(addr_filter_bit_v4(w) < ADDR_FILTER_WORDS * 32);
+            assert!(addr_filter_bit_v6(&[w, !w, i, 7]) < ADDR_FILTER_WORDS * 32);
+        }
+    }
 }

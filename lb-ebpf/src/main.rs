@@ -1,6 +1,11 @@
 //! lbd's XDP fast path: find the VIP, pick a backend (connection table, then Maglev table),
 //! rewrite the destination MAC and transmit (DSR). Everything that is not VIP traffic passes to the
 //! kernel untouched. The entry point is thin: its verdict is the value of `process`.
+//!
+//! Order of work, cheapest rejection first: Ethernet and IP addresses; the address filter (one
+//! array read: most non-VIP traffic stops here); ports; the family's connection table (a hit
+//! needs no `VIPS` lookup); and only for a new flow `VIPS`, the flow hash, the lookup table and
+//! the connection insert.
 #![no_std]
 #![no_main]
 
@@ -12,8 +17,13 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
-use lb_common::{reason, VIP_F_ENABLED};
+use lb_common::{
+    addr_filter_bit_v4, addr_filter_bit_v6, flow_hash, flow_hash_v4, reason, FlowKey, FlowKey4,
+    FlowValue, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_ENABLED,
+};
+use maps::{CONNTRACK4, CONNTRACK6};
 use parse::Parsed;
+use select::Choice;
 
 #[xdp]
 pub fn lbd_xdp(ctx: XdpContext) -> u32 {
@@ -26,31 +36,122 @@ pub fn lbd_xdp(ctx: XdpContext) -> u32 {
 /// Returns the verdict and the reason it is counted under.
 #[inline(always)]
 fn process(ctx: &XdpContext) -> (u32, u32) {
-    let pkt = match parse::parse(ctx) {
-        Parsed::NotIp => return (xdp_action::XDP_PASS, reason::NOT_IP),
-        Parsed::Malformed => return (xdp_action::XDP_PASS, reason::MALFORMED),
-        Parsed::Ip(p) => p,
+    match parse::parse(ctx) {
+        Parsed::NotIp => (xdp_action::XDP_PASS, reason::NOT_IP),
+        Parsed::Malformed => (xdp_action::XDP_PASS, reason::MALFORMED),
+        Parsed::V4(ip) => v4(ctx, &ip),
+        Parsed::V6(ip) => v6(ctx, &ip),
+    }
+}
+
+const NOT_VIP: (u32, u32) = (xdp_action::XDP_PASS, reason::NOT_VIP);
+const MALFORMED: (u32, u32) = (xdp_action::XDP_PASS, reason::MALFORMED);
+
+#[inline(always)]
+fn v4(ctx: &XdpContext, ip: &parse::Ip4) -> (u32, u32) {
+    if !select::maybe_vip(addr_filter_bit_v4(ip.dst)) {
+        return NOT_VIP;
+    }
+    let l4 = ip.proto == PROTO_TCP || ip.proto == PROTO_UDP;
+    let (sport, dport) = if l4 && !ip.later_fragment {
+        match parse::ports(ctx, ip.l4) {
+            Some(p) => p,
+            None => return MALFORMED,
+        }
+    } else {
+        (0, 0)
     };
-    // Only TCP/UDP VIPs exist, so ICMP, ESP, ... to a VIP address miss here and pass, as does a
-    // later fragment (no ports) unless its address has a port-0 VIP.
-    let Some(vip) = select::find_vip(&pkt.flow) else {
-        return (xdp_action::XDP_PASS, reason::NOT_VIP);
+    let key = FlowKey4 { src: ip.src, dst: ip.dst, sport, dport, proto: ip.proto, _pad0: 0, _pad1: 0 };
+    let addr = [ip.dst, 0, 0, 0];
+    if l4 && !ip.fragment {
+        // SAFETY: plain-data values.
+        if let Some(ct) = unsafe { CONNTRACK4.get(&key) } {
+            if let Some(c) = select::established(ct, addr, dport, ip.proto, FAMILY_V4) {
+                return forward(ctx, &c, false);
+            }
+            // The backend was removed (or its id recycled): choose again.
+        }
+    }
+    let choice = match new_flow(addr, dport, ip.proto, FAMILY_V4, ip.fragment, || flow_hash_v4(&key)) {
+        Ok(c) => c,
+        Err(verdict) => return verdict,
+    };
+    let value = FlowValue { backend: choice.id, generation: choice.backend.generation };
+    let _ = CONNTRACK4.insert(&key, &value, 0);
+    forward(ctx, &choice, true)
+}
+
+#[inline(always)]
+fn v6(ctx: &XdpContext, ip: &parse::Ip6) -> (u32, u32) {
+    if !select::maybe_vip(addr_filter_bit_v6(&ip.dst)) {
+        return NOT_VIP;
+    }
+    let Some(t) = parse::v6_transport(ctx, ip) else {
+        return MALFORMED;
+    };
+    let l4 = t.proto == PROTO_TCP || t.proto == PROTO_UDP;
+    let (sport, dport) = if l4 && !t.later_fragment {
+        match parse::ports(ctx, t.l4) {
+            Some(p) => p,
+            None => return MALFORMED,
+        }
+    } else {
+        (0, 0)
+    };
+    let key = FlowKey { src: ip.src, dst: ip.dst, sport, dport, proto: t.proto, family: FAMILY_V6, _pad: [0; 2] };
+    if l4 && !t.fragment {
+        // SAFETY: plain-data values.
+        if let Some(ct) = unsafe { CONNTRACK6.get(&key) } {
+            if let Some(c) = select::established(ct, ip.dst, dport, t.proto, FAMILY_V6) {
+                return forward(ctx, &c, false);
+            }
+        }
+    }
+    let choice = match new_flow(ip.dst, dport, t.proto, FAMILY_V6, t.fragment, || flow_hash(&key)) {
+        Ok(c) => c,
+        Err(verdict) => return verdict,
+    };
+    let value = FlowValue { backend: choice.id, generation: choice.backend.generation };
+    let _ = CONNTRACK6.insert(&key, &value, 0);
+    forward(ctx, &choice, true)
+}
+
+/// A flow without a (valid) connection entry: its VIP and a backend from the VIP's lookup table,
+/// or the verdict if there is none. Only TCP/UDP VIPs exist, so ICMP, ESP, ... to a VIP address
+/// miss here and pass, as does a later fragment (no ports) unless its address has a port-0 VIP.
+#[inline(always)]
+fn new_flow(
+    addr: [u32; 4],
+    dport: u16,
+    proto: u8,
+    family: u8,
+    fragment: bool,
+    hash: impl FnOnce() -> u32,
+) -> Result<Choice, (u32, u32)> {
+    let Some(vip) = select::find_vip(addr, dport, proto, family) else {
+        return Err(NOT_VIP);
     };
     if vip.flags & VIP_F_ENABLED == 0 {
         // A backup director never forwards (and, dropping, never lets its kernel answer either).
+        return Err((xdp_action::XDP_DROP, reason::VIP_DISABLED));
+    }
+    if fragment {
+        return Err((xdp_action::XDP_DROP, reason::FRAGMENT));
+    }
+    select::from_table(&vip, hash()).ok_or((xdp_action::XDP_DROP, reason::NO_BACKEND))
+}
+
+/// Counts and forwards a packet to `choice` (dropping it if the VIP is disabled).
+#[inline(always)]
+fn forward(ctx: &XdpContext, choice: &Choice, new_flow: bool) -> (u32, u32) {
+    if !choice.enabled {
         return (xdp_action::XDP_DROP, reason::VIP_DISABLED);
     }
-    if pkt.fragment {
-        return (xdp_action::XDP_DROP, reason::FRAGMENT);
-    }
-    let Some(choice) = select::choose(&vip, &pkt.flow) else {
-        return (xdp_action::XDP_DROP, reason::NO_BACKEND);
-    };
-    debug!(ctx, "vip {} -> backend {} new={}", vip.vip_id, choice.id, choice.new_flow as u8);
+    debug!(ctx, "vip {} -> backend {} new={}", choice.vip_id, choice.id, new_flow as u8);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    stats::count_forward(vip.vip_id, choice.id, bytes, choice.new_flow);
-    match rewrite::forward(ctx, &choice.backend) {
-        Ok(verdict) if choice.new_flow => (verdict, reason::NEW_FLOW),
+    stats::count_forward(choice.vip_id, choice.id, bytes, new_flow);
+    match rewrite::forward(ctx, choice.backend) {
+        Ok(verdict) if new_flow => (verdict, reason::NEW_FLOW),
         Ok(verdict) => (verdict, reason::CONNTRACK_HIT),
         Err(()) => (xdp_action::XDP_ABORTED, reason::REDIRECT_FAILED),
     }

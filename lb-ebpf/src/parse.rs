@@ -12,10 +12,13 @@
 //!   later fragments carry no ports, so they only match port-0 VIPs (dropped the same way) and are
 //!   otherwise passed to the kernel, whose reassembly never completes without the first one.
 //! - Anything truncated or inconsistent is `Malformed` and passed to the kernel unchanged.
+//! - Parsing stops at the addresses (`parse`) until the address filter has said the destination
+//!   may be a VIP; only then are IPv6 extension headers walked (`v6_transport`) and ports read
+//!   (`ports`). Non-VIP traffic therefore costs no L4 work, and a truncated L4 header to a
+//!   non-VIP address counts as `not-vip` rather than `malformed` (both pass).
 
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
-use lb_common::{FlowKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -29,21 +32,47 @@ const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_DEST: u8 = 60;
 
-/// What the parser found.
+/// What the parser found (up to the IP addresses).
 pub enum Parsed {
     /// Not IPv4 or IPv6 (ARP, LLDP, ...).
     NotIp,
     /// Truncated or inconsistent headers.
     Malformed,
-    /// An IP packet; `flow` has addresses and protocol, and ports for TCP/UDP that is not a later
-    /// fragment (zero otherwise).
-    Ip(IpPacket),
+    V4(Ip4),
+    V6(Ip6),
 }
 
-pub struct IpPacket {
-    pub flow: FlowKey,
+/// An IPv4 header's fields lbd needs.
+pub struct Ip4 {
+    /// Addresses, BE bytes read as host u32s.
+    pub src: u32,
+    pub dst: u32,
+    pub proto: u8,
+    /// Offset of the transport header (after any options).
+    pub l4: usize,
     /// Any fragment, first or later.
     pub fragment: bool,
+    /// A later fragment (offset != 0): it carries no transport header.
+    pub later_fragment: bool,
+}
+
+/// An IPv6 header's fields lbd needs; extension headers are walked by `v6_transport`.
+pub struct Ip6 {
+    /// Addresses, four BE words each.
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// The fixed header's next header.
+    pub next: u8,
+    /// Offset right after the fixed header.
+    pub after: usize,
+}
+
+/// Where IPv6's transport header is, after the extension headers.
+pub struct Transport6 {
+    pub proto: u8,
+    pub l4: usize,
+    pub fragment: bool,
+    pub later_fragment: bool,
 }
 
 /// Reads a `T` at `off` bytes into the packet, bounds-checked for the verifier.
@@ -111,24 +140,15 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Parsed {
         return Parsed::Malformed;
     }
     let frag = u16::from_be(h[3]);
-    let more_fragments = frag & 0x2000 != 0;
-    let offset = frag & 0x1fff;
-    let proto = h[4].to_ne_bytes()[1];
-    let mut flow = FlowKey {
-        src: [word(h[6], h[7]), 0, 0, 0],
-        dst: [word(h[8], h[9]), 0, 0, 0],
-        proto,
-        family: FAMILY_V4,
-        ..FlowKey::default()
-    };
-    let fragment = more_fragments || offset != 0;
-    if offset != 0 || (proto != PROTO_TCP && proto != PROTO_UDP) {
-        return Parsed::Ip(IpPacket { flow, fragment });
-    }
-    match ports(ctx, l3 + ihl, &mut flow) {
-        true => Parsed::Ip(IpPacket { flow, fragment }),
-        false => Parsed::Malformed,
-    }
+    let later_fragment = frag & 0x1fff != 0;
+    Parsed::V4(Ip4 {
+        src: word(h[6], h[7]),
+        dst: word(h[8], h[9]),
+        proto: h[4].to_ne_bytes()[1],
+        l4: l3 + ihl,
+        fragment: frag & 0x3fff != 0,
+        later_fragment,
+    })
 }
 
 #[inline(always)]
@@ -139,59 +159,45 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Parsed {
     if h[0].to_ne_bytes()[0] >> 4 != 6 {
         return Parsed::Malformed;
     }
-    let mut next = h[3].to_ne_bytes()[0];
-    let mut flow = FlowKey {
+    Parsed::V6(Ip6 {
         src: [word(h[4], h[5]), word(h[6], h[7]), word(h[8], h[9]), word(h[10], h[11])],
         dst: [word(h[12], h[13]), word(h[14], h[15]), word(h[16], h[17]), word(h[18], h[19])],
-        family: FAMILY_V6,
-        ..FlowKey::default()
-    };
-    let mut l4 = l3 + IPV6_HLEN;
+        next: h[3].to_ne_bytes()[0],
+        after: l3 + IPV6_HLEN,
+    })
+}
+
+/// Walks IPv6 extension headers from `ip.after`; `None` if they are truncated.
+#[inline(always)]
+pub fn v6_transport(ctx: &XdpContext, ip: &Ip6) -> Option<Transport6> {
+    let mut next = ip.next;
+    let mut l4 = ip.after;
     let mut fragment = false;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let Some([nh, len]) = load::<[u8; 2]>(ctx, l4) else {
-                    return Parsed::Malformed;
-                };
+                let [nh, len] = load::<[u8; 2]>(ctx, l4)?;
                 next = nh;
                 l4 += (len as usize + 1) * 8;
             }
             NEXTHDR_FRAGMENT => {
-                let Some(frag) = load::<[u8; 4]>(ctx, l4) else {
-                    return Parsed::Malformed;
-                };
+                let frag = load::<[u8; 4]>(ctx, l4)?;
                 fragment = true;
                 next = frag[0];
                 let offset = u16::from_be_bytes([frag[2], frag[3]]) >> 3;
                 if offset != 0 {
-                    flow.proto = next;
-                    return Parsed::Ip(IpPacket { flow, fragment });
+                    return Some(Transport6 { proto: next, l4, fragment, later_fragment: true });
                 }
                 l4 += 8;
             }
             _ => break,
         }
     }
-    flow.proto = next;
-    if next != PROTO_TCP && next != PROTO_UDP {
-        return Parsed::Ip(IpPacket { flow, fragment });
-    }
-    match ports(ctx, l4, &mut flow) {
-        true => Parsed::Ip(IpPacket { flow, fragment }),
-        false => Parsed::Malformed,
-    }
+    Some(Transport6 { proto: next, l4, fragment, later_fragment: false })
 }
 
-/// Fills source and destination port (both BE) from the first 4 bytes of TCP/UDP.
+/// Source and destination port (both BE) from the first 4 bytes of TCP/UDP at `l4`.
 #[inline(always)]
-fn ports(ctx: &XdpContext, l4: usize, flow: &mut FlowKey) -> bool {
-    match load::<[u16; 2]>(ctx, l4) {
-        Some([sport, dport]) => {
-            flow.sport = sport;
-            flow.dport = dport;
-            true
-        }
-        None => false,
-    }
+pub fn ports(ctx: &XdpContext, l4: usize) -> Option<(u16, u16)> {
+    load::<[u16; 2]>(ctx, l4).map(|[sport, dport]| (sport, dport))
 }

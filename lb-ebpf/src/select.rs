@@ -1,15 +1,26 @@
-//! VIP lookup and backend selection: connection table first, then the VIP's live Maglev table.
+//! VIP lookup and backend selection: the address filter, connection-table hits, and the VIP's
+//! live Maglev table for new flows.
 
-use crate::maps::{BACKENDS, CONNTRACK, TABLES, TABLE_SIZE, VIPS};
+use crate::maps::{ADDR_FILTER, BACKENDS, TABLES, TABLE_SIZE, VIPS, VIP_FLAGS};
 use lb_common::{
-    flow_hash, Backend, FlowKey, FlowValue, VipInfo, VipKey, BACKEND_F_ALIVE, NO_BACKEND,
+    Backend, FlowValue, VipInfo, VipKey, BACKEND_F_ALIVE, NO_BACKEND, VIP_F_ANY_PORT,
+    VIP_F_ENABLED,
 };
+
+/// Whether some VIP may have the address whose filter bit is `bit` (false: certainly none).
+#[inline(always)]
+pub fn maybe_vip(bit: u32) -> bool {
+    match ADDR_FILTER.get(bit >> 5) {
+        Some(word) => *word & (1 << (bit & 31)) != 0,
+        None => true,
+    }
+}
 
 /// The VIP a flow is addressed to: exact (address, port, protocol) first, then the address's
 /// port-0 ("every port") VIP.
 #[inline(always)]
-pub fn find_vip(flow: &FlowKey) -> Option<VipInfo> {
-    let mut key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, family: flow.family };
+pub fn find_vip(addr: [u32; 4], port: u16, proto: u8, family: u8) -> Option<VipInfo> {
+    let mut key = VipKey { addr, port, proto, family };
     // SAFETY: values are plain data; a concurrent update replaces the element under RCU.
     if let Some(v) = unsafe { VIPS.get(&key) } {
         return Some(*v);
@@ -22,28 +33,43 @@ pub fn find_vip(flow: &FlowKey) -> Option<VipInfo> {
 }
 
 pub struct Choice {
+    pub vip_id: u32,
     pub id: u32,
-    pub backend: Backend,
-    /// Chosen from the lookup table (a new flow, or one whose backend went away).
-    pub new_flow: bool,
+    /// The `BACKENDS` element itself (no copy): valid for the whole run of the program.
+    pub backend: &'static Backend,
+    /// The VIP forwards (`VIP_F_ENABLED`); always true for a choice from the lookup table.
+    pub enabled: bool,
 }
 
-/// Picks the backend for `flow` of `vip`, or `None` when the VIP has no usable backend.
+/// A connection-table entry's backend, if the entry still holds: the backend is alive and is the
+/// one the entry was made for (same generation, so same VIP: backends never change VIP, and
+/// removing a VIP kills its backends). The VIP then still exists, so `VIPS` is not consulted,
+/// except for a port-0 VIP: a port-specific VIP added since on the flow's port takes the flow.
 #[inline(always)]
-pub fn choose(vip: &VipInfo, flow: &FlowKey) -> Option<Choice> {
-    // SAFETY: plain-data values.
-    if let Some(ct) = unsafe { CONNTRACK.get(flow) } {
-        let id = ct.backend;
-        if let Some(b) = BACKENDS.get(id) {
-            if b.flags & BACKEND_F_ALIVE != 0 && b.generation == ct.generation && b.vip_id == vip.vip_id {
-                return Some(Choice { id, backend: *b, new_flow: false });
-            }
-        }
-        // The backend was removed (or its id recycled): fall through and choose again.
+pub fn established(ct: &FlowValue, addr: [u32; 4], port: u16, proto: u8, family: u8) -> Option<Choice> {
+    let id = ct.backend;
+    let b = BACKENDS.get(id)?;
+    if b.flags & BACKEND_F_ALIVE == 0 || b.generation != ct.generation {
+        return None;
     }
+    let flags = *VIP_FLAGS.get(b.vip_id)?;
+    if flags & VIP_F_ANY_PORT != 0 && port != 0 {
+        let key = VipKey { addr, port, proto, family };
+        // SAFETY: only tested for presence.
+        if unsafe { VIPS.get(&key) }.is_some() {
+            return None;
+        }
+    }
+    Some(Choice { vip_id: b.vip_id, id, backend: b, enabled: flags & VIP_F_ENABLED != 0 })
+}
+
+/// The backend of `vip`'s live lookup table for a flow hashing to `hash`, or `None` when the VIP
+/// has no usable backend.
+#[inline(always)]
+pub fn from_table(vip: &VipInfo, hash: u32) -> Option<Choice> {
     let m = TABLE_SIZE.load();
     // `checked_rem` keeps a panic path (division by zero) out of the program; M is never 0.
-    let offset = flow_hash(flow).checked_rem(m)?;
+    let offset = hash.checked_rem(m)?;
     let slot = (vip.vip_id * 2 + (vip.active & 1)) * m + offset;
     let id = *TABLES.get(slot)?;
     if id == NO_BACKEND {
@@ -53,6 +79,5 @@ pub fn choose(vip: &VipInfo, flow: &FlowKey) -> Option<Choice> {
     if b.flags & BACKEND_F_ALIVE == 0 {
         return None;
     }
-    let _ = CONNTRACK.insert(flow, &FlowValue { backend: id, generation: b.generation }, 0);
-    Some(Choice { id, backend: *b, new_flow: true })
+    Some(Choice { vip_id: vip.vip_id, id, backend: b, enabled: true })
 }

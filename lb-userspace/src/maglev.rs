@@ -320,10 +320,25 @@ impl Race {
         }
     }
 
+    /// Hints the CPU to fetch `best[slot]`, which an offer will soon read.
+    #[inline(always)]
+    fn prefetch(&self, slot: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(p) = self.best.get(slot) {
+            // SAFETY: a prefetch has no observable effect (and the address is valid anyway).
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                    (p as *const u64).cast(),
+                )
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = slot;
+    }
+
     /// Offers `key` to `slot`, which keeps the smaller of it and its current key.
     fn offer(&mut self, slot: usize, key: u64) {
-        self.best[slot] = self.best[slot].min(key);
-        self.pending[slot / 64] |= 1 << (slot % 64);
+        offer(&mut self.best, &mut self.pending, slot, key);
     }
 
     /// Ends a pass: settles the slots it filled.
@@ -371,6 +386,13 @@ impl Race {
             }
         }
     }
+}
+
+/// [`Race::offer`] on the race's fields, for loops that hold other fields borrowed.
+#[inline(always)]
+fn offer(best: &mut [u64], pending: &mut [u64], slot: usize, key: u64) {
+    best[slot] = best[slot].min(key);
+    pending[slot / 64] |= 1 << (slot % 64);
 }
 
 /// The inverse of `a` modulo the prime `m`, for `0 < a < m` (extended Euclid).
@@ -438,32 +460,97 @@ impl Walker {
         order_stats: &[f64],
         race: &mut Race,
     ) {
-        // Hot loop: apart from offers to unsettled slots, it only touches registers,
-        // `order_stats` in sequence and the small `settled` bitmap.
         let m = order_stats.len();
+        // Scores grow with k, so the positions within the cutoff are a prefix of the rest: find
+        // its end first (binary search on the same products the loop would compare), and the
+        // loop computes a score only for the slots it offers to.
+        let inv_weight = self.inv_weight;
+        let end = self.next + prefix_within(&order_stats[self.next..], |l| l * inv_weight <= cutoff);
         // `slot + skip` wraps exactly when `slot >= back`; deciding from `slot` alone keeps the
         // loop-carried dependency down to a compare and a conditional move.
         let back = m - self.skip;
+        let step = |slot: usize| if slot >= back { slot - back } else { slot + self.skip };
         let mut slot = self.slot;
-        let mut visited = 0;
-        for &l in &order_stats[self.next..] {
-            let score = self.score(l);
-            if score > cutoff {
-                break;
-            }
-            if !SKIP_SETTLED || race.settled[slot / 64] & (1 << (slot % 64)) == 0 {
-                race.offer(slot, slot_key(score, self.rank));
-            }
-            visited += 1;
-            slot = if slot >= back {
-                slot - back
-            } else {
-                slot + self.skip
+        if SKIP_SETTLED {
+            // Hot loop of the later passes: mostly settled slots, i.e. a bit test in the small
+            // `settled` bitmap (L1). Walking is a chain of dependent steps (compare, select,
+            // add: 3 cycles), so even and odd positions walk as two chains, each stepping by
+            // `2 * skip mod m`, which the CPU runs side by side.
+            let skip2 = if 2 * self.skip >= m { 2 * self.skip - m } else { 2 * self.skip };
+            let back2 = m - skip2;
+            let step2 = |slot: usize| if slot >= back2 { slot - back2 } else { slot + skip2 };
+            let rank = self.rank;
+            let Race { best, settled, pending, .. } = race;
+            let mut visit = |slot: usize, l: f64| {
+                if settled[slot / 64] & (1 << (slot % 64)) == 0 {
+                    offer(best, pending, slot, slot_key(l * inv_weight, rank));
+                }
             };
+            let mut even = slot;
+            let mut odd = step(slot);
+            let mut pairs = order_stats[self.next..end].chunks_exact(2);
+            for pair in &mut pairs {
+                visit(even, pair[0]);
+                visit(odd, pair[1]);
+                even = step2(even);
+                odd = step2(odd);
+            }
+            slot = match pairs.remainder() {
+                [l] => {
+                    visit(even, *l);
+                    odd
+                }
+                _ => even,
+            };
+        } else {
+            // Hot loop of the first pass: every visit reads and writes a random slot of `best`,
+            // which does not fit in L1/L2. The slots to come are known, so they are prefetched
+            // `PREFETCH` visits ahead: the loop is then bound by throughput, not memory latency.
+            const PREFETCH: usize = 12;
+            let mut ahead = slot;
+            for _ in 0..PREFETCH.min(end - self.next) {
+                ahead = step(ahead);
+            }
+            for &l in &order_stats[self.next..end] {
+                race.prefetch(ahead);
+                ahead = step(ahead);
+                race.offer(slot, slot_key(l * inv_weight, self.rank));
+                slot = step(slot);
+            }
         }
-        self.next += visited;
+        self.next = end;
         self.slot = slot;
     }
+}
+
+/// The length of the prefix of `values` whose elements satisfy `within` (which must hold for a
+/// prefix and fail after it). Galloping from the start, then bisecting: the prefixes asked for
+/// are short and `values` (the order statistics) is large, so this stays near the start, in
+/// cache, where a plain binary search would jump across the whole slice.
+fn prefix_within(values: &[f64], within: impl Fn(f64) -> bool) -> usize {
+    // Invariant: values[..lo] are within; values[hi..] are not (or hi = len).
+    let mut lo = 0;
+    let mut step = 1;
+    let mut hi = loop {
+        let probe = lo + step;
+        if probe > values.len() {
+            break values.len();
+        }
+        if !within(values[probe - 1]) {
+            break probe - 1;
+        }
+        lo = probe;
+        step *= 2;
+    };
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if within(values[mid]) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 /// The frozen 64-bit hash behind `h1` (seed [`OFFSET_SEED`]) and `h2` (seed [`SKIP_SEED`]).
@@ -550,6 +637,18 @@ mod tests {
         }
         let ties = best.iter().filter(|&&(_, _, ties)| ties > 0).count();
         (best.into_iter().map(|(_, id, _)| id).collect(), ties)
+    }
+
+    #[test]
+    fn prefix_within_is_partition_point() {
+        let values: Vec<f64> = (0..200).map(|i| f64::from(i / 3)).collect();
+        for len in 0..values.len() {
+            for t in -1..70 {
+                let t = f64::from(t);
+                let v = &values[..len];
+                assert_eq!(prefix_within(v, |x| x <= t), v.partition_point(|&x| x <= t), "len {len}, t {t}");
+            }
+        }
     }
 
     #[test]

@@ -19,14 +19,14 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    map_names, reason, Backend, Counters, FlowKey, FlowValue, ReasonCounter, VipInfo, VipKey,
-    BACKEND_F_ALIVE, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROGRAM_NAME, PROTO_TCP, PROTO_UDP,
-    VIP_F_ENABLED,
+    addr_filter_bit, map_names, reason, Backend, Counters, FlowKey, FlowKey4, FlowValue, ReasonCounter,
+    VipInfo, VipKey, ADDR_FILTER_WORDS, BACKEND_F_ALIVE, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROGRAM_NAME,
+    PROTO_TCP, PROTO_UDP, VIP_F_ANY_PORT, VIP_F_ENABLED,
 };
 
 use crate::{
     config::Protocol,
-    dataplane::{BackendStats, Dataplane, DataplaneError, DataplaneStats, ServiceSpec, Traffic, VipAddr},
+    dataplane::{BackendSpec, BackendStats, Dataplane, DataplaneError, DataplaneStats, ServiceSpec, Traffic, VipAddr},
     maglev::{Maglev, MaglevBackend},
 };
 
@@ -65,6 +65,7 @@ pub struct XdpOptions {
     pub table_size: u32,
     pub max_vips: u32,
     pub max_backends: u32,
+    /// Entries of each connection table: IPv4 and IPv6 flows have one each.
     pub conntrack_size: u32,
     /// aya-log level for the program's per-packet logs (0 = off, 1 error .. 5 trace). The
     /// verifier prunes every log statement above it.
@@ -85,6 +86,8 @@ pub enum LoadError {
     Map { name: &'static str, source: aya::maps::MapError },
     #[error("{0}")]
     Table(#[from] crate::maglev::MaglevError),
+    #[error("mapping the TABLES map into memory: {0}")]
+    Mmap(std::io::Error),
     #[error("attaching XDP to {iface} in {mode} mode failed: {source}{hint}")]
     Attach { iface: String, mode: &'static str, hint: &'static str, source: aya::programs::ProgramError },
 }
@@ -98,6 +101,72 @@ struct VipSlot {
     enabled: bool,
     /// A table has been made live at least once (until then the VIP is not in `VIPS`).
     installed: bool,
+    /// The backends last applied (an unchanged service is skipped) and the Maglev members its
+    /// live table was built from (an unchanged member set is not rebuilt).
+    applied: Vec<BackendSpec>,
+    members: Vec<MaglevBackend>,
+    /// Keys of the backends programmed for this VIP (entries of `XdpDataplane::backends`).
+    backend_keys: std::collections::BTreeSet<String>,
+}
+
+/// `TABLES` mapped into this process: the map is `BPF_F_MMAPABLE`, so slots are written with
+/// plain stores rather than one `bpf()` call each (the first install of 100 VIPs made 6.5 million
+/// of them). The kernel lays array elements out 8 bytes apart (value sizes round up to 8). The
+/// stores only ever go to a VIP's idle buffer; the `VIPS` update that flips to it is a system
+/// call, which orders them before the flip.
+struct MappedTables {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    entries: u32,
+}
+
+// SAFETY: the mapping is plain shared memory, written only through `&mut XdpDataplane`.
+unsafe impl Send for MappedTables {}
+unsafe impl Sync for MappedTables {}
+
+const TABLE_ELEM_SIZE: usize = 8;
+
+impl MappedTables {
+    fn new(ebpf: &mut Ebpf, entries: u32) -> Result<Self, LoadError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let name = map_names::TABLES;
+        let map = ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
+        let aya::maps::Map::Array(data) = map else {
+            return Err(LoadError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } });
+        };
+        let len = entries as usize * TABLE_ELEM_SIZE;
+        // SAFETY: maps a BPF array (created BPF_F_MMAPABLE) shared; checked for failure below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(LoadError::Mmap(std::io::Error::last_os_error()));
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or(LoadError::Mmap(std::io::Error::other("null mapping")))?;
+        Ok(Self { ptr, len, entries })
+    }
+
+    /// Sets slot `index` (over all VIPs' buffers).
+    fn set(&self, index: u32, value: u32) {
+        assert!(index < self.entries, "table slot {index} out of range");
+        // SAFETY: inside the mapping (checked above), 8-byte aligned (page-aligned base).
+        let slot = unsafe { &*(self.ptr.as_ptr().add(index as usize * TABLE_ELEM_SIZE) as *const std::sync::atomic::AtomicU32) };
+        slot.store(value, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for MappedTables {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what `new` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
 }
 
 struct BackendSlot {
@@ -111,8 +180,15 @@ pub struct XdpDataplane {
     maglev: Maglev,
     vips_map: BpfHashMap<MapData, VipKey, VipInfo>,
     backends_map: Array<MapData, Backend>,
-    tables_map: Array<MapData, u32>,
-    conntrack: BpfHashMap<MapData, FlowKey, FlowValue>,
+    /// `TABLES`, kept open; written through `tables`.
+    _tables_map: Array<MapData, u32>,
+    tables: MappedTables,
+    vip_flags_map: Array<MapData, u32>,
+    addr_filter_map: Array<MapData, u32>,
+    /// What `ADDR_FILTER` holds.
+    addr_filter: Vec<u32>,
+    conntrack4: BpfHashMap<MapData, FlowKey4, FlowValue>,
+    conntrack6: BpfHashMap<MapData, FlowKey, FlowValue>,
     tx_ports: DevMapHash<MapData>,
     global_stats: PerCpuArray<MapData, ReasonCounter>,
     vip_stats: PerCpuArray<MapData, Counters>,
@@ -151,11 +227,13 @@ impl XdpDataplane {
             .override_global("TABLE_SIZE", &opts.table_size, true)
             .override_global(aya_log::LEVEL, &opts.log_level, false)
             .map_max_entries(map_names::VIPS, opts.max_vips)
+            .map_max_entries(map_names::VIP_FLAGS, opts.max_vips)
             .map_max_entries(map_names::VIP_STATS, opts.max_vips)
             .map_max_entries(map_names::BACKENDS, opts.max_backends)
             .map_max_entries(map_names::BACKEND_STATS, opts.max_backends)
             .map_max_entries(map_names::TABLES, tables_len)
-            .map_max_entries(map_names::CONNTRACK, opts.conntrack_size)
+            .map_max_entries(map_names::CONNTRACK4, opts.conntrack_size)
+            .map_max_entries(map_names::CONNTRACK6, opts.conntrack_size)
             .load(OBJECT)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
@@ -165,8 +243,13 @@ impl XdpDataplane {
         Ok(Self {
             vips_map: take(&mut ebpf, map_names::VIPS)?,
             backends_map: take(&mut ebpf, map_names::BACKENDS)?,
-            tables_map: take(&mut ebpf, map_names::TABLES)?,
-            conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
+            tables: MappedTables::new(&mut ebpf, tables_len)?,
+            _tables_map: take(&mut ebpf, map_names::TABLES)?,
+            vip_flags_map: take(&mut ebpf, map_names::VIP_FLAGS)?,
+            addr_filter_map: take(&mut ebpf, map_names::ADDR_FILTER)?,
+            addr_filter: vec![0; ADDR_FILTER_WORDS as usize],
+            conntrack4: take(&mut ebpf, map_names::CONNTRACK4)?,
+            conntrack6: take(&mut ebpf, map_names::CONNTRACK6)?,
             tx_ports: take(&mut ebpf, map_names::TX_PORTS)?,
             global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
             vip_stats: take(&mut ebpf, map_names::VIP_STATS)?,
@@ -227,9 +310,28 @@ impl XdpDataplane {
         self.link.as_ref().map(|(_, iface)| iface.as_str())
     }
 
-    /// Number of entries in the connection table (walks the map: for status and tests).
+    /// Number of entries in the connection tables (walks the maps: for status and tests).
     pub fn conntrack_len(&self) -> usize {
-        self.conntrack.keys().filter(Result::is_ok).count()
+        self.conntrack4.keys().filter(Result::is_ok).count() + self.conntrack6.keys().filter(Result::is_ok).count()
+    }
+
+    /// Makes `ADDR_FILTER` hold the bits of `addrs` (only words that change are written). Bits
+    /// are set before the VIPs they stand for appear in `VIPS` and cleared after they left it,
+    /// so the filter never hides a VIP.
+    fn write_addr_filter<'a>(&mut self, addrs: impl Iterator<Item = &'a VipAddr>, keep_old: bool) -> Result<(), DataplaneError> {
+        let mut want = if keep_old { self.addr_filter.clone() } else { vec![0; ADDR_FILTER_WORDS as usize] };
+        for vip in addrs {
+            let (addr, family) = addr_words(vip.addr);
+            let bit = addr_filter_bit(&addr, family);
+            want[(bit / 32) as usize] |= 1 << (bit % 32);
+        }
+        for (i, (&w, have)) in want.iter().zip(self.addr_filter.iter_mut()).enumerate() {
+            if w != *have {
+                self.addr_filter_map.set(i as u32, w, 0).map_err(Self::map_err("writing the address filter"))?;
+                *have = w;
+            }
+        }
+        Ok(())
     }
 
     fn alloc_vip(&mut self) -> Result<(u32, [Vec<u32>; 2]), DataplaneError> {
@@ -279,9 +381,7 @@ impl XdpDataplane {
             let base = (slot.id * 2 + idle) * m;
             for (i, (&new, old)) in table.iter().zip(slot.tables[idle as usize].iter_mut()).enumerate() {
                 if new != *old {
-                    self.tables_map
-                        .set(base + i as u32, new, 0)
-                        .map_err(Self::map_err(format!("writing table of {vip}")))?;
+                    self.tables.set(base + i as u32, new);
                     *old = new;
                 }
             }
@@ -290,7 +390,17 @@ impl XdpDataplane {
             slot.installed = true;
         }
         slot.enabled = enabled;
-        let info = VipInfo { vip_id: slot.id, active: slot.active, flags: vip_flags(enabled), _pad: 0 };
+        self.write_vip(vip)
+    }
+
+    /// Writes `vip`'s flags (`VIP_FLAGS`) and its `VIPS` entry (live table, flags).
+    fn write_vip(&mut self, vip: &VipAddr) -> Result<(), DataplaneError> {
+        let slot = &self.vips[vip];
+        let info = VipInfo { vip_id: slot.id, active: slot.active, flags: vip_flags(slot.enabled), _pad: 0 };
+        let hit_flags = vip_flags(slot.enabled) | if vip.port == 0 { VIP_F_ANY_PORT } else { 0 };
+        self.vip_flags_map
+            .set(slot.id, hit_flags, 0)
+            .map_err(Self::map_err(format!("flags of {vip}")))?;
         self.vips_map
             .insert(vip_key(vip), info, 0)
             .map_err(Self::map_err(format!("switching table of {vip}")))
@@ -376,6 +486,8 @@ impl Dataplane for XdpDataplane {
     fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
         // 1. VIPs that are gone stop matching first; their backends die with them.
         let wanted: std::collections::BTreeSet<VipAddr> = services.iter().map(|s| s.vip).collect();
+        // New addresses enter the filter before their VIPs do; old ones leave it at the end.
+        self.write_addr_filter(wanted.iter(), true)?;
         let gone: Vec<VipAddr> = self.vips.keys().filter(|v| !wanted.contains(v)).copied().collect();
         for vip in gone {
             match self.vips_map.remove(&vip_key(&vip)) {
@@ -384,8 +496,8 @@ impl Dataplane for XdpDataplane {
             }
             let slot = self.vips.remove(&vip).expect("listed");
             self.free_vip_ids.push((slot.id, slot.tables));
-            let keys: Vec<_> = self.backends.keys().filter(|(v, _)| *v == vip).cloned().collect();
-            for key in keys {
+            for backend_key in slot.backend_keys {
+                let key = (vip, backend_key);
                 let b = self.backends.remove(&key).expect("listed");
                 self.write_backend(b.id, Backend::default(), &key.1)?;
                 self.free_backend_ids.push(b.id);
@@ -398,10 +510,29 @@ impl Dataplane for XdpDataplane {
                 let (id, tables) = self.alloc_vip()?;
                 Self::zero_counters(&mut self.vip_stats, id)?;
                 let last_flip = Instant::now() - FLIP_GRACE;
-                let slot = VipSlot { id, active: 1, tables, last_flip, enabled: svc.enabled, installed: false };
+                let slot = VipSlot {
+                    id,
+                    active: 1,
+                    tables,
+                    last_flip,
+                    enabled: svc.enabled,
+                    installed: false,
+                    applied: Vec::new(),
+                    members: Vec::new(),
+                    backend_keys: Default::default(),
+                };
                 self.vips.insert(svc.vip, slot);
             }
-            let vip_id = self.vips[&svc.vip].id;
+            let slot = &self.vips[&svc.vip];
+            let vip_id = slot.id;
+            if slot.installed && slot.applied == svc.backends {
+                // Same backends as last time: nothing to rebuild or rewrite, maybe the flag.
+                if slot.enabled != svc.enabled {
+                    self.vips.get_mut(&svc.vip).expect("allocated").enabled = svc.enabled;
+                    self.write_vip(&svc.vip)?;
+                }
+                continue;
+            }
 
             // 3. Backends: new ones get an id and a fresh generation; changed ones are rewritten.
             let mut members = Vec::new();
@@ -432,6 +563,7 @@ impl Dataplane for XdpDataplane {
                 if self.backends.get(&key).map(|s| s.entry) != Some(entry) {
                     self.write_backend(id, entry, &key.1)?;
                     self.backends.insert(key.clone(), BackendSlot { id, entry });
+                    self.vips.get_mut(&svc.vip).expect("allocated").backend_keys.insert(key.1.clone());
                 }
                 if b.ifindex != 0 {
                     self.ensure_tx_port(b.ifindex)?;
@@ -441,21 +573,34 @@ impl Dataplane for XdpDataplane {
                 }
             }
 
-            // 4. The new table, then the atomic flip (also carries the enabled flag).
-            let table = self.maglev.build(&members).map_err(|e| DataplaneError::Other(format!("{}: {e}", svc.vip)))?;
+            // 4. The new table (unless the members are unchanged), then the atomic flip (also
+            //    carries the enabled flag).
+            let slot = &self.vips[&svc.vip];
+            let table = if slot.installed && slot.members == members {
+                slot.tables[slot.active as usize].clone()
+            } else {
+                self.maglev.build(&members).map_err(|e| DataplaneError::Other(format!("{}: {e}", svc.vip)))?
+            };
             self.install(&svc.vip, table, svc.enabled)?;
 
             // 5. Backends no longer configured: only now that no table references them, mark them
             //    dead so their flows are re-chosen on the next packet.
             let keep: std::collections::HashSet<String> = svc.backends.iter().map(|b| b.key()).collect();
-            let dropped: Vec<_> =
-                self.backends.keys().filter(|(v, k)| *v == svc.vip && !keep.contains(k)).cloned().collect();
-            for key in dropped {
+            let slot = self.vips.get_mut(&svc.vip).expect("allocated");
+            let dropped: Vec<String> = slot.backend_keys.iter().filter(|k| !keep.contains(*k)).cloned().collect();
+            for k in &dropped {
+                slot.backend_keys.remove(k);
+            }
+            slot.members = members;
+            slot.applied = svc.backends.clone();
+            for backend_key in dropped {
+                let key = (svc.vip, backend_key);
                 let b = self.backends.remove(&key).expect("listed");
                 self.write_backend(b.id, Backend::default(), &key.1)?;
                 self.free_backend_ids.push(b.id);
             }
         }
+        self.write_addr_filter(wanted.iter(), false)?;
         Ok(())
     }
 

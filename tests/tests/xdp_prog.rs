@@ -252,3 +252,52 @@ fn choice_inner() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Connection-table hits skip the `VIPS` lookup, so they must still honour what it would say: a
+/// port-specific VIP added on a port-0 VIP's address takes that port's established flows, a
+/// disabled VIP drops its established flows, and a removed VIP's flows pass to the kernel.
+#[test]
+fn established_flows_follow_vip_changes() -> anyhow::Result<()> {
+    require_root()?;
+    let ns = Netns::new("lbdt-prog3")?;
+    ns.enter(established_inner)?
+}
+
+fn established_inner() -> anyhow::Result<()> {
+    let mut dp = load();
+    let any = svc(IpAddr::V4(VIP_ANY_PORT), 0, Protocol::Tcp, vec![backend(13, 0, BE_MAC[2], INGRESS)]);
+    let f = Flow4 { dst: VIP_ANY_PORT, ..flow(41000, 8080) };
+    let other = Flow4 { dport: 9090, ..f };
+    dp.apply(&[any.clone()])?;
+    for fl in [f, other] {
+        let (verdict, out) = run(&mut dp, &tcp4_syn(fl));
+        assert_eq!((verdict, &out[0..6]), (XDP_TX, &BE_MAC[2][..]), "new flow to the port-0 VIP");
+    }
+
+    // A port-8080 VIP on the same address: its port's established flow moves, the other stays.
+    let exact = svc(IpAddr::V4(VIP_ANY_PORT), 8080, Protocol::Tcp, vec![backend(14, 8080, BE_MAC[0], INGRESS)]);
+    dp.apply(&[any.clone(), exact.clone()])?;
+    let before = reason_packets(&dp, "new-flow");
+    let (verdict, out) = run(&mut dp, &tcp4_ack(f, b"x"));
+    assert_eq!((verdict, &out[0..6]), (XDP_TX, &BE_MAC[0][..]), "flow now belongs to the port VIP");
+    assert_eq!(reason_packets(&dp, "new-flow") - before, 1, "re-chosen from the port VIP's table");
+    let (verdict, out) = run(&mut dp, &tcp4_ack(other, b"x"));
+    assert_eq!((verdict, &out[0..6]), (XDP_TX, &BE_MAC[2][..]), "other port stays with the port-0 VIP");
+
+    // Disabled (VRRP backup): established flows are dropped, counted as vip-disabled.
+    let mut disabled = any.clone();
+    disabled.enabled = false;
+    dp.apply(&[disabled, exact.clone()])?;
+    let before = reason_packets(&dp, "vip-disabled");
+    let (verdict, _) = run(&mut dp, &tcp4_ack(other, b"x"));
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(reason_packets(&dp, "vip-disabled") - before, 1);
+
+    // Removed: the address keeps the port VIP, but port 9090 is no VIP any more.
+    dp.apply(&[exact])?;
+    let before = reason_packets(&dp, "not-vip");
+    let (verdict, out) = run(&mut dp, &tcp4_ack(other, b"x"));
+    assert_eq!((verdict, out), (XDP_PASS, tcp4_ack(other, b"x")), "removed VIP's flow passes untouched");
+    assert_eq!(reason_packets(&dp, "not-vip") - before, 1);
+    Ok(())
+}
