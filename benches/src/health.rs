@@ -19,7 +19,7 @@ use lb_userspace::{
     config::Config,
     daemon::{Controller, IfaceInfo},
     dataplane::DataplaneStats,
-    health::{HealthEvent, Scheduler, SchedulerOptions},
+    health::{Health, HealthEvent, Scheduler, SchedulerOptions},
     xdp::{XdpDataplane, XdpOptions},
 };
 use serde::Serialize;
@@ -134,8 +134,8 @@ fn totals(ctl: &Controller) -> (u64, u64) {
     for vs in &st.virtual_servers {
         for rs in &vs.real_servers {
             if let Some(h) = &rs.health {
-                checks += h.checks;
-                down += u64::from(h.state != "up");
+                checks += h.state.checks;
+                down += u64::from(h.state.state != Health::Up);
             }
         }
     }

@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::{Config, Director, Mode, Protocol, XdpMode},
     control::{self, BackendSelector, Request, Response},
-    dataplane::{BackendSpec, Dataplane, DataplaneStats, IpvsParams, ServiceSpec, VipAddr},
+    dataplane::{endpoint_key, BackendSpec, Dataplane, DataplaneStats, IpvsParams, ServiceSpec, VipAddr},
     health::{
         config::Via,
         state::{live_weight, table_weight},
@@ -172,25 +172,24 @@ impl Controller {
         out
     }
 
-    /// A real server's health: up, and its dynamic weight. Real servers without a check, and
-    /// every one before the checks start, are up.
-    fn health_of(&self, vip: VipAddr, rs: &crate::config::RealServer) -> (bool, Option<u32>) {
-        match (&self.health, &rs.health_check) {
-            (Some(scheduler), Some(_)) => scheduler.health(&check_key(vip, rs)).unwrap_or((true, None)),
-            _ => (true, None),
-        }
-    }
-
-    /// The real servers' table weights: `None` = out of the table (failed its check), `Some(0)`
-    /// = kept without new flows (drained, or failed with `inhibit_on_failure`).
+    /// The real servers' health (real servers without a check, and every one before the checks
+    /// start, are up) and table weights: `None` = out of the table (failed its check), `Some(0)`
+    /// = kept without new flows (drained, or failed with `inhibit_on_failure`). Runs on every
+    /// update: keys are only formatted where a check or a drain needs them.
     fn weights(&self, vs: &crate::config::VirtualServer) -> Vec<(bool, Option<u32>)> {
         let vip = VipAddr::of(vs);
+        let vip_key = self.health.as_ref().map(|_| vip.to_string());
         vs.real_servers
             .iter()
             .map(|rs| {
-                let (up, dynamic) = self.health_of(vip, rs);
+                let (up, dynamic) = match (&self.health, &vip_key, &rs.health_check) {
+                    (Some(scheduler), Some(vip_key), Some(_)) => scheduler
+                        .health(&CheckKey { vip_key: vip_key.clone(), real_server_key: rs_key(rs) })
+                        .unwrap_or((true, None)),
+                    _ => (true, None),
+                };
                 let weight = table_weight(up, rs.weight, dynamic, rs.inhibit_on_failure);
-                let drained = self.drained.contains(&(vip, rs_key(rs)));
+                let drained = !self.drained.is_empty() && self.drained.contains(&(vip, rs_key(rs)));
                 (up, weight.map(|w| if drained { 0 } else { w }))
             })
             .collect()
@@ -504,7 +503,7 @@ impl Controller {
                     sorry_server: vs.sorry_server.map(|sorry| {
                         let serving = self.serves_sorry(vs);
                         let iface = self.ifaces[&self.config.director.interface];
-                        let key = BackendSpec { addr: sorry.ip(), port: sorry.port(), weight: 1, mac: None, ifindex: 0, src_mac: [0; 6] }.key();
+                        let key = endpoint_key(sorry.ip(), sorry.port());
                         let st = stats.backends.get(&(svc.vip, key)).copied().unwrap_or_default();
                         RealServerStatus {
                             address: sorry.ip().to_string(),
@@ -570,10 +569,7 @@ fn check_key(vip: VipAddr, rs: &crate::config::RealServer) -> CheckKey {
 
 /// A real server's identity within its virtual server (also its Maglev key).
 fn rs_key(rs: &crate::config::RealServer) -> String {
-    match rs.address {
-        IpAddr::V4(a) => format!("{a}:{}", rs.port),
-        IpAddr::V6(a) => format!("[{a}]:{}", rs.port),
-    }
+    endpoint_key(rs.address, rs.port)
 }
 
 /// `NeighKey` with an order, so watch sets can be diffed deterministically.
@@ -1170,7 +1166,7 @@ mod tests {
         let st = ctl.status(&DataplaneStats::default());
         let rs = &st.virtual_servers[0].real_servers;
         assert_eq!((rs[0].state.as_str(), rs[0].weight), ("down", 0));
-        let h = rs[0].health.as_ref().unwrap();
+        let h = &rs[0].health.as_ref().unwrap().state;
         assert_eq!((h.state.as_str(), h.consecutive_fails, h.down_reason.as_deref()), ("down", 2, Some("connection refused")));
 
         // inhibit_on_failure: kept with weight 0. Live weight 1 < quorum 2: the sorry server alone.

@@ -70,11 +70,13 @@ pub struct BackendSpec {
 impl BackendSpec {
     /// Stable identity, also the Maglev key: identical on every director for the same config.
     pub fn key(&self) -> String {
-        match self.addr {
-            IpAddr::V4(a) => format!("{a}:{}", self.port),
-            IpAddr::V6(a) => format!("[{a}]:{}", self.port),
-        }
+        endpoint_key(self.addr, self.port)
     }
+}
+
+/// A real server's identity within its virtual server: `10.0.0.11:80`, `[fd00::11]:80`.
+pub fn endpoint_key(addr: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(addr, port).to_string()
 }
 
 /// Desired state of one VIP.

@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::health::{state::StateSnapshot, Health};
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub version: String,
@@ -84,47 +86,18 @@ pub struct RealServerStatus {
     pub health: Option<HealthStatus>,
 }
 
-/// A real server's health check for `lbd status`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+/// A real server's health check for `lbd status`: its kind and the check's state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct HealthStatus {
     /// `tcp`, `http`, ...
     pub kind: String,
-    /// "up" or "down".
-    pub state: String,
-    /// Seconds since the last change of state (or since the check started).
-    pub since_secs: f64,
-    pub consecutive_passes: u32,
-    pub consecutive_fails: u32,
-    /// The last result: passed, why, how long its last attempt took, how long ago.
-    pub last_ok: Option<bool>,
-    pub last_reason: Option<String>,
-    pub last_latency_ms: Option<f64>,
-    pub last_secs_ago: Option<f64>,
-    /// Why it went down, while it is down.
-    pub down_reason: Option<String>,
-    pub checks: u64,
+    #[serde(flatten)]
+    pub state: StateSnapshot,
 }
 
 impl From<crate::health::CheckStatus> for HealthStatus {
     fn from(c: crate::health::CheckStatus) -> Self {
-        let s = c.state;
-        HealthStatus {
-            kind: c.kind.to_string(),
-            state: match s.state {
-                crate::health::Health::Up => "up",
-                crate::health::Health::Down => "down",
-            }
-            .to_string(),
-            since_secs: s.since_secs,
-            consecutive_passes: s.consecutive_passes,
-            consecutive_fails: s.consecutive_fails,
-            last_ok: s.last_ok,
-            last_reason: s.last_reason,
-            last_latency_ms: s.last_latency_ms,
-            last_secs_ago: s.last_secs_ago,
-            down_reason: s.down_reason,
-            checks: s.checks,
-        }
+        HealthStatus { kind: c.kind.to_string(), state: c.state }
     }
 }
 
@@ -147,9 +120,10 @@ fn human_duration(secs: u64) -> String {
 }
 
 /// `check http up 2m05s: HTTP 200 in 0.4ms, 12 passes in a row`.
-fn check_line(h: &HealthStatus) -> String {
-    let mut line = format!("check {} {} {}", h.kind, h.state, human_duration(h.since_secs as u64));
-    if h.state == "down" {
+fn check_line(check: &HealthStatus) -> String {
+    let h = &check.state;
+    let mut line = format!("check {} {} {}", check.kind, h.state.as_str(), human_duration(h.since_secs as u64));
+    if h.state == Health::Down {
         if let Some(why) = &h.down_reason {
             let _ = write!(line, " ({why})");
         }

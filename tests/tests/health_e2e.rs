@@ -15,8 +15,6 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use lb_tests::rig::{backend_name, backend_v4, Answer, KeepAlive, Rig, HTTP_PORT, VIP_V4};
 
-const INTERVAL: Duration = Duration::from_millis(500);
-const TIMEOUT: Duration = Duration::from_millis(300);
 const RISE_FALL: u32 = 2;
 /// `fall × interval + timeout + 1 s` (the same for `rise`); the checks make no retries.
 const BOUND: Duration = Duration::from_millis(500 * RISE_FALL as u64 + 300 + 1000);
@@ -138,6 +136,8 @@ fn a_failed_backend_leaves_the_table_and_returns() -> Result<()> {
     let rs = real_server(&rig, 80, 1)?;
     assert_eq!(rs["health"]["down_reason"], "connection refused", "{rs}");
     std::thread::sleep(Duration::from_secs(2));
+    let (_, text, _) = rig.lbd_cli(&["status", "--socket", &rig.socket.display().to_string()])?;
+    println!("$ lbd status\n{text}");
 
     let restarted = Instant::now();
     rig.start_nginx(1)?;
@@ -252,14 +252,16 @@ fn only_a_vip_path_check_sees_a_backend_without_the_vip() -> Result<()> {
     let real = r#"health_check = { kind = "tcp", interval = "500ms", timeout = "300ms", rise = 2, fall = 2, retries = 0 }"#;
     let via_vip = r#"health_check = { kind = "tcp", port = 80, via = "vip", interval = "500ms", timeout = "300ms", rise = 2, fall = 2, retries = 0 }"#;
     let rig = start("hcv", &[(80, real, &[0, 1]), (0, via_vip, &[0, 1])])?;
-    let rs = real_server(&rig, 0, 1)?;
+    // The first probe may run before the real server's MAC is resolved ("MAC unresolved"): wait
+    // for a probe through the VIP path.
+    let syn_ack = format!("SYN-ACK from VIP {VIP_V4}:80");
     let deadline = Instant::now() + BOUND;
-    let mut rs_reason = rs["health"]["last_reason"].clone();
-    while rs_reason.is_null() && Instant::now() < deadline {
+    let mut rs_reason = real_server(&rig, 0, 1)?["health"]["last_reason"].clone();
+    while rs_reason != syn_ack.as_str() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
         rs_reason = real_server(&rig, 0, 1)?["health"]["last_reason"].clone();
     }
-    assert_eq!(rs_reason, format!("SYN-ACK from VIP {VIP_V4}:80").as_str());
+    assert_eq!(rs_reason, syn_ack.as_str());
 
     rig.backends[1].ip(&["addr", "del", &format!("{VIP_V4}/32"), "dev", "lo"])?;
     let took = wait_state(&rig, 0, 1, "down", BOUND)?;

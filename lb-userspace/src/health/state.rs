@@ -17,11 +17,21 @@ use serde::Serialize;
 use super::check::ProbeResult;
 
 /// A real server's health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     Up,
     Down,
+}
+
+impl Health {
+    /// `"up"` or `"down"`, as in `lbd status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+        }
+    }
 }
 
 /// A change the controller acts on.
@@ -64,7 +74,7 @@ pub struct CheckState {
 }
 
 /// A snapshot for `lbd status`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct StateSnapshot {
     pub state: Health,
     /// Seconds since the last change of state (or since the check started).
