@@ -133,10 +133,10 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 28);
 /// The backend exists and may keep its established flows (it may still have weight 0).
 pub const BACKEND_F_ALIVE: u32 = 1;
 
-/// Key of the `CONNTRACK4` LRU hash: one direction of an IPv4 flow as the director sees it.
-/// 16 bytes rather than `FlowKey`'s 40: the kernel hashes and compares whole keys, so IPv4 flows
-/// cost less with their own map.
-#[repr(C)]
+/// Key of the `CONNTRACK4` connection table: one direction of an IPv4 flow as the director sees
+/// it. 16 bytes rather than `FlowKey`'s 40, so IPv4 entries take 32 bytes; 8-byte aligned so the
+/// program compares it as two `u64` words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey4 {
     /// Source address, BE.
@@ -156,9 +156,10 @@ pub struct FlowKey4 {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey4>() == 16);
 
-/// Key of the `CONNTRACK6` LRU hash (IPv6 flows; IPv4 ones use [`FlowKey4`]), and the input of
-/// [`flow_hash`] for both families: one direction of a flow as the director sees it.
-#[repr(C)]
+/// Key of the `CONNTRACK6` connection table (IPv6 flows; IPv4 ones use [`FlowKey4`]), and the
+/// input of [`flow_hash`] for both families: one direction of a flow as the director sees it.
+/// 8-byte aligned so the program compares it as five `u64` words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     /// Source address, BE (IPv4 in `src[0]`).
@@ -177,7 +178,8 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
-/// Value of the `CONNTRACK4` and `CONNTRACK6` LRU hashes.
+/// A backend id and the generation it had: value of the benchmark's LRU hash baselines
+/// (`bench_maps_*`, the kernel map lbd's connection tables used to be).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
@@ -187,6 +189,142 @@ pub struct FlowValue {
     pub generation: u32,
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
+
+/// Ways (entries) per set of a connection table.
+pub const CT_WAYS: usize = 4;
+
+/// Sets of a connection table meant to hold `entries` flows: `entries / CT_WAYS` rounded up to a
+/// power of two (the set index is the top bits of [`CtKey::ct_hash`]), at least 2.
+pub const fn ct_sets(entries: u32) -> u32 {
+    let sets = entries.div_ceil(CT_WAYS as u32);
+    if sets <= 2 { 2 } else { sets.next_power_of_two() }
+}
+
+/// Shift that turns a [`CtKey::ct_hash`] into a set index for a table of `sets` sets (a power of
+/// two, 2..=2^31): `hash >> ct_shift(sets)`.
+pub const fn ct_shift(sets: u32) -> u32 {
+    32 - sets.trailing_zeros()
+}
+
+/// One entry of a connection table (`CONNTRACK4`: `CtEntry<FlowKey4>`, 32 bytes;
+/// `CONNTRACK6`: `CtEntry<FlowKey>`, 56 bytes).
+///
+/// The tables are arrays of [`CtSet`]s that the program reads and writes in place, shared by all
+/// CPUs. An entry is valid when `check` equals [`ct_check`] of its key's hash, backend and
+/// generation: an all-zero (never written) entry is not, and neither is one that two CPUs wrote
+/// at the same time and mixed, which then reads as a miss instead of sending the flow elsewhere.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry<K> {
+    pub key: K,
+    /// Backend id (host order).
+    pub backend: u32,
+    /// `Backend::generation` at creation (host order).
+    pub generation: u32,
+    /// [`ct_check`] (host order); 0 = empty.
+    pub check: u32,
+    /// Not-recently-used bit (host order): 1 after a hit. An insert into a full set replaces an
+    /// entry with 0 here; when all have 1, it replaces one and clears the set's bits. A new entry
+    /// starts at 0, so flows that never send a second packet (a SYN flood) are replaced before
+    /// established ones.
+    pub used: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtEntry<FlowKey4>>() == 32);
+const _: () = assert!(core::mem::size_of::<CtEntry<FlowKey>>() == 56);
+
+/// Value of the connection-table arrays: the [`CT_WAYS`] entries flows hashing to the set share.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtSet<K> {
+    pub ways: [CtEntry<K>; CT_WAYS],
+}
+const _: () = assert!(core::mem::size_of::<CtSet<FlowKey4>>() == 128);
+const _: () = assert!(core::mem::size_of::<CtSet<FlowKey>>() == 224);
+
+/// A connection table's key: compared as whole `u64` words, hashed with a per-load seed.
+pub trait CtKey: Copy + 'static {
+    /// Whether `self` and `other` are the same flow (every byte equal, padding included).
+    fn same(&self, other: &Self) -> bool;
+    /// The 32-bit hash whose top bits pick the set (seeded: flows cannot be chosen to collide
+    /// without knowing the seed). MurmurHash3's block and finalisation steps over the key's
+    /// words.
+    fn ct_hash(&self, seed: u32) -> u32;
+}
+
+/// Reads the `N` 8-byte words of a `repr(C, align(8))` key.
+#[inline(always)]
+fn key_words<K, const N: usize>(key: &K) -> &[u64; N] {
+    const { assert!(core::mem::size_of::<K>() == N * 8 && core::mem::align_of::<K>() == 8) };
+    // SAFETY: same size, alignment satisfied, every bit pattern is a valid u64, and the keys have
+    // no padding the compiler owns (every byte is a named field).
+    unsafe { &*(key as *const K as *const [u64; N]) }
+}
+
+impl CtKey for FlowKey4 {
+    #[inline(always)]
+    fn same(&self, other: &Self) -> bool {
+        let (a, b) = (key_words::<_, 2>(self), key_words::<_, 2>(other));
+        a[0] == b[0] && a[1] == b[1]
+    }
+
+    #[inline(always)]
+    fn ct_hash(&self, seed: u32) -> u32 {
+        let mut h = murmur_round(seed, self.src);
+        h = murmur_round(h, self.dst);
+        h = murmur_round(h, (self.sport as u32) << 16 | self.dport as u32);
+        murmur_final(h ^ (self.proto as u32) << 8)
+    }
+}
+
+impl CtKey for FlowKey {
+    #[inline(always)]
+    fn same(&self, other: &Self) -> bool {
+        let (a, b) = (key_words::<_, 5>(self), key_words::<_, 5>(other));
+        a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]
+    }
+
+    #[inline(always)]
+    fn ct_hash(&self, seed: u32) -> u32 {
+        let mut h = seed;
+        let mut i = 0;
+        while i < 4 {
+            h = murmur_round(h, self.src[i]);
+            h = murmur_round(h, self.dst[i]);
+            i += 1;
+        }
+        h = murmur_round(h, (self.sport as u32) << 16 | self.dport as u32);
+        murmur_final(h ^ (self.proto as u32) << 8 ^ self.family as u32)
+    }
+}
+
+#[inline(always)]
+fn murmur_round(h: u32, word: u32) -> u32 {
+    let k = word.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+fn murmur_final(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The `check` of an entry whose key hashes to `hash` (see [`CtEntry`]); never 0.
+#[inline(always)]
+pub fn ct_check(hash: u32, backend: u32, generation: u32) -> u32 {
+    ((hash ^ generation.wrapping_mul(0x9e37_79b1)).wrapping_add(backend.wrapping_mul(0x85eb_ca6b))) | 1
+}
+
+impl<K: CtKey> CtEntry<K> {
+    /// Whether the entry holds a flow (see [`CtEntry`]), given the table's seed.
+    #[inline(always)]
+    pub fn is_valid(&self, seed: u32) -> bool {
+        self.check != 0 && self.check == ct_check(self.key.ct_hash(seed), self.backend, self.generation)
+    }
+}
 
 /// Per-VIP and per-backend counters (values of per-CPU arrays; userspace sums the CPUs).
 #[repr(C)]
@@ -346,6 +484,87 @@ mod tests {
             let w = i.wrapping_mul(0x9e37_79b9);
             assert!(addr_filter_bit_v4(w) < ADDR_FILTER_WORDS * 32);
             assert!(addr_filter_bit_v6(&[w, !w, i, 7]) < ADDR_FILTER_WORDS * 32);
+        }
+    }
+
+    #[test]
+    fn conntrack_geometry() {
+        assert_eq!(ct_sets(1024), 256);
+        assert_eq!(ct_sets(262_144), 65_536);
+        assert_eq!(ct_sets(1000), 256, "rounded up to a power of two");
+        assert_eq!(ct_sets(1), 2);
+        assert_eq!(ct_shift(256), 24);
+        assert_eq!(ct_shift(2), 31);
+        for sets in [2u32, 256, 65_536, 1 << 30] {
+            assert_eq!(u32::MAX >> ct_shift(sets), sets - 1, "every hash indexes a set");
+        }
+    }
+
+    fn entry(src: u32, backend: u32, generation: u32, seed: u32) -> CtEntry<FlowKey4> {
+        let key = FlowKey4 { src, dst: 0x0a00_0001, sport: 1234, dport: 80u16.to_be(), proto: PROTO_TCP, _pad0: 0, _pad1: 0 };
+        CtEntry { key, backend, generation, check: ct_check(key.ct_hash(seed), backend, generation), used: 0 }
+    }
+
+    #[test]
+    fn conntrack_entries_validate_their_fields() {
+        let seed = 0x1234_5678;
+        assert!(!CtEntry::<FlowKey4>::default().is_valid(seed), "an empty entry is no flow");
+        assert!(!CtEntry::<FlowKey>::default().is_valid(seed));
+        for i in 0..10_000u32 {
+            let a = entry(i, i % 7, i / 7, seed);
+            let b = entry(i + 1, (i + 3) % 7, i / 7 + 1, seed);
+            assert!(a.is_valid(seed) && b.is_valid(seed));
+            assert!(!a.is_valid(seed ^ 1), "another load's seed");
+            // Two writers mixed: one's key (and check) with the other's backend, or the check
+            // of the other.
+            assert!(!CtEntry { backend: b.backend, generation: b.generation, ..a }.is_valid(seed), "{i}");
+            assert!(!CtEntry { check: b.check, ..a }.is_valid(seed), "{i}");
+            assert!(!CtEntry { key: b.key, ..a }.is_valid(seed), "{i}");
+        }
+    }
+
+    #[test]
+    fn conntrack_keys_compare_every_byte() {
+        let k = FlowKey4 { src: 1, dst: 2, sport: 3, dport: 4, proto: 6, _pad0: 0, _pad1: 0 };
+        assert!(k.same(&k));
+        for other in [FlowKey4 { src: 9, ..k }, FlowKey4 { dst: 9, ..k }, FlowKey4 { sport: 9, ..k }, FlowKey4 { dport: 9, ..k }, FlowKey4 { proto: 17, ..k }] {
+            assert!(!k.same(&other), "{other:?}");
+        }
+        let k6 = FlowKey { src: [1, 2, 3, 4], dst: [5, 6, 7, 8], sport: 9, dport: 10, proto: 6, family: FAMILY_V6, _pad: [0; 2] };
+        assert!(k6.same(&k6));
+        for w in 0..4 {
+            let mut other = k6;
+            other.src[w] ^= 1;
+            assert!(!k6.same(&other));
+            other = k6;
+            other.dst[w] ^= 1;
+            assert!(!k6.same(&other));
+        }
+        assert!(!k6.same(&FlowKey { proto: 17, ..k6 }));
+    }
+
+    /// Consecutive client ports from one address (what a busy client or a proxy sends) spread
+    /// over the sets about as a random hash would: no set far above the mean.
+    #[test]
+    fn conntrack_hash_spreads_consecutive_ports() {
+        let sets = 4096u32;
+        let shift = ct_shift(sets);
+        for seed in [0u32, 1, 0xdead_beef] {
+            let mut load = [0u32; 4096];
+            for port in 0..=u16::MAX {
+                let key = FlowKey4 { src: 0x0102_000a, dst: 0x0a64_33c6, sport: port.to_be(), dport: 443u16.to_be(), proto: PROTO_TCP, _pad0: 0, _pad1: 0 };
+                load[(key.ct_hash(seed) >> shift) as usize] += 1;
+            }
+            // Mean 16; a Poisson(16) maximum over 4096 sets is about 33.
+            let max = *load.iter().max().unwrap();
+            assert!(max <= 40, "seed {seed:#x}: a set got {max} of 65536 flows (mean 16)");
+            let mut load6 = [0u32; 4096];
+            for port in 0..=u16::MAX {
+                let key = FlowKey { src: [0x0db8_0120, 0, 0, port as u32], dst: [0x0db8_0120, 0, 0, 0x1000_0000], sport: 40000u16.to_be(), dport: 443u16.to_be(), proto: PROTO_TCP, family: FAMILY_V6, _pad: [0; 2] };
+                load6[(key.ct_hash(seed) >> shift) as usize] += 1;
+            }
+            let max6 = *load6.iter().max().unwrap();
+            assert!(max6 <= 40, "seed {seed:#x}: IPv6, a set got {max6} of 65536 flows (mean 16)");
         }
     }
 }

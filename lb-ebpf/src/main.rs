@@ -9,6 +9,7 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod maps;
 mod parse;
 mod rewrite;
@@ -19,7 +20,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
 use lb_common::{
     addr_filter_bit_v4, addr_filter_bit_v6, flow_hash, flow_hash_v4, reason, FlowKey, FlowKey4,
-    FlowValue, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_ENABLED,
+    FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_ENABLED,
 };
 use maps::{CONNTRACK4, CONNTRACK6};
 use parse::Parsed;
@@ -63,21 +64,20 @@ fn v4(ctx: &XdpContext, ip: &parse::Ip4) -> (u32, u32) {
     };
     let key = FlowKey4 { src: ip.src, dst: ip.dst, sport, dport, proto: ip.proto, _pad0: 0, _pad1: 0 };
     let addr = [ip.dst, 0, 0, 0];
-    if l4 && !ip.fragment {
-        // SAFETY: plain-data values.
-        if let Some(ct) = unsafe { CONNTRACK4.get(&key) } {
-            if let Some(c) = select::established(ct, addr, dport, ip.proto, FAMILY_V4) {
-                return forward(ctx, &c, false);
-            }
-            // The backend was removed (or its id recycled): choose again.
+    let probe = if l4 && !ip.fragment { conntrack::probe(&CONNTRACK4, &key) } else { None };
+    if let Some((backend, generation)) = probe.as_ref().and_then(|p| p.hit()) {
+        if let Some(c) = select::established(backend, generation, addr, dport, ip.proto, FAMILY_V4) {
+            return forward(ctx, &c, false);
         }
+        // The backend was removed (or its id recycled): choose again.
     }
     let choice = match new_flow(addr, dport, ip.proto, FAMILY_V4, ip.fragment, || flow_hash_v4(&key)) {
         Ok(c) => c,
         Err(verdict) => return verdict,
     };
-    let value = FlowValue { backend: choice.id, generation: choice.backend.generation };
-    let _ = CONNTRACK4.insert(&key, &value, 0);
+    if let Some(p) = probe {
+        p.insert(&key, choice.id, choice.backend.generation);
+    }
     forward(ctx, &choice, true)
 }
 
@@ -99,20 +99,19 @@ fn v6(ctx: &XdpContext, ip: &parse::Ip6) -> (u32, u32) {
         (0, 0)
     };
     let key = FlowKey { src: ip.src, dst: ip.dst, sport, dport, proto: t.proto, family: FAMILY_V6, _pad: [0; 2] };
-    if l4 && !t.fragment {
-        // SAFETY: plain-data values.
-        if let Some(ct) = unsafe { CONNTRACK6.get(&key) } {
-            if let Some(c) = select::established(ct, ip.dst, dport, t.proto, FAMILY_V6) {
-                return forward(ctx, &c, false);
-            }
+    let probe = if l4 && !t.fragment { conntrack::probe(&CONNTRACK6, &key) } else { None };
+    if let Some((backend, generation)) = probe.as_ref().and_then(|p| p.hit()) {
+        if let Some(c) = select::established(backend, generation, ip.dst, dport, t.proto, FAMILY_V6) {
+            return forward(ctx, &c, false);
         }
     }
     let choice = match new_flow(ip.dst, dport, t.proto, FAMILY_V6, t.fragment, || flow_hash(&key)) {
         Ok(c) => c,
         Err(verdict) => return verdict,
     };
-    let value = FlowValue { backend: choice.id, generation: choice.backend.generation };
-    let _ = CONNTRACK6.insert(&key, &value, 0);
+    if let Some(p) = probe {
+        p.insert(&key, choice.id, choice.backend.generation);
+    }
     forward(ctx, &choice, true)
 }
 

@@ -3,13 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
     Global,
 };
 use lb_common::{
-    reason, Backend, Counters, FlowKey, FlowKey4, FlowValue, ReasonCounter, VipInfo, VipKey,
-    ADDR_FILTER_WORDS, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_TABLE_SIZE,
+    reason, Backend, Counters, CtSet, FlowKey, FlowKey4, ReasonCounter, VipInfo, VipKey,
+    ADDR_FILTER_WORDS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
 };
 
 /// Lookup table size M (prime), set at load time; read-only for the program so the verifier
@@ -45,22 +44,22 @@ pub static TABLES: Array<u32> = Array::with_max_entries(2 * DEFAULT_TABLE_SIZE, 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Connection tables, one per family: flows keep their backend while the lookup table changes
-/// under them. IPv4 has its own map for its 16-byte key (the kernel hashes and compares whole
-/// keys: a 40-byte key cost a third more per lookup).
-///
-/// LRU lists are per CPU (`BPF_F_NO_COMMON_LRU`): an insert takes its free element from its own
-/// CPU's list without the shared list's lock (measured: a new flow's map work is 10-20 % cheaper).
-/// The table itself is shared, so a flow is found from any CPU; only eviction is per CPU, each
-/// CPU evicting its own least recently used flows once it holds `max_entries / CPUs` of them.
+/// under them. Each is an array of `CtSet`s (4-way set-associative, see `conntrack.rs`) read and
+/// written in place: a hit is one inlined array access and a few compares, an insert a few
+/// stores, where the kernel's LRU hash cost 58 ns per hit and 400 ns per insert (hashing, bucket
+/// locks, LRU lists). Sized by the loader (`ct_sets`), memory-mappable so that `lbd status`
+/// counts the flows without a system call per set.
 #[map(name = "CONNTRACK4")]
-pub static CONNTRACK4: LruHashMap<FlowKey4, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+pub static CONNTRACK4: Array<CtSet<FlowKey4>> = Array::with_max_entries(2, BPF_F_MMAPABLE);
 #[map(name = "CONNTRACK6")]
-pub static CONNTRACK6: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+pub static CONNTRACK6: Array<CtSet<FlowKey>> = Array::with_max_entries(2, BPF_F_MMAPABLE);
 
-/// `BPF_F_NO_COMMON_LRU` (uapi/linux/bpf.h).
-const BPF_F_NO_COMMON_LRU: u32 = 2;
+/// Seed of the connection tables' set hash, random per load (set by the loader).
+#[no_mangle]
+pub static CT_SEED: Global<u32> = Global::new(0);
+/// `32 - log2(sets)`: the set of a flow is `ct_hash >> CT_SHIFT` (set by the loader).
+#[no_mangle]
+pub static CT_SHIFT: Global<u32> = Global::new(31);
 
 /// Egress interfaces for backends that are not on the ingress interface, keyed by ifindex.
 #[map(name = "TX_PORTS")]

@@ -3,7 +3,7 @@
 
 use crate::maps::{ADDR_FILTER, BACKENDS, TABLES, TABLE_SIZE, VIPS, VIP_FLAGS};
 use lb_common::{
-    Backend, FlowValue, VipInfo, VipKey, BACKEND_F_ALIVE, NO_BACKEND, VIP_F_ANY_PORT,
+    Backend, VipInfo, VipKey, BACKEND_F_ALIVE, NO_BACKEND, VIP_F_ANY_PORT,
     VIP_F_ENABLED,
 };
 
@@ -41,15 +41,14 @@ pub struct Choice {
     pub enabled: bool,
 }
 
-/// A connection-table entry's backend, if the entry still holds: the backend is alive and is the
+/// A connection-table entry's backend (`id`, `generation`), if the entry still holds: the backend is alive and is the
 /// one the entry was made for (same generation, so same VIP: backends never change VIP, and
 /// removing a VIP kills its backends). The VIP then still exists, so `VIPS` is not consulted,
 /// except for a port-0 VIP: a port-specific VIP added since on the flow's port takes the flow.
 #[inline(always)]
-pub fn established(ct: &FlowValue, addr: [u32; 4], port: u16, proto: u8, family: u8) -> Option<Choice> {
-    let id = ct.backend;
+pub fn established(id: u32, generation: u32, addr: [u32; 4], port: u16, proto: u8, family: u8) -> Option<Choice> {
     let b = BACKENDS.get(id)?;
-    if b.flags & BACKEND_F_ALIVE == 0 || b.generation != ct.generation {
+    if b.flags & BACKEND_F_ALIVE == 0 || b.generation != generation {
         return None;
     }
     let flags = *VIP_FLAGS.get(b.vip_id)?;

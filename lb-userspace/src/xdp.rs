@@ -19,7 +19,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    addr_filter_bit, map_names, reason, Backend, Counters, FlowKey, FlowKey4, FlowValue, ReasonCounter,
+    addr_filter_bit, ct_sets, ct_shift, map_names, reason, Backend, Counters, CtKey, CtSet, FlowKey, FlowKey4, ReasonCounter,
     VipInfo, VipKey, ADDR_FILTER_WORDS, BACKEND_F_ALIVE, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROGRAM_NAME,
     PROTO_TCP, PROTO_UDP, VIP_F_ANY_PORT, VIP_F_ENABLED,
 };
@@ -86,8 +86,8 @@ pub enum LoadError {
     Map { name: &'static str, source: aya::maps::MapError },
     #[error("{0}")]
     Table(#[from] crate::maglev::MaglevError),
-    #[error("mapping the TABLES map into memory: {0}")]
-    Mmap(std::io::Error),
+    #[error("mapping the {name} map into memory: {source}")]
+    Mmap { name: &'static str, source: std::io::Error },
     #[error("attaching XDP to {iface} in {mode} mode failed: {source}{hint}")]
     Attach { iface: String, mode: &'static str, hint: &'static str, source: aya::programs::ProgramError },
 }
@@ -109,64 +109,108 @@ struct VipSlot {
     backend_keys: std::collections::BTreeSet<String>,
 }
 
+/// A `BPF_F_MMAPABLE` array mapped into this process (shared: it is the map's memory).
+struct Mapping {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; writes go through `&mut XdpDataplane`.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of array `name`, for reading and, if `write`, writing.
+    fn new(ebpf: &mut Ebpf, name: &'static str, len: usize, write: bool) -> Result<Self, LoadError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let map = ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
+        let aya::maps::Map::Array(data) = map else {
+            return Err(LoadError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } });
+        };
+        let prot = if write { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        // SAFETY: maps a BPF array (created BPF_F_MMAPABLE) shared; checked for failure below.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, data.fd().as_fd().as_raw_fd(), 0) };
+        let mmap_err = |source| LoadError::Mmap { name, source };
+        if ptr == libc::MAP_FAILED {
+            return Err(mmap_err(std::io::Error::last_os_error()));
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| mmap_err(std::io::Error::other("null mapping")))?;
+        Ok(Self { ptr, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what `new` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
 /// `TABLES` mapped into this process: the map is `BPF_F_MMAPABLE`, so slots are written with
 /// plain stores rather than one `bpf()` call each (the first install of 100 VIPs made 6.5 million
 /// of them). The kernel lays array elements out 8 bytes apart (value sizes round up to 8). The
 /// stores only ever go to a VIP's idle buffer; the `VIPS` update that flips to it is a system
 /// call, which orders them before the flip.
 struct MappedTables {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
+    map: Mapping,
     entries: u32,
 }
-
-// SAFETY: the mapping is plain shared memory, written only through `&mut XdpDataplane`.
-unsafe impl Send for MappedTables {}
-unsafe impl Sync for MappedTables {}
 
 const TABLE_ELEM_SIZE: usize = 8;
 
 impl MappedTables {
     fn new(ebpf: &mut Ebpf, entries: u32) -> Result<Self, LoadError> {
-        use std::os::fd::{AsFd, AsRawFd};
-        let name = map_names::TABLES;
-        let map = ebpf.map(name).ok_or(LoadError::MissingMap(name))?;
-        let aya::maps::Map::Array(data) = map else {
-            return Err(LoadError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } });
-        };
-        let len = entries as usize * TABLE_ELEM_SIZE;
-        // SAFETY: maps a BPF array (created BPF_F_MMAPABLE) shared; checked for failure below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(LoadError::Mmap(std::io::Error::last_os_error()));
-        }
-        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or(LoadError::Mmap(std::io::Error::other("null mapping")))?;
-        Ok(Self { ptr, len, entries })
+        let map = Mapping::new(ebpf, map_names::TABLES, entries as usize * TABLE_ELEM_SIZE, true)?;
+        Ok(Self { map, entries })
     }
 
     /// Sets slot `index` (over all VIPs' buffers).
     fn set(&self, index: u32, value: u32) {
         assert!(index < self.entries, "table slot {index} out of range");
         // SAFETY: inside the mapping (checked above), 8-byte aligned (page-aligned base).
-        let slot = unsafe { &*(self.ptr.as_ptr().add(index as usize * TABLE_ELEM_SIZE) as *const std::sync::atomic::AtomicU32) };
+        let slot = unsafe { &*(self.map.ptr.as_ptr().add(index as usize * TABLE_ELEM_SIZE) as *const std::sync::atomic::AtomicU32) };
         slot.store(value, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
-impl Drop for MappedTables {
-    fn drop(&mut self) {
-        // SAFETY: unmaps what `new` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+/// A connection table (`CONNTRACK4` or `CONNTRACK6`) mapped read-only, to count its flows.
+struct MappedConntrack<K> {
+    map: Mapping,
+    sets: u32,
+    _key: std::marker::PhantomData<K>,
+}
+
+impl<K: CtKey> MappedConntrack<K> {
+    fn new(ebpf: &mut Ebpf, name: &'static str, sets: u32) -> Result<Self, LoadError> {
+        // Array elements are laid out at their value size rounded up to 8; sets are 128 and 224.
+        const { assert!(std::mem::size_of::<CtSet<K>>() % 8 == 0) };
+        let len = sets as usize * std::mem::size_of::<CtSet<K>>();
+        Ok(Self { map: Mapping::new(ebpf, name, len, false)?, sets, _key: std::marker::PhantomData })
     }
+
+    /// Valid entries (see `lb_common::CtEntry`). Reads race with the program's writes; an entry
+    /// being rewritten may be missed or counted, never misread as valid (its `check` is verified).
+    fn count(&self, seed: u32) -> usize {
+        let base = self.map.ptr.as_ptr() as *const CtSet<K>;
+        (0..self.sets as usize)
+            .map(|i| {
+                // SAFETY: inside the mapping, aligned (page-aligned base, 8-byte multiple sizes);
+                // a volatile copy because the program writes concurrently (plain data, any bits
+                // are a valid value).
+                let set = unsafe { std::ptr::read_volatile(base.add(i)) };
+                set.ways.iter().filter(|e| e.is_valid(seed)).count()
+            })
+            .sum()
+    }
+}
+
+/// A random `u32` from the kernel (`getrandom`), for `CT_SEED`; a fixed one if that fails (the
+/// seed only makes set collisions unpredictable).
+fn random_u32() -> u32 {
+    let mut buf = [0u8; 4];
+    // SAFETY: writes at most 4 bytes into `buf`.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == 4 { u32::from_ne_bytes(buf) } else { 0x6c62_6473 }
 }
 
 struct BackendSlot {
@@ -187,8 +231,11 @@ pub struct XdpDataplane {
     addr_filter_map: Array<MapData, u32>,
     /// What `ADDR_FILTER` holds.
     addr_filter: Vec<u32>,
-    conntrack4: BpfHashMap<MapData, FlowKey4, FlowValue>,
-    conntrack6: BpfHashMap<MapData, FlowKey, FlowValue>,
+    /// Mapped from the maps, which stay in `ebpf`.
+    conntrack4: MappedConntrack<FlowKey4>,
+    conntrack6: MappedConntrack<FlowKey>,
+    /// `CT_SEED` the program was loaded with.
+    ct_seed: u32,
     tx_ports: DevMapHash<MapData>,
     global_stats: PerCpuArray<MapData, ReasonCounter>,
     vip_stats: PerCpuArray<MapData, Counters>,
@@ -223,8 +270,12 @@ impl XdpDataplane {
         }
         let maglev = Maglev::new(opts.table_size)?;
         let tables_len = opts.max_vips * 2 * opts.table_size;
+        let ct_sets = ct_sets(opts.conntrack_size);
+        let ct_seed = random_u32();
         let mut ebpf = EbpfLoader::new()
             .override_global("TABLE_SIZE", &opts.table_size, true)
+            .override_global("CT_SEED", &ct_seed, true)
+            .override_global("CT_SHIFT", &ct_shift(ct_sets), true)
             .override_global(aya_log::LEVEL, &opts.log_level, false)
             .map_max_entries(map_names::VIPS, opts.max_vips)
             .map_max_entries(map_names::VIP_FLAGS, opts.max_vips)
@@ -232,8 +283,8 @@ impl XdpDataplane {
             .map_max_entries(map_names::BACKENDS, opts.max_backends)
             .map_max_entries(map_names::BACKEND_STATS, opts.max_backends)
             .map_max_entries(map_names::TABLES, tables_len)
-            .map_max_entries(map_names::CONNTRACK4, opts.conntrack_size)
-            .map_max_entries(map_names::CONNTRACK6, opts.conntrack_size)
+            .map_max_entries(map_names::CONNTRACK4, ct_sets)
+            .map_max_entries(map_names::CONNTRACK6, ct_sets)
             .load(OBJECT)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
@@ -248,8 +299,9 @@ impl XdpDataplane {
             vip_flags_map: take(&mut ebpf, map_names::VIP_FLAGS)?,
             addr_filter_map: take(&mut ebpf, map_names::ADDR_FILTER)?,
             addr_filter: vec![0; ADDR_FILTER_WORDS as usize],
-            conntrack4: take(&mut ebpf, map_names::CONNTRACK4)?,
-            conntrack6: take(&mut ebpf, map_names::CONNTRACK6)?,
+            conntrack4: MappedConntrack::new(&mut ebpf, map_names::CONNTRACK4, ct_sets)?,
+            conntrack6: MappedConntrack::new(&mut ebpf, map_names::CONNTRACK6, ct_sets)?,
+            ct_seed,
             tx_ports: take(&mut ebpf, map_names::TX_PORTS)?,
             global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
             vip_stats: take(&mut ebpf, map_names::VIP_STATS)?,
@@ -310,9 +362,15 @@ impl XdpDataplane {
         self.link.as_ref().map(|(_, iface)| iface.as_str())
     }
 
-    /// Number of entries in the connection tables (walks the maps: for status and tests).
+    /// The connection tables' `CT_SEED` (with `lb_common::ct_sets` of `conntrack_size` and
+    /// `CtKey::ct_hash`, it tells which set a flow is in: for tests).
+    pub fn conntrack_seed(&self) -> u32 {
+        self.ct_seed
+    }
+
+    /// Number of flows in the connection tables (reads both tables: for status and tests).
     pub fn conntrack_len(&self) -> usize {
-        self.conntrack4.keys().filter(Result::is_ok).count() + self.conntrack6.keys().filter(Result::is_ok).count()
+        self.conntrack4.count(self.ct_seed) + self.conntrack6.count(self.ct_seed)
     }
 
     /// Makes `ADDR_FILTER` hold the bits of `addrs` (only words that change are written). Bits

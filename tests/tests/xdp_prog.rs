@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{flow_hash, FlowKey, FAMILY_V4, PROTO_TCP};
+use lb_common::{ct_sets, ct_shift, flow_hash, CtKey, FlowKey, FlowKey4, CT_WAYS, FAMILY_V4, PROTO_TCP};
 use lb_tests::{
     netns::{require_root, Netns},
     packets::*,
@@ -90,11 +90,15 @@ fn reason_packets(dp: &XdpDataplane, reason: &str) -> u64 {
 }
 
 fn load() -> XdpDataplane {
+    load_sized(4096)
+}
+
+fn load_sized(conntrack_size: u32) -> XdpDataplane {
     XdpDataplane::load(XdpOptions {
         table_size: 65537,
         max_vips: 16,
         max_backends: 64,
-        conntrack_size: 4096,
+        conntrack_size,
         log_level: 0,
     })
     .expect("the verifier accepts the program")
@@ -299,5 +303,84 @@ fn established_inner() -> anyhow::Result<()> {
     let (verdict, out) = run(&mut dp, &tcp4_ack(other, b"x"));
     assert_eq!((verdict, out), (XDP_PASS, tcp4_ack(other, b"x")), "removed VIP's flow passes untouched");
     assert_eq!(reason_packets(&dp, "not-vip") - before, 1);
+    Ok(())
+}
+
+/// The connection table is a fixed-size cache: a flood of one-packet flows (a SYN flood, a scan)
+/// four times its size must not push out established flows (those that sent a second packet),
+/// which keep their backend although a backend added since would take a quarter of them.
+#[test]
+fn conntrack_keeps_established_flows_under_a_flood() -> anyhow::Result<()> {
+    require_root()?;
+    let ns = Netns::new("lbdt-prog4")?;
+    ns.enter(flood_inner)?
+}
+
+fn flood_inner() -> anyhow::Result<()> {
+    const SIZE: u32 = 1024;
+    let mut dp = load_sized(SIZE);
+    let three: Vec<BackendSpec> = (0..3).map(|i| backend(11 + i as u8, 80, BE_MAC[i], INGRESS)).collect();
+    dp.apply(&[svc(IpAddr::V4(VIP), 80, Protocol::Tcp, three.clone())])?;
+
+    // 64 established flows, at most CT_WAYS - 1 in a set (a set full of established flows
+    // replaces one of them by design, see lb-ebpf/src/conntrack.rs).
+    let (seed, shift) = (dp.conntrack_seed(), ct_shift(ct_sets(SIZE)));
+    let set_of = |f: &Flow4| {
+        let key = FlowKey4 {
+            src: addr_words(IpAddr::V4(f.src)).0[0],
+            dst: addr_words(IpAddr::V4(f.dst)).0[0],
+            sport: f.sport.to_be(),
+            dport: f.dport.to_be(),
+            proto: PROTO_TCP,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        key.ct_hash(seed) >> shift
+    };
+    let mut per_set = std::collections::HashMap::new();
+    let mut established = Vec::new();
+    for sport in 20000u16.. {
+        let f = flow(sport, 80);
+        let n = per_set.entry(set_of(&f)).or_insert(0usize);
+        if *n == CT_WAYS - 1 {
+            continue;
+        }
+        *n += 1;
+        let (verdict, out) = run(&mut dp, &tcp4_syn(f));
+        assert_eq!(verdict, XDP_TX);
+        let (verdict, again) = run(&mut dp, &tcp4_ack(f, b"GET /"));
+        assert_eq!((verdict, &again[0..6]), (XDP_TX, &out[0..6]), "sport {sport}: second packet");
+        established.push((f, <[u8; 6]>::try_from(&out[0..6])?));
+        if established.len() == 64 {
+            break;
+        }
+    }
+    assert_eq!(dp.conntrack_len(), 64);
+
+    // The flood: 4096 one-packet flows from another client.
+    let before = reason_packets(&dp, "new-flow");
+    for sport in 1..=4096u16 {
+        let (verdict, _) = run(&mut dp, &tcp4_syn(Flow4 { src: Ipv4Addr::new(192, 0, 2, 77), ..flow(sport, 80) }));
+        assert_eq!(verdict, XDP_TX);
+    }
+    assert_eq!(reason_packets(&dp, "new-flow") - before, 4096, "every flood packet is a new flow");
+    let held = dp.conntrack_len();
+    assert!((1000..=SIZE as usize).contains(&held), "the table is full after the flood: {held} flows of {SIZE}");
+
+    // A fourth backend takes about a quarter of the lookup table; established flows stay put.
+    let mut four = three.clone();
+    four.push(backend(20, 80, [0x02, 0xbb, 0, 0, 0, 4], INGRESS));
+    dp.apply(&[svc(IpAddr::V4(VIP), 80, Protocol::Tcp, four)])?;
+    let hits = reason_packets(&dp, "conntrack-hit");
+    let mut moved = Vec::new();
+    for (f, mac) in &established {
+        let (verdict, out) = run(&mut dp, &tcp4_ack(*f, b"more"));
+        assert_eq!(verdict, XDP_TX);
+        if out[0..6] != mac[..] {
+            moved.push(f.sport);
+        }
+    }
+    assert!(moved.is_empty(), "established flows moved after the flood: sports {moved:?}");
+    assert_eq!(reason_packets(&dp, "conntrack-hit") - hits, 64, "every established flow hit its entry");
     Ok(())
 }
