@@ -191,7 +191,7 @@ pub struct FlowValue {
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
 
 /// Ways (entries) per set of a connection table.
-pub const CT_WAYS: usize = 4;
+pub const CT_WAYS: usize = 8;
 
 /// Sets of a connection table meant to hold `entries` flows: `entries / CT_WAYS` rounded up to a
 /// power of two (the set index is the top bits of [`CtKey::ct_hash`]), at least 2.
@@ -238,8 +238,8 @@ const _: () = assert!(core::mem::size_of::<CtEntry<FlowKey>>() == 56);
 pub struct CtSet<K> {
     pub ways: [CtEntry<K>; CT_WAYS],
 }
-const _: () = assert!(core::mem::size_of::<CtSet<FlowKey4>>() == 128);
-const _: () = assert!(core::mem::size_of::<CtSet<FlowKey>>() == 224);
+const _: () = assert!(core::mem::size_of::<CtSet<FlowKey4>>() == 256);
+const _: () = assert!(core::mem::size_of::<CtSet<FlowKey>>() == 448);
 
 /// A connection table's key: compared as whole `u64` words, hashed with a per-load seed.
 pub trait CtKey: Copy + 'static {
@@ -489,11 +489,11 @@ mod tests {
 
     #[test]
     fn conntrack_geometry() {
-        assert_eq!(ct_sets(1024), 256);
-        assert_eq!(ct_sets(262_144), 65_536);
-        assert_eq!(ct_sets(1000), 256, "rounded up to a power of two");
+        assert_eq!(ct_sets(1024), 128);
+        assert_eq!(ct_sets(262_144), 32_768);
+        assert_eq!(ct_sets(1000), 128, "rounded up to a power of two");
         assert_eq!(ct_sets(1), 2);
-        assert_eq!(ct_shift(256), 24);
+        assert_eq!(ct_shift(128), 25);
         assert_eq!(ct_shift(2), 31);
         for sets in [2u32, 256, 65_536, 1 << 30] {
             assert_eq!(u32::MAX >> ct_shift(sets), sets - 1, "every hash indexes a set");

@@ -1,4 +1,4 @@
-//! Connection tables: 4-way set-associative arrays of `CtSet`s, one per family, shared by all
+//! Connection tables: 8-way set-associative arrays of `CtSet`s, one per family, shared by all
 //! CPUs and read and written in place.
 //!
 //! A flow's set is the top bits of its seeded hash (`CtKey::ct_hash`, `CT_SEED`, `CT_SHIFT`).

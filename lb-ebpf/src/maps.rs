@@ -44,7 +44,7 @@ pub static TABLES: Array<u32> = Array::with_max_entries(2 * DEFAULT_TABLE_SIZE, 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Connection tables, one per family: flows keep their backend while the lookup table changes
-/// under them. Each is an array of `CtSet`s (4-way set-associative, see `conntrack.rs`) read and
+/// under them. Each is an array of `CtSet`s (8-way set-associative, see `conntrack.rs`) read and
 /// written in place: a hit is one inlined array access and a few compares, an insert a few
 /// stores, where the kernel's LRU hash cost 58 ns per hit and 400 ns per insert (hashing, bucket
 /// locks, LRU lists). Sized by the loader (`ct_sets`), memory-mappable so that `lbd status`

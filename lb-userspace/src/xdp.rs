@@ -182,7 +182,7 @@ struct MappedConntrack<K> {
 
 impl<K: CtKey> MappedConntrack<K> {
     fn new(ebpf: &mut Ebpf, name: &'static str, sets: u32) -> Result<Self, LoadError> {
-        // Array elements are laid out at their value size rounded up to 8; sets are 128 and 224.
+        // Array elements are laid out at their value size rounded up to 8; sets are 256 and 448.
         const { assert!(std::mem::size_of::<CtSet<K>>() % 8 == 0) };
         let len = sets as usize * std::mem::size_of::<CtSet<K>>();
         Ok(Self { map: Mapping::new(ebpf, name, len, false)?, sets, _key: std::marker::PhantomData })
