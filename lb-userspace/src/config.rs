@@ -86,10 +86,10 @@ pub struct Director {
     pub table_size: u32,
     /// `control_socket`: Unix socket the `lbd` commands talk to; default `/run/lbd/lbd.sock`.
     pub control_socket: PathBuf,
-    /// `conntrack_size`: maximum entries of each connection table (one for IPv4 flows, one for
-    /// IPv6; LRU hashes with per-CPU lists: once a CPU holds `conntrack_size / CPUs` entries it
-    /// forgets its own least recently used flows; lookups see every CPU's). At least 1024;
-    /// default 262144.
+    /// `conntrack_size`: entries of each connection table (one for IPv4 flows, one for IPv6),
+    /// rounded up to a power of two. 8-way set-associative arrays (lb-ebpf/src/conntrack.rs):
+    /// a full set replaces a flow that sent one packet only, before established ones. At least
+    /// 1024; default 262144.
     pub conntrack_size: u32,
     /// `max_vips`: how many virtual servers the fast path can hold, 1..=1024; default 64.
     pub max_vips: u32,
