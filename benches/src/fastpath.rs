@@ -157,10 +157,11 @@ pub struct FastPath {
     pub swap_mac: Summary,
     /// `bench_vary` + tail call to `bench_tx`: what the varied method subtracts.
     pub vary_floor: Summary,
-    /// `bench_maps_hit`: only the kernel hash-map work of an IPv4 connection-table hit (16-byte
-    /// LRU key, hitting).
+    /// `bench_maps_hit`: a kernel LRU hash lookup with a 16-byte key that hits (what an IPv4
+    /// connection-table hit cost when the tables were LRU hashes).
     pub maps_hit: Summary,
-    /// `bench_maps_new`: only the map work of an IPv4 new flow (LRU miss, hash lookup, LRU insert).
+    /// `bench_maps_new`: an LRU miss, a hash lookup and an LRU insert (an IPv4 new flow's map work
+    /// with LRU connection tables).
     pub maps_new: Summary,
     /// `bench_maps_new_pcpu`: the same with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`).
     pub maps_new_pcpu: Summary,
@@ -508,7 +509,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
         }
     }
 
-    // New flows into a full connection table: every insert evicts (LRU), as on a busy director.
+    // New flows into a full connection table: every insert replaces an entry, as on a busy director.
     let (n, vips) = p.base_setup;
     let small = 65536u32;
     progress.step(&format!(
@@ -534,7 +535,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
     )?;
     let case = Case {
         case: "tcp-new-full",
-        label: "TCP SYN, new flow, connection table full (LRU eviction)",
+        label: "TCP SYN, new flow, connection table full (every insert replaces an entry)",
         frame: syn,
         verdict: XDP_TX,
         reason: reason::NEW_FLOW,

@@ -700,7 +700,7 @@ fn section_fastpath(s: &mut String, fp: &FastPath) {
     );
     let _ = writeln!(
         s,
-        "| `bench_maps_hit`: only the kernel hash-map work of an IPv4 hit (LRU hash lookup, 16-byte key) | {} ({}–{}), {}× |",
+        "| `bench_maps_hit`: a kernel LRU hash lookup that hits (16-byte key; lbd's connection tables were such maps) | {} ({}–{}), {}× |",
         f1(fp.maps_hit.median),
         f1(fp.maps_hit.min),
         f1(fp.maps_hit.max),
@@ -708,7 +708,7 @@ fn section_fastpath(s: &mut String, fp: &FastPath) {
     );
     let _ = writeln!(
         s,
-        "| `bench_maps_new`: only the map work of an IPv4 new flow (LRU miss, 20-byte hash lookup, 16-byte LRU insert) | {} ({}–{}), {}× |",
+        "| `bench_maps_new`: an LRU miss, a 20-byte hash lookup (like `VIPS`) and a 16-byte LRU insert | {} ({}–{}), {}× |",
         f1(fp.maps_new.median),
         f1(fp.maps_new.min),
         f1(fp.maps_new.max),
@@ -724,8 +724,10 @@ fn section_fastpath(s: &mut String, fp: &FastPath) {
     );
     let _ = writeln!(
         s,
-        "The last rows are what the kernel's hash maps alone cost for lbd's hit and new-flow paths (same key sizes, \
-         same table sizes, no parsing, no counters): the part of each case a change to the program itself cannot remove.\n"
+        "The last rows are what the kernel's hash maps alone cost with lbd's key and table sizes (no parsing, no \
+         counters): what a hit and a new flow cost when the connection tables were LRU hashes, before they became \
+         set-associative arrays that the program reads and writes in place (lb-ebpf/src/conntrack.rs). A new flow still \
+         looks up `VIPS`, a hash map.\n"
     );
 
     let mut setups: Vec<(usize, usize)> = fp

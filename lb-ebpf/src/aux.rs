@@ -13,12 +13,12 @@
 //!     then `XDP_TX` (the kernel transmits the frame on the test run's ingress interface);
 //!   - `bench_vary`: the same rewrite, then a tail call to `BENCH_JUMP[0]`, so that every repeat
 //!     of a test run sees another flow (test_run reuses one buffer for all repeats);
-//!   - `bench_maps_hit`: only the kernel hash-map work of lbd's IPv4 connection-table hit: an LRU
-//!     hash lookup with a 16-byte key (like `CONNTRACK4`) that hits, then `XDP_TX` (a hit does
-//!     no `VIPS` lookup; its array reads are a few instructions each);
-//!   - `bench_maps_new`: only the map work of lbd's IPv4 new flow: an LRU lookup that misses, a
-//!     hash lookup with a 20-byte key (like `VIPS`) and an LRU insert of a never-seen 16-byte
-//!     key, then `XDP_TX`; `bench_maps_new_pcpu` the same on an LRU hash with per-CPU LRU lists.
+//!   - `bench_maps_hit`: the kernel map work of an IPv4 connection-table hit when the tables were
+//!     LRU hashes (they are set-associative arrays now, see `conntrack.rs`): an LRU hash lookup
+//!     with a 16-byte key that hits, then `XDP_TX`. Kept as the comparison;
+//!   - `bench_maps_new`: the same for a new flow: an LRU lookup that misses, a hash lookup with a
+//!     20-byte key (like `VIPS`) and an LRU insert of a never-seen 16-byte key, then `XDP_TX`;
+//!     `bench_maps_new_pcpu` the same on an LRU hash with per-CPU LRU lists.
 #![no_std]
 #![no_main]
 
@@ -63,7 +63,7 @@ static BENCH_SINK: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 #[map(name = "BENCH_JUMP")]
 static BENCH_JUMP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
-/// `bench_maps_*`: a hash map keyed like `VIPS` and an LRU hash keyed like `CONNTRACK4` (the
+/// `bench_maps_*`: a hash map keyed like `VIPS` and an LRU hash keyed like `CONNTRACK4` was (the
 /// benchmark inserts the all-zero key into both, and sizes `BENCH_LRU` like lbd's connection
 /// table when it loads them; 16 entries otherwise, so `xdp_pass` users pay nothing).
 #[map(name = "BENCH_HASH")]
