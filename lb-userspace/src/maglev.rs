@@ -256,7 +256,10 @@ impl Maglev {
         // score evaluations each, is cheaper. Visits to slots filled in an earlier pass, which
         // are settled (see `Race`), cost only a bit test; that test is worth it once its branch
         // is well predicted, i.e. once most slots are filled, so the first pass goes to x = 3
-        // (95% of the slots filled) without it. The other constants were tuned by measurement.
+        // (95% of the slots filled) without it ([`fill`]; the later ones: [`walk_unsettled`]).
+        // A later pass is walked only if its visits (known before walking it: see `Class`) cost
+        // less than finishing now, a score evaluation costing about `FINISH_COST` visits. The
+        // other constants were tuned by measurement.
         let order_stats = &self.order_stats[..];
         let mut race = Race::new(m);
         let mut x = 3.0f64;
@@ -298,7 +301,6 @@ impl Maglev {
                 let class = &classes[walker.class];
                 walker.slot = walk_unsettled(
                     &mut race.best,
-                    m,
                     &race.settled,
                     &order_stats[class.next..class.end],
                     class.inv_weight,
@@ -319,6 +321,8 @@ impl Maglev {
     }
 }
 
+/// Cost of a score evaluation in [`Race::finish`] (a modular product and a cache miss), in
+/// visits of a later pass; measured.
 const FINISH_COST: usize = 5;
 
 /// The first 16 bytes of `key`, zero-padded, as a big-endian number: if two keys' prefixes
@@ -511,8 +515,9 @@ impl Walker {
     fn new(backend: &MaglevBackend, rank: u32, class: usize, modulus: Modulus, skip_modulus: Modulus) -> Self {
         let key = backend.key.as_bytes();
         // Both values are < m <= u32::MAX, so they fit in a usize.
-        let offset = modulus.reduce(hash64(key, OFFSET_SEED)) as usize;
-        let skip = (skip_modulus.reduce(hash64(key, SKIP_SEED)) + 1) as usize;
+        let (h1, h2) = hash64_pair(key, OFFSET_SEED, SKIP_SEED);
+        let offset = modulus.reduce(h1) as usize;
+        let skip = (skip_modulus.reduce(h2) + 1) as usize;
         Self {
             rank,
             class,
@@ -654,8 +659,7 @@ fn min_key(held: u64, order_stat: f64, inv_weight: f64, rank: u32) -> u64 {
 /// side by side.
 #[inline(never)]
 fn walk_unsettled(
-    offers: &mut [u64],
-    m: usize,
+    best: &mut [u64],
     settled: &[u64],
     order_stats: &[f64],
     inv_weight: f64,
@@ -663,6 +667,7 @@ fn walk_unsettled(
     slot: usize,
     skip: usize,
 ) -> usize {
+    let m = best.len();
     let back = m - skip;
     let step = |slot: usize| if slot >= back { slot - back } else { slot + skip };
     let skip2 = if 2 * skip >= m { 2 * skip - m } else { 2 * skip };
@@ -670,7 +675,7 @@ fn walk_unsettled(
     let step2 = |slot: usize| if slot >= back2 { slot - back2 } else { slot + skip2 };
     let mut visit = |slot: usize, l: f64| {
         if settled[slot / 64] & (1 << (slot % 64)) == 0 {
-            let held = &mut offers[slot];
+            let held = &mut best[slot];
             *held = (*held).min(slot_key(l * inv_weight, rank));
         }
     };
@@ -736,6 +741,20 @@ fn hash64(bytes: &[u8], seed: u64) -> u64 {
         h = fmix64(h ^ u64::from_le_bytes(word));
     }
     fmix64(h)
+}
+
+/// `(hash64(bytes, seed_a), hash64(bytes, seed_b))` in one pass, the two chains of
+/// multiplications side by side.
+fn hash64_pair(bytes: &[u8], seed_a: u64, seed_b: u64) -> (u64, u64) {
+    let len = (bytes.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let (mut a, mut b) = (seed_a ^ len, seed_b ^ len);
+    for chunk in bytes.chunks(8) {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        (a, b) = (fmix64(a ^ word), fmix64(b ^ word));
+    }
+    (fmix64(a), fmix64(b))
 }
 
 /// MurmurHash3's 64-bit finalizer: a bijection in which every input bit affects every output
@@ -918,6 +937,16 @@ mod tests {
             total_ties += ties;
         }
         assert!(total_ties > 0);
+    }
+
+    #[test]
+    fn hash_pair_matches_hash() {
+        let mut rng = Lcg(3);
+        for len in 0..40 {
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let (a, b) = (rng.next(), rng.next());
+            assert_eq!(hash64_pair(&bytes, a, b), (hash64(&bytes, a), hash64(&bytes, b)));
+        }
     }
 
     #[test]
