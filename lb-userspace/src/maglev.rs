@@ -727,24 +727,13 @@ fn prefix_within(values: &[f64], within: impl Fn(f64) -> bool) -> usize {
     lo
 }
 
-/// The frozen 64-bit hash behind `h1` (seed [`OFFSET_SEED`]) and `h2` (seed [`SKIP_SEED`]).
+/// The frozen 64-bit hash behind `h1` (seed [`OFFSET_SEED`]) and `h2` (seed [`SKIP_SEED`]), for
+/// two seeds at once (the two chains of multiplications run side by side).
 ///
 /// `h = seed ^ (len * 0x9E3779B97F4A7C15)`; then for each 8-byte little-endian word of `bytes`
 /// (the last one zero-padded) `h = fmix64(h ^ word)`; the result is `fmix64(h)`, where `fmix64`
 /// is MurmurHash3's 64-bit finalizer. Never change it: tables would change with it (the tests
 /// pin its values).
-fn hash64(bytes: &[u8], seed: u64) -> u64 {
-    let mut h = seed ^ (bytes.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    for chunk in bytes.chunks(8) {
-        let mut word = [0u8; 8];
-        word[..chunk.len()].copy_from_slice(chunk);
-        h = fmix64(h ^ u64::from_le_bytes(word));
-    }
-    fmix64(h)
-}
-
-/// `(hash64(bytes, seed_a), hash64(bytes, seed_b))` in one pass, the two chains of
-/// multiplications side by side.
 fn hash64_pair(bytes: &[u8], seed_a: u64, seed_b: u64) -> (u64, u64) {
     let len = (bytes.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let (mut a, mut b) = (seed_a ^ len, seed_b ^ len);
@@ -755,6 +744,18 @@ fn hash64_pair(bytes: &[u8], seed_a: u64, seed_b: u64) -> (u64, u64) {
         (a, b) = (fmix64(a ^ word), fmix64(b ^ word));
     }
     (fmix64(a), fmix64(b))
+}
+
+/// The same hash for one seed, written plainly (the tests check one against the other).
+#[cfg(test)]
+fn hash64(bytes: &[u8], seed: u64) -> u64 {
+    let mut h = seed ^ (bytes.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for chunk in bytes.chunks(8) {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        h = fmix64(h ^ u64::from_le_bytes(word));
+    }
+    fmix64(h)
 }
 
 /// MurmurHash3's 64-bit finalizer: a bijection in which every input bit affects every output
@@ -951,6 +952,10 @@ mod tests {
 
     #[test]
     fn hash_is_pinned() {
+        assert_eq!(
+            hash64_pair(b"10.0.0.11:80", OFFSET_SEED, SKIP_SEED),
+            (0x859c_da79_fadc_7a50, 0x3d13_cca0_2aca_c1ec)
+        );
         assert_eq!(hash64(b"10.0.0.11:80", OFFSET_SEED), 0x859c_da79_fadc_7a50);
         assert_eq!(hash64(b"10.0.0.11:80", SKIP_SEED), 0x3d13_cca0_2aca_c1ec);
         assert_eq!(hash64(b"", OFFSET_SEED), 0xc783_c0fb_af79_f357);
