@@ -654,9 +654,9 @@ fn min_key(held: u64, order_stat: f64, inv_weight: f64, rank: u32) -> u64 {
 /// Walk of one backend in a later pass, like [`fill`] but skipping settled slots.
 ///
 /// Hot loop of the later passes: mostly settled slots, i.e. a bit test in the small `settled`
-/// bitmap (L1). Walking is a chain of dependent steps (compare, select, add: 3 cycles), so even
-/// and odd positions walk as two chains, each stepping by `2 * skip mod m`, which the CPU runs
-/// side by side.
+/// bitmap (L1). Walking is a chain of dependent steps (compare, select, add: 3 cycles), so
+/// positions walk as four chains (position mod 4), each stepping by `4 * skip mod m`, which the
+/// CPU runs side by side, with one loop iteration every four visits.
 #[inline(never)]
 fn walk_unsettled(
     best: &mut [u64],
@@ -668,33 +668,38 @@ fn walk_unsettled(
     skip: usize,
 ) -> usize {
     let m = best.len();
-    let back = m - skip;
-    let step = |slot: usize| if slot >= back { slot - back } else { slot + skip };
-    let skip2 = if 2 * skip >= m { 2 * skip - m } else { 2 * skip };
-    let back2 = m - skip2;
-    let step2 = |slot: usize| if slot >= back2 { slot - back2 } else { slot + skip2 };
+    // `skip * 2^i mod m`, and the step by it.
+    let double = |skip: usize| if 2 * skip >= m { 2 * skip - m } else { 2 * skip };
+    let stepper = |skip: usize| {
+        let back = m - skip;
+        move |slot: usize| if slot >= back { slot - back } else { slot + skip }
+    };
+    let step = stepper(skip);
+    let step4 = stepper(double(double(skip)));
     let mut visit = |slot: usize, l: f64| {
         if settled[slot / 64] & (1 << (slot % 64)) == 0 {
             let held = &mut best[slot];
             *held = (*held).min(slot_key(l * inv_weight, rank));
         }
     };
-    let mut even = slot;
-    let mut odd = step(slot);
-    let mut pairs = order_stats.chunks_exact(2);
-    for pair in &mut pairs {
-        visit(even, pair[0]);
-        visit(odd, pair[1]);
-        even = step2(even);
-        odd = step2(odd);
+    let mut chains = [slot, 0, 0, 0];
+    for i in 1..4 {
+        chains[i] = step(chains[i - 1]);
     }
-    match pairs.remainder() {
-        [l] => {
-            visit(even, *l);
-            odd
+    let mut quads = order_stats.chunks_exact(4);
+    for quad in &mut quads {
+        for i in 0..4 {
+            visit(chains[i], quad[i]);
         }
-        _ => even,
+        for chain in &mut chains {
+            *chain = step4(*chain);
+        }
     }
+    let rest = quads.remainder();
+    for (i, &l) in rest.iter().enumerate() {
+        visit(chains[i], l);
+    }
+    chains[rest.len()]
 }
 
 /// The length of the prefix of `values` whose elements satisfy `within` (which must hold for a
