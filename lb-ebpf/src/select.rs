@@ -41,9 +41,9 @@ pub struct Choice {
     pub enabled: bool,
 }
 
-/// A connection-table entry's backend (`id`, `generation`), if the entry still holds: the backend is alive and is the
-/// one the entry was made for (same generation, so same VIP: backends never change VIP, and
-/// removing a VIP kills its backends). The VIP then still exists, so `VIPS` is not consulted,
+/// A connection-table entry's backend (`id`, `generation`), if the entry still holds: the backend
+/// is alive and is the one the entry was made for (same generation, so same VIP: backends never
+/// change VIP, and removing a VIP kills its backends). The VIP then still exists, so `VIPS` is not consulted,
 /// except for a port-0 VIP: a port-specific VIP added since on the flow's port takes the flow.
 #[inline(always)]
 pub fn established(id: u32, generation: u32, addr: [u32; 4], port: u16, proto: u8, family: u8) -> Option<Choice> {
