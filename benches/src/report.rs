@@ -677,51 +677,33 @@ fn section_fastpath(s: &mut String, fp: &FastPath) {
          ns = floor + (vary→lbd − vary→XDP_TX).\n"
     );
     let _ = writeln!(s, "| baseline | ns per packet (median, min–max) |\n|---|---|");
-    let _ = writeln!(
+    // A baseline row; `ratio` adds the median's multiple of the floor.
+    let baseline = |s: &mut String, label: &str, x: &crate::sys::Summary, ratio: bool| {
+        let times = if ratio { format!(", {}×", f2(x.median / fp.floor.median)) } else { String::new() };
+        let _ = writeln!(s, "| {label} | {} ({}–{}){times} |", f1(x.median), f1(x.min), f1(x.max));
+    };
+    baseline(s, "`bench_tx`: return XDP_TX (the floor)", &fp.floor, false);
+    baseline(s, "`bench_swap_tx`: swap MACs, XDP_TX", &fp.swap_mac, false);
+    baseline(s, "`bench_vary` → tail call → `bench_tx` (what the varied method subtracts)", &fp.vary_floor, false);
+    baseline(
         s,
-        "| `bench_tx`: return XDP_TX (the floor) | {} ({}–{}) |",
-        f1(fp.floor.median),
-        f1(fp.floor.min),
-        f1(fp.floor.max)
+        "`bench_maps_hit`: a kernel LRU hash lookup that hits (16-byte key; lbd's connection tables were such maps)",
+        &fp.maps_hit,
+        true,
     );
-    let _ = writeln!(
+    baseline(
         s,
-        "| `bench_swap_tx`: swap MACs, XDP_TX | {} ({}–{}) |",
-        f1(fp.swap_mac.median),
-        f1(fp.swap_mac.min),
-        f1(fp.swap_mac.max)
+        "`bench_maps_new`: an LRU miss, a 20-byte hash lookup (like `VIPS`) and a 16-byte LRU insert",
+        &fp.maps_new,
+        true,
     );
-    let _ = writeln!(
+    baseline(
         s,
-        "| `bench_vary` → tail call → `bench_tx` (what the varied method subtracts) | {} ({}–{}) |",
-        f1(fp.vary_floor.median),
-        f1(fp.vary_floor.min),
-        f1(fp.vary_floor.max)
+        "`bench_maps_new_pcpu`: the same on an LRU hash with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`)",
+        &fp.maps_new_pcpu,
+        true,
     );
-    let _ = writeln!(
-        s,
-        "| `bench_maps_hit`: a kernel LRU hash lookup that hits (16-byte key; lbd's connection tables were such maps) | {} ({}–{}), {}× |",
-        f1(fp.maps_hit.median),
-        f1(fp.maps_hit.min),
-        f1(fp.maps_hit.max),
-        f2(fp.maps_hit.median / fp.floor.median)
-    );
-    let _ = writeln!(
-        s,
-        "| `bench_maps_new`: an LRU miss, a 20-byte hash lookup (like `VIPS`) and a 16-byte LRU insert | {} ({}–{}), {}× |",
-        f1(fp.maps_new.median),
-        f1(fp.maps_new.min),
-        f1(fp.maps_new.max),
-        f2(fp.maps_new.median / fp.floor.median)
-    );
-    let _ = writeln!(
-        s,
-        "| `bench_maps_new_pcpu`: the same on an LRU hash with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`) | {} ({}–{}), {}× |\n",
-        f1(fp.maps_new_pcpu.median),
-        f1(fp.maps_new_pcpu.min),
-        f1(fp.maps_new_pcpu.max),
-        f2(fp.maps_new_pcpu.median / fp.floor.median)
-    );
+    let _ = writeln!(s);
     let _ = writeln!(
         s,
         "The last rows are what the kernel's hash maps alone cost with lbd's key and table sizes (no parsing, no \
