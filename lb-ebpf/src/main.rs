@@ -16,11 +16,11 @@ mod rewrite;
 mod select;
 mod stats;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::Array, programs::XdpContext};
 use aya_log_ebpf::debug;
 use lb_common::{
-    addr_filter_bit_v4, addr_filter_bit_v6, flow_hash, flow_hash_v4, reason, FlowKey, FlowKey4,
-    FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_ENABLED,
+    addr_filter_bit_v4, addr_filter_bit_v6, flow_hash, flow_hash_v4, reason, CtKey, CtSet, FlowKey,
+    FlowKey4, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_ENABLED,
 };
 use maps::{CONNTRACK4, CONNTRACK6};
 use parse::Parsed;
@@ -53,32 +53,9 @@ fn v4(ctx: &XdpContext, ip: &parse::Ip4) -> (u32, u32) {
     if !select::maybe_vip(addr_filter_bit_v4(ip.dst)) {
         return NOT_VIP;
     }
-    let l4 = ip.proto == PROTO_TCP || ip.proto == PROTO_UDP;
-    let (sport, dport) = if l4 && !ip.later_fragment {
-        match parse::ports(ctx, ip.l4) {
-            Some(p) => p,
-            None => return MALFORMED,
-        }
-    } else {
-        (0, 0)
-    };
-    let key = FlowKey4 { src: ip.src, dst: ip.dst, sport, dport, proto: ip.proto, _pad0: 0, _pad1: 0 };
-    let addr = [ip.dst, 0, 0, 0];
-    let probe = if l4 && !ip.fragment { conntrack::probe(&CONNTRACK4, &key) } else { None };
-    if let Some((backend, generation)) = probe.as_ref().and_then(|p| p.hit()) {
-        if let Some(c) = select::established(backend, generation, addr, dport, ip.proto, FAMILY_V4) {
-            return forward(ctx, &c, false);
-        }
-        // The backend was removed (or its id recycled): choose again.
-    }
-    let choice = match new_flow(addr, dport, ip.proto, FAMILY_V4, ip.fragment, || flow_hash_v4(&key)) {
-        Ok(c) => c,
-        Err(verdict) => return verdict,
-    };
-    if let Some(p) = probe {
-        p.insert(&key, choice.id, choice.backend.generation);
-    }
-    forward(ctx, &choice, true)
+    let t = parse::Transport { proto: ip.proto, l4: ip.l4, fragment: ip.fragment, later_fragment: ip.later_fragment };
+    let key = |sport, dport| FlowKey4 { src: ip.src, dst: ip.dst, sport, dport, proto: ip.proto, _pad0: 0, _pad1: 0 };
+    flow(ctx, &t, [ip.dst, 0, 0, 0], FAMILY_V4, &CONNTRACK4, key, flow_hash_v4)
 }
 
 #[inline(always)]
@@ -89,6 +66,22 @@ fn v6(ctx: &XdpContext, ip: &parse::Ip6) -> (u32, u32) {
     let Some(t) = parse::v6_transport(ctx, ip) else {
         return MALFORMED;
     };
+    let key = |sport, dport| FlowKey { src: ip.src, dst: ip.dst, sport, dport, proto: t.proto, family: FAMILY_V6, _pad: [0; 2] };
+    flow(ctx, &t, ip.dst, FAMILY_V6, &CONNTRACK6, key, flow_hash)
+}
+
+/// Either family once its transport header is found: ports, the family's connection table
+/// (`table`, keyed by `key(sport, dport)`), else a new flow chosen by `hash` of the key.
+#[inline(always)]
+fn flow<K: CtKey>(
+    ctx: &XdpContext,
+    t: &parse::Transport,
+    addr: [u32; 4],
+    family: u8,
+    table: &Array<CtSet<K>>,
+    key: impl FnOnce(u16, u16) -> K,
+    hash: impl FnOnce(&K) -> u32,
+) -> (u32, u32) {
     let l4 = t.proto == PROTO_TCP || t.proto == PROTO_UDP;
     let (sport, dport) = if l4 && !t.later_fragment {
         match parse::ports(ctx, t.l4) {
@@ -98,14 +91,15 @@ fn v6(ctx: &XdpContext, ip: &parse::Ip6) -> (u32, u32) {
     } else {
         (0, 0)
     };
-    let key = FlowKey { src: ip.src, dst: ip.dst, sport, dport, proto: t.proto, family: FAMILY_V6, _pad: [0; 2] };
-    let probe = if l4 && !t.fragment { conntrack::probe(&CONNTRACK6, &key) } else { None };
+    let key = key(sport, dport);
+    let probe = if l4 && !t.fragment { conntrack::probe(table, &key) } else { None };
     if let Some((backend, generation)) = probe.as_ref().and_then(|p| p.hit()) {
-        if let Some(c) = select::established(backend, generation, ip.dst, dport, t.proto, FAMILY_V6) {
+        if let Some(c) = select::established(backend, generation, addr, dport, t.proto, family) {
             return forward(ctx, &c, false);
         }
+        // The backend was removed (or its id recycled): choose again.
     }
-    let choice = match new_flow(ip.dst, dport, t.proto, FAMILY_V6, t.fragment, || flow_hash(&key)) {
+    let choice = match new_flow(addr, dport, t.proto, family, t.fragment, || hash(&key)) {
         Ok(c) => c,
         Err(verdict) => return verdict,
     };

@@ -67,8 +67,9 @@ pub struct Ip6 {
     pub after: usize,
 }
 
-/// Where IPv6's transport header is, after the extension headers.
-pub struct Transport6 {
+/// Where the transport header is (IPv6: after the extension headers), and whether the packet is
+/// a fragment.
+pub struct Transport {
     pub proto: u8,
     pub l4: usize,
     pub fragment: bool,
@@ -169,7 +170,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Parsed {
 
 /// Walks IPv6 extension headers from `ip.after`; `None` if they are truncated.
 #[inline(always)]
-pub fn v6_transport(ctx: &XdpContext, ip: &Ip6) -> Option<Transport6> {
+pub fn v6_transport(ctx: &XdpContext, ip: &Ip6) -> Option<Transport> {
     let mut next = ip.next;
     let mut l4 = ip.after;
     let mut fragment = false;
@@ -186,14 +187,14 @@ pub fn v6_transport(ctx: &XdpContext, ip: &Ip6) -> Option<Transport6> {
                 next = frag[0];
                 let offset = u16::from_be_bytes([frag[2], frag[3]]) >> 3;
                 if offset != 0 {
-                    return Some(Transport6 { proto: next, l4, fragment, later_fragment: true });
+                    return Some(Transport { proto: next, l4, fragment, later_fragment: true });
                 }
                 l4 += 8;
             }
             _ => break,
         }
     }
-    Some(Transport6 { proto: next, l4, fragment, later_fragment: false })
+    Some(Transport { proto: next, l4, fragment, later_fragment: false })
 }
 
 /// Source and destination port (both BE) from the first 4 bytes of TCP/UDP at `l4`.
