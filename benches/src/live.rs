@@ -399,34 +399,15 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<Live> {
             progress.step(&format!(
                 "live: redirect path, {flows} flows, {size}-byte frames, lbd and redirect-only"
             ));
-            let mut results = Vec::new();
-            for which in ["lbd", "bench_redirect"] {
-                let mut runs = Vec::new();
-                for _ in 0..p.runs {
-                    let director = attach_director(&topo, which, &mut dp, "redirect")?;
-                    let r = if which == "lbd" { Some(&reasons) } else { None };
-                    runs.push(measure(&topo, &mut gen, &mut sink, r, &template, flows, p.packets)?);
-                    detach_director(&topo, director)?;
-                }
-                results.push(to_run(which, "redirect", flows, size, &best(runs)));
-            }
-            let baseline = results.pop().expect("two");
-            let lbd = results.pop().expect("two");
+            let pair = measure_pair(&topo, &mut dp, &mut gen, &mut sink, &reasons, "redirect", "bench_redirect", &template, flows, size, p)?;
+            let lbd = &pair.lbd;
             if lbd.other_reasons != 0 {
                 notes.push(format!(
                     "{flows} flows, {size} B: lbd counted {} packets under other reasons",
                     lbd.other_reasons
                 ));
             }
-            pairs.push(LivePair {
-                mode: "redirect".into(),
-                flows,
-                size,
-                rate_ratio: lbd.mpps / baseline.mpps,
-                extra_ns_per_packet: lbd.ns_per_packet - baseline.ns_per_packet,
-                lbd,
-                baseline,
-            });
+            pairs.push(pair);
         }
     }
     drop(sink);
@@ -444,34 +425,52 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<Live> {
         let mut sink = Aux::load(&["bench_sink"])?;
         in_ns(&topo.gen.name, None, || sink.attach("bench_sink", "lbbg"))??;
         let template = frame(size);
-        let mut results = Vec::new();
-        for which in ["lbd", "bench_swap_tx"] {
-            let mut runs = Vec::new();
-            for _ in 0..p.runs {
-                let director = attach_director(&topo, which, &mut dp, "tx")?;
-                let r = if which == "lbd" { Some(&reasons) } else { None };
-                runs.push(measure(&topo, &mut gen, &mut sink, r, &template, flows, p.packets)?);
-                detach_director(&topo, director)?;
-            }
-            results.push(to_run(which, "tx", flows, size, &best(runs)));
-        }
-        let baseline = results.pop().expect("two");
-        let lbd = results.pop().expect("two");
-        pairs.push(LivePair {
-            mode: "tx".into(),
-            flows,
-            size,
-            rate_ratio: lbd.mpps / baseline.mpps,
-            extra_ns_per_packet: lbd.ns_per_packet - baseline.ns_per_packet,
-            lbd,
-            baseline,
-        });
+        pairs.push(measure_pair(&topo, &mut dp, &mut gen, &mut sink, &reasons, "tx", "bench_swap_tx", &template, flows, size, p)?);
     }
 
     Ok(Live {
         pairs,
         generator: format!("BPF_PROG_TEST_RUN live frames (bench_gen, batch 64), {} packets per run, best of {} runs; generator, director and sink in series on CPU {GEN_CPU}", p.packets, p.runs),
         notes,
+    })
+}
+
+/// lbd and `baseline` on the director in `mode` ("redirect" or "tx"), best of `p.runs` each.
+#[allow(clippy::too_many_arguments)]
+fn measure_pair(
+    topo: &Topo,
+    dp: &mut XdpDataplane,
+    gen: &mut Generator,
+    sink: &mut Aux,
+    reasons: &Reasons,
+    mode: &str,
+    baseline: &str,
+    template: &[u8],
+    flows: u32,
+    size: usize,
+    p: &Params,
+) -> Result<LivePair> {
+    let mut results = Vec::new();
+    for which in ["lbd", baseline] {
+        let mut runs = Vec::new();
+        for _ in 0..p.runs {
+            let director = attach_director(topo, which, dp, mode)?;
+            let r = (which == "lbd").then_some(reasons);
+            runs.push(measure(topo, gen, sink, r, template, flows, p.packets)?);
+            detach_director(topo, director)?;
+        }
+        results.push(to_run(which, mode, flows, size, &best(runs)));
+    }
+    let baseline = results.pop().expect("two");
+    let lbd = results.pop().expect("two");
+    Ok(LivePair {
+        mode: mode.into(),
+        flows,
+        size,
+        rate_ratio: lbd.mpps / baseline.mpps,
+        extra_ns_per_packet: lbd.ns_per_packet - baseline.ns_per_packet,
+        lbd,
+        baseline,
     })
 }
 
