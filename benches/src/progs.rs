@@ -180,27 +180,30 @@ impl Reasons {
 
 /// Checks that between `before` and `after` exactly `n` packets were counted, all under `want`.
 pub fn check_reasons(before: &[u64], after: &[u64], want: u32, n: u64, what: &str) -> Result<()> {
+    check_reason_counts(before, after, &[(want, n)], what)
+}
+
+/// Checks that each `(reason, n)` counter grew by exactly `n` and every other counter by nothing.
+pub fn check_reason_counts(before: &[u64], after: &[u64], want: &[(u32, u64)], what: &str) -> Result<()> {
     let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
-    let ok = delta
-        .iter()
-        .enumerate()
-        .all(|(i, &d)| if i as u32 == want { d == n } else { d == 0 });
-    if !ok {
-        let shown: Vec<String> = delta
-            .iter()
-            .enumerate()
-            .filter(|(_, &d)| d != 0)
+    let wanted = |i: usize| want.iter().find(|(r, _)| *r as usize == i).map_or(0, |&(_, n)| n);
+    if delta.iter().enumerate().all(|(i, &d)| d == wanted(i)) {
+        return Ok(());
+    }
+    let show = |counts: &mut dyn Iterator<Item = (usize, u64)>| {
+        let shown: Vec<String> = counts
+            .filter(|&(_, d)| d != 0)
             .map(|(i, d)| format!("{} {d}", reason::NAMES[i]))
             .collect();
-        bail!(
-            "{what}: expected {n} packets counted as {}, the program counted: {}",
-            reason::NAMES[want as usize],
-            if shown.is_empty() {
-                "nothing".into()
-            } else {
-                shown.join(", ")
-            }
-        );
-    }
-    Ok(())
+        if shown.is_empty() {
+            "nothing".to_string()
+        } else {
+            shown.join(", ")
+        }
+    };
+    bail!(
+        "{what}: expected {}, the program counted: {}",
+        show(&mut want.iter().map(|&(r, n)| (r as usize, n))),
+        show(&mut delta.iter().copied().enumerate())
+    )
 }
