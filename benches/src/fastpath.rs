@@ -95,6 +95,9 @@ pub fn services(n: usize, vips: usize) -> Vec<ServiceSpec> {
     v
 }
 
+/// Entries of the connection table in the "new flows into a full table" case (fits in the cache).
+const FULL_TABLE: u32 = 65536;
+
 pub fn load(n: usize, vips: usize, conntrack: u32) -> Result<XdpDataplane> {
     let total_vips = vips as u32 + 2;
     XdpDataplane::load(XdpOptions {
@@ -525,7 +528,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
 
     // New flows into a full connection table: every insert replaces an entry, as on a busy director.
     let (n, vips) = p.base_setup;
-    let small = 65536u32;
+    let small = FULL_TABLE;
     progress.step(&format!(
         "test_run: new flows into a full connection table ({small} entries)"
     ));
@@ -597,17 +600,19 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
 }
 
 /// Runs one case of the base setup in a loop for `secs` seconds (for `perf record` /
-/// `bpftool prog profile`): `lb-bench profile CASE SECONDS`. Cases: tcp-new, tcp-hit, not-vip,
-/// udp-hit, v6-hit, tcp-hit-100k.
+/// `bpftool prog profile`): `lb-bench profile CASE SECONDS`. Cases: tcp-new, tcp-new-full (into
+/// a full 65,536-entry connection table, as the report's case), tcp-hit, not-vip, udp-hit,
+/// v6-hit, tcp-hit-100k.
 pub fn profile(case: &str, secs: f64, setup: (usize, usize)) -> Result<()> {
     let (n, vips) = setup;
-    let mut dp = load(n, vips, 1 << 22)?;
+    let conntrack = if case == "tcp-new-full" { FULL_TABLE } else { 1 << 22 };
+    let mut dp = load(n, vips, conntrack)?;
     dp.apply(&services(n, vips))?;
     let reasons = Reasons::of(&mut dp)?;
-    let mut bench = Bench::new(&mut dp, 1 << 22)?;
+    let mut bench = Bench::new(&mut dp, conntrack)?;
     let f = tcp_flow(tcp_vip(vips - 1));
     let (frame, vary, want) = match case {
-        "tcp-new" => (tcp4_syn(f), Some((0, BASE_TCP_NEW, 4)), reason::NEW_FLOW),
+        "tcp-new" | "tcp-new-full" => (tcp4_syn(f), Some((0, BASE_TCP_NEW, 4)), reason::NEW_FLOW),
         "tcp-hit" => (tcp4_ack(f, b""), None, reason::CONNTRACK_HIT),
         "maps-hit" | "maps-new" | "maps-new_pcpu" => (tcp4_ack(f, b""), None, reason::CONNTRACK_HIT),
         "tcp-hit-100k" => (tcp4_ack(f, b""), Some((100_000, BASE_HIT, 4)), reason::CONNTRACK_HIT),

@@ -7,7 +7,7 @@ use aya_ebpf::{
     Global,
 };
 use lb_common::{
-    reason, Backend, Counters, CtSet, FlowKey, FlowKey4, ReasonCounter, VipInfo, VipKey,
+    reason, table_chunks, Backend, Counters, CtSet, FlowKey, FlowKey4, ReasonCounter, TableChunk, VipInfo, VipKey,
     ADDR_FILTER_WORDS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
 };
 
@@ -34,11 +34,13 @@ pub static VIP_FLAGS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Lookup tables: `max_vips * 2 * TABLE_SIZE` backend ids. VIP `v`, buffer `b` (0/1) occupies
-/// `[(2v + b) * M, (2v + b + 1) * M)`.
+/// Lookup tables, 16 slots per element (`TableChunk`): `max_vips * 2 * C` elements with
+/// `C = table_chunks(M)`. VIP `v`, buffer `b` (0/1) occupies elements `[(2v + b) * C, (2v + b + 1) * C)`,
+/// slot `s` of it is `ids[s % 16]` of element `(2v + b) * C + s / 16`.
 /// Memory-mappable (`BPF_F_MMAPABLE`): the controller writes slots with plain stores.
 #[map(name = "TABLES")]
-pub static TABLES: Array<u32> = Array::with_max_entries(2 * DEFAULT_TABLE_SIZE, BPF_F_MMAPABLE);
+pub static TABLES: Array<TableChunk> =
+    Array::with_max_entries(2 * table_chunks(DEFAULT_TABLE_SIZE), BPF_F_MMAPABLE);
 
 /// `BPF_F_MMAPABLE` (uapi/linux/bpf.h).
 const BPF_F_MMAPABLE: u32 = 1 << 10;

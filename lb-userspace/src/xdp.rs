@@ -19,9 +19,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    addr_filter_bit, ct_sets, ct_shift, map_names, reason, Backend, Counters, CtKey, CtSet, FlowKey, FlowKey4, ReasonCounter,
-    VipInfo, VipKey, ADDR_FILTER_WORDS, BACKEND_F_ALIVE, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROGRAM_NAME,
-    PROTO_TCP, PROTO_UDP, VIP_F_ANY_PORT, VIP_F_ENABLED,
+    addr_filter_bit, ct_sets, ct_shift, map_names, reason, table_chunks, Backend, Counters, CtKey, CtSet, FlowKey, FlowKey4, ReasonCounter,
+    TableChunk, VipInfo, VipKey, ADDR_FILTER_WORDS, BACKEND_F_ALIVE, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROGRAM_NAME,
+    PROTO_TCP, PROTO_UDP, TABLE_CHUNK, VIP_F_ANY_PORT, VIP_F_ENABLED,
 };
 
 use crate::{
@@ -148,27 +148,30 @@ impl Drop for Mapping {
 
 /// `TABLES` mapped into this process: the map is `BPF_F_MMAPABLE`, so slots are written with
 /// plain stores rather than one `bpf()` call each (the first install of 100 VIPs made 6.5 million
-/// of them). The kernel lays array elements out 8 bytes apart (value sizes round up to 8). The
-/// stores only ever go to a VIP's idle buffer; the `VIPS` update that flips to it is a system
-/// call, which orders them before the flip.
+/// of them). Elements are `TableChunk`s of 16 slots (64 bytes, so laid out without gaps); each
+/// buffer starts on an element of its own. The stores only ever go to a VIP's idle buffer; the
+/// `VIPS` update that flips to it is a system call, which orders them before the flip.
 struct MappedTables {
     map: Mapping,
-    entries: u32,
+    /// Buffers (two per VIP id) and elements per buffer.
+    buffers: u32,
+    chunks: u32,
 }
 
-const TABLE_ELEM_SIZE: usize = 8;
-
 impl MappedTables {
-    fn new(ebpf: &mut Ebpf, entries: u32) -> Result<Self, LoadError> {
-        let map = Mapping::new(ebpf, map_names::TABLES, entries as usize * TABLE_ELEM_SIZE, true)?;
-        Ok(Self { map, entries })
+    fn new(ebpf: &mut Ebpf, buffers: u32, table_size: u32) -> Result<Self, LoadError> {
+        let chunks = table_chunks(table_size);
+        let len = buffers as usize * chunks as usize * std::mem::size_of::<TableChunk>();
+        Ok(Self { map: Mapping::new(ebpf, map_names::TABLES, len, true)?, buffers, chunks })
     }
 
-    /// Sets slot `index` (over all VIPs' buffers).
-    fn set(&self, index: u32, value: u32) {
-        assert!(index < self.entries, "table slot {index} out of range");
-        // SAFETY: inside the mapping (checked above), 8-byte aligned (page-aligned base).
-        let slot = unsafe { &*(self.map.ptr.as_ptr().add(index as usize * TABLE_ELEM_SIZE) as *const std::sync::atomic::AtomicU32) };
+    /// Sets slot `slot` of buffer `buffer` (`2 * vip_id + 0/1`).
+    fn set(&self, buffer: u32, slot: u32, value: u32) {
+        assert!(buffer < self.buffers && slot < self.chunks * TABLE_CHUNK, "table slot {buffer}/{slot} out of range");
+        let index = (buffer * self.chunks * TABLE_CHUNK + slot) as usize;
+        // SAFETY: inside the mapping (checked above: chunks are 16 dense u32s), 4-byte aligned
+        // (page-aligned base).
+        let slot = unsafe { &*(self.map.ptr.as_ptr().cast::<std::sync::atomic::AtomicU32>().add(index)) };
         slot.store(value, std::sync::atomic::Ordering::Relaxed);
     }
 }
@@ -225,7 +228,7 @@ pub struct XdpDataplane {
     vips_map: BpfHashMap<MapData, VipKey, VipInfo>,
     backends_map: Array<MapData, Backend>,
     /// `TABLES`, kept open; written through `tables`.
-    _tables_map: Array<MapData, u32>,
+    _tables_map: Array<MapData, TableChunk>,
     tables: MappedTables,
     vip_flags_map: Array<MapData, u32>,
     addr_filter_map: Array<MapData, u32>,
@@ -269,7 +272,7 @@ impl XdpDataplane {
             return Err(LoadError::NoObject);
         }
         let maglev = Maglev::new(opts.table_size)?;
-        let tables_len = opts.max_vips * 2 * opts.table_size;
+        let table_buffers = opts.max_vips * 2;
         let ct_sets = ct_sets(opts.conntrack_size);
         let ct_seed = random_u32();
         let mut ebpf = EbpfLoader::new()
@@ -282,7 +285,7 @@ impl XdpDataplane {
             .map_max_entries(map_names::VIP_STATS, opts.max_vips)
             .map_max_entries(map_names::BACKENDS, opts.max_backends)
             .map_max_entries(map_names::BACKEND_STATS, opts.max_backends)
-            .map_max_entries(map_names::TABLES, tables_len)
+            .map_max_entries(map_names::TABLES, table_buffers * table_chunks(opts.table_size))
             .map_max_entries(map_names::CONNTRACK4, ct_sets)
             .map_max_entries(map_names::CONNTRACK6, ct_sets)
             .load(OBJECT)?;
@@ -294,7 +297,7 @@ impl XdpDataplane {
         Ok(Self {
             vips_map: take(&mut ebpf, map_names::VIPS)?,
             backends_map: take(&mut ebpf, map_names::BACKENDS)?,
-            tables: MappedTables::new(&mut ebpf, tables_len)?,
+            tables: MappedTables::new(&mut ebpf, table_buffers, opts.table_size)?,
             _tables_map: take(&mut ebpf, map_names::TABLES)?,
             vip_flags_map: take(&mut ebpf, map_names::VIP_FLAGS)?,
             addr_filter_map: take(&mut ebpf, map_names::ADDR_FILTER)?,
@@ -424,7 +427,6 @@ impl XdpDataplane {
     /// Makes `table` and `enabled` live for `vip`: a changed table is written into the idle buffer
     /// (only the slots that differ) and the buffers flip, all in one `VIPS` update.
     fn install(&mut self, vip: &VipAddr, table: Vec<u32>, enabled: bool) -> Result<(), DataplaneError> {
-        let m = self.opts.table_size;
         let slot = self.vips.get_mut(vip).expect("vip allocated");
         let new_table = !slot.installed || slot.tables[slot.active as usize] != table;
         if !new_table && slot.enabled == enabled {
@@ -436,10 +438,10 @@ impl XdpDataplane {
                 std::thread::sleep(FLIP_GRACE - since);
             }
             let idle = 1 - slot.active;
-            let base = (slot.id * 2 + idle) * m;
+            let buffer = slot.id * 2 + idle;
             for (i, (&new, old)) in table.iter().zip(slot.tables[idle as usize].iter_mut()).enumerate() {
                 if new != *old {
-                    self.tables.set(base + i as u32, new);
+                    self.tables.set(buffer, i as u32, new);
                     *old = new;
                 }
             }
