@@ -692,7 +692,6 @@ fn log_level_number(config: &Config) -> u8 {
 
 type ControlMsg = (Request, oneshot::Sender<Response>);
 
-/// `lbd run`: runs until SIGINT/SIGTERM; SIGHUP (or `{"cmd":"reload"}`) reloads the config.
 /// The dataplane `lbd run` picked, and how to describe it.
 pub struct Picked {
     pub dataplane: Box<dyn Dataplane>,
@@ -781,6 +780,20 @@ pub fn pick_dataplane(config: &Config) -> anyhow::Result<Picked> {
     }
 }
 
+/// Applies `events` and every health event already waiting: several checks changing at once (a
+/// switch port going down) make one update.
+fn apply_health(ctl: &mut Controller, mut events: Vec<HealthEvent>, rx: &mut mpsc::Receiver<HealthEvent>) {
+    while let Ok(next) = rx.try_recv() {
+        events.push(next);
+    }
+    if events.is_empty() {
+        return;
+    }
+    if let Err(e) = ctl.on_health(&events) {
+        error!("{e:#}");
+    }
+}
+
 /// `lbd run`: runs until SIGINT/SIGTERM; SIGHUP (or `{"cmd":"reload"}`) reloads the config.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -818,6 +831,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
+            // Health events before anything else, so that a status request waiting beside one
+            // is answered after it was applied (see `Request::Status`).
+            biased;
+            Some(ev) = health_rx.recv() => apply_health(&mut ctl, vec![ev], &mut health_rx),
             Some(ev) = neigh_rx.recv() => {
                 if let NeighEvent::Reachable { key, mac } = &ev {
                     info!(address = %key.addr, mac = %format_mac(mac), "real server MAC resolved");
@@ -827,16 +844,6 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     if let Err(e) = ctl.apply() {
                         error!("{e:#}");
                     }
-                }
-            }
-            Some(ev) = health_rx.recv() => {
-                // Several checks changing at once (a switch port going down): one update.
-                let mut events = vec![ev];
-                while let Ok(next) = health_rx.try_recv() {
-                    events.push(next);
-                }
-                if let Err(e) = ctl.on_health(&events) {
-                    error!("{e:#}");
                 }
             }
             changed = vrrp_changed(&mut vrrp) => {
@@ -854,7 +861,13 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             Some((req, reply)) = ctl_rx.recv() => {
                 let resp = match req {
                     Request::Status => match ctl.dataplane().stats() {
-                        Ok(stats) => Response { ok: true, status: Some(with_vrrp(ctl.status(&stats), vrrp.as_ref())), ..Default::default() },
+                        Ok(stats) => {
+                            // The status reads the checks' states as they are now: apply the
+                            // events that arrived while the counters were read, so that what it
+                            // says about real servers and quorum is what the dataplane has.
+                            apply_health(&mut ctl, Vec::new(), &mut health_rx);
+                            Response { ok: true, status: Some(with_vrrp(ctl.status(&stats), vrrp.as_ref())), ..Default::default() }
+                        }
                         Err(e) => Response::error(format!("reading counters: {e}")),
                     },
                     Request::Reload => match reload_all(&mut ctl, &resolver, &mut watched, &mut vrrp).await {

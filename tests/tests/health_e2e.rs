@@ -215,9 +215,9 @@ fn losing_quorum_sends_traffic_to_the_sorry_server() -> Result<()> {
 
     rig.set_healthz(0, false)?;
     wait_state(&rig, 80, 0, "down", BOUND)?;
-    let st = rig.status()?;
-    let vs = &st["virtual_servers"][0];
-    assert_eq!((vs["quorum"].as_bool(), vs["sorry_server"]["state"].as_str()), (Some(false), Some("serving")), "{vs}");
+    // The check's state shows as soon as the check records it; the quorum once the controller
+    // has applied the change (what the traffic below depends on).
+    wait_quorum(&rig, false)?;
     let sorry = batch(&rig, 30)?;
     assert_eq!(sorry, BTreeMap::from([("be3".to_string(), 30)]), "without quorum only the sorry server answers");
     wait_file(&down)?;
@@ -226,11 +226,30 @@ fn losing_quorum_sends_traffic_to_the_sorry_server() -> Result<()> {
 
     rig.set_healthz(0, true)?;
     wait_state(&rig, 80, 0, "up", BOUND)?;
+    wait_quorum(&rig, true)?;
     let after = batch(&rig, 40)?;
     assert_eq!(after.get("be3"), None, "the sorry server still serves after quorum came back: {after:?}");
     assert!(after.get("be1").is_some() && after.get("be2").is_some(), "{after:?}");
     wait_file(&up)?;
     Ok(())
+}
+
+/// Waits until `lbd status` says the first virtual server has (`quorum`) or lacks quorum, with
+/// its sorry server standing by or serving accordingly.
+fn wait_quorum(rig: &Rig, quorum: bool) -> Result<()> {
+    let want = (Some(quorum), Some(if quorum { "standby" } else { "serving" }));
+    let start = Instant::now();
+    loop {
+        let st = rig.status()?;
+        let vs = &st["virtual_servers"][0];
+        if (vs["quorum"].as_bool(), vs["sorry_server"]["state"].as_str()) == want {
+            return Ok(());
+        }
+        if start.elapsed() > BOUND {
+            bail!("quorum not {quorum} after {BOUND:?}: {vs}\n{}", rig.lbd_log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn wait_file(path: &Path) -> Result<()> {

@@ -338,47 +338,59 @@ async fn run(shared: Arc<Shared>, config: CheckConfig, state: Arc<Mutex<CheckSta
             let _probe = shared.probes.acquire().await;
             shared.prober.probe(&config.check, &config.target).await
         };
-        let transition = state
-            .lock()
-            .expect("check state lock")
-            .record(Instant::now(), &result);
-        if !result.ok {
-            debug!(vip = %config.key.vip_key, real_server = %config.key.real_server_key, reason = %result.reason, "check failed");
-        }
-        let Some(transition) = transition else {
-            continue;
+        // The event goes into the controller's channel before the state lock is released: whoever
+        // reads the new state (the controller, for `lbd status` or a table) finds its event
+        // already waiting, and the controller applies waiting events before answering a status.
+        let (unsent, notify, up, reason) = {
+            let mut st = state.lock().expect("check state lock");
+            let transition = st.record(Instant::now(), &result);
+            if !result.ok {
+                debug!(vip = %config.key.vip_key, real_server = %config.key.real_server_key, reason = %result.reason, "check failed");
+            }
+            let Some(transition) = transition else {
+                continue;
+            };
+            let key = &config.key;
+            let event = |up: bool, reason: String, weight: Option<u32>| HealthEvent {
+                vip_key: key.vip_key.clone(),
+                real_server_key: key.real_server_key.clone(),
+                up,
+                reason,
+                weight,
+            };
+            let (event, notify) = match transition {
+                Transition::Down { reason } => {
+                    warn!(vip = %key.vip_key, real_server = %key.real_server_key, %reason, "real server down");
+                    (event(false, reason, None), config.notify_down.as_ref())
+                }
+                Transition::Up { reason, weight } => {
+                    info!(vip = %key.vip_key, real_server = %key.real_server_key, %reason, "real server up");
+                    (event(true, reason, weight), config.notify_up.as_ref())
+                }
+                Transition::Weight { weight, reason } => {
+                    info!(vip = %key.vip_key, real_server = %key.real_server_key, weight, %reason, "real server weight changed");
+                    (event(true, reason, Some(weight)), None)
+                }
+            };
+            let (up, reason) = (event.up, event.reason.clone());
+            let unsent = match shared.events.try_send(event) {
+                Ok(()) => None,
+                // A full channel (thousands of changes at once): wait for room, outside the lock.
+                Err(mpsc::error::TrySendError::Full(event)) => Some(event),
+                Err(mpsc::error::TrySendError::Closed(_)) => return, // the controller is gone
+            };
+            (unsent, notify, up, reason)
         };
         let key = &config.key;
-        let event = |up: bool, reason: String, weight: Option<u32>| HealthEvent {
-            vip_key: key.vip_key.clone(),
-            real_server_key: key.real_server_key.clone(),
-            up,
-            reason,
-            weight,
-        };
-        let (event, notify) = match transition {
-            Transition::Down { reason } => {
-                warn!(vip = %key.vip_key, real_server = %key.real_server_key, %reason, "real server down");
-                (event(false, reason, None), config.notify_down.as_ref())
-            }
-            Transition::Up { reason, weight } => {
-                info!(vip = %key.vip_key, real_server = %key.real_server_key, %reason, "real server up");
-                (event(true, reason, weight), config.notify_up.as_ref())
-            }
-            Transition::Weight { weight, reason } => {
-                info!(vip = %key.vip_key, real_server = %key.real_server_key, weight, %reason, "real server weight changed");
-                (event(true, reason, Some(weight)), None)
-            }
-        };
         if let Some(command) = notify {
             let env = vec![
                 ("LBD_VIP".to_string(), key.vip_key.clone()),
                 ("LBD_RS".to_string(), key.real_server_key.clone()),
                 (
                     "LBD_STATE".to_string(),
-                    if event.up { "up" } else { "down" }.to_string(),
+                    if up { "up" } else { "down" }.to_string(),
                 ),
-                ("LBD_REASON".to_string(), event.reason.clone()),
+                ("LBD_REASON".to_string(), reason),
             ];
             spawn_notify(
                 shared.notifies.clone(),
@@ -387,8 +399,10 @@ async fn run(shared: Arc<Shared>, config: CheckConfig, state: Arc<Mutex<CheckSta
                 shared.options.notify_timeout,
             );
         }
-        if shared.events.send(event).await.is_err() {
-            return; // the controller is gone
+        if let Some(event) = unsent {
+            if shared.events.send(event).await.is_err() {
+                return; // the controller is gone
+            }
         }
     }
 }
