@@ -168,7 +168,7 @@ impl MappedTables {
     /// Sets slot `slot` of buffer `buffer` (`2 * vip_id + 0/1`).
     fn set(&self, buffer: u32, slot: u32, value: u32) {
         assert!(buffer < self.buffers && slot < self.chunks * TABLE_CHUNK, "table slot {buffer}/{slot} out of range");
-        let index = (buffer * self.chunks * TABLE_CHUNK + slot) as usize;
+        let index = (buffer as usize * self.chunks as usize) * TABLE_CHUNK as usize + slot as usize;
         // SAFETY: inside the mapping (checked above: chunks are 16 dense u32s), 4-byte aligned
         // (page-aligned base).
         let slot = unsafe { &*(self.map.ptr.as_ptr().cast::<std::sync::atomic::AtomicU32>().add(index)) };

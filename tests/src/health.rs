@@ -191,12 +191,18 @@ pub fn test_ca(dir: &Path, names: &[&str], ips: &[IpAddr]) -> Result<TestCa> {
     })
 }
 
-/// A UDP server answering each datagram with `pong ` and the datagram.
-pub async fn serve_udp_echo(addr: SocketAddr) -> Result<SocketAddr> {
+/// A UDP socket bound to `addr`, and the address it got (port 0: an ephemeral one).
+async fn bind_udp(addr: SocketAddr) -> Result<(UdpSocket, SocketAddr)> {
     let socket = UdpSocket::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
     let addr = socket.local_addr()?;
+    Ok((socket, addr))
+}
+
+/// A UDP server answering each datagram with `pong ` and the datagram.
+pub async fn serve_udp_echo(addr: SocketAddr) -> Result<SocketAddr> {
+    let (socket, addr) = bind_udp(addr).await?;
     tokio::spawn(async move {
         let mut buf = vec![0; 65536];
         while let Ok((n, from)) = socket.recv_from(&mut buf).await {
@@ -210,10 +216,7 @@ pub async fn serve_udp_echo(addr: SocketAddr) -> Result<SocketAddr> {
 
 /// A UDP socket that reads and never answers.
 pub async fn serve_udp_silent(addr: SocketAddr) -> Result<SocketAddr> {
-    let socket = UdpSocket::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    let addr = socket.local_addr()?;
+    let (socket, addr) = bind_udp(addr).await?;
     tokio::spawn(async move {
         let mut buf = vec![0; 65536];
         while socket.recv_from(&mut buf).await.is_ok() {}
@@ -227,10 +230,7 @@ pub const DNS_A: [u8; 4] = [192, 0, 2, 80];
 /// A tiny authoritative DNS server: `www.example.test` has one A record ([`DNS_A`]) and no AAAA;
 /// the root `.` has an SOA; every other name is NXDOMAIN.
 pub async fn serve_dns(addr: SocketAddr) -> Result<SocketAddr> {
-    let socket = UdpSocket::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    let addr = socket.local_addr()?;
+    let (socket, addr) = bind_udp(addr).await?;
     tokio::spawn(async move {
         let mut buf = vec![0; 4096];
         while let Ok((n, from)) = socket.recv_from(&mut buf).await {

@@ -647,26 +647,7 @@ mod tests {
             "still down after the reload"
         );
         assert_eq!(s.status_of(&key(3)), None);
-        let before = prober
-            .starts
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(p, _)| *p == 1)
-            .count();
-        // rise = 5 now: five passes (plus warmup) before it is up.
-        let up = rx.recv().await.unwrap();
-        assert!(up.up);
-        let after = prober
-            .starts
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(p, _)| *p == 1)
-            .count();
-        assert_eq!(after - before, 5);
-        // Removing stops probing.
-        assert!(s.remove(&key(2)));
+        // Probes started so far against `port`.
         let count = |port| {
             prober
                 .starts
@@ -676,6 +657,13 @@ mod tests {
                 .filter(|(p, _)| *p == port)
                 .count()
         };
+        let before = count(1);
+        // rise = 5 now: five passes (plus warmup) before it is up.
+        let up = rx.recv().await.unwrap();
+        assert!(up.up);
+        assert_eq!(count(1) - before, 5);
+        // Removing stops probing.
+        assert!(s.remove(&key(2)));
         let n2 = count(2);
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(count(2), n2);
