@@ -408,36 +408,56 @@ pub struct ReasonCounter {
 }
 const _: () = assert!(core::mem::size_of::<ReasonCounter>() == 16);
 
-/// The flow hash that indexes lookup tables. Shared so that tests and tools can predict which
-/// slot a flow lands in. It is part of the on-wire contract between two directors (both must pick
-/// the same backend for a flow): never change it without changing both.
+/// The flow hash that indexes lookup tables (see [`table_slot`]). Shared so that tests and tools
+/// can predict which slot a flow lands in. It is part of the contract between two directors (both
+/// must pick the same backend for a flow): never change it without changing both.
 ///
-/// jhash-style final mix (Bob Jenkins' lookup3 `final`) over the 5-tuple words; the addresses and
-/// ports are hashed exactly as they sit in `FlowKey` (BE bytes read as host-order u32).
+/// IPv6: Bob Jenkins' lookup3 `final` mix applied four times, each after adding one word of the
+/// source and one of the destination address; the ports and protocol seed it. Addresses and ports
+/// are hashed exactly as they sit in `FlowKey` (BE bytes read as host-order u32). An IPv4 flow
+/// (`family` `FAMILY_V4`) hashes like [`flow_hash_v4`].
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey) -> u32 {
-    flow_hash_parts(key.proto, key.sport, key.dport, &key.src, &key.dst)
-}
-
-/// [`flow_hash`] of the `FlowKey` an IPv4 flow would have (addresses in word 0, the rest zero).
-#[inline(always)]
-pub fn flow_hash_v4(key: &FlowKey4) -> u32 {
-    flow_hash_parts(key.proto, key.sport, key.dport, &[key.src, 0, 0, 0], &[key.dst, 0, 0, 0])
-}
-
-#[inline(always)]
-fn flow_hash_parts(proto: u8, sport: u16, dport: u16, src: &[u32; 4], dst: &[u32; 4]) -> u32 {
-    let mut a: u32 = 0xdead_beef ^ (proto as u32);
+    if key.family == FAMILY_V4 {
+        return jhash_3words(key.proto, key.sport, key.dport, key.src[0], key.dst[0]);
+    }
+    let mut a: u32 = 0xdead_beef ^ (key.proto as u32);
     let mut b: u32 = 0x9e37_79b9;
-    let mut c: u32 = (sport as u32) << 16 | dport as u32;
+    let mut c: u32 = (key.sport as u32) << 16 | key.dport as u32;
     let mut i = 0;
     while i < 4 {
-        a = a.wrapping_add(src[i]);
-        b = b.wrapping_add(dst[i]);
+        a = a.wrapping_add(key.src[i]);
+        b = b.wrapping_add(key.dst[i]);
         jhash_final(&mut a, &mut b, &mut c);
         i += 1;
     }
     c
+}
+
+/// [`flow_hash`] of an IPv4 flow: one lookup3 `final` mix of its three words (source, destination,
+/// ports), like the kernel's `jhash_3words`. Every input bit reaches every output bit; the BPF
+/// target has no rotate instruction, so each mix is about 45 instructions in one dependency chain,
+/// and one instead of the IPv6 hash's four is worth about 15 % of a new IPv4 flow's cost.
+#[inline(always)]
+pub fn flow_hash_v4(key: &FlowKey4) -> u32 {
+    jhash_3words(key.proto, key.sport, key.dport, key.src, key.dst)
+}
+
+#[inline(always)]
+fn jhash_3words(proto: u8, sport: u16, dport: u16, src: u32, dst: u32) -> u32 {
+    let mut a: u32 = (0xdead_beef ^ (proto as u32)).wrapping_add(src);
+    let mut b: u32 = 0x9e37_79b9u32.wrapping_add(dst);
+    let mut c: u32 = (sport as u32) << 16 | dport as u32;
+    jhash_final(&mut a, &mut b, &mut c);
+    c
+}
+
+/// The slot of a table of `size` slots that a flow with [`flow_hash`] `hash` uses:
+/// `hash * size / 2^32`, which spreads the hashes evenly (at most one hash more in some slots) and
+/// costs a multiplication where `hash % size` would cost a division. Part of the same contract.
+#[inline(always)]
+pub fn table_slot(hash: u32, size: u32) -> u32 {
+    ((hash as u64 * size as u64) >> 32) as u32
 }
 
 #[inline(always)]
@@ -498,6 +518,50 @@ mod tests {
                 _pad: [0; 2],
             };
             assert_eq!(flow_hash_v4(&k4), flow_hash(&k));
+            // The same words as an IPv6 flow hash differently (four mixes).
+            assert_ne!(flow_hash(&FlowKey { family: FAMILY_V6, ..k }), flow_hash(&k));
+        }
+    }
+
+    /// Frozen values: a change here changes which backend every flow goes to, and a director
+    /// running the new version disagrees with one running the old.
+    #[test]
+    fn flow_hash_values_are_frozen() {
+        let k = FlowKey {
+            src: [u32::from_ne_bytes([10, 0, 0, 2]), 0, 0, 0],
+            dst: [u32::from_ne_bytes([10, 0, 0, 100]), 0, 0, 0],
+            sport: 40000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        };
+        let v6 = FlowKey { src: [0x20010db8u32.to_be(), 0, 0, 2u32.to_be()], dst: [0x20010db8u32.to_be(), 0, 0, 0x100u32.to_be()], family: FAMILY_V6, ..k };
+        assert_eq!((flow_hash(&k), flow_hash(&v6)), (FROZEN_V4, FROZEN_V6));
+        assert_eq!(table_slot(FROZEN_V4, 65537), FROZEN_SLOT);
+    }
+    const FROZEN_V4: u32 = 0xcab5_6d3a;
+    const FROZEN_V6: u32 = 0xc662_1569;
+    const FROZEN_SLOT: u32 = 51_894;
+
+    #[test]
+    fn table_slot_spreads_hashes_evenly() {
+        for size in [3u32, 251, 65537, 655_373, 1_000_003] {
+            assert_eq!(table_slot(0, size), 0);
+            assert_eq!(table_slot(u32::MAX, size), size - 1);
+            // Every slot gets floor(2^32 / size) or one more hashes: the first hash of slot s is
+            // ceil(s * 2^32 / size).
+            let first = |s: u64| ((s << 32) + u64::from(size) - 1) / u64::from(size);
+            for s in [0u64, 1, u64::from(size / 2), u64::from(size) - 1] {
+                let f = first(s);
+                assert_eq!(table_slot(f as u32, size) as u64, s, "size {size} slot {s}");
+                if f > 0 {
+                    assert_eq!(table_slot((f - 1) as u32, size) as u64, s - 1, "size {size} slot {s}");
+                }
+                let width = first(s + 1) - f;
+                let even = (1u64 << 32) / u64::from(size);
+                assert!(width == even || width == even + 1, "size {size} slot {s}: {width} hashes");
+            }
         }
     }
 

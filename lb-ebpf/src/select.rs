@@ -3,7 +3,7 @@
 
 use crate::maps::{ADDR_FILTER, BACKENDS, TABLES, TABLE_SIZE, VIPS, VIP_FLAGS};
 use lb_common::{
-    table_chunks, Backend, VipInfo, VipKey, BACKEND_F_ALIVE, NO_BACKEND, TABLE_CHUNK, VIP_F_ANY_PORT,
+    table_chunks, table_slot, Backend, VipInfo, VipKey, BACKEND_F_ALIVE, NO_BACKEND, TABLE_CHUNK, VIP_F_ANY_PORT,
     VIP_F_ENABLED,
 };
 
@@ -67,8 +67,7 @@ pub fn established(id: u32, generation: u32, addr: [u32; 4], port: u16, proto: u
 #[inline(always)]
 pub fn from_table(vip: &VipInfo, hash: u32) -> Option<Choice> {
     let m = TABLE_SIZE.load();
-    // `checked_rem` keeps a panic path (division by zero) out of the program; M is never 0.
-    let offset = hash.checked_rem(m)?;
+    let offset = table_slot(hash, m);
     let chunk = (vip.vip_id * 2 + (vip.active & 1)) * table_chunks(m) + offset / TABLE_CHUNK;
     let id = TABLES.get(chunk)?.ids[(offset % TABLE_CHUNK) as usize];
     if id == NO_BACKEND {

@@ -1297,7 +1297,7 @@ mod tests {
                 family: lb_common::FAMILY_V4,
                 _pad: [0; 2],
             };
-            counts[table[(lb_common::flow_hash(&key) % 65537) as usize] as usize] += 1;
+            counts[table[lb_common::table_slot(lb_common::flow_hash(&key), 65537) as usize] as usize] += 1;
         }
         // 3000 flows: a fair split is 1000 ± 26 (1σ); allow 4σ.
         assert!(counts.iter().all(|&n| (896..=1104).contains(&n)), "{counts:?}");

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{ct_sets, ct_shift, flow_hash, CtKey, FlowKey, FlowKey4, CT_WAYS, FAMILY_V4, PROTO_TCP};
+use lb_common::{ct_sets, ct_shift, flow_hash, table_slot, CtKey, FlowKey, FlowKey4, CT_WAYS, FAMILY_V4, PROTO_TCP};
 use lb_tests::{
     netns::{require_root, Netns},
     packets::*,
@@ -214,7 +214,7 @@ fn choice_inner() -> anyhow::Result<()> {
             family: FAMILY_V4,
             _pad: [0; 2],
         };
-        three[table[(flow_hash(&key) % 65537) as usize] as usize].mac.expect("resolved")
+        three[table[table_slot(flow_hash(&key), 65537) as usize] as usize].mac.expect("resolved")
     };
 
     let mut owner = std::collections::HashMap::new();
