@@ -207,13 +207,27 @@ impl<K: CtKey> MappedConntrack<K> {
     }
 }
 
-/// A random `u32` from the kernel (`getrandom`), for `CT_SEED`; a fixed one if that fails (the
-/// seed only makes set collisions unpredictable).
+/// A random `u32` from the kernel (`getrandom`), for `CT_SEED`. If the kernel cannot give one,
+/// a fixed seed with a warning: the seed only keeps set collisions unpredictable (without it, a
+/// client that knows the seed can aim new flows at one set and push out its established flows).
 fn random_u32() -> u32 {
     let mut buf = [0u8; 4];
-    // SAFETY: writes at most 4 bytes into `buf`.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n == 4 { u32::from_ne_bytes(buf) } else { 0x6c62_6473 }
+    loop {
+        // SAFETY: writes at most 4 bytes into `buf`.
+        let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n == 4 {
+            return u32::from_ne_bytes(buf);
+        }
+        let err = std::io::Error::last_os_error();
+        if n < 0 && err.kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        tracing::warn!(
+            "getrandom failed ({}); the connection tables use a fixed hash seed, so their set collisions are predictable",
+            if n < 0 { err.to_string() } else { format!("{n} bytes") }
+        );
+        return 0x6c62_6473;
+    }
 }
 
 struct BackendSlot {
