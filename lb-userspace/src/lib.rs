@@ -5,6 +5,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod duration;
 pub mod ipvs;
 pub mod ipvs_dataplane;
 pub mod health;

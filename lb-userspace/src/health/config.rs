@@ -68,6 +68,8 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use toml::Spanned;
 
+pub use crate::duration::{format_duration, parse_duration};
+
 /// Default `interval`.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 /// Default `timeout`.
@@ -1063,96 +1065,6 @@ fn dns_name(name: &str) -> Result<String, String> {
     Ok(trimmed.to_owned())
 }
 
-// ---------------------------------------------------------------------------------------------
-// Durations
-
-/// Why a duration string was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DurationError {
-    #[error("invalid duration {0:?}: expected a number and a unit (ms, s, m or h), like \"1s\", \"500ms\" or \"1m30s\"")]
-    Syntax(String),
-    #[error("duration {0:?} needs a unit: write \"{0}s\" or \"{0}ms\"")]
-    NoUnit(String),
-    #[error("duration {0:?} is too long")]
-    Overflow(String),
-}
-
-/// Parses `"500ms"`, `"1s"`, `"1.5s"`, `"2m"`, `"1h"`, `"1m30s"` (units `ms`, `s`, `m`, `h`; `us` for
-/// microseconds too). Spaces around the whole are allowed, inside are not.
-pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
-    let s = text.trim();
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        return Err(DurationError::NoUnit(s.to_owned()));
-    }
-    let syntax = || DurationError::Syntax(text.to_owned());
-    let mut rest = s;
-    let mut total_nanos: u128 = 0;
-    if rest.is_empty() {
-        return Err(syntax());
-    }
-    while !rest.is_empty() {
-        let num_len = rest
-            .bytes()
-            .take_while(|b| b.is_ascii_digit() || *b == b'.')
-            .count();
-        let (num, after) = rest.split_at(num_len);
-        let unit_len = after
-            .bytes()
-            .take_while(|b| b.is_ascii_alphabetic())
-            .count();
-        let (unit, after) = after.split_at(unit_len);
-        if num.is_empty()
-            || num.starts_with('.')
-            || num.ends_with('.')
-            || num.matches('.').count() > 1
-        {
-            return Err(syntax());
-        }
-        let scale: u128 = match unit {
-            "us" | "µs" => 1_000,
-            "ms" => 1_000_000,
-            "s" => 1_000_000_000,
-            "m" => 60_000_000_000,
-            "h" => 3_600_000_000_000,
-            _ => return Err(syntax()),
-        };
-        let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
-        if whole.len() > 12 || frac.len() > 9 {
-            return Err(DurationError::Overflow(text.to_owned()));
-        }
-        let whole: u128 = whole.parse().map_err(|_| syntax())?;
-        let mut nanos = whole * scale;
-        if !frac.is_empty() {
-            let digits: u128 = frac.parse().map_err(|_| syntax())?;
-            nanos += digits * scale / 10u128.pow(frac.len() as u32);
-        }
-        total_nanos += nanos;
-        rest = after;
-    }
-    let secs = u64::try_from(total_nanos / 1_000_000_000)
-        .map_err(|_| DurationError::Overflow(text.to_owned()))?;
-    Ok(Duration::new(secs, (total_nanos % 1_000_000_000) as u32))
-}
-
-/// Formats a duration the way the file writes it: `"500ms"`, `"2s"`, `"1.5s"`, `"250us"`.
-pub fn format_duration(d: Duration) -> String {
-    let nanos = d.as_nanos();
-    if nanos == 0 {
-        "0s".into()
-    } else if nanos.is_multiple_of(1_000_000_000) {
-        format!("{}s", d.as_secs())
-    } else if nanos < 1_000_000_000 && nanos.is_multiple_of(1_000_000) {
-        format!("{}ms", d.as_millis())
-    } else if nanos.is_multiple_of(1_000_000) {
-        let text = format!("{}.{:03}", d.as_secs(), d.subsec_millis());
-        format!("{}s", text.trim_end_matches('0'))
-    } else if nanos < 1_000_000 && nanos.is_multiple_of(1_000) {
-        format!("{}us", d.as_micros())
-    } else {
-        format!("{:?}", d)
-    }
-}
-
 fn serialize_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_duration(*d))
 }
@@ -1339,53 +1251,6 @@ mod tests {
             .unwrap_or_else(|e| panic!("{text}: {e:?}"))
     }
 
-    #[test]
-    fn durations() {
-        let ms = Duration::from_millis;
-        for (text, want) in [
-            ("1s", ms(1000)),
-            ("500ms", ms(500)),
-            ("2m", ms(120_000)),
-            ("1h", ms(3_600_000)),
-            ("1.5s", ms(1500)),
-            ("1m30s", ms(90_000)),
-            ("0.25s", ms(250)),
-            (" 3s ", ms(3000)),
-            ("0s", ms(0)),
-            ("250us", Duration::from_micros(250)),
-        ] {
-            assert_eq!(parse_duration(text), Ok(want), "{text}");
-        }
-        assert_eq!(
-            parse_duration("5").unwrap_err().to_string(),
-            "duration \"5\" needs a unit: write \"5s\" or \"5ms\""
-        );
-        for bad in [
-            "", "s", "5x", "1.s", ".5s", "1..2s", "5 s", "-1s", "1s2", "1e3s",
-        ] {
-            assert_eq!(
-                parse_duration(bad).unwrap_err().to_string(),
-                format!(
-                    "invalid duration {bad:?}: expected a number and a unit (ms, s, m or h), like \"1s\", \"500ms\" or \
-                     \"1m30s\""
-                ),
-            );
-        }
-        assert!(matches!(
-            parse_duration("99999999999999h"),
-            Err(DurationError::Overflow(_))
-        ));
-        for (d, text) in [
-            (ms(500), "500ms"),
-            (ms(2000), "2s"),
-            (ms(1500), "1.5s"),
-            (ms(0), "0s"),
-            (ms(1250), "1.25s"),
-        ] {
-            assert_eq!(format_duration(d), text);
-            assert_eq!(parse_duration(text), Ok(d));
-        }
-    }
 
     #[test]
     fn defaults() {

@@ -43,6 +43,8 @@ use std::{collections::HashMap, fmt, net::IpAddr, time::Duration};
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::duration::{format_duration, parse_duration};
+
 /// Default `priority`.
 pub const DEFAULT_PRIORITY: i64 = 100;
 /// Default `advert_interval`.
@@ -689,60 +691,6 @@ impl Serialize for DurationSpec {
     }
 }
 
-/// Parses `"100ms"`, `"1s"`, `"1.5s"`, `"1m30s"` (units `ms`, `s`, `m`, `h`), exactly.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration `{text}`: write a number and a unit (ms, s, m, h), e.g. \"100ms\", \"1s\", \"1m30s\"");
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    let mut total: u128 = 0; // nanoseconds
-    while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
-        let (num, tail) = rest.split_at(num_len);
-        let unit_len = tail.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_len);
-        let scale: u128 = match unit {
-            "ms" => 1_000_000,
-            "s" => 1_000_000_000,
-            "m" => 60_000_000_000,
-            "h" => 3_600_000_000_000,
-            _ => return Err(bad()),
-        };
-        let (int, frac) = num.split_once('.').unwrap_or((num, ""));
-        if int.is_empty() && frac.is_empty() || frac.contains('.') || int.len() > 12 {
-            return Err(bad());
-        }
-        let mut value = int.parse::<u128>().unwrap_or(0) * scale;
-        let mut place = scale;
-        for d in frac.chars() {
-            place /= 10;
-            value += u128::from(d.to_digit(10).ok_or_else(bad)?) * place;
-        }
-        if frac.len() > 9 || place == 0 && !frac.is_empty() {
-            return Err(format!("invalid duration `{text}`: finer than a nanosecond"));
-        }
-        total += value;
-        rest = tail.trim_start();
-    }
-    let secs = u64::try_from(total / 1_000_000_000).map_err(|_| bad())?;
-    Ok(Duration::new(secs, (total % 1_000_000_000) as u32))
-}
-
-/// The shortest text [`parse_duration`] reads back as `d`: `"100ms"`, `"1s"`, `"1.5s"`.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_nanos() as f64 / 1e6;
-    if !d.subsec_nanos().is_multiple_of(1_000_000) {
-        format!("{}s", d.as_secs_f64())
-    } else if d.as_millis() < 1000 {
-        format!("{ms}ms")
-    } else if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}s", d.as_secs_f64())
-    }
-}
-
 impl<'de> Deserialize<'de> for VirtualAddressSpec {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -856,24 +804,6 @@ mod tests {
 
     const MINIMAL: &str =
         "[[vrrp_instance]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\nvirtual_addresses = [\"10.0.0.100\"]\n";
-
-    #[test]
-    fn durations_parse_exactly() {
-        assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
-        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("0.1s"), Ok(Duration::from_millis(100)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        for bad in ["", "1", "s", "1x", "-1s", "1..2s", "1.0000000001s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
-        }
-        for d in [Duration::from_millis(100), Duration::from_secs(1), Duration::from_millis(1500), Duration::from_micros(1500)] {
-            assert_eq!(parse_duration(&format_duration(d)), Ok(d), "{}", format_duration(d));
-        }
-        assert_eq!(format_duration(Duration::from_millis(100)), "100ms");
-        assert_eq!(format_duration(Duration::from_secs(5)), "5s");
-    }
 
     #[test]
     fn every_key_in_its_forms() {
@@ -1065,7 +995,7 @@ mod tests {
     fn parser_reports_bad_forms() {
         let err = |text: &str| toml::from_str::<File>(text).err().map(|e| e.message().to_owned()).unwrap_or_default();
         assert!(err(&MINIMAL.replace("[\"10.0.0.100\"]", "[\"10.0.0.300\"]")).contains("invalid IP address `10.0.0.300`"));
-        assert!(err(&format!("{MINIMAL}advert_interval = \"fast\"\n")).contains("invalid duration `fast`"));
+        assert!(err(&format!("{MINIMAL}advert_interval = \"fast\"\n")).contains("invalid duration \"fast\""));
         assert!(err(&format!("{MINIMAL}nopreempt = true\n")).contains("unknown field `nopreempt`"));
         assert!(err(&format!("{MINIMAL}track_interface = [{{ name = \"x\", wieght = 1 }}]\n")).contains("unknown field `wieght`"));
         assert!(err(&MINIMAL.replace("[\"10.0.0.100\"]", "[\"10.0.0.100 brd 10.0.0.255\"]")).contains("unsupported option `brd`"));
