@@ -263,15 +263,23 @@ pub struct CtSet<K> {
 const _: () = assert!(core::mem::size_of::<CtSet<FlowKey4>>() == 256);
 const _: () = assert!(core::mem::size_of::<CtSet<FlowKey>>() == 448);
 
-/// A connection table's key: compared as whole `u64` words, hashed with a per-load seed.
+/// A connection table's key: compared as whole `u64` words, hashed with a random key per load.
 pub trait CtKey: Copy + 'static {
+    /// The set hash's random key: two multipliers per 8-byte word of the key (one per 32-bit
+    /// half) and an addend, `[u64; 2 * words + 1]`. The loader draws it from `getrandom` at each
+    /// load (`CT_KEY4`, `CT_KEY6`).
+    type HashKey: Copy;
     /// Whether `self` and `other` are the same flow (every byte equal, padding included).
     fn same(&self, other: &Self) -> bool;
-    /// The 32-bit hash whose top bits pick the set (seeded: flows cannot be chosen to collide
-    /// without knowing the seed). MurmurHash3's block and finalisation steps over the key's
-    /// words.
-    fn ct_hash(&self, seed: u32) -> u32;
+    /// The 32-bit hash whose top bits pick the set: [`multiply_shift`] of the key's 32-bit
+    /// halves under `key`.
+    fn ct_hash(&self, key: &Self::HashKey) -> u32;
 }
+
+/// Words of [`FlowKey4`]'s hash key (`CT_KEY4`): 2 words, 4 halves, and the addend.
+pub const CT_HASH_KEY4: usize = 5;
+/// Words of [`FlowKey`]'s hash key (`CT_KEY6`): 5 words, 10 halves, and the addend.
+pub const CT_HASH_KEY6: usize = 11;
 
 /// Reads the `N` 8-byte words of a `repr(C, align(8))` key.
 #[inline(always)]
@@ -282,7 +290,44 @@ fn key_words<K, const N: usize>(key: &K) -> &[u64; N] {
     unsafe { &*(key as *const K as *const [u64; N]) }
 }
 
+/// Vector multiply-shift (Dietzfelbinger; Thorup, "High Speed Hashing for Integers and
+/// Strings", 2015): with `x_i` the 32-bit halves of `words` and `a_i`, `b` the 64-bit words of a
+/// uniformly random `key`, `((b + sum a_i * x_i) mod 2^64) >> 32`. For a random key the family is
+/// strongly universal onto 32 bits: any two distinct flows collide in any `l` top bits with
+/// probability `2^-l`, so a client that does not know the key cannot aim flows at one set, and
+/// neither can consecutive ports or addresses crowd one. All products are independent, so the
+/// hash is about one multiplication deep instead of a chain of mixing rounds.
+#[inline(always)]
+pub fn multiply_shift<const N: usize, const M: usize>(words: &[u64; N], key: &[u64; M]) -> u32 {
+    const { assert!(M == 2 * N + 1) };
+    let mut sum = key[2 * N];
+    let mut i = 0;
+    while i < N {
+        sum = sum
+            .wrapping_add((words[i] & 0xffff_ffff).wrapping_mul(key[2 * i]))
+            .wrapping_add((words[i] >> 32).wrapping_mul(key[2 * i + 1]));
+        i += 1;
+    }
+    (sum >> 32) as u32
+}
+
+/// A hash key expanded from `seed` by SplitMix64: for tests, and for the loader when the kernel
+/// gives no random bytes (then warned about: such a key is predictable).
+#[cfg(any(test, feature = "user"))]
+pub fn splitmix_key<const M: usize>(seed: u64) -> [u64; M] {
+    let mut state = seed;
+    core::array::from_fn(|_| {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
 impl CtKey for FlowKey4 {
+    type HashKey = [u64; CT_HASH_KEY4];
+
     #[inline(always)]
     fn same(&self, other: &Self) -> bool {
         let (a, b) = (key_words::<_, 2>(self), key_words::<_, 2>(other));
@@ -290,15 +335,14 @@ impl CtKey for FlowKey4 {
     }
 
     #[inline(always)]
-    fn ct_hash(&self, seed: u32) -> u32 {
-        let mut h = murmur_round(seed, self.src);
-        h = murmur_round(h, self.dst);
-        h = murmur_round(h, (self.sport as u32) << 16 | self.dport as u32);
-        murmur_final(h ^ (self.proto as u32) << 8)
+    fn ct_hash(&self, key: &Self::HashKey) -> u32 {
+        multiply_shift(key_words::<_, 2>(self), key)
     }
 }
 
 impl CtKey for FlowKey {
+    type HashKey = [u64; CT_HASH_KEY6];
+
     #[inline(always)]
     fn same(&self, other: &Self) -> bool {
         let (a, b) = (key_words::<_, 5>(self), key_words::<_, 5>(other));
@@ -306,32 +350,9 @@ impl CtKey for FlowKey {
     }
 
     #[inline(always)]
-    fn ct_hash(&self, seed: u32) -> u32 {
-        let mut h = seed;
-        let mut i = 0;
-        while i < 4 {
-            h = murmur_round(h, self.src[i]);
-            h = murmur_round(h, self.dst[i]);
-            i += 1;
-        }
-        h = murmur_round(h, (self.sport as u32) << 16 | self.dport as u32);
-        murmur_final(h ^ (self.proto as u32) << 8 ^ self.family as u32)
+    fn ct_hash(&self, key: &Self::HashKey) -> u32 {
+        multiply_shift(key_words::<_, 5>(self), key)
     }
-}
-
-#[inline(always)]
-fn murmur_round(h: u32, word: u32) -> u32 {
-    let k = word.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
-}
-
-#[inline(always)]
-fn murmur_final(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
 }
 
 /// The `check` of an entry whose key hashes to `hash` (see [`CtEntry`]); never 0.
@@ -341,10 +362,10 @@ pub fn ct_check(hash: u32, backend: u32, generation: u32) -> u32 {
 }
 
 impl<K: CtKey> CtEntry<K> {
-    /// Whether the entry holds a flow (see [`CtEntry`]), given the table's seed.
+    /// Whether the entry holds a flow (see [`CtEntry`]), given the table's hash key.
     #[inline(always)]
-    pub fn is_valid(&self, seed: u32) -> bool {
-        self.check != 0 && self.check == ct_check(self.key.ct_hash(seed), self.backend, self.generation)
+    pub fn is_valid(&self, key: &K::HashKey) -> bool {
+        self.check != 0 && self.check == ct_check(self.key.ct_hash(key), self.backend, self.generation)
     }
 }
 
@@ -587,26 +608,27 @@ mod tests {
         }
     }
 
-    fn entry(src: u32, backend: u32, generation: u32, seed: u32) -> CtEntry<FlowKey4> {
-        let key = FlowKey4 { src, dst: 0x0a00_0001, sport: 1234, dport: 80u16.to_be(), proto: PROTO_TCP, _pad0: 0, _pad1: 0 };
-        CtEntry { key, backend, generation, check: ct_check(key.ct_hash(seed), backend, generation), used: 0 }
+    fn entry(src: u32, backend: u32, generation: u32, key: &[u64; CT_HASH_KEY4]) -> CtEntry<FlowKey4> {
+        let flow = FlowKey4 { src, dst: 0x0a00_0001, sport: 1234, dport: 80u16.to_be(), proto: PROTO_TCP, _pad0: 0, _pad1: 0 };
+        CtEntry { key: flow, backend, generation, check: ct_check(flow.ct_hash(key), backend, generation), used: 0 }
     }
 
     #[test]
     fn conntrack_entries_validate_their_fields() {
-        let seed = 0x1234_5678;
-        assert!(!CtEntry::<FlowKey4>::default().is_valid(seed), "an empty entry is no flow");
-        assert!(!CtEntry::<FlowKey>::default().is_valid(seed));
+        let key = splitmix_key(0x1234_5678);
+        let other_load = splitmix_key(0x1234_5679);
+        assert!(!CtEntry::<FlowKey4>::default().is_valid(&key), "an empty entry is no flow");
+        assert!(!CtEntry::<FlowKey>::default().is_valid(&splitmix_key(1)));
         for i in 0..10_000u32 {
-            let a = entry(i, i % 7, i / 7, seed);
-            let b = entry(i + 1, (i + 3) % 7, i / 7 + 1, seed);
-            assert!(a.is_valid(seed) && b.is_valid(seed));
-            assert!(!a.is_valid(seed ^ 1), "another load's seed");
+            let a = entry(i, i % 7, i / 7, &key);
+            let b = entry(i + 1, (i + 3) % 7, i / 7 + 1, &key);
+            assert!(a.is_valid(&key) && b.is_valid(&key));
+            assert!(!a.is_valid(&other_load), "another load's key");
             // Two writers mixed: one's key (and check) with the other's backend, or the check
             // of the other.
-            assert!(!CtEntry { backend: b.backend, generation: b.generation, ..a }.is_valid(seed), "{i}");
-            assert!(!CtEntry { check: b.check, ..a }.is_valid(seed), "{i}");
-            assert!(!CtEntry { key: b.key, ..a }.is_valid(seed), "{i}");
+            assert!(!CtEntry { backend: b.backend, generation: b.generation, ..a }.is_valid(&key), "{i}");
+            assert!(!CtEntry { check: b.check, ..a }.is_valid(&key), "{i}");
+            assert!(!CtEntry { key: b.key, ..a }.is_valid(&key), "{i}");
         }
     }
 
@@ -630,28 +652,46 @@ mod tests {
         assert!(!k6.same(&FlowKey { proto: 17, ..k6 }));
     }
 
-    /// Consecutive client ports from one address (what a busy client or a proxy sends) spread
-    /// over the sets about as a random hash would: no set far above the mean.
+    /// Consecutive client ports from one address (what a busy client or a proxy sends), or
+    /// consecutive addresses, spread over the sets about as a random hash would: no set far above
+    /// the mean, for any key.
     #[test]
     fn conntrack_hash_spreads_consecutive_ports() {
         let sets = 4096u32;
         let shift = ct_shift(sets);
-        for seed in [0u32, 1, 0xdead_beef] {
+        let spread = |hashes: &mut dyn Iterator<Item = u32>| {
             let mut load = [0u32; 4096];
-            for port in 0..=u16::MAX {
-                let key = FlowKey4 { src: 0x0102_000a, dst: 0x0a64_33c6, sport: port.to_be(), dport: 443u16.to_be(), proto: PROTO_TCP, _pad0: 0, _pad1: 0 };
-                load[(key.ct_hash(seed) >> shift) as usize] += 1;
+            for h in hashes {
+                load[(h >> shift) as usize] += 1;
             }
+            *load.iter().max().unwrap()
+        };
+        for seed in [0u64, 1, 0xdead_beef] {
+            let (k4, k6) = (splitmix_key(seed), splitmix_key(seed));
+            let key4 = |port: u16, src: u32| FlowKey4 { src, dst: 0x0a64_33c6, sport: port.to_be(), dport: 443u16.to_be(), proto: PROTO_TCP, _pad0: 0, _pad1: 0 };
             // Mean 16; a Poisson(16) maximum over 4096 sets is about 33.
-            let max = *load.iter().max().unwrap();
+            let max = spread(&mut (0..=u16::MAX).map(|port| key4(port, 0x0102_000a).ct_hash(&k4)));
             assert!(max <= 40, "seed {seed:#x}: a set got {max} of 65536 flows (mean 16)");
-            let mut load6 = [0u32; 4096];
-            for port in 0..=u16::MAX {
-                let key = FlowKey { src: [0x0db8_0120, 0, 0, port as u32], dst: [0x0db8_0120, 0, 0, 0x1000_0000], sport: 40000u16.to_be(), dport: 443u16.to_be(), proto: PROTO_TCP, family: FAMILY_V6, _pad: [0; 2] };
-                load6[(key.ct_hash(seed) >> shift) as usize] += 1;
-            }
-            let max6 = *load6.iter().max().unwrap();
+            let max = spread(&mut (0..=u16::MAX).map(|i| key4(40000, (0x0a00_0000 + u32::from(i)).to_be()).ct_hash(&k4)));
+            assert!(max <= 40, "seed {seed:#x}: consecutive addresses, a set got {max} of 65536 flows (mean 16)");
+            let max6 = spread(&mut (0..=u16::MAX).map(|port| {
+                FlowKey { src: [0x0db8_0120, 0, 0, port as u32], dst: [0x0db8_0120, 0, 0, 0x1000_0000], sport: 40000u16.to_be(), dport: 443u16.to_be(), proto: PROTO_TCP, family: FAMILY_V6, _pad: [0; 2] }
+                    .ct_hash(&k6)
+            }));
             assert!(max6 <= 40, "seed {seed:#x}: IPv6, a set got {max6} of 65536 flows (mean 16)");
         }
+    }
+
+    /// The hash is the formula in `multiply_shift`'s documentation, over the key's 32-bit halves
+    /// (checked against a plain 128-bit computation).
+    #[test]
+    fn multiply_shift_is_the_documented_formula() {
+        let key: [u64; CT_HASH_KEY4] = splitmix_key(7);
+        let flow = FlowKey4 { src: 0x0102_000a, dst: 0x0a64_33c6, sport: 40000u16.to_be(), dport: 443u16.to_be(), proto: PROTO_TCP, _pad0: 0, _pad1: 0 };
+        let words = key_words::<_, 2>(&flow);
+        let halves = [words[0] & 0xffff_ffff, words[0] >> 32, words[1] & 0xffff_ffff, words[1] >> 32];
+        let sum: u128 = u128::from(key[4]) + halves.iter().zip(key).map(|(&x, a)| u128::from(x) * u128::from(a)).sum::<u128>();
+        assert_eq!(flow.ct_hash(&key), ((sum % (1u128 << 64)) >> 32) as u32);
+        assert_eq!(halves, [flow.src as u64, flow.dst as u64, u64::from(flow.sport) | u64::from(flow.dport) << 16, u64::from(flow.proto)]);
     }
 }

@@ -1,7 +1,7 @@
 //! Connection tables: 8-way set-associative arrays of `CtSet`s, one per family, shared by all
 //! CPUs and read and written in place.
 //!
-//! A flow's set is the top bits of its seeded hash (`CtKey::ct_hash`, `CT_SEED`, `CT_SHIFT`).
+//! A flow's set is the top bits of its keyed hash (`CtKey::ct_hash`, `CT_KEY4`/`CT_KEY6`, `CT_SHIFT`).
 //! Lookup compares the key with the set's ways; a way holding the flow is a hit if its `check`
 //! is intact. An insert goes to the flow's own way if it has one (its backend was removed), else
 //! to an empty way, else it replaces a not-recently-used way: the first way without the `used`
@@ -16,7 +16,7 @@
 //! that two CPUs wrote at once, reads as a miss (and is rewritten), never as another flow's
 //! backend.
 
-use crate::maps::{CT_SEED, CT_SHIFT};
+use crate::maps::CT_SHIFT;
 use aya_ebpf::maps::Array;
 use lb_common::{ct_check, CtEntry, CtKey, CtSet, CT_WAYS};
 
@@ -30,11 +30,11 @@ pub struct Probe<K: CtKey> {
     free: usize,
 }
 
-/// Finds `key`'s set and the way holding it. `None` only if the set index is out of range
-/// (never: the loader sizes the array for `CT_SHIFT`).
+/// Finds `key`'s set (by its hash under `hash_key`, the table's) and the way holding it. `None`
+/// only if the set index is out of range (never: the loader sizes the array for `CT_SHIFT`).
 #[inline(always)]
-pub fn probe<K: CtKey>(table: &Array<CtSet<K>>, key: &K) -> Option<Probe<K>> {
-    let hash = key.ct_hash(CT_SEED.load());
+pub fn probe<K: CtKey>(table: &Array<CtSet<K>>, hash_key: &K::HashKey, key: &K) -> Option<Probe<K>> {
+    let hash = key.ct_hash(hash_key);
     let set = table.get_ptr_mut(hash >> CT_SHIFT.load())?;
     let mut found = CT_WAYS;
     let mut free = CT_WAYS;

@@ -22,7 +22,7 @@ use lb_common::{
     addr_filter_bit_v4, addr_filter_bit_v6, flow_hash, flow_hash_v4, reason, CtKey, CtSet, FlowKey,
     FlowKey4, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_ENABLED,
 };
-use maps::{CONNTRACK4, CONNTRACK6};
+use maps::{CONNTRACK4, CONNTRACK6, CT_KEY4, CT_KEY6};
 use parse::Parsed;
 use select::Choice;
 
@@ -55,7 +55,7 @@ fn v4(ctx: &XdpContext, ip: &parse::Ip4) -> (u32, u32) {
     }
     let t = parse::Transport { proto: ip.proto, l4: ip.l4, fragment: ip.fragment, later_fragment: ip.later_fragment };
     let key = |sport, dport| FlowKey4 { src: ip.src, dst: ip.dst, sport, dport, proto: ip.proto, _pad0: 0, _pad1: 0 };
-    flow(ctx, &t, [ip.dst, 0, 0, 0], FAMILY_V4, &CONNTRACK4, key, flow_hash_v4)
+    flow(ctx, &t, [ip.dst, 0, 0, 0], FAMILY_V4, (&CONNTRACK4, &CT_KEY4.load()), key, flow_hash_v4)
 }
 
 #[inline(always)]
@@ -67,18 +67,19 @@ fn v6(ctx: &XdpContext, ip: &parse::Ip6) -> (u32, u32) {
         return MALFORMED;
     };
     let key = |sport, dport| FlowKey { src: ip.src, dst: ip.dst, sport, dport, proto: t.proto, family: FAMILY_V6, _pad: [0; 2] };
-    flow(ctx, &t, ip.dst, FAMILY_V6, &CONNTRACK6, key, flow_hash)
+    flow(ctx, &t, ip.dst, FAMILY_V6, (&CONNTRACK6, &CT_KEY6.load()), key, flow_hash)
 }
 
 /// Either family once its transport header is found: ports, the family's connection table
-/// (`table`, keyed by `key(sport, dport)`), else a new flow chosen by `hash` of the key.
+/// (`table` with its hash key, entries keyed by `key(sport, dport)`), else a new flow chosen by
+/// `hash` of the key.
 #[inline(always)]
 fn flow<K: CtKey>(
     ctx: &XdpContext,
     t: &parse::Transport,
     addr: [u32; 4],
     family: u8,
-    table: &Array<CtSet<K>>,
+    (table, hash_key): (&Array<CtSet<K>>, &K::HashKey),
     key: impl FnOnce(u16, u16) -> K,
     hash: impl FnOnce(&K) -> u32,
 ) -> (u32, u32) {
@@ -92,7 +93,7 @@ fn flow<K: CtKey>(
         (0, 0)
     };
     let key = key(sport, dport);
-    let probe = if l4 && !t.fragment { conntrack::probe(table, &key) } else { None };
+    let probe = if l4 && !t.fragment { conntrack::probe(table, hash_key, &key) } else { None };
     if let Some((backend, generation)) = probe.as_ref().and_then(|p| p.hit()) {
         if let Some(c) = select::established(backend, generation, addr, dport, t.proto, family) {
             return forward(ctx, &c, false);

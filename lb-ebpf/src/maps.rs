@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     reason, table_chunks, Backend, Counters, CtSet, FlowKey, FlowKey4, ReasonCounter, TableChunk, VipInfo, VipKey,
-    ADDR_FILTER_WORDS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
+    ADDR_FILTER_WORDS, CT_HASH_KEY4, CT_HASH_KEY6, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
 };
 
 /// Lookup table size M (prime), set at load time; read-only for the program so the verifier
@@ -56,9 +56,12 @@ pub static CONNTRACK4: Array<CtSet<FlowKey4>> = Array::with_max_entries(2, BPF_F
 #[map(name = "CONNTRACK6")]
 pub static CONNTRACK6: Array<CtSet<FlowKey>> = Array::with_max_entries(2, BPF_F_MMAPABLE);
 
-/// Seed of the connection tables' set hash, random per load (set by the loader).
+/// Keys of the connection tables' set hash (`CtKey::ct_hash`), random per load (set by the
+/// loader).
 #[no_mangle]
-pub static CT_SEED: Global<u32> = Global::new(0);
+pub static CT_KEY4: Global<[u64; CT_HASH_KEY4]> = Global::new([0; CT_HASH_KEY4]);
+#[no_mangle]
+pub static CT_KEY6: Global<[u64; CT_HASH_KEY6]> = Global::new([0; CT_HASH_KEY6]);
 /// `32 - log2(sets)`: the set of a flow is `ct_hash >> CT_SHIFT` (set by the loader).
 #[no_mangle]
 pub static CT_SHIFT: Global<u32> = Global::new(31);

@@ -19,7 +19,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    addr_filter_bit, ct_sets, ct_shift, map_names, reason, table_chunks, Backend, Counters, CtKey, CtSet, FlowKey, FlowKey4, ReasonCounter,
+    addr_filter_bit, ct_sets, ct_shift, CT_HASH_KEY4, CT_HASH_KEY6, map_names, reason, table_chunks, Backend, Counters, CtKey, CtSet, FlowKey, FlowKey4, ReasonCounter,
     TableChunk, VipInfo, VipKey, ADDR_FILTER_WORDS, BACKEND_F_ALIVE, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROGRAM_NAME,
     PROTO_TCP, PROTO_UDP, TABLE_CHUNK, VIP_F_ANY_PORT, VIP_F_ENABLED,
 };
@@ -193,7 +193,7 @@ impl<K: CtKey> MappedConntrack<K> {
 
     /// Valid entries (see `lb_common::CtEntry`). Reads race with the program's writes; an entry
     /// being rewritten may be missed or counted, never misread as valid (its `check` is verified).
-    fn count(&self, seed: u32) -> usize {
+    fn count(&self, hash_key: &K::HashKey) -> usize {
         let base = self.map.ptr.as_ptr() as *const CtSet<K>;
         (0..self.sets as usize)
             .map(|i| {
@@ -201,33 +201,36 @@ impl<K: CtKey> MappedConntrack<K> {
                 // a volatile copy because the program writes concurrently (plain data, any bits
                 // are a valid value).
                 let set = unsafe { std::ptr::read_volatile(base.add(i)) };
-                set.ways.iter().filter(|e| e.is_valid(seed)).count()
+                set.ways.iter().filter(|e| e.is_valid(hash_key)).count()
             })
             .sum()
     }
 }
 
-/// A random `u32` from the kernel (`getrandom`), for `CT_SEED`. If the kernel cannot give one,
-/// a fixed seed with a warning: the seed only keeps set collisions unpredictable (without it, a
-/// client that knows the seed can aim new flows at one set and push out its established flows).
-fn random_u32() -> u32 {
-    let mut buf = [0u8; 4];
-    loop {
-        // SAFETY: writes at most 4 bytes into `buf`.
-        let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n == 4 {
-            return u32::from_ne_bytes(buf);
+/// A random hash key from the kernel (`getrandom`), for `CT_KEY4`/`CT_KEY6`. If the kernel
+/// cannot give one, a fixed key with a warning: the key only keeps set collisions unpredictable
+/// (a client that knows it can aim new flows at one set and push out its established flows).
+fn random_key<const M: usize>() -> [u64; M] {
+    let mut buf = [[0u8; 8]; M];
+    let len = M * 8;
+    let mut filled = 0;
+    while filled < len {
+        // SAFETY: writes at most `len - filled` bytes into `buf` from offset `filled`.
+        let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast::<u8>().add(filled).cast(), len - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+            continue;
         }
         let err = std::io::Error::last_os_error();
         if n < 0 && err.kind() == std::io::ErrorKind::Interrupted {
             continue;
         }
         tracing::warn!(
-            "getrandom failed ({}); the connection tables use a fixed hash seed, so their set collisions are predictable",
-            if n < 0 { err.to_string() } else { format!("{n} bytes") }
+            "getrandom failed ({err}); the connection tables use a fixed hash key, so their set collisions are predictable"
         );
-        return 0x6c62_6473;
+        return lb_common::splitmix_key(0x6c62_6473);
     }
+    buf.map(u64::from_ne_bytes)
 }
 
 struct BackendSlot {
@@ -251,8 +254,8 @@ pub struct XdpDataplane {
     /// Mapped from the maps, which stay in `ebpf`.
     conntrack4: MappedConntrack<FlowKey4>,
     conntrack6: MappedConntrack<FlowKey>,
-    /// `CT_SEED` the program was loaded with.
-    ct_seed: u32,
+    /// `CT_KEY4` and `CT_KEY6`, the hash keys the program was loaded with.
+    ct_keys: ([u64; CT_HASH_KEY4], [u64; CT_HASH_KEY6]),
     tx_ports: DevMapHash<MapData>,
     global_stats: PerCpuArray<MapData, ReasonCounter>,
     vip_stats: PerCpuArray<MapData, Counters>,
@@ -288,10 +291,11 @@ impl XdpDataplane {
         let maglev = Maglev::new(opts.table_size)?;
         let table_buffers = opts.max_vips * 2;
         let ct_sets = ct_sets(opts.conntrack_size);
-        let ct_seed = random_u32();
+        let ct_keys = (random_key(), random_key());
         let mut ebpf = EbpfLoader::new()
             .override_global("TABLE_SIZE", &opts.table_size, true)
-            .override_global("CT_SEED", &ct_seed, true)
+            .override_global("CT_KEY4", &ct_keys.0, true)
+            .override_global("CT_KEY6", &ct_keys.1, true)
             .override_global("CT_SHIFT", &ct_shift(ct_sets), true)
             .override_global(aya_log::LEVEL, &opts.log_level, false)
             .map_max_entries(map_names::VIPS, opts.max_vips)
@@ -318,7 +322,7 @@ impl XdpDataplane {
             addr_filter: vec![0; ADDR_FILTER_WORDS as usize],
             conntrack4: MappedConntrack::new(&mut ebpf, map_names::CONNTRACK4, ct_sets)?,
             conntrack6: MappedConntrack::new(&mut ebpf, map_names::CONNTRACK6, ct_sets)?,
-            ct_seed,
+            ct_keys,
             tx_ports: take(&mut ebpf, map_names::TX_PORTS)?,
             global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
             vip_stats: take(&mut ebpf, map_names::VIP_STATS)?,
@@ -379,15 +383,15 @@ impl XdpDataplane {
         self.link.as_ref().map(|(_, iface)| iface.as_str())
     }
 
-    /// The connection tables' `CT_SEED` (with `lb_common::ct_sets` of `conntrack_size` and
-    /// `CtKey::ct_hash`, it tells which set a flow is in: for tests).
-    pub fn conntrack_seed(&self) -> u32 {
-        self.ct_seed
+    /// The connection tables' hash keys, IPv4 and IPv6 (with `lb_common::ct_sets` of
+    /// `conntrack_size` and `CtKey::ct_hash`, they tell which set a flow is in: for tests).
+    pub fn conntrack_hash_keys(&self) -> ([u64; CT_HASH_KEY4], [u64; CT_HASH_KEY6]) {
+        self.ct_keys
     }
 
     /// Number of flows in the connection tables (reads both tables: for status and tests).
     pub fn conntrack_len(&self) -> usize {
-        self.conntrack4.count(self.ct_seed) + self.conntrack6.count(self.ct_seed)
+        self.conntrack4.count(&self.ct_keys.0) + self.conntrack6.count(&self.ct_keys.1)
     }
 
     /// Makes `ADDR_FILTER` hold the bits of `addrs` (only words that change are written). Bits

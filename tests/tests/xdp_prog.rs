@@ -324,7 +324,7 @@ fn flood_inner() -> anyhow::Result<()> {
 
     // 64 established flows, at most CT_WAYS - 1 in a set (a set full of established flows
     // replaces one of them by design, see lb-ebpf/src/conntrack.rs).
-    let (seed, shift) = (dp.conntrack_seed(), ct_shift(ct_sets(SIZE)));
+    let (hash_key, shift) = (dp.conntrack_hash_keys().0, ct_shift(ct_sets(SIZE)));
     let set_of = |f: &Flow4| {
         let key = FlowKey4 {
             src: addr_words(IpAddr::V4(f.src)).0[0],
@@ -335,7 +335,7 @@ fn flood_inner() -> anyhow::Result<()> {
             _pad0: 0,
             _pad1: 0,
         };
-        key.ct_hash(seed) >> shift
+        key.ct_hash(&hash_key) >> shift
     };
     let mut per_set = std::collections::HashMap::new();
     let mut established = Vec::new();
