@@ -46,12 +46,15 @@ pub struct PairOptions {
     /// Adverts by unicast to the other director instead of multicast.
     pub unicast: bool,
     pub auth_pass: Option<&'static str>,
+    /// The directors' `mode`: `"xdp"` (native) or `"ipvs"` (then the VIP must be local: see
+    /// [`Pair::vip_on_lo`]).
+    pub mode: &'static str,
 }
 
 impl Default for PairOptions {
-    /// v3, 100 ms adverts, priorities 150 and 100, preempt, multicast.
+    /// v3, 100 ms adverts, priorities 150 and 100, preempt, multicast, native XDP.
     fn default() -> Self {
-        PairOptions { priorities: [150, 100], version: 3, advert_interval: "100ms", preempt: true, unicast: false, auth_pass: None }
+        PairOptions { priorities: [150, 100], version: 3, advert_interval: "100ms", preempt: true, unicast: false, auth_pass: None, mode: "xdp" }
     }
 }
 
@@ -215,6 +218,21 @@ impl Pair {
         }
     }
 
+    /// For `mode = "ipvs"` (IPVS only sees traffic to local addresses): the VIP on both
+    /// directors' `lo`, and their `eth0` neither answering ARP for it nor using it as a source,
+    /// as README's failover section tells operators (lbd answers ARP while master).
+    pub fn vip_on_lo(&self) -> Result<()> {
+        for i in 0..2 {
+            let ns = self.ns(i);
+            ns.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+            for (k, v) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+                ns.sysctl(&format!("net.ipv4.conf.all.{k}"), v)?;
+                ns.sysctl(&format!("net.ipv4.conf.eth0.{k}"), v)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether director `i`'s fast path carries the VIP's HTTP service.
     pub fn carries(&self, i: usize) -> Result<bool> {
         Ok(self.status(i)?.virtual_servers.iter().all(|v| v.enabled))
@@ -227,8 +245,10 @@ impl Pair {
 
 /// A director's config: the rig's HTTP and UDP services and VI_1 as `opts` says.
 pub fn director_config(socket: &std::path::Path, i: usize, opts: &PairOptions) -> String {
+    let xdp_mode = if opts.mode == "xdp" { "xdp_mode = \"native\"\n" } else { "" };
     let mut text = format!(
-        "[director]\ninterface = \"eth0\"\nmode = \"xdp\"\nxdp_mode = \"native\"\ncontrol_socket = \"{}\"\n",
+        "[director]\ninterface = \"eth0\"\nmode = \"{}\"\n{xdp_mode}control_socket = \"{}\"\n",
+        opts.mode,
         socket.display()
     );
     for (port, proto) in [(HTTP_PORT, "tcp"), (UDP_PORT, "udp")] {

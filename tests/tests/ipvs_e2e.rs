@@ -7,11 +7,15 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{bail, Context, Result};
 use lb_tests::{
-    netns::require_root,
+    failover::{client_neigh, director_mac, Pair, PairOptions},
+    netns::{require_root, Netns},
     rig::{self, backend_name, backend_v4, KeepAlive, Rig, VIP_V4},
     seccomp,
     vm::{test_path, vm_test},
+    vrrp::{arping, mac_string, wait_for},
 };
+use lb_userspace::vrrp::VrrpState::{Backup, Master};
+use nix::sys::signal::Signal;
 
 /// A config for the rig's director in `mode` with one TCP VIP on port 80 over the three backends.
 fn config(rig: &Rig, mode: &str, extra_vs: &str) -> String {
@@ -28,7 +32,12 @@ fn config(rig: &Rig, mode: &str, extra_vs: &str) -> String {
 
 /// `ipvsadm -Ln` in the director's namespace, without the counters (they move).
 fn ipvsadm(rig: &Rig) -> Result<String> {
-    let out = rig.director.exec(&["ipvsadm", "-Ln"])?;
+    ipvsadm_in(&rig.director)
+}
+
+/// `ipvsadm -Ln` in `ns`, without the counters.
+fn ipvsadm_in(ns: &Netns) -> Result<String> {
+    let out = ns.exec(&["ipvsadm", "-Ln"])?;
     Ok(out
         .lines()
         .map(|l| {
@@ -211,6 +220,73 @@ fn health_check() -> Result<()> {
     let counts = rig.http_batch(IpAddr::V4(VIP_V4), 30)?;
     assert!(counts.values().all(|&n| n == 10), "{counts:?}");
     Ok(())
+}
+
+#[test]
+fn ipvs_vrrp_failover_moves_the_services_and_the_vip() {
+    vm_test(&test_path(module_path!(), "ipvs_vrrp_failover_moves_the_services_and_the_vip"), || {
+        ipvs_vrrp_failover().unwrap()
+    })
+}
+
+/// Two directors in `mode = "ipvs"` with one `[[vrrp_instance]]` each, set up as README's failover
+/// section says (the VIP on `lo`, `arp_ignore`/`arp_announce` on `eth0`): only the MASTER has the
+/// services in IPVS and answers ARP for the VIP; when it is killed, the backup takes the VIP (its
+/// gratuitous ARP moves the client), installs the services and serves new connections; when the
+/// first comes back it preempts and the other withdraws its services again.
+fn ipvs_vrrp_failover() -> Result<()> {
+    use std::time::Duration;
+    const LIMIT: Duration = Duration::from_secs(15);
+    // 1 s adverts (Master_Down_Interval about 3.6 s): the guest is emulated, 100 ms timers could
+    // flap under its load.
+    let mut p = Pair::up("ivr", PairOptions { mode: "ipvs", advert_interval: "1s", ..Default::default() })?;
+    p.vip_on_lo()?;
+    fn has_service(p: &Pair, i: usize) -> Result<bool> {
+        Ok(ipvsadm_in(p.ns(i))?.contains(&format!("TCP {VIP_V4}:80 mh")))
+    }
+    /// Every request answered (IPVS's plain mh hashes the client address only, so one client's
+    /// requests all go to one real server).
+    fn serves(p: &Pair, who: &str) -> Result<()> {
+        let counts = p.rig.http_batch(IpAddr::V4(VIP_V4), 30)?;
+        if counts.values().sum::<usize>() != 30 {
+            bail!("through {who}, answers: {counts:?}");
+        }
+        Ok(())
+    }
+
+    p.start(0)?;
+    p.wait_state(0, Master, LIMIT)?;
+    p.start(1)?;
+    p.wait_state(1, Backup, LIMIT)?;
+    wait_for(LIMIT, "the master's IPVS service", || has_service(&p, 0).ok().filter(|&h| h))?;
+    assert!(!has_service(&p, 1)?, "the backup has the service:\n{}", ipvsadm_in(p.ns(1))?);
+    let table = ipvsadm_in(p.ns(0))?;
+    for i in 0..3 {
+        assert!(table.contains(&format!("-> {}:80 Route 1", backend_v4(i))), "{table}");
+    }
+    assert_eq!(arping(&p.rig.client, VIP_V4)?, [mac_string(&director_mac(0))].into(), "only the master answers ARP");
+    serves(&p, "the master")?;
+    assert_eq!(client_neigh(&p.rig)?, mac_string(&director_mac(0)));
+
+    p.signal(0, Signal::SIGKILL)?;
+    p.wait_exit(0, LIMIT)?;
+    p.wait_state(1, Master, LIMIT)?;
+    wait_for(LIMIT, "the new master's IPVS service", || has_service(&p, 1).ok().filter(|&h| h))?;
+    let director1 = mac_string(&director_mac(1));
+    wait_for(LIMIT, "the client's ARP entry to follow the gratuitous ARP", || {
+        client_neigh(&p.rig).ok().filter(|mac| *mac == director1)
+    })?;
+    assert_eq!(arping(&p.rig.client, VIP_V4)?, [director1.clone()].into(), "only the new master answers ARP");
+    serves(&p, "the new master")?;
+
+    // Director 0 back, with the higher priority: it preempts, director 1 withdraws its service.
+    p.start(0)?;
+    p.wait_state(0, Master, LIMIT)?;
+    p.wait_state(1, Backup, LIMIT)?;
+    wait_for(LIMIT, "the backup to withdraw its IPVS service", || has_service(&p, 1).ok().filter(|&h| !h))?;
+    assert!(has_service(&p, 0)?, "{}", ipvsadm_in(p.ns(0))?);
+    assert_eq!(arping(&p.rig.client, VIP_V4)?, [mac_string(&director_mac(0))].into(), "only the master answers ARP");
+    serves(&p, "the master again")
 }
 
 #[test]
