@@ -1773,7 +1773,6 @@ health_check = {{ kind = "tcp", port = 22 }}
         );
     }
 
-
     #[test]
     fn duplicate_virtual_servers() {
         let text = r#"[[virtual_server]]
