@@ -222,15 +222,7 @@ impl Pair {
     /// directors' `lo`, and their `eth0` neither answering ARP for it nor using it as a source,
     /// as README's failover section tells operators (lbd answers ARP while master).
     pub fn vip_on_lo(&self) -> Result<()> {
-        for i in 0..2 {
-            let ns = self.ns(i);
-            ns.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
-            for (k, v) in [("arp_ignore", "1"), ("arp_announce", "2")] {
-                ns.sysctl(&format!("net.ipv4.conf.all.{k}"), v)?;
-                ns.sysctl(&format!("net.ipv4.conf.eth0.{k}"), v)?;
-            }
-        }
-        Ok(())
+        (0..2).try_for_each(|i| crate::rig::vip_on_lo(self.ns(i), false))
     }
 
     /// Whether director `i`'s fast path carries the VIP's HTTP service.

@@ -48,6 +48,21 @@ pub fn rig_config(socket: &Path) -> String {
     text.replace("/run/lbd/rig.sock", &socket.display().to_string())
 }
 
+/// The VIP (`VIP_V4`, and `VIP_V6` if `v6`) on `ns`'s `lo`, with `eth0` neither answering ARP for
+/// it nor using it as a source (`arp_ignore=1`, `arp_announce=2`): a classic DSR real server, or
+/// a director in IPVS mode, where the VIP must be local.
+pub fn vip_on_lo(ns: &Netns, v6: bool) -> Result<()> {
+    ns.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+    if v6 {
+        ns.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "lo"])?;
+    }
+    for (k, v) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+        ns.sysctl(&format!("net.ipv4.conf.all.{k}"), v)?;
+        ns.sysctl(&format!("net.ipv4.conf.eth0.{k}"), v)?;
+    }
+    Ok(())
+}
+
 /// Path of the `lbd` binary next to the running test/xtask binary (built by `cargo xtask`), or
 /// `$LBD_BIN`.
 pub fn lbd_binary() -> Result<PathBuf> {
@@ -137,12 +152,7 @@ impl Rig {
         for i in 0..n {
             let be = &rig.backends[i];
             rig.wire(be, &format!("vb{}", i + 1), 11 + i as u8)?;
-            be.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
-            be.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "lo"])?;
-            for (k, v) in [("arp_ignore", "1"), ("arp_announce", "2")] {
-                be.sysctl(&format!("net.ipv4.conf.all.{k}"), v)?;
-                be.sysctl(&format!("net.ipv4.conf.eth0.{k}"), v)?;
-            }
+            vip_on_lo(be, true)?;
             rig.start_nginx(i)?;
             rig.start_udp(i)?;
         }
