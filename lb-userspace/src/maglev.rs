@@ -39,8 +39,14 @@
 //! Computing all `M * N` scores is unnecessary: scores grow with `k`, so each backend only walks
 //! a prefix of its permutation, up to a common score cutoff that is raised in passes; the few
 //! slots still empty at the end are computed directly (see [`Maglev::build`]). That is roughly
-//! `10 * M` cheap steps, whatever the number of backends.
+//! `10 * M` cheap steps, whatever the number of backends. Tables of 16,384 slots or more are
+//! walked on up to 4 threads (one per CPU; the helpers are started by the first such build and
+//! kept by the builder), and the table does not depend on it.
 
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    mpsc, Arc, Mutex,
+};
 use thiserror::Error;
 
 /// Value of a slot that no backend serves (the VIP has no backend with a positive weight).
@@ -132,19 +138,36 @@ pub fn next_prime(n: u32) -> u32 {
         .expect("LARGEST_U32_PRIME is prime")
 }
 
-/// Builds tables of one size. It keeps the size-dependent order statistics `L`, so build one
-/// `Maglev` per table size and reuse it.
-#[derive(Clone)]
+/// Builds tables of one size. It keeps the size-dependent order statistics `L`, and the threads
+/// that help walk large tables, so build one `Maglev` per table size and reuse it.
 pub struct Maglev {
     size: u32,
     /// `order_stats[k] = L[k] = sum_{j=0..=k} 1/(size-j)`, non-decreasing in `k`.
-    order_stats: Vec<f64>,
+    order_stats: Arc<[f64]>,
+    /// Threads a build walks on, the caller's included (see [`Maglev::with_threads`]).
+    threads: usize,
+    /// The helper threads, started by the first build that uses them; a build holds the lock
+    /// while it uses them (a concurrent build walks alone).
+    helpers: Mutex<Vec<Helper>>,
+}
+
+impl Clone for Maglev {
+    /// The same builder, with helper threads of its own.
+    fn clone(&self) -> Self {
+        Self {
+            size: self.size,
+            order_stats: Arc::clone(&self.order_stats),
+            threads: self.threads,
+            helpers: Mutex::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Maglev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Maglev")
             .field("size", &self.size)
+            .field("threads", &self.threads)
             .finish_non_exhaustive()
     }
 }
@@ -173,7 +196,27 @@ impl Maglev {
                 Some(*sum)
             })
             .collect();
-        Ok(Self { size, order_stats })
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS);
+        Ok(Self {
+            size,
+            order_stats,
+            threads,
+            helpers: Mutex::default(),
+        })
+    }
+
+    /// Threads a large table is walked on, at most (the caller's included).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The same builder walking on up to `threads` threads (at least 1; the caller's is one of
+    /// them). [`Maglev::new`] takes the CPUs this process may run on, at most 4. Only tables of
+    /// at least 16,384 slots are walked on several threads, and the table never depends on it.
+    #[must_use]
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
     }
 
     /// Number of slots of the tables this builder makes.
@@ -228,7 +271,7 @@ impl Maglev {
             .collect();
         let modulus = Modulus::new(u64::from(self.size));
         let skip_modulus = Modulus::new(u64::from(self.size) - 1);
-        let mut walkers: Vec<Walker> = sorted
+        let walkers: Vec<Walker> = sorted
             .iter()
             .enumerate()
             .map(|(rank, b)| {
@@ -262,25 +305,42 @@ impl Maglev {
         // other constants were tuned by measurement.
         let order_stats = &self.order_stats[..];
         let mut race = Race::new(m);
+        // The walks of a pass are independent but for the `min` each offer takes in `best`, so
+        // several threads can walk: each claims runs of walkers (so that a slower CPU takes
+        // fewer) and walks them into a `best` of its own (the caller into `race.best`); a pass
+        // ends once the others' offers are merged in (a `min` too: the same table, whoever
+        // walked what).
+        let mut lock = (m >= PARALLEL_MIN_SIZE && self.threads > 1 && walkers.len() > 1)
+            .then(|| self.helpers.try_lock().ok())
+            .flatten();
+        let team: &mut [Helper] = match &mut lock {
+            Some(helpers) => {
+                let wanted = self.threads.min(walkers.len()) - 1;
+                while helpers.len() < wanted {
+                    // Without another thread (a resource limit), walk on those there are.
+                    let Ok(helper) = Helper::spawn(Arc::clone(&self.order_stats)) else { break };
+                    helpers.push(helper);
+                }
+                let n = helpers.len().min(wanted);
+                &mut helpers[..n]
+            }
+            None => &mut [],
+        };
+        let walkers = Arc::new(Walkers::new(walkers, team.len() + 1));
+
         let mut x = 3.0f64;
         for class in &mut classes {
             class.reach(cutoff(x / total_weight), order_stats);
         }
-        for walker in &mut walkers {
-            let class = &classes[walker.class];
-            walker.slot = fill(
-                &mut race.best,
-                &order_stats[class.next..class.end],
-                class.inv_weight,
-                walker.rank,
-                walker.slot,
-                walker.skip,
-            );
+        for helper in team.iter_mut() {
+            helper.start(&walkers, &classes, None, m);
         }
+        walkers.walk(&mut race.best, None, &classes, order_stats);
+        let mut extras: Vec<Vec<u64>> = team.iter_mut().map(Helper::finish).collect();
+        race.settle_all(&extras);
         for class in &mut classes {
             class.next = class.end;
         }
-        race.settle_all();
         loop {
             // Raise the cutoff by 2 units, or to the lowest score not visited yet if that is
             // higher (with more backends than slots, the first scores can exceed many units).
@@ -294,27 +354,28 @@ impl Maglev {
                 class.reach(cutoff, order_stats);
             }
             let visits: usize = classes.iter().map(|c| c.members * (c.end - c.next)).sum();
-            if visits >= race.empty.saturating_mul(walkers.len()).saturating_mul(FINISH_COST) {
+            if visits >= race.empty.saturating_mul(sorted.len()).saturating_mul(FINISH_COST) {
                 break;
             }
-            for walker in &mut walkers {
-                let class = &classes[walker.class];
-                walker.slot = walk_unsettled(
-                    &mut race.best,
-                    &race.settled,
-                    &order_stats[class.next..class.end],
-                    class.inv_weight,
-                    walker.rank,
-                    walker.slot,
-                    walker.skip,
-                );
+            walkers.next.store(0, Ordering::Relaxed);
+            for (helper, best) in team.iter_mut().zip(extras.drain(..)) {
+                helper.best = Some(best);
+                helper.start(&walkers, &classes, Some(&race.settled), m);
             }
+            walkers.walk(&mut race.best, Some(&race.settled), &classes, order_stats);
+            extras.extend(team.iter_mut().map(Helper::finish));
+            race.settle(&extras);
             for class in &mut classes {
                 class.next = class.end;
             }
-            race.settle();
         }
-        race.finish(&walkers, &classes, order_stats, modulus);
+        // The helpers keep their arrays for the next build.
+        for (helper, best) in team.iter_mut().zip(extras) {
+            helper.best = Some(best);
+        }
+        drop(lock);
+        let walkers = &walkers.walkers;
+        race.finish(walkers, &classes, order_stats, modulus);
 
         let ids: Vec<u32> = sorted.iter().map(|b| b.id).collect();
         Ok(race.best.iter().map(|&key| ids[rank_of(key)]).collect())
@@ -397,13 +458,27 @@ impl Race {
         }
     }
 
-    /// Ends the first pass: settles every slot filled.
-    fn settle_all(&mut self) {
+    /// Ends the first pass: merges the other threads' offers (`extras`, one `best` each) and
+    /// settles every slot filled.
+    fn settle_all(&mut self, extras: &[Vec<u64>]) {
         let mut settled = 0;
-        for (word, chunk) in self.settled.iter_mut().zip(self.best.chunks(64)) {
+        let chunks = self.best.chunks_mut(64).zip((0..).step_by(64));
+        for (word, (chunk, start)) in self.settled.iter_mut().zip(chunks) {
+            let last = chunk.len() - 1;
+            let (pairs, rest) = chunk.as_chunks_mut::<2>();
             let mut filled = 0u64;
-            for (i, &key) in chunk.iter().enumerate() {
-                filled |= u64::from(key != EMPTY_SLOT) << i;
+            for (i, pair) in pairs.iter_mut().enumerate() {
+                let slot = start + 2 * i;
+                let mut keys = *pair;
+                for extra in extras {
+                    keys = min_pair(keys, [extra[slot], extra[slot + 1]]);
+                }
+                *pair = keys;
+                filled |= filled_pair(keys) << (2 * i);
+            }
+            if let [held] = rest {
+                *held = extras.iter().fold(*held, |key, extra| key.min(extra[start + last]));
+                filled |= u64::from(*held != EMPTY_SLOT) << last;
             }
             *word |= filled;
             settled += word.count_ones() as usize;
@@ -411,14 +486,18 @@ impl Race {
         self.empty = self.settled.len() * 64 - settled;
     }
 
-    /// Ends a later pass: settles the slots it filled, which were the unsettled ones.
-    fn settle(&mut self) {
+    /// Ends a later pass: merges the other threads' offers (`extras`) into the slots the pass
+    /// walked, the unsettled ones, and settles those filled.
+    fn settle(&mut self, extras: &[Vec<u64>]) {
         let mut empty = 0;
-        for (word, chunk) in self.settled.iter_mut().zip(self.best.chunks(64)) {
+        for (index, word) in self.settled.iter_mut().enumerate() {
             let mut unsettled = !*word;
             while unsettled != 0 {
                 let bit = unsettled.trailing_zeros();
-                if chunk[bit as usize] == EMPTY_SLOT {
+                let slot = index * 64 + bit as usize;
+                let key = extras.iter().fold(self.best[slot], |key, extra| key.min(extra[slot]));
+                self.best[slot] = key;
+                if key == EMPTY_SLOT {
                     empty += 1;
                 } else {
                     *word |= 1 << bit;
@@ -428,6 +507,7 @@ impl Race {
         }
         self.empty = empty;
     }
+
     /// Fills the slots still empty after the last settle directly: each gets the smallest
     /// key of all backends there.
     fn finish(&mut self, walkers: &[Walker], classes: &[Class], order_stats: &[f64], modulus: Modulus) {
@@ -471,6 +551,7 @@ impl Race {
 }
 
 /// The backends of one weight: how far they have walked their permutations.
+#[derive(Clone)]
 struct Class {
     /// `1 / weight`: a backend's score at position `k` is `L[k] * inv_weight` (a product with
     /// the reciprocal, cheaper in the hot loops than a division).
@@ -499,6 +580,190 @@ impl Class {
     }
 }
 
+/// The smaller key of each lane.
+#[inline(always)]
+fn min_pair(a: [u64; 2], b: [u64; 2]) -> [u64; 2] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Keys order like the floats they are the bits of (see `min_key`): one `minpd`.
+        use core::arch::x86_64::*;
+        let mut min = [0u64; 2];
+        // SAFETY: SSE2 is part of the x86_64 baseline; the loads and the store are of 16 bytes
+        // within the arrays (unaligned forms).
+        unsafe {
+            let (a, b) = (_mm_loadu_pd(a.as_ptr().cast()), _mm_loadu_pd(b.as_ptr().cast()));
+            _mm_storeu_pd(min.as_mut_ptr().cast(), _mm_min_pd(a, b));
+        }
+        min
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    [a[0].min(b[0]), a[1].min(b[1])]
+}
+
+/// Bit 0 set if `keys[0]` holds an offer, bit 1 if `keys[1]` does.
+#[inline(always)]
+fn filled_pair(keys: [u64; 2]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // `EMPTY_SLOT` is +infinity, and no key is a NaN.
+        use core::arch::x86_64::*;
+        // SAFETY: as in `min_pair`.
+        unsafe {
+            let keys = _mm_loadu_pd(keys.as_ptr().cast());
+            _mm_movemask_pd(_mm_cmpneq_pd(keys, _mm_set1_pd(f64::INFINITY))) as u64
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    (u64::from(keys[0] != EMPTY_SLOT) | u64::from(keys[1] != EMPTY_SLOT) << 1)
+}
+
+/// Most threads [`Maglev::new`] lets a build walk on: each helper keeps a `best` array of its
+/// own (8 bytes a slot) between builds, and each is merged at the end of every pass.
+const MAX_THREADS: usize = 4;
+
+/// Smallest table walked on more than one thread: below it, handing a pass to another thread
+/// costs more than the share of the walks it takes.
+const PARALLEL_MIN_SIZE: usize = 16_384;
+
+/// The walkers of one build, shared by the threads walking them. In each pass the threads claim
+/// runs of `claim` walkers from `next` until none is left, and walk each from its slot in
+/// `slots` (the slot of the next position to walk), which they update.
+struct Walkers {
+    walkers: Vec<Walker>,
+    slots: Vec<AtomicUsize>,
+    /// First walker not claimed yet in this pass.
+    next: AtomicUsize,
+    claim: usize,
+}
+
+impl Walkers {
+    fn new(walkers: Vec<Walker>, threads: usize) -> Self {
+        Self {
+            slots: walkers.iter().map(|w| AtomicUsize::new(w.offset)).collect(),
+            // About 8 runs a thread: fine enough to even out CPUs of different speeds.
+            claim: (walkers.len() / (8 * threads)).max(1),
+            walkers,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Walks runs of walkers into `best` until every walker of the pass is claimed: the first
+    /// pass ([`fill`]) when `settled` is `None`, else a later one ([`walk_unsettled`]).
+    fn walk(&self, best: &mut [u64], settled: Option<&[u64]>, classes: &[Class], order_stats: &[f64]) {
+        loop {
+            let first = self.next.fetch_add(self.claim, Ordering::Relaxed);
+            let Some(run) = self.walkers.get(first..(first + self.claim).min(self.walkers.len())) else {
+                return;
+            };
+            for (walker, slot) in run.iter().zip(&self.slots[first..]) {
+                let class = &classes[walker.class];
+                let stats = &order_stats[class.next..class.end];
+                // Only the thread that claimed the walker touches its slot during a pass; the
+                // passes are ordered by the channels that start and end them.
+                let from = slot.load(Ordering::Relaxed);
+                let to = match settled {
+                    None => fill(best, stats, class.inv_weight, walker.rank, from, walker.skip),
+                    Some(settled) => {
+                        walk_unsettled(best, settled, stats, class.inv_weight, walker.rank, from, walker.skip)
+                    }
+                };
+                slot.store(to, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A thread that helps [`Maglev::build`] walk, a pass at a time, into a `best` array of its
+/// own. The array travels with each pass: the caller gets it back at the end of the pass,
+/// merges it, and hands it back with the next. The thread ends when its `Maglev` is dropped.
+struct Helper {
+    passes: mpsc::Sender<Pass>,
+    done: mpsc::Receiver<Vec<u64>>,
+    /// The thread's array between passes and between builds (`None` before its first pass).
+    best: Option<Vec<u64>>,
+}
+
+/// One pass for a [`Helper`]: the first if `settled` is `None`.
+struct Pass {
+    walkers: Arc<Walkers>,
+    classes: Vec<Class>,
+    settled: Option<Vec<u64>>,
+    best: Option<Vec<u64>>,
+    size: usize,
+}
+
+impl Helper {
+    fn spawn(order_stats: Arc<[f64]>) -> std::io::Result<Self> {
+        let (passes, inbox) = mpsc::channel::<Pass>();
+        let (outbox, done) = mpsc::channel();
+        std::thread::Builder::new().name("maglev".into()).spawn(move || {
+            while let Some(pass) = wait(&inbox) {
+                let Pass {
+                    walkers,
+                    classes,
+                    settled,
+                    best,
+                    size,
+                } = pass;
+                let mut best = match best {
+                    Some(mut best) if settled.is_none() => {
+                        best.fill(EMPTY_SLOT);
+                        best
+                    }
+                    Some(best) => best,
+                    None => vec![EMPTY_SLOT; size],
+                };
+                walkers.walk(&mut best, settled.as_deref(), &classes, &order_stats);
+                drop(walkers);
+                if outbox.send(best).is_err() {
+                    break;
+                }
+            }
+        })?;
+        Ok(Self {
+            passes,
+            done,
+            best: None,
+        })
+    }
+
+    /// Starts a pass over `walkers` (the first if `settled` is `None`) on a table of `size`
+    /// slots.
+    fn start(&mut self, walkers: &Arc<Walkers>, classes: &[Class], settled: Option<&[u64]>, size: usize) {
+        let pass = Pass {
+            walkers: Arc::clone(walkers),
+            classes: classes.to_vec(),
+            settled: settled.map(<[u64]>::to_vec),
+            best: self.best.take(),
+            size,
+        };
+        self.passes.send(pass).expect("a Maglev helper thread ended early");
+    }
+
+    /// Waits for the pass to end: the thread's array.
+    fn finish(&mut self) -> Vec<u64> {
+        wait(&self.done).expect("a Maglev helper thread ended early")
+    }
+}
+
+/// The next message of `inbox`, `None` once its sender is gone. A pass lasts tens of
+/// microseconds, and waking a sleeping thread costs several here, so this polls for about as
+/// long before it sleeps.
+fn wait<T>(inbox: &mpsc::Receiver<T>) -> Option<T> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < SPIN {
+        match inbox.try_recv() {
+            Ok(message) => return Some(message),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+        }
+    }
+    inbox.recv().ok()
+}
+
+/// How long [`wait`] polls before it sleeps.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// One backend's progress along its permutation during [`Maglev::build`].
 struct Walker {
     /// Position of the backend's key among the backends' keys.
@@ -507,8 +772,6 @@ struct Walker {
     class: usize,
     offset: usize,
     skip: usize,
-    /// The slot at the next position to walk.
-    slot: usize,
 }
 
 impl Walker {
@@ -523,7 +786,6 @@ impl Walker {
             class,
             offset,
             skip,
-            slot: offset,
         }
     }
 }
@@ -906,6 +1168,46 @@ mod tests {
                 if pa != pb {
                     assert_eq!(pa.cmp(&pb), a.as_bytes().cmp(b.as_bytes()), "{a:?} vs {b:?}");
                 }
+            }
+        }
+    }
+
+    /// Large tables are walked on several threads, each claiming walkers as it goes: whatever
+    /// the number of threads (more than the walkers included), and with two builds sharing one
+    /// builder at once, the table is the one the definition gives.
+    #[test]
+    fn threads_do_not_change_tables() {
+        let mut rng = Lcg(0x7ead);
+        let size = 16411;
+        assert!(size as usize >= PARALLEL_MIN_SIZE && is_prime(size));
+        for round in 0..6 {
+            let n = [1, 2, 3, 40, 200, 1000][round];
+            let list: Vec<MaglevBackend> = (0..n)
+                .map(|i| MaglevBackend {
+                    key: format!("10.{}.{}.{}:80", rng.below(256), rng.below(256), i),
+                    weight: [1, 1 + rng.below(4) as u32, 1 + rng.below(1000) as u32][round % 3],
+                    id: i as u32,
+                })
+                .collect();
+            let serial = Maglev::new(size).unwrap().with_threads(1);
+            let expected = serial.build(&list).unwrap();
+            if n <= 200 {
+                assert_eq!(expected, brute_force(&serial, &list).0, "round {round}: {n} backends");
+            }
+            for threads in 2..=5 {
+                let maglev = Maglev::new(size).unwrap().with_threads(threads);
+                assert_eq!(maglev.build(&list).unwrap(), expected, "round {round}: {threads} threads");
+                // Again, with the helpers started and their arrays left from the last build.
+                assert_eq!(maglev.build(&list).unwrap(), expected, "round {round}: {threads} threads, again");
+                let (a, b) = std::thread::scope(|scope| {
+                    let a = scope.spawn(|| maglev.build(&list).unwrap());
+                    let b = scope.spawn(|| maglev.build(&list).unwrap());
+                    (a.join().unwrap(), b.join().unwrap())
+                });
+                assert!(
+                    a == expected && b == expected,
+                    "round {round}: {threads} threads, two builds at once"
+                );
             }
         }
     }
