@@ -49,9 +49,27 @@ pub struct ApplyTime {
     pub initial_ms: f64,
 }
 
+/// `Maglev::build` against the Maglev paper's population loop ([`paper_table`]) on the same
+/// backends, all of weight 1, their rounds interleaved so that all see the same machine.
+#[derive(Clone, Debug, Serialize)]
+pub struct PaperBuild {
+    pub m: u32,
+    pub n: usize,
+    /// lbd's build (on `Control::maglev_threads` threads), milliseconds per table.
+    pub lbd_ms: Summary,
+    /// lbd's build on one thread, milliseconds per table.
+    pub lbd_one_thread_ms: Summary,
+    /// The paper's loop, milliseconds per table.
+    pub paper_ms: Summary,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Control {
+    /// Threads `Maglev::build` walks large tables on here (`Maglev::threads`).
+    pub maglev_threads: usize,
     pub builds: Vec<BuildTime>,
+    /// The same-run baseline of the build times.
+    pub paper: Vec<PaperBuild>,
     pub applies: Vec<ApplyTime>,
     /// `None` when that part failed (the error is in the report's errors).
     pub health_checks: Option<crate::health::HealthLoad>,
@@ -95,6 +113,90 @@ pub fn builds(p: &Params, progress: &mut Progress) -> Result<Vec<BuildTime>> {
                 ms: Summary::of(&samples),
             });
         }
+    }
+    Ok(out)
+}
+
+/// The Maglev paper's table population (Eisenbud et al., "Maglev: A Fast and Reliable Software
+/// Network Load Balancer", NSDI 2016, Pseudocode 1): the backends take turns, each claiming the
+/// next slot of its permutation (`offset + k * skip mod m`) that no backend holds yet, until
+/// every slot is held. Unweighted, and each permutation entry is computed when it is needed
+/// rather than stored (N × M of them). The baseline of the build times, not what lbd runs: lbd
+/// weighs backends, and its tables only move the slots a change must move
+/// (`lb_userspace::maglev`). `keys` must not be empty; `m` must be prime.
+pub fn paper_table(keys: &[String], m: u32) -> Vec<u32> {
+    use std::hash::{Hash, Hasher};
+    let hash = |key: &str, seed: u64| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (seed, key).hash(&mut h);
+        h.finish()
+    };
+    let m64 = u64::from(m);
+    // Per backend: the slot of its next permutation entry, and its skip.
+    let mut next: Vec<u64> = keys.iter().map(|k| hash(k, 0) % m64).collect();
+    let skip: Vec<u64> = keys.iter().map(|k| hash(k, 1) % (m64 - 1) + 1).collect();
+    let step = |slot: u64, skip: u64| if slot + skip >= m64 { slot + skip - m64 } else { slot + skip };
+    let mut entry = vec![u32::MAX; m as usize];
+    let mut filled = 0;
+    'fill: loop {
+        for (i, (slot, &skip)) in next.iter_mut().zip(&skip).enumerate() {
+            let mut c = *slot;
+            while entry[c as usize] != u32::MAX {
+                c = step(c, skip);
+            }
+            entry[c as usize] = i as u32;
+            *slot = step(c, skip);
+            filled += 1;
+            if filled == m {
+                break 'fill;
+            }
+        }
+    }
+    entry
+}
+
+/// Times `Maglev::build` (on its threads, then on one) and [`paper_table`] on `n` backends of
+/// weight 1, M = `m`, alternating.
+pub fn paper_builds(p: &Params, m: u32, progress: &mut Progress) -> Result<Vec<PaperBuild>> {
+    let maglev = Maglev::new(m).with_context(|| format!("table size {m}"))?;
+    let one_thread = maglev.clone().with_threads(1);
+    let mut out = Vec::new();
+    for &n in &p.backends {
+        progress.step(&format!("control: Maglev build against the paper's loop, M = {m}, N = {n}"));
+        let backends: Vec<MaglevBackend> =
+            members(n).into_iter().map(|b| MaglevBackend { weight: 1, ..b }).collect();
+        let keys: Vec<String> = backends.iter().map(|b| b.key.clone()).collect();
+        // Untimed first builds, and a check that the baseline is the paper's: every backend
+        // claims one slot a turn, so the counts differ by at most one.
+        assert_eq!(maglev.build(&backends)?, one_thread.build(&backends)?);
+        let mut counts = vec![0usize; n];
+        for &b in &paper_table(&keys, m) {
+            counts[b as usize] += 1;
+        }
+        let (lo, hi) = (counts.iter().min(), counts.iter().max());
+        anyhow::ensure!(
+            hi.zip(lo).is_some_and(|(hi, lo)| hi - lo <= 1),
+            "the paper's loop gave uneven counts ({lo:?}..{hi:?} slots a backend)"
+        );
+        let (mut lbd, mut lbd_one, mut paper) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..p.rounds {
+            let t = Instant::now();
+            std::hint::black_box(maglev.build(&backends)?);
+            lbd.push(ms(t.elapsed()));
+            let t = Instant::now();
+            std::hint::black_box(one_thread.build(&backends)?);
+            lbd_one.push(ms(t.elapsed()));
+            let t = Instant::now();
+            std::hint::black_box(paper_table(&keys, m));
+            paper.push(ms(t.elapsed()));
+        }
+        out.push(PaperBuild {
+            m,
+            n,
+            lbd_ms: Summary::of(&lbd),
+            lbd_one_thread_ms: Summary::of(&lbd_one),
+            paper_ms: Summary::of(&paper),
+        });
     }
     Ok(out)
 }

@@ -209,6 +209,7 @@ fn main() -> Result<()> {
     if want("control") {
         let control = (|| -> Result<control::Control> {
             let builds = control::builds(&plan.control, &mut progress)?;
+            let paper = control::paper_builds(&plan.control, 65537, &mut progress)?;
             let ns = Netns::new("lbdb-ctl")?;
             let applies = sys::in_ns(&ns.name, None, || control::applies(&plan.control, &mut progress))??;
             drop(ns);
@@ -220,7 +221,9 @@ fn main() -> Result<()> {
                 }
             };
             Ok(control::Control {
+                maglev_threads: lb_userspace::maglev::Maglev::new(65537)?.threads(),
                 builds,
+                paper,
                 applies,
                 health_checks,
             })
