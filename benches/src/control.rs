@@ -201,9 +201,14 @@ pub fn paper_builds(p: &Params, m: u32, progress: &mut Progress) -> Result<Vec<P
     Ok(out)
 }
 
-/// Builds the M = 65537 table for `n` weighted backends in a loop for `secs` seconds (for perf).
-pub fn profile_builds(n: usize, secs: f64) -> Result<()> {
-    let maglev = Maglev::new(65537)?;
+/// Builds the table of `m` slots for `n` weighted backends in a loop for `secs` seconds (for
+/// perf), on `threads` threads if given.
+pub fn profile_builds(n: usize, secs: f64, m: u32, threads: Option<usize>) -> Result<()> {
+    let maglev = Maglev::new(m).with_context(|| format!("table size {m}"))?;
+    let maglev = match threads {
+        Some(t) => maglev.with_threads(t),
+        None => maglev,
+    };
     let backends = members(n);
     let start = Instant::now();
     let mut samples = Vec::new();
@@ -212,7 +217,12 @@ pub fn profile_builds(n: usize, secs: f64) -> Result<()> {
         std::hint::black_box(maglev.build(&backends)?);
         samples.push(ms(t.elapsed()));
     }
-    eprintln!("{} builds, median {:.3} ms", samples.len(), Summary::of(&samples).median);
+    eprintln!(
+        "{} builds, median {:.3} ms (M = {m}, N = {n}, {} threads)",
+        samples.len(),
+        Summary::of(&samples).median,
+        maglev.threads()
+    );
     Ok(())
 }
 

@@ -7,7 +7,9 @@
 //! ```text
 //! lb-bench [--quick] [--out DIR]        the benchmark (default DIR: target/bench)
 //! lb-bench profile CASE SECONDS         loop one per-packet case (for perf / bpftool)
-//! lb-bench profile-maglev N SECONDS     loop Maglev builds, M = 65537, N weighted backends
+//! lb-bench profile-maglev N SECONDS [M [THREADS]]
+//!                                      loop Maglev builds (M = 65537 unless given, on the
+//!                                      builder's threads unless given), N weighted backends
 //! ```
 
 mod control;
@@ -125,10 +127,13 @@ fn pktgen() -> String {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("profile-maglev") {
-        // `lb-bench profile-maglev N SECONDS`: Maglev builds (M = 65537) in a loop, for perf.
-        let n: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1000);
-        let secs: f64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(10.0);
-        return control::profile_builds(n, secs);
+        // `lb-bench profile-maglev N SECONDS [M [THREADS]]`: Maglev builds in a loop, for perf.
+        let arg = |i: usize| args.get(i).map(String::as_str);
+        let n: usize = arg(1).map(str::parse).transpose()?.unwrap_or(1000);
+        let secs: f64 = arg(2).map(str::parse).transpose()?.unwrap_or(10.0);
+        let m: u32 = arg(3).map(str::parse).transpose()?.unwrap_or(65537);
+        let threads: Option<usize> = arg(4).map(str::parse).transpose()?;
+        return control::profile_builds(n, secs, m, threads);
     }
     require_root()?;
     if args.first().map(String::as_str) == Some("profile") {
