@@ -764,7 +764,8 @@ fn wait<T>(inbox: &mpsc::Receiver<T>) -> Option<T> {
 /// How long [`wait`] polls before it sleeps.
 const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
-/// One backend's progress along its permutation during [`Maglev::build`].
+/// One backend's permutation during [`Maglev::build`] (how far it has walked is in
+/// [`Walkers`]).
 struct Walker {
     /// Position of the backend's key among the backends' keys.
     rank: u32,
