@@ -40,8 +40,10 @@
 //! a prefix of its permutation, up to a common score cutoff that is raised in passes; the few
 //! slots still empty at the end are computed directly (see [`Maglev::build`]). That is roughly
 //! `10 * M` cheap steps, whatever the number of backends. Tables of 16,384 slots or more are
-//! walked on up to 4 threads (one per CPU; the helpers are started by the first such build and
-//! kept by the builder), and the table does not depend on it.
+//! built on up to 4 threads (one per CPU; the helpers are started by the first such build and
+//! kept by the builder): the walks, and in parts the steps between them (sorting and hashing the
+//! keys, merging the threads' offers, the last slots, the table of ids). The table does not
+//! depend on the threads.
 
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
@@ -144,10 +146,10 @@ pub struct Maglev {
     size: u32,
     /// `order_stats[k] = L[k] = sum_{j=0..=k} 1/(size-j)`, non-decreasing in `k`.
     order_stats: Arc<[f64]>,
-    /// Threads a build walks on, the caller's included (see [`Maglev::with_threads`]).
+    /// Threads a build runs on, the caller's included (see [`Maglev::with_threads`]).
     threads: usize,
     /// The helper threads, started by the first build that uses them; a build holds the lock
-    /// while it uses them (a concurrent build walks alone).
+    /// while it uses them (a concurrent build runs alone).
     helpers: Mutex<Vec<Helper>>,
 }
 
@@ -205,14 +207,14 @@ impl Maglev {
         })
     }
 
-    /// Threads a large table is walked on, at most (the caller's included).
+    /// Threads a large table is built on, at most (the caller's included).
     pub fn threads(&self) -> usize {
         self.threads
     }
 
-    /// The same builder walking on up to `threads` threads (at least 1; the caller's is one of
+    /// The same builder running on up to `threads` threads (at least 1; the caller's is one of
     /// them). [`Maglev::new`] takes the CPUs this process may run on, at most 4. Only tables of
-    /// at least 16,384 slots are walked on several threads, and the table never depends on it.
+    /// at least 16,384 slots are built on several threads, and the table never depends on it.
     #[must_use]
     pub fn with_threads(mut self, threads: usize) -> Self {
         self.threads = threads.max(1);
@@ -232,11 +234,41 @@ impl Maglev {
     ///
     /// [`MaglevError::DuplicateKey`] if two backends (even of weight 0) share a key.
     pub fn build(&self, backends: &[MaglevBackend]) -> Result<Vec<u32>, MaglevError> {
+        let m = self.size as usize;
+        // Large tables are built on several threads: the walks of a pass (see below), and the
+        // steps between them split into parts (`run_parts`).
+        let mut lock = (m >= PARALLEL_MIN_SIZE && self.threads > 1 && backends.len() > 1)
+            .then(|| self.helpers.try_lock().ok())
+            .flatten();
+        let team: &mut [Helper] = match &mut lock {
+            Some(helpers) => {
+                let wanted = self.threads.min(backends.len()) - 1;
+                while helpers.len() < wanted {
+                    // Without another thread (a resource limit), build on those there are.
+                    let Ok(helper) = Helper::spawn(Arc::clone(&self.order_stats)) else { break };
+                    helpers.push(helper);
+                }
+                let n = helpers.len().min(wanted);
+                &mut helpers[..n]
+            }
+            None => &mut [],
+        };
+        let parts = team.len() + 1;
+
         // Sorted by key bytes: by the first 16 bytes as a number first (cheap to compare), then
-        // by the whole key when those are equal.
+        // by the whole key when those are equal. In parts, then merged (the stable sort finds
+        // the sorted runs).
+        let by_key = |a: &(u128, &MaglevBackend), b: &(u128, &MaglevBackend)| {
+            a.0.cmp(&b.0).then_with(|| a.1.key.cmp(&b.1.key))
+        };
         let mut sorted: Vec<(u128, &MaglevBackend)> =
             backends.iter().map(|b| (key_prefix(&b.key), b)).collect();
-        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.key.cmp(&b.1.key)));
+        let runs = split_parts(&mut sorted, 1, parts);
+        run_parts(team, &|part| runs[part].lock().expect("parts do not panic").1.sort_unstable_by(by_key));
+        drop(runs);
+        if parts > 1 {
+            sorted.sort_by(by_key);
+        }
         if let Some(pair) = sorted
             .windows(2)
             .find(|pair| pair[0].0 == pair[1].0 && pair[0].1.key == pair[1].1.key)
@@ -251,7 +283,6 @@ impl Maglev {
             .filter(|b| b.weight > 0)
             .collect();
 
-        let m = self.size as usize;
         if sorted.is_empty() {
             return Ok(vec![NO_BACKEND; m]);
         }
@@ -271,16 +302,28 @@ impl Maglev {
             .collect();
         let modulus = Modulus::new(u64::from(self.size));
         let skip_modulus = Modulus::new(u64::from(self.size) - 1);
-        let walkers: Vec<Walker> = sorted
-            .iter()
-            .enumerate()
-            .map(|(rank, b)| {
-                let rank = u32::try_from(rank).expect("fewer than 2^32 backends");
-                let class = weights.binary_search(&b.weight).expect("weight listed");
-                classes[class].members += 1;
-                Walker::new(b, rank, class, modulus, skip_modulus)
-            })
+        // Hashing the keys is most of the set-up: in parts, each a range of ranks.
+        let made: Vec<Mutex<Vec<Walker>>> = (0..parts).map(|_| Mutex::default()).collect();
+        run_parts(team, &|part| {
+            let ranks = part_range(sorted.len(), 1, parts, part);
+            let walkers = sorted[ranks.clone()]
+                .iter()
+                .zip(ranks)
+                .map(|(b, rank)| {
+                    let rank = u32::try_from(rank).expect("fewer than 2^32 backends");
+                    let class = weights.binary_search(&b.weight).expect("weight listed");
+                    Walker::new(b, rank, class, modulus, skip_modulus)
+                })
+                .collect();
+            *made[part].lock().expect("parts do not panic") = walkers;
+        });
+        let walkers: Vec<Walker> = made
+            .into_iter()
+            .flat_map(|part| part.into_inner().expect("parts do not panic"))
             .collect();
+        for walker in &walkers {
+            classes[walker.class].members += 1;
+        }
         // Only used to pick cutoffs, so its rounding (if N > 2^21) does not matter.
         let total_weight = sorted.iter().map(|b| f64::from(b.weight)).sum::<f64>();
 
@@ -304,29 +347,12 @@ impl Maglev {
         // less than finishing now, a score evaluation costing about `FINISH_COST` visits. The
         // other constants were tuned by measurement.
         let order_stats = &self.order_stats[..];
-        let mut race = Race::new(m);
         // The walks of a pass are independent but for the `min` each offer takes in `best`, so
         // several threads can walk: each claims runs of walkers (so that a slower CPU takes
         // fewer) and walks them into a `best` of its own (the caller into `race.best`); a pass
         // ends once the others' offers are merged in (a `min` too: the same table, whoever
         // walked what).
-        let mut lock = (m >= PARALLEL_MIN_SIZE && self.threads > 1 && walkers.len() > 1)
-            .then(|| self.helpers.try_lock().ok())
-            .flatten();
-        let team: &mut [Helper] = match &mut lock {
-            Some(helpers) => {
-                let wanted = self.threads.min(walkers.len()) - 1;
-                while helpers.len() < wanted {
-                    // Without another thread (a resource limit), walk on those there are.
-                    let Ok(helper) = Helper::spawn(Arc::clone(&self.order_stats)) else { break };
-                    helpers.push(helper);
-                }
-                let n = helpers.len().min(wanted);
-                &mut helpers[..n]
-            }
-            None => &mut [],
-        };
-        let walkers = Arc::new(Walkers::new(walkers, team.len() + 1));
+        let walkers = Arc::new(Walkers::new(walkers, parts));
 
         let mut x = 3.0f64;
         for class in &mut classes {
@@ -335,9 +361,11 @@ impl Maglev {
         for helper in team.iter_mut() {
             helper.start(&walkers, &classes, None, m);
         }
+        // Made while the helpers already walk (they claim what the caller is not ready for).
+        let mut race = Race::new(m);
         walkers.walk(&mut race.best, None, &classes, order_stats);
         let mut extras: Vec<Vec<u64>> = team.iter_mut().map(Helper::finish).collect();
-        race.settle_all(&extras);
+        race.settle_all(&extras, team);
         for class in &mut classes {
             class.next = class.end;
         }
@@ -364,7 +392,7 @@ impl Maglev {
             }
             walkers.walk(&mut race.best, Some(&race.settled), &classes, order_stats);
             extras.extend(team.iter_mut().map(Helper::finish));
-            race.settle(&extras);
+            race.settle(&extras, team);
             for class in &mut classes {
                 class.next = class.end;
             }
@@ -373,12 +401,26 @@ impl Maglev {
         for (helper, best) in team.iter_mut().zip(extras) {
             helper.best = Some(best);
         }
-        drop(lock);
         let walkers = &walkers.walkers;
-        race.finish(walkers, &classes, order_stats, modulus);
+        race.finish(walkers, &classes, order_stats, modulus, team);
 
+        // The table of ids, in parts (each a range of slots).
         let ids: Vec<u32> = sorted.iter().map(|b| b.id).collect();
-        Ok(race.best.iter().map(|&key| ids[rank_of(key)]).collect())
+        let mut table = Vec::with_capacity(m);
+        let outs = split_parts(&mut table.spare_capacity_mut()[..m], 16, parts);
+        run_parts(team, &|part| {
+            let (start, out) = &mut *outs[part].lock().expect("parts do not panic");
+            let keys = &race.best[*start..*start + out.len()];
+            for (id, &key) in out.iter_mut().zip(keys) {
+                id.write(ids[rank_of(key)]);
+            }
+        });
+        drop(outs);
+        // SAFETY: the parts wrote every one of the first `m` elements (`split_parts` covers
+        // them all) with an initialised `u32`.
+        unsafe { table.set_len(m) };
+        drop(lock);
+        Ok(table)
     }
 }
 
@@ -459,58 +501,36 @@ impl Race {
     }
 
     /// Ends the first pass: merges the other threads' offers (`extras`, one `best` each) and
-    /// settles every slot filled.
-    fn settle_all(&mut self, extras: &[Vec<u64>]) {
-        let mut settled = 0;
-        let chunks = self.best.chunks_mut(64).zip((0..).step_by(64));
-        for (word, (chunk, start)) in self.settled.iter_mut().zip(chunks) {
-            let last = chunk.len() - 1;
-            let (pairs, rest) = chunk.as_chunks_mut::<2>();
-            let mut filled = 0u64;
-            for (i, pair) in pairs.iter_mut().enumerate() {
-                let slot = start + 2 * i;
-                let mut keys = *pair;
-                for extra in extras {
-                    keys = min_pair(keys, [extra[slot], extra[slot + 1]]);
-                }
-                *pair = keys;
-                filled |= filled_pair(keys) << (2 * i);
-            }
-            if let [held] = rest {
-                *held = extras.iter().fold(*held, |key, extra| key.min(extra[start + last]));
-                filled |= u64::from(*held != EMPTY_SLOT) << last;
-            }
-            *word |= filled;
-            settled += word.count_ones() as usize;
-        }
-        self.empty = self.settled.len() * 64 - settled;
+    /// settles every slot filled, in parts on `team`.
+    fn settle_all(&mut self, extras: &[Vec<u64>], team: &mut [Helper]) {
+        self.settle_parts(extras, team, settle_all_words);
     }
 
     /// Ends a later pass: merges the other threads' offers (`extras`) into the slots the pass
-    /// walked, the unsettled ones, and settles those filled.
-    fn settle(&mut self, extras: &[Vec<u64>]) {
-        let mut empty = 0;
-        for (index, word) in self.settled.iter_mut().enumerate() {
-            let mut unsettled = !*word;
-            while unsettled != 0 {
-                let bit = unsettled.trailing_zeros();
-                let slot = index * 64 + bit as usize;
-                let key = extras.iter().fold(self.best[slot], |key, extra| key.min(extra[slot]));
-                self.best[slot] = key;
-                if key == EMPTY_SLOT {
-                    empty += 1;
-                } else {
-                    *word |= 1 << bit;
-                }
-                unsettled &= unsettled - 1;
-            }
-        }
-        self.empty = empty;
+    /// walked, the unsettled ones, and settles those filled, in parts on `team`.
+    fn settle(&mut self, extras: &[Vec<u64>], team: &mut [Helper]) {
+        self.settle_parts(extras, team, settle_words);
+    }
+
+    /// Runs `settle` in parts on `team`, each on a range of bitmap words and their slots, and
+    /// counts the slots left empty.
+    fn settle_parts(&mut self, extras: &[Vec<u64>], team: &mut [Helper], settle: SettleWords) {
+        let parts = team.len() + 1;
+        let words = split_parts(&mut self.settled, 1, parts);
+        let slots = split_parts(&mut self.best, 64, parts);
+        let empty = AtomicUsize::new(0);
+        run_parts(team, &|part| {
+            let (first, words) = &mut *words[part].lock().expect("parts do not panic");
+            let (start, best) = &mut *slots[part].lock().expect("parts do not panic");
+            debug_assert_eq!(*first * 64, *start);
+            empty.fetch_add(settle(words, best, *start, extras), Ordering::Relaxed);
+        });
+        self.empty = empty.into_inner();
     }
 
     /// Fills the slots still empty after the last settle directly: each gets the smallest
-    /// key of all backends there.
-    fn finish(&mut self, walkers: &[Walker], classes: &[Class], order_stats: &[f64], modulus: Modulus) {
+    /// key of all backends there. In parts on `team`, each a range of the walkers.
+    fn finish(&mut self, walkers: &[Walker], classes: &[Class], order_stats: &[f64], modulus: Modulus, team: &mut [Helper]) {
         let mut empty = Vec::with_capacity(self.empty);
         for (index, &word) in self.settled.iter().enumerate() {
             let mut unsettled = !word;
@@ -522,32 +542,106 @@ impl Race {
         if empty.is_empty() {
             return;
         }
-        let m = modulus.m;
-        let skips: Vec<u64> = walkers.iter().map(|w| w.skip as u64).collect();
-        let inv_skips = mod_inverses(&skips, modulus);
-        let mut positions = vec![0; empty.len()];
-        for (walker, inv_skip) in walkers.iter().zip(inv_skips) {
-            // perm[k] = offset + k * skip (mod m), so k = (slot - offset) / skip (mod m).
-            let offset = walker.offset as u64;
-            for (k, &slot) in positions.iter_mut().zip(&empty) {
-                let slot = slot as u64;
-                let from_offset = if slot >= offset {
-                    slot - offset
-                } else {
-                    slot + m - offset
-                };
-                // Both factors are < m <= u32::MAX, so the product fits in a u64.
-                *k = modulus.reduce(from_offset * inv_skip) as usize;
-                // Random positions: fetch their order statistics before they are needed.
-                prefetch(order_stats, *k);
-            }
-            let inv_weight = classes[walker.class].inv_weight;
-            for (&k, &slot) in positions.iter().zip(&empty) {
-                let held = &mut self.best[slot];
-                *held = (*held).min(slot_key(order_stats[k] * inv_weight, walker.rank));
+        let parts = team.len() + 1;
+        let found: Vec<Mutex<Vec<u64>>> = (0..parts).map(|_| Mutex::default()).collect();
+        run_parts(team, &|part| {
+            let walkers = &walkers[part_range(walkers.len(), 1, parts, part)];
+            let held = best_at(&empty, walkers, classes, order_stats, modulus);
+            *found[part].lock().expect("parts do not panic") = held;
+        });
+        for held in found {
+            let held = held.into_inner().expect("parts do not panic");
+            for (&slot, key) in empty.iter().zip(held) {
+                self.best[slot] = self.best[slot].min(key);
             }
         }
     }
+}
+
+/// The smallest key `walkers` have at each of the slots `empty` ([`EMPTY_SLOT`] if none).
+fn best_at(empty: &[usize], walkers: &[Walker], classes: &[Class], order_stats: &[f64], modulus: Modulus) -> Vec<u64> {
+    let mut held = vec![EMPTY_SLOT; empty.len()];
+    if walkers.is_empty() {
+        return held;
+    }
+    let m = modulus.m;
+    let skips: Vec<u64> = walkers.iter().map(|w| w.skip as u64).collect();
+    let inv_skips = mod_inverses(&skips, modulus);
+    let mut positions = vec![0; empty.len()];
+    for (walker, inv_skip) in walkers.iter().zip(inv_skips) {
+        // perm[k] = offset + k * skip (mod m), so k = (slot - offset) / skip (mod m).
+        let offset = walker.offset as u64;
+        for (k, &slot) in positions.iter_mut().zip(empty) {
+            let slot = slot as u64;
+            let from_offset = if slot >= offset {
+                slot - offset
+            } else {
+                slot + m - offset
+            };
+            // Both factors are < m <= u32::MAX, so the product fits in a u64.
+            *k = modulus.reduce(from_offset * inv_skip) as usize;
+            // Random positions: fetch their order statistics before they are needed.
+            prefetch(order_stats, *k);
+        }
+        let inv_weight = classes[walker.class].inv_weight;
+        for (&k, key) in positions.iter().zip(&mut held) {
+            *key = (*key).min(slot_key(order_stats[k] * inv_weight, walker.rank));
+        }
+    }
+    held
+}
+
+/// A part of [`Race::settle_parts`]: merges `extras` into `best`, the slots from `start` on (a
+/// multiple of 64) whose bitmap words are `words`, sets the bits of the slots filled, and
+/// returns how many are left empty.
+type SettleWords = fn(words: &mut [u64], best: &mut [u64], start: usize, extras: &[Vec<u64>]) -> usize;
+
+/// [`SettleWords`] after the first pass: every slot.
+fn settle_all_words(words: &mut [u64], best: &mut [u64], start: usize, extras: &[Vec<u64>]) -> usize {
+    let mut empty = 0;
+    let chunks = best.chunks_mut(64).zip((start..).step_by(64));
+    for (word, (chunk, start)) in words.iter_mut().zip(chunks) {
+        let last = chunk.len() - 1;
+        let (pairs, rest) = chunk.as_chunks_mut::<2>();
+        let mut filled = 0u64;
+        for (i, pair) in pairs.iter_mut().enumerate() {
+            let slot = start + 2 * i;
+            let mut keys = *pair;
+            for extra in extras {
+                keys = min_pair(keys, [extra[slot], extra[slot + 1]]);
+            }
+            *pair = keys;
+            filled |= filled_pair(keys) << (2 * i);
+        }
+        if let [held] = rest {
+            *held = extras.iter().fold(*held, |key, extra| key.min(extra[start + last]));
+            filled |= u64::from(*held != EMPTY_SLOT) << last;
+        }
+        *word |= filled;
+        empty += word.count_zeros() as usize;
+    }
+    empty
+}
+
+/// [`SettleWords`] after a later pass: the slots not settled before, the only ones it walked.
+fn settle_words(words: &mut [u64], best: &mut [u64], start: usize, extras: &[Vec<u64>]) -> usize {
+    let mut empty = 0;
+    for (index, word) in words.iter_mut().enumerate() {
+        let mut unsettled = !*word;
+        while unsettled != 0 {
+            let bit = unsettled.trailing_zeros();
+            let slot = index * 64 + bit as usize;
+            let key = extras.iter().fold(best[slot], |key, extra| key.min(extra[start + slot]));
+            best[slot] = key;
+            if key == EMPTY_SLOT {
+                empty += 1;
+            } else {
+                *word |= 1 << bit;
+            }
+            unsettled &= unsettled - 1;
+        }
+    }
+    empty
 }
 
 /// The backends of one weight: how far they have walked their permutations.
@@ -617,12 +711,12 @@ fn filled_pair(keys: [u64; 2]) -> u64 {
     (u64::from(keys[0] != EMPTY_SLOT) | u64::from(keys[1] != EMPTY_SLOT) << 1)
 }
 
-/// Most threads [`Maglev::new`] lets a build walk on: each helper keeps a `best` array of its
+/// Most threads [`Maglev::new`] lets a build run on: each helper keeps a `best` array of its
 /// own (8 bytes a slot) between builds, and each is merged at the end of every pass.
 const MAX_THREADS: usize = 4;
 
-/// Smallest table walked on more than one thread: below it, handing a pass to another thread
-/// costs more than the share of the walks it takes.
+/// Smallest table built on more than one thread: below it, handing a pass to another thread
+/// costs more than the share of the work it takes.
 const PARALLEL_MIN_SIZE: usize = 16_384;
 
 /// The walkers of one build, shared by the threads walking them. In each pass the threads claim
@@ -673,14 +767,55 @@ impl Walkers {
     }
 }
 
-/// A thread that helps [`Maglev::build`] walk, a pass at a time, into a `best` array of its
-/// own. The array travels with each pass: the caller gets it back at the end of the pass,
-/// merges it, and hands it back with the next. The thread ends when its `Maglev` is dropped.
+/// A thread that helps [`Maglev::build`]: it walks, a pass at a time, into a `best` array of
+/// its own, and takes parts of the steps between passes ([`run_parts`]). The array travels with
+/// each pass: the caller gets it back at the end of the pass, merges it, and hands it back with
+/// the next. The thread ends when its `Maglev` is dropped.
 struct Helper {
-    passes: mpsc::Sender<Pass>,
-    done: mpsc::Receiver<Vec<u64>>,
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::Receiver<Done>,
+    cpus: Arc<Cpus>,
     /// The thread's array between passes and between builds (`None` before its first pass).
     best: Option<Vec<u64>>,
+}
+
+/// The CPUs a [`Helper`] and the build using it last ran on, as each side noted it when it
+/// handed work over or began to wait (`usize::MAX` before). A side waiting for the other only
+/// polls while they are apart: when the scheduler has queued both on one CPU (the others busy,
+/// or the process confined to one), polling would only delay the other (builds then took 2–3
+/// times as long), so it sleeps at once.
+struct Cpus {
+    caller: AtomicUsize,
+    helper: AtomicUsize,
+}
+
+/// The CPU this thread is running on (`usize::MAX` if unknown).
+fn current_cpu() -> usize {
+    // SAFETY: no preconditions; it returns a CPU number or -1.
+    let cpu = unsafe { libc::sched_getcpu() };
+    usize::try_from(cpu).unwrap_or(usize::MAX)
+}
+
+/// Work for a [`Helper`].
+enum Job {
+    Pass(Pass),
+    Part(Part),
+}
+
+/// What a [`Helper`] sends back when a job has ended.
+enum Done {
+    /// The end of a pass: the thread's array.
+    Pass(Vec<u64>),
+    Part,
+}
+
+/// A job split by [`run_parts`], for a helper to claim parts of.
+struct Part {
+    /// The caller's job and its counter of parts claimed, borrowed: `run_parts` neither returns
+    /// nor unwinds before the helper has sent [`Done::Part`] (or ended).
+    job: &'static (dyn Fn(usize) + Sync),
+    next: &'static AtomicUsize,
+    parts: usize,
 }
 
 /// One pass for a [`Helper`]: the first if `settled` is `None`.
@@ -694,10 +829,26 @@ struct Pass {
 
 impl Helper {
     fn spawn(order_stats: Arc<[f64]>) -> std::io::Result<Self> {
-        let (passes, inbox) = mpsc::channel::<Pass>();
+        let (jobs, inbox) = mpsc::channel::<Job>();
         let (outbox, done) = mpsc::channel();
+        let cpus = Arc::new(Cpus {
+            caller: AtomicUsize::new(usize::MAX),
+            helper: AtomicUsize::new(usize::MAX),
+        });
+        let sides = Arc::clone(&cpus);
         std::thread::Builder::new().name("maglev".into()).spawn(move || {
-            while let Some(pass) = wait(&inbox) {
+            while let Some(job) = wait(&inbox, &sides.helper, &sides.caller) {
+                sides.helper.store(current_cpu(), Ordering::Relaxed);
+                let pass = match job {
+                    Job::Part(Part { job, next, parts }) => {
+                        claim_parts(job, next, parts);
+                        if outbox.send(Done::Part).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    Job::Pass(pass) => pass,
+                };
                 let Pass {
                     walkers,
                     classes,
@@ -715,14 +866,15 @@ impl Helper {
                 };
                 walkers.walk(&mut best, settled.as_deref(), &classes, &order_stats);
                 drop(walkers);
-                if outbox.send(best).is_err() {
+                if outbox.send(Done::Pass(best)).is_err() {
                     break;
                 }
             }
         })?;
         Ok(Self {
-            passes,
+            jobs,
             done,
+            cpus,
             best: None,
         })
     }
@@ -737,21 +889,141 @@ impl Helper {
             best: self.best.take(),
             size,
         };
-        self.passes.send(pass).expect("a Maglev helper thread ended early");
+        self.send(Job::Pass(pass)).expect("a Maglev helper thread ended early");
+    }
+
+    /// Hands `job` to the thread.
+    fn send(&self, job: Job) -> Result<(), mpsc::SendError<Job>> {
+        self.cpus.caller.store(current_cpu(), Ordering::Relaxed);
+        self.jobs.send(job)
+    }
+
+    /// The thread's next report, `None` if it ended.
+    fn done(&self) -> Option<Done> {
+        wait(&self.done, &self.cpus.caller, &self.cpus.helper)
     }
 
     /// Waits for the pass to end: the thread's array.
     fn finish(&mut self) -> Vec<u64> {
-        wait(&self.done).expect("a Maglev helper thread ended early")
+        match self.done() {
+            Some(Done::Pass(best)) => best,
+            Some(Done::Part) => unreachable!("a part ends before its caller returns"),
+            None => panic!("a Maglev helper thread ended early"),
+        }
     }
 }
 
-/// The next message of `inbox`, `None` once its sender is gone. A pass lasts tens of
+/// Runs `job(0)` to `job(team.len())` on the caller and the helpers, and returns once every
+/// part has ended: a step of [`Maglev::build`] split into parts (each its own range of the
+/// work, see [`part_range`]) that may borrow from the caller. The threads claim parts as they
+/// come: a helper that is slow to start leaves its part to the caller, and one that last ran on
+/// the caller's CPU is not asked.
+fn run_parts(team: &mut [Helper], job: &(dyn Fn(usize) + Sync)) {
+    /// The helpers handed a part: waits for them (in `drop`, also if the caller's part panics,
+    /// as until then they may use the job).
+    struct Handed<'a> {
+        team: &'a mut [Helper],
+        handed: Vec<usize>,
+    }
+    impl Handed<'_> {
+        /// Waits for the helpers handed the job; whether all ended their parts (else a helper
+        /// thread died).
+        fn wait_all(&mut self) -> bool {
+            let handed = std::mem::take(&mut self.handed);
+            let ended = handed
+                .iter()
+                .filter(|&&i| matches!(self.team[i].done(), Some(Done::Part)))
+                .count();
+            ended == handed.len()
+        }
+    }
+    impl Drop for Handed<'_> {
+        fn drop(&mut self) {
+            self.wait_all();
+        }
+    }
+
+    let parts = team.len() + 1;
+    let next = AtomicUsize::new(0);
+    // SAFETY: only the lifetimes change. The helpers use `job` and `next` between receiving
+    // their `Part` and sending `Done::Part` (or ending), and `Handed` waits for that from every
+    // helper it handed one before this function returns or unwinds, while both are still
+    // borrowed (`next` is dropped after `handed`).
+    let (shared_job, shared_next) = unsafe {
+        (
+            std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static (dyn Fn(usize) + Sync)>(job),
+            &*std::ptr::from_ref(&next),
+        )
+    };
+    let mut handed = Handed {
+        team,
+        handed: Vec::with_capacity(parts),
+    };
+    let cpu = current_cpu();
+    for i in 0..handed.team.len() {
+        let helper = &handed.team[i];
+        // A helper that last ran on this CPU would mostly cost two switches (see `Cpus`); the
+        // passes, which it still takes, note where it runs next.
+        if helper.cpus.helper.load(Ordering::Relaxed) == cpu {
+            continue;
+        }
+        let part = Part {
+            job: shared_job,
+            next: shared_next,
+            parts,
+        };
+        if helper.send(Job::Part(part)).is_err() {
+            break;
+        }
+        handed.handed.push(i);
+    }
+    claim_parts(job, &next, parts);
+    assert!(handed.wait_all(), "a Maglev helper thread ended early");
+}
+
+/// Runs the parts of `job` not claimed yet (`next` counts the claims) until none is left.
+fn claim_parts(job: &(dyn Fn(usize) + Sync), next: &AtomicUsize, parts: usize) {
+    loop {
+        let part = next.fetch_add(1, Ordering::Relaxed);
+        if part >= parts {
+            return;
+        }
+        job(part);
+    }
+}
+
+/// Part `part` of `0..len` cut into `parts` ranges of about equal length, cut at multiples of
+/// `unit`.
+fn part_range(len: usize, unit: usize, parts: usize, part: usize) -> std::ops::Range<usize> {
+    let units = len.div_ceil(unit);
+    let cut = |part: usize| (units * part / parts * unit).min(len);
+    cut(part)..cut(part + 1)
+}
+
+/// `slice` cut into the `parts` ranges of [`part_range`], each with its start index, for
+/// [`run_parts`] (a part locks its own).
+fn split_parts<T>(slice: &mut [T], unit: usize, parts: usize) -> Vec<Mutex<(usize, &mut [T])>> {
+    let len = slice.len();
+    let mut rest = slice;
+    (0..parts)
+        .map(|part| {
+            let range = part_range(len, unit, parts, part);
+            let (this, after) = std::mem::take(&mut rest).split_at_mut(range.len());
+            rest = after;
+            Mutex::new((range.start, this))
+        })
+        .collect()
+}
+
+/// The next message of `inbox`, `None` once its sender is gone, for a thread that notes its CPU
+/// in `me` and waits for one whose CPU is noted in `other` (see [`Cpus`]). A pass lasts tens of
 /// microseconds, and waking a sleeping thread costs several here, so this polls for about as
-/// long before it sleeps.
-fn wait<T>(inbox: &mpsc::Receiver<T>) -> Option<T> {
+/// long before it sleeps, unless both are on one CPU.
+fn wait<T>(inbox: &mpsc::Receiver<T>, me: &AtomicUsize, other: &AtomicUsize) -> Option<T> {
+    let cpu = current_cpu();
+    me.store(cpu, Ordering::Relaxed);
     let start = std::time::Instant::now();
-    while start.elapsed() < SPIN {
+    while start.elapsed() < SPIN && other.load(Ordering::Relaxed) != cpu {
         match inbox.try_recv() {
             Ok(message) => return Some(message),
             Err(mpsc::TryRecvError::Disconnected) => return None,
@@ -1173,20 +1445,26 @@ mod tests {
         }
     }
 
-    /// Large tables are walked on several threads, each claiming walkers as it goes: whatever
-    /// the number of threads (more than the walkers included), and with two builds sharing one
-    /// builder at once, the table is the one the definition gives.
+    /// Large tables are built on several threads (walks claimed as they go, the other steps in
+    /// parts): whatever the number of threads (more than the backends included), with backends
+    /// of weight 0 among them, and with two builds sharing one builder at once, the table is
+    /// the one the definition gives, and a duplicate key is still an error.
     #[test]
     fn threads_do_not_change_tables() {
         let mut rng = Lcg(0x7ead);
         let size = 16411;
         assert!(size as usize >= PARALLEL_MIN_SIZE && is_prime(size));
-        for round in 0..6 {
-            let n = [1, 2, 3, 40, 200, 1000][round];
+        for round in 0..8 {
+            let n = [1, 2, 3, 40, 200, 1000, 3, 50][round];
             let list: Vec<MaglevBackend> = (0..n)
                 .map(|i| MaglevBackend {
                     key: format!("10.{}.{}.{}:80", rng.below(256), rng.below(256), i),
-                    weight: [1, 1 + rng.below(4) as u32, 1 + rng.below(1000) as u32][round % 3],
+                    weight: match round {
+                        // One backend of weight 1 among backends of weight 0, then some of each.
+                        6 => u32::from(i == 1),
+                        7 => rng.below(2) as u32,
+                        _ => [1, 1 + rng.below(4) as u32, 1 + rng.below(1000) as u32][round % 3],
+                    },
                     id: i as u32,
                 })
                 .collect();
@@ -1208,6 +1486,12 @@ mod tests {
                 assert!(
                     a == expected && b == expected,
                     "round {round}: {threads} threads, two builds at once"
+                );
+                let mut twice = list.clone();
+                twice.push(MaglevBackend { id: 9999, ..list[n / 2].clone() });
+                assert!(
+                    matches!(maglev.build(&twice), Err(MaglevError::DuplicateKey { key }) if key == list[n / 2].key),
+                    "round {round}: {threads} threads, a duplicate key"
                 );
             }
         }
