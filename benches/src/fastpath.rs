@@ -602,10 +602,15 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
 /// Runs one case of the base setup in a loop for `secs` seconds (for `perf record` /
 /// `bpftool prog profile`): `lb-bench profile CASE SECONDS`. Cases: tcp-new, tcp-new-full (into
 /// a full 65,536-entry connection table, as the report's case), tcp-hit, not-vip, udp-hit,
-/// v6-hit, tcp-hit-100k.
+/// v6-hit, tcp-hit-100k, tcp-hit-100k-live (100k flows in a table of the default size, about
+/// three flows per set, as in the live path's run).
 pub fn profile(case: &str, secs: f64, setup: (usize, usize)) -> Result<()> {
     let (n, vips) = setup;
-    let conntrack = if case == "tcp-new-full" { FULL_TABLE } else { 1 << 22 };
+    let conntrack = match case {
+        "tcp-new-full" => FULL_TABLE,
+        "tcp-hit-100k-live" => lb_common::DEFAULT_CONNTRACK_SIZE,
+        _ => 1 << 22,
+    };
     let mut dp = load(n, vips, conntrack)?;
     dp.apply(&services(n, vips))?;
     let reasons = Reasons::of(&mut dp)?;
@@ -615,7 +620,9 @@ pub fn profile(case: &str, secs: f64, setup: (usize, usize)) -> Result<()> {
         "tcp-new" | "tcp-new-full" => (tcp4_syn(f), Some((0, BASE_TCP_NEW, 4)), reason::NEW_FLOW),
         "tcp-hit" => (tcp4_ack(f, b""), None, reason::CONNTRACK_HIT),
         "maps-hit" | "maps-new" | "maps-new_pcpu" => (tcp4_ack(f, b""), None, reason::CONNTRACK_HIT),
-        "tcp-hit-100k" => (tcp4_ack(f, b""), Some((100_000, BASE_HIT, 4)), reason::CONNTRACK_HIT),
+        "tcp-hit-100k" | "tcp-hit-100k-live" => {
+            (tcp4_ack(f, b""), Some((100_000, BASE_HIT, 4)), reason::CONNTRACK_HIT)
+        }
         "not-vip" => (tcp4_ack(Flow4 { dst: NOT_VIP, ..f }, b""), None, reason::NOT_VIP),
         "udp-hit" => (
             udp4(

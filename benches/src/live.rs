@@ -430,12 +430,14 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<Live> {
 
     Ok(Live {
         pairs,
-        generator: format!("BPF_PROG_TEST_RUN live frames (bench_gen, batch 64), {} packets per run, best of {} runs; generator, director and sink in series on CPU {GEN_CPU}", p.packets, p.runs),
+        generator: format!("BPF_PROG_TEST_RUN live frames (bench_gen, batch 64), {} packets per run, best of {} runs each, lbd's and the baseline's alternating; generator, director and sink in series on CPU {GEN_CPU}", p.packets, p.runs),
         notes,
     })
 }
 
-/// lbd and `baseline` on the director in `mode` ("redirect" or "tx"), best of `p.runs` each.
+/// lbd and `baseline` on the director in `mode` ("redirect" or "tx"), best of `p.runs` each,
+/// their runs alternating (this VM's speed drifts by ±20 % over seconds: back-to-back blocks of
+/// runs put the drift into the ratio).
 #[allow(clippy::too_many_arguments)]
 fn measure_pair(
     topo: &Topo,
@@ -450,19 +452,19 @@ fn measure_pair(
     size: usize,
     p: &Params,
 ) -> Result<LivePair> {
-    let mut results = Vec::new();
-    for which in ["lbd", baseline] {
-        let mut runs = Vec::new();
-        for _ in 0..p.runs {
+    let programs = ["lbd", baseline];
+    let mut runs: [Vec<Measured>; 2] = Default::default();
+    for _ in 0..p.runs {
+        for (which, runs) in programs.iter().zip(&mut runs) {
             let director = attach_director(topo, which, dp, mode)?;
-            let r = (which == "lbd").then_some(reasons);
+            let r = (*which == "lbd").then_some(reasons);
             runs.push(measure(topo, gen, sink, r, template, flows, p.packets)?);
             detach_director(topo, director)?;
         }
-        results.push(to_run(which, mode, flows, size, &best(runs)));
     }
-    let baseline = results.pop().expect("two");
-    let lbd = results.pop().expect("two");
+    let [lbd, baseline_runs] = runs;
+    let lbd = to_run("lbd", mode, flows, size, &best(lbd));
+    let baseline = to_run(baseline, mode, flows, size, &best(baseline_runs));
     Ok(LivePair {
         mode: mode.into(),
         flows,

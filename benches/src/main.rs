@@ -87,7 +87,7 @@ fn plan(quick: bool) -> Plan {
                 packets: 2_000_000,
                 flows: vec![1, 1000, 100_000],
                 sizes: vec![64, 512, 1500],
-                runs: 3,
+                runs: 5,
             },
             tcp: tcp::Params {
                 seconds: 5,
