@@ -65,7 +65,7 @@ pub struct PaperBuild {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Control {
-    /// Threads `Maglev::build` walks large tables on here (`Maglev::threads`).
+    /// Threads `Maglev::build` builds large tables on here (`Maglev::threads`).
     pub maglev_threads: usize,
     pub builds: Vec<BuildTime>,
     /// The same-run baseline of the build times.

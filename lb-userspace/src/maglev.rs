@@ -303,10 +303,9 @@ impl Maglev {
         let modulus = Modulus::new(u64::from(self.size));
         let skip_modulus = Modulus::new(u64::from(self.size) - 1);
         // Hashing the keys is most of the set-up: in parts, each a range of ranks.
-        let made: Vec<Mutex<Vec<Walker>>> = (0..parts).map(|_| Mutex::default()).collect();
-        run_parts(team, &|part| {
+        let walkers: Vec<Walker> = map_parts(team, |part| {
             let ranks = part_range(sorted.len(), 1, parts, part);
-            let walkers = sorted[ranks.clone()]
+            sorted[ranks.clone()]
                 .iter()
                 .zip(ranks)
                 .map(|(b, rank)| {
@@ -314,13 +313,11 @@ impl Maglev {
                     let class = weights.binary_search(&b.weight).expect("weight listed");
                     Walker::new(b, rank, class, modulus, skip_modulus)
                 })
-                .collect();
-            *made[part].lock().expect("parts do not panic") = walkers;
-        });
-        let walkers: Vec<Walker> = made
-            .into_iter()
-            .flat_map(|part| part.into_inner().expect("parts do not panic"))
-            .collect();
+                .collect::<Vec<_>>()
+        })
+        .into_iter()
+        .flatten()
+        .collect();
         for walker in &walkers {
             classes[walker.class].members += 1;
         }
@@ -518,14 +515,13 @@ impl Race {
         let parts = team.len() + 1;
         let words = split_parts(&mut self.settled, 1, parts);
         let slots = split_parts(&mut self.best, 64, parts);
-        let empty = AtomicUsize::new(0);
-        run_parts(team, &|part| {
+        let empty = map_parts(team, |part| {
             let (first, words) = &mut *words[part].lock().expect("parts do not panic");
             let (start, best) = &mut *slots[part].lock().expect("parts do not panic");
             debug_assert_eq!(*first * 64, *start);
-            empty.fetch_add(settle(words, best, *start, extras), Ordering::Relaxed);
+            settle(words, best, *start, extras)
         });
-        self.empty = empty.into_inner();
+        self.empty = empty.into_iter().sum();
     }
 
     /// Fills the slots still empty after the last settle directly: each gets the smallest
@@ -543,14 +539,11 @@ impl Race {
             return;
         }
         let parts = team.len() + 1;
-        let found: Vec<Mutex<Vec<u64>>> = (0..parts).map(|_| Mutex::default()).collect();
-        run_parts(team, &|part| {
+        let found = map_parts(team, |part| {
             let walkers = &walkers[part_range(walkers.len(), 1, parts, part)];
-            let held = best_at(&empty, walkers, classes, order_stats, modulus);
-            *found[part].lock().expect("parts do not panic") = held;
+            best_at(&empty, walkers, classes, order_stats, modulus)
         });
         for held in found {
-            let held = held.into_inner().expect("parts do not panic");
             for (&slot, key) in empty.iter().zip(held) {
                 self.best[slot] = self.best[slot].min(key);
             }
@@ -990,6 +983,16 @@ fn claim_parts(job: &(dyn Fn(usize) + Sync), next: &AtomicUsize, parts: usize) {
         }
         job(part);
     }
+}
+
+/// `job(part)` for each part, run as [`run_parts`] does: the results, in part order.
+fn map_parts<T: Send>(team: &mut [Helper], job: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let results: Vec<Mutex<Option<T>>> = (0..=team.len()).map(|_| Mutex::new(None)).collect();
+    run_parts(team, &|part| *results[part].lock().expect("parts do not panic") = Some(job(part)));
+    results
+        .into_iter()
+        .map(|result| result.into_inner().expect("parts do not panic").expect("every part ran"))
+        .collect()
 }
 
 /// Part `part` of `0..len` cut into `parts` ranges of about equal length, cut at multiples of
