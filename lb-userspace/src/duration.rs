@@ -56,7 +56,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
         if !frac.is_empty() {
             let digits: u128 = frac.parse().map_err(|_| syntax())?;
             let divisor = 10u128.pow(frac.len() as u32);
-            if (digits * scale) % divisor != 0 {
+            if !(digits * scale).is_multiple_of(divisor) {
                 return Err(DurationError::TooFine(text.to_owned()));
             }
             nanos += digits * scale / divisor;

@@ -8,7 +8,7 @@ use std::{process::Stdio, time::Duration};
 use tokio::{process::Command, sync::mpsc};
 use tracing::{debug, warn};
 
-use super::engine::VrrpState;
+use super::{engine::VrrpState, spec};
 
 /// How a command ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -71,6 +71,20 @@ pub struct NotifyCommands {
 }
 
 impl NotifyCommands {
+    /// `kind` is `INSTANCE` or `GROUP`; an unset timeout is [`spec::DEFAULT_NOTIFY_TIMEOUT`].
+    pub fn new(kind: &'static str, name: &str, f: spec::NotifyFields<'_>) -> Self {
+        NotifyCommands {
+            kind,
+            name: name.to_string(),
+            master: f.master.clone(),
+            backup: f.backup.clone(),
+            fault: f.fault.clone(),
+            stop: f.stop.clone(),
+            generic: f.generic.clone(),
+            timeout: f.timeout.map_or(spec::DEFAULT_NOTIFY_TIMEOUT, |d| d.0),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.master.is_none() && self.backup.is_none() && self.fault.is_none() && self.stop.is_none() && self.generic.is_none()
     }

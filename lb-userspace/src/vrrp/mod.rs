@@ -477,16 +477,7 @@ impl VrrpHandle {
                 trackers,
             });
             meta.push(InstanceMeta { name: s.name.clone(), interface: s.interface.clone(), sock, addrs: inst_addrs });
-            notify_cmds.push(NotifyCommands {
-                kind: "INSTANCE",
-                name: s.name.clone(),
-                master: s.notify_master.clone(),
-                backup: s.notify_backup.clone(),
-                fault: s.notify_fault.clone(),
-                stop: s.notify_stop.clone(),
-                generic: s.notify.clone(),
-                timeout: s.notify_timeout.map_or(spec::DEFAULT_NOTIFY_TIMEOUT, |d| d.0),
-            });
+            notify_cmds.push(NotifyCommands::new("INSTANCE", &s.name, s.notify_fields()));
         }
 
         // ARP/NDP responders, one per interface that carries virtual addresses.
@@ -505,16 +496,7 @@ impl VrrpHandle {
         let group_cmds: Vec<NotifyCommands> = spec
             .sync_groups
             .iter()
-            .map(|g| NotifyCommands {
-                kind: "GROUP",
-                name: g.name.clone(),
-                master: g.notify_master.clone(),
-                backup: g.notify_backup.clone(),
-                fault: g.notify_fault.clone(),
-                stop: g.notify_stop.clone(),
-                generic: g.notify.clone(),
-                timeout: g.notify_timeout.map_or(spec::DEFAULT_NOTIFY_TIMEOUT, |d| d.0),
-            })
+            .map(|g| NotifyCommands::new("GROUP", &g.name, g.notify_fields()))
             .collect();
         let notify_limit = notify_cmds.iter().chain(&group_cmds).map(|c| c.timeout).max().unwrap_or_default();
 

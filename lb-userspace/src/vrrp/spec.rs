@@ -290,6 +290,37 @@ fn check_command(field: &'static str, cmd: &Option<String>, errs: &mut Vec<(&'st
     }
 }
 
+/// The notify options an instance and a sync group share, borrowed from either (serde cannot
+/// flatten them into both tables and still refuse unknown keys).
+pub struct NotifyFields<'a> {
+    pub master: &'a Option<String>,
+    pub backup: &'a Option<String>,
+    pub fault: &'a Option<String>,
+    pub stop: &'a Option<String>,
+    /// `notify`.
+    pub generic: &'a Option<String>,
+    pub timeout: &'a Option<DurationSpec>,
+}
+
+impl NotifyFields<'_> {
+    /// Commands not blank; a timeout more than 0 and at most an hour.
+    fn check(&self, errs: &mut Vec<(&'static str, String)>) {
+        for (field, cmd) in [
+            ("notify_master", self.master),
+            ("notify_backup", self.backup),
+            ("notify_fault", self.fault),
+            ("notify_stop", self.stop),
+            ("notify", self.generic),
+        ] {
+            check_command(field, cmd, errs);
+        }
+        check_duration("notify_timeout", self.timeout, Duration::from_secs(3600), errs);
+        if self.timeout.is_some_and(|d| d.0.is_zero()) {
+            errs.push(("notify_timeout", "notify_timeout must be more than 0".into()));
+        }
+    }
+}
+
 fn check_duration(field: &'static str, d: &Option<DurationSpec>, max: Duration, errs: &mut Vec<(&'static str, String)>) {
     if let Some(DurationSpec(d)) = d {
         if *d > max {
@@ -472,20 +503,19 @@ impl VrrpInstanceSpec {
                 errs.push(("track_script", format!("script {} is tracked twice", t.name)));
             }
         }
-        for (field, cmd) in [
-            ("notify_master", &self.notify_master),
-            ("notify_backup", &self.notify_backup),
-            ("notify_fault", &self.notify_fault),
-            ("notify_stop", &self.notify_stop),
-            ("notify", &self.notify),
-        ] {
-            check_command(field, cmd, &mut errs);
-        }
-        check_duration("notify_timeout", &self.notify_timeout, Duration::from_secs(3600), &mut errs);
-        if self.notify_timeout.is_some_and(|d| d.0.is_zero()) {
-            errs.push(("notify_timeout", "notify_timeout must be more than 0".into()));
-        }
+        self.notify_fields().check(&mut errs);
         errs
+    }
+
+    pub fn notify_fields(&self) -> NotifyFields<'_> {
+        NotifyFields {
+            master: &self.notify_master,
+            backup: &self.notify_backup,
+            fault: &self.notify_fault,
+            stop: &self.notify_stop,
+            generic: &self.notify,
+            timeout: &self.notify_timeout,
+        }
     }
 }
 
@@ -528,16 +558,19 @@ impl VrrpSyncGroupSpec {
         if self.group.len() < 2 {
             errs.push(("group", "a sync group needs at least two instances".into()));
         }
-        for (field, cmd) in [
-            ("notify_master", &self.notify_master),
-            ("notify_backup", &self.notify_backup),
-            ("notify_fault", &self.notify_fault),
-            ("notify_stop", &self.notify_stop),
-            ("notify", &self.notify),
-        ] {
-            check_command(field, cmd, &mut errs);
-        }
+        self.notify_fields().check(&mut errs);
         errs
+    }
+
+    pub fn notify_fields(&self) -> NotifyFields<'_> {
+        NotifyFields {
+            master: &self.notify_master,
+            backup: &self.notify_backup,
+            fault: &self.notify_fault,
+            stop: &self.notify_stop,
+            generic: &self.notify,
+            timeout: &self.notify_timeout,
+        }
     }
 }
 
@@ -965,6 +998,32 @@ mod tests {
                 "[[vrrp_sync_group]] #1 `group`: no [[vrrp_instance]] named `VI_9`",
             ]
         );
+    }
+
+    #[test]
+    fn notify_options_are_checked_alike_in_instances_and_sync_groups() {
+        let bad = "notify_master = \" \"\nnotify = \"\"\nnotify_timeout = \"0s\"\n";
+        let long = "notify_timeout = \"2h\"\n";
+        let group = |extra: &str| {
+            format!(
+                "{MINIMAL}{}[[vrrp_sync_group]]\nname = \"G\"\ngroup = [\"VI_1\", \"VI_2\"]\n{extra}",
+                MINIMAL.replace("VI_1", "VI_2").replace("= 51", "= 52").replace("10.0.0.100", "10.0.0.101")
+            )
+        };
+        assert_eq!(problems(&group("")), Vec::<String>::new());
+        for (table, text) in [("vrrp_instance", format!("{MINIMAL}{bad}")), ("vrrp_sync_group", group(bad))] {
+            assert_eq!(
+                problems(&text),
+                vec![
+                    format!("[[{table}]] #1 `notify_master`: the command must not be empty"),
+                    format!("[[{table}]] #1 `notify`: the command must not be empty"),
+                    format!("[[{table}]] #1 `notify_timeout`: notify_timeout must be more than 0"),
+                ]
+            );
+        }
+        for (table, text) in [("vrrp_instance", format!("{MINIMAL}{long}")), ("vrrp_sync_group", group(long))] {
+            assert_eq!(problems(&text), vec![format!("[[{table}]] #1 `notify_timeout`: notify_timeout must be at most 3600s")]);
+        }
     }
 
     #[test]
