@@ -302,6 +302,25 @@ pub struct NotifyFields<'a> {
     pub timeout: &'a Option<DurationSpec>,
 }
 
+/// `notify_fields()` for the tables that have the notify options.
+macro_rules! notify_fields {
+    ($($table:ty),*) => {$(
+        impl $table {
+            pub fn notify_fields(&self) -> NotifyFields<'_> {
+                NotifyFields {
+                    master: &self.notify_master,
+                    backup: &self.notify_backup,
+                    fault: &self.notify_fault,
+                    stop: &self.notify_stop,
+                    generic: &self.notify,
+                    timeout: &self.notify_timeout,
+                }
+            }
+        }
+    )*};
+}
+notify_fields!(VrrpInstanceSpec, VrrpSyncGroupSpec);
+
 impl NotifyFields<'_> {
     /// Commands not blank; a timeout more than 0 and at most an hour.
     fn check(&self, errs: &mut Vec<(&'static str, String)>) {
@@ -506,17 +525,6 @@ impl VrrpInstanceSpec {
         self.notify_fields().check(&mut errs);
         errs
     }
-
-    pub fn notify_fields(&self) -> NotifyFields<'_> {
-        NotifyFields {
-            master: &self.notify_master,
-            backup: &self.notify_backup,
-            fault: &self.notify_fault,
-            stop: &self.notify_stop,
-            generic: &self.notify,
-            timeout: &self.notify_timeout,
-        }
-    }
 }
 
 impl VrrpScriptSpec {
@@ -560,17 +568,6 @@ impl VrrpSyncGroupSpec {
         }
         self.notify_fields().check(&mut errs);
         errs
-    }
-
-    pub fn notify_fields(&self) -> NotifyFields<'_> {
-        NotifyFields {
-            master: &self.notify_master,
-            backup: &self.notify_backup,
-            fault: &self.notify_fault,
-            stop: &self.notify_stop,
-            generic: &self.notify,
-            timeout: &self.notify_timeout,
-        }
     }
 }
 
