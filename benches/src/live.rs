@@ -45,7 +45,7 @@ use serde::Serialize;
 
 use crate::{
     progs::{Aux, Reasons, CFG_BASE, CFG_EGRESS, CFG_FAMILY, CFG_FLOWS},
-    sys::{cpu_time, in_ns, kthreads, thread_cpu_time, Progress},
+    sys::{cpu_time, in_ns, kthreads, thread_cpu_time, Progress, Summary},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 100);
@@ -63,8 +63,8 @@ pub struct Params {
     pub packets: u32,
     pub flows: Vec<u32>,
     pub sizes: Vec<usize>,
-    /// Runs of each (program, flows, size); the best is kept (the generator is the limit when
-    /// other work shares its CPU).
+    /// Rounds per (flows, size): each an lbd run and a baseline run back to back. Each program's
+    /// best run is kept (the generator is the limit when other work shares its CPU).
     pub runs: usize,
 }
 
@@ -100,12 +100,33 @@ pub struct LivePair {
     pub mode: String,
     pub flows: u32,
     pub size: usize,
+    /// lbd's best run and the baseline's (highest delivered rate); the three ratios below are
+    /// theirs. A run slowed by other work does not count, but a change of the VM's speed between
+    /// the two best runs does: `rounds` holds each round's own ratios.
     pub lbd: LiveRun,
     pub baseline: LiveRun,
     /// lbd's delivered rate / the baseline's.
     pub rate_ratio: f64,
+    /// The baseline's CPU per packet / lbd's: lbd's rate as a share of the baseline's on one core.
+    pub per_core_ratio: f64,
     /// lbd's CPU per packet minus the baseline's (ns): what lbd's program costs over a
     /// redirect-only director.
+    pub extra_ns_per_packet: f64,
+    pub rounds: Vec<LiveRound>,
+}
+
+impl LivePair {
+    /// The median over the rounds of one of their ratios.
+    pub fn round_median(&self, f: fn(&LiveRound) -> f64) -> f64 {
+        Summary::of(&self.rounds.iter().map(f).collect::<Vec<_>>()).median
+    }
+}
+
+/// One round's ratios: lbd's run and the baseline's, back to back.
+#[derive(Clone, Debug, Serialize)]
+pub struct LiveRound {
+    pub rate_ratio: f64,
+    pub per_core_ratio: f64,
     pub extra_ns_per_packet: f64,
 }
 
@@ -430,14 +451,16 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<Live> {
 
     Ok(Live {
         pairs,
-        generator: format!("BPF_PROG_TEST_RUN live frames (bench_gen, batch 64), {} packets per run, best of {} runs each, lbd's and the baseline's alternating; generator, director and sink in series on CPU {GEN_CPU}", p.packets, p.runs),
+        generator: format!("BPF_PROG_TEST_RUN live frames (bench_gen, batch 64), {} packets per run, best of {} runs each, in rounds of an lbd run and a baseline run back to back (order swapped each round); generator, director and sink in series on CPU {GEN_CPU}", p.packets, p.runs),
         notes,
     })
 }
 
-/// lbd and `baseline` on the director in `mode` ("redirect" or "tx"), best of `p.runs` each,
-/// their runs alternating (this VM's speed drifts by ±20 % over seconds: back-to-back blocks of
-/// runs put the drift into the ratio).
+/// lbd and `baseline` on the director in `mode` ("redirect" or "tx"), `p.runs` rounds of one run
+/// each, back to back, the order swapped every round (this VM's speed drifts by ±20 % over seconds:
+/// back-to-back blocks of runs put the drift into the ratio). The pair's figures are each
+/// program's best run (short stalls, which are frequent here, slow single runs); the rounds'
+/// own ratios are kept too (a change of speed between the best runs shows there).
 #[allow(clippy::too_many_arguments)]
 fn measure_pair(
     topo: &Topo,
@@ -454,13 +477,22 @@ fn measure_pair(
 ) -> Result<LivePair> {
     let programs = ["lbd", baseline];
     let mut runs: [Vec<Measured>; 2] = Default::default();
-    for _ in 0..p.runs {
-        for (which, runs) in programs.iter().zip(&mut runs) {
+    let mut rounds = Vec::new();
+    for round in 0..p.runs {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let which = programs[i];
             let director = attach_director(topo, which, dp, mode)?;
-            let r = (*which == "lbd").then_some(reasons);
-            runs.push(measure(topo, gen, sink, r, template, flows, p.packets)?);
+            let r = (which == "lbd").then_some(reasons);
+            runs[i].push(measure(topo, gen, sink, r, template, flows, p.packets)?);
             detach_director(topo, director)?;
         }
+        let [l, b] = [&runs[0][round], &runs[1][round]].map(|m| to_run("", mode, flows, size, m));
+        rounds.push(LiveRound {
+            rate_ratio: l.mpps / b.mpps,
+            per_core_ratio: b.ns_per_packet / l.ns_per_packet,
+            extra_ns_per_packet: l.ns_per_packet - b.ns_per_packet,
+        });
     }
     let [lbd, baseline_runs] = runs;
     let lbd = to_run("lbd", mode, flows, size, &best(lbd));
@@ -470,9 +502,11 @@ fn measure_pair(
         flows,
         size,
         rate_ratio: lbd.mpps / baseline.mpps,
+        per_core_ratio: baseline.ns_per_packet / lbd.ns_per_packet,
         extra_ns_per_packet: lbd.ns_per_packet - baseline.ns_per_packet,
         lbd,
         baseline,
+        rounds,
     })
 }
 

@@ -572,7 +572,7 @@ mod tests {
             assert_eq!(table_slot(u32::MAX, size), size - 1);
             // Every slot gets floor(2^32 / size) or one more hashes: the first hash of slot s is
             // ceil(s * 2^32 / size).
-            let first = |s: u64| ((s << 32) + u64::from(size) - 1) / u64::from(size);
+            let first = |s: u64| (s << 32).div_ceil(u64::from(size));
             for s in [0u64, 1, u64::from(size / 2), u64::from(size) - 1] {
                 let f = first(s);
                 assert_eq!(table_slot(f as u32, size) as u64, s, "size {size} slot {s}");

@@ -50,7 +50,7 @@ pub fn attach_pass(iface: &str) -> Result<Ebpf, LoadError> {
         iface: iface.to_string(),
         mode: "native",
         hint: "",
-        source,
+        source: Box::new(source),
     })?;
     Ok(ebpf)
 }
@@ -89,7 +89,7 @@ pub enum LoadError {
     #[error("mapping the {name} map into memory: {source}")]
     Mmap { name: &'static str, source: std::io::Error },
     #[error("attaching XDP to {iface} in {mode} mode failed: {source}{hint}")]
-    Attach { iface: String, mode: &'static str, hint: &'static str, source: aya::programs::ProgramError },
+    Attach { iface: String, mode: &'static str, hint: &'static str, source: Box<aya::programs::ProgramError> },
 }
 
 struct VipSlot {
@@ -186,7 +186,7 @@ struct MappedConntrack<K> {
 impl<K: CtKey> MappedConntrack<K> {
     fn new(ebpf: &mut Ebpf, name: &'static str, sets: u32) -> Result<Self, LoadError> {
         // Array elements are laid out at their value size rounded up to 8; sets are 256 and 448.
-        const { assert!(std::mem::size_of::<CtSet<K>>() % 8 == 0) };
+        const { assert!(std::mem::size_of::<CtSet<K>>().is_multiple_of(8)) };
         let len = sets as usize * std::mem::size_of::<CtSet<K>>();
         Ok(Self { map: Mapping::new(ebpf, name, len, false)?, sets, _key: std::marker::PhantomData })
     }
@@ -366,7 +366,7 @@ impl XdpDataplane {
         let id = self
             .program()
             .attach(iface, mode)
-            .map_err(|source| LoadError::Attach { iface: iface.to_string(), mode: name, hint, source })?;
+            .map_err(|source| LoadError::Attach { iface: iface.to_string(), mode: name, hint, source: Box::new(source) })?;
         self.link = Some((id, iface.to_string()));
         Ok(())
     }

@@ -272,7 +272,7 @@ fn established_inner() -> anyhow::Result<()> {
     let any = svc(IpAddr::V4(VIP_ANY_PORT), 0, Protocol::Tcp, vec![backend(13, 0, BE_MAC[2], INGRESS)]);
     let f = Flow4 { dst: VIP_ANY_PORT, ..flow(41000, 8080) };
     let other = Flow4 { dport: 9090, ..f };
-    dp.apply(&[any.clone()])?;
+    dp.apply(std::slice::from_ref(&any))?;
     for fl in [f, other] {
         let (verdict, out) = run(&mut dp, &tcp4_syn(fl));
         assert_eq!((verdict, &out[0..6]), (XDP_TX, &BE_MAC[2][..]), "new flow to the port-0 VIP");

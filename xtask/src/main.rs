@@ -161,7 +161,7 @@ fn main() -> Result<()> {
             setup::setup()?;
             require_root("cargo xtask test")?;
             cargo(&["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"])?;
-            let mut test = vec!["test", "-p", "lb-common", "-p", "lb-userspace", "-p", "lb-tests", "-p", "xtask"];
+            let mut test = vec!["test", "-p", "lb-common", "-p", "lb-userspace", "-p", "lb-tests", "-p", "lb-bench", "-p", "xtask"];
             test.extend(args.iter().map(String::as_str));
             if !args.iter().any(|a| a == "--") {
                 test.push("--");
