@@ -304,6 +304,22 @@ struct Measured {
     reasons: Option<Vec<u64>>,
 }
 
+impl Measured {
+    /// Delivered packets per second, millions.
+    fn mpps(&self) -> f64 {
+        self.delivered as f64 / self.secs / 1e6
+    }
+
+    /// Nanoseconds of CPU per delivered packet (NaN if none was delivered).
+    fn ns_per_packet(&self) -> f64 {
+        if self.delivered > 0 {
+            self.cpu * self.secs * 1e9 / self.delivered as f64
+        } else {
+            f64::NAN
+        }
+    }
+}
+
 fn wait_quiet(sink: &mut Aux) -> Result<u64> {
     let mut last = sink.sink()?.0;
     loop {
@@ -352,7 +368,7 @@ fn measure(
 }
 
 fn to_run(program: &str, mode: &str, flows: u32, size: usize, m: &Measured) -> LiveRun {
-    let mpps = m.delivered as f64 / m.secs / 1e6;
+    let mpps = m.mpps();
     let (new_flows, hits, other) = match &m.reasons {
         Some(r) => {
             let new = r[reason::NEW_FLOW as usize];
@@ -372,11 +388,7 @@ fn to_run(program: &str, mode: &str, flows: u32, size: usize, m: &Measured) -> L
         mpps,
         cpu: m.cpu,
         cpu_per_mpps: if mpps > 0.0 { m.cpu / mpps } else { f64::NAN },
-        ns_per_packet: if m.delivered > 0 {
-            m.cpu * m.secs * 1e9 / m.delivered as f64
-        } else {
-            f64::NAN
-        },
+        ns_per_packet: m.ns_per_packet(),
         new_flows,
         conntrack_hits: hits,
         other_reasons: other,
@@ -385,7 +397,7 @@ fn to_run(program: &str, mode: &str, flows: u32, size: usize, m: &Measured) -> L
 
 fn best(runs: Vec<Measured>) -> Measured {
     runs.into_iter()
-        .max_by(|a, b| (a.delivered as f64 / a.secs).total_cmp(&(b.delivered as f64 / b.secs)))
+        .max_by(|a, b| a.mpps().total_cmp(&b.mpps()))
         .expect("one run")
 }
 
@@ -487,11 +499,11 @@ fn measure_pair(
             runs[i].push(measure(topo, gen, sink, r, template, flows, p.packets)?);
             detach_director(topo, director)?;
         }
-        let [l, b] = [&runs[0][round], &runs[1][round]].map(|m| to_run("", mode, flows, size, m));
+        let (l, b) = (&runs[0][round], &runs[1][round]);
         rounds.push(LiveRound {
-            rate_ratio: l.mpps / b.mpps,
-            per_core_ratio: b.ns_per_packet / l.ns_per_packet,
-            extra_ns_per_packet: l.ns_per_packet - b.ns_per_packet,
+            rate_ratio: l.mpps() / b.mpps(),
+            per_core_ratio: b.ns_per_packet() / l.ns_per_packet(),
+            extra_ns_per_packet: l.ns_per_packet() - b.ns_per_packet(),
         });
     }
     let [lbd, baseline_runs] = runs;
