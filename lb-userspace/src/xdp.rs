@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -26,7 +27,9 @@ use lb_common::{
 
 use crate::{
     config::Protocol,
-    dataplane::{BackendSpec, BackendStats, Dataplane, DataplaneError, DataplaneStats, ServiceSpec, Traffic, VipAddr},
+    dataplane::{
+        BackendSpec, BackendStats, ConnectionCount, Dataplane, DataplaneError, DataplaneStats, ServiceSpec, Traffic, VipAddr,
+    },
     maglev::{Maglev, MaglevBackend},
 };
 
@@ -251,9 +254,10 @@ pub struct XdpDataplane {
     addr_filter_map: Array<MapData, u32>,
     /// What `ADDR_FILTER` holds.
     addr_filter: Vec<u32>,
-    /// Mapped from the maps, which stay in `ebpf`.
-    conntrack4: MappedConntrack<FlowKey4>,
-    conntrack6: MappedConntrack<FlowKey>,
+    /// Mapped from the maps, which stay in `ebpf`; shared with the counts `connection_count`
+    /// hands out.
+    conntrack4: Arc<MappedConntrack<FlowKey4>>,
+    conntrack6: Arc<MappedConntrack<FlowKey>>,
     /// `CT_KEY4` and `CT_KEY6`, the hash keys the program was loaded with.
     ct_keys: ([u64; CT_HASH_KEY4], [u64; CT_HASH_KEY6]),
     tx_ports: DevMapHash<MapData>,
@@ -320,8 +324,8 @@ impl XdpDataplane {
             vip_flags_map: take(&mut ebpf, map_names::VIP_FLAGS)?,
             addr_filter_map: take(&mut ebpf, map_names::ADDR_FILTER)?,
             addr_filter: vec![0; ADDR_FILTER_WORDS as usize],
-            conntrack4: MappedConntrack::new(&mut ebpf, map_names::CONNTRACK4, ct_sets)?,
-            conntrack6: MappedConntrack::new(&mut ebpf, map_names::CONNTRACK6, ct_sets)?,
+            conntrack4: Arc::new(MappedConntrack::new(&mut ebpf, map_names::CONNTRACK4, ct_sets)?),
+            conntrack6: Arc::new(MappedConntrack::new(&mut ebpf, map_names::CONNTRACK6, ct_sets)?),
             ct_keys,
             tx_ports: take(&mut ebpf, map_names::TX_PORTS)?,
             global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
@@ -389,7 +393,8 @@ impl XdpDataplane {
         self.ct_keys
     }
 
-    /// Number of flows in the connection tables (reads both tables: for status and tests).
+    /// Number of flows in the connection tables (reads both tables, as `connection_count` does for
+    /// `lbd status`: for tests and the benchmark).
     pub fn conntrack_len(&self) -> usize {
         self.conntrack4.count(&self.ct_keys.0) + self.conntrack6.count(&self.ct_keys.1)
     }
@@ -683,7 +688,8 @@ impl Dataplane for XdpDataplane {
     }
 
     fn stats(&self) -> Result<DataplaneStats, DataplaneError> {
-        let mut out = DataplaneStats { connections: self.conntrack_len() as u64, ..Default::default() };
+        // `connections` is `connection_count`'s.
+        let mut out = DataplaneStats::default();
         for (i, name) in reason::NAMES.iter().enumerate() {
             let c = Self::sum(&self.global_stats, i as u32, |t, v| {
                 t.packets += v.packets;
@@ -691,16 +697,28 @@ impl Dataplane for XdpDataplane {
             })?;
             out.reasons.insert((*name).to_string(), Traffic { packets: c.packets, bytes: c.bytes, new_flows: 0 });
         }
+        // Slots per backend id, one pass over each live table (not one per backend).
+        let mut slots = vec![0u32; self.opts.max_backends as usize];
         for (vip, slot) in &self.vips {
             let c = Self::sum(&self.vip_stats, slot.id, add_counters)?;
             out.vips.insert(*vip, traffic(c));
-            let live = &slot.tables[slot.active as usize];
+            slots.fill(0);
+            for &id in slot.tables[slot.active as usize].iter().filter(|&&id| id != NO_BACKEND) {
+                if let Some(n) = slots.get_mut(id as usize) {
+                    *n += 1;
+                }
+            }
             for ((v, key), b) in self.backends.iter().filter(|((v, _), _)| v == vip) {
                 let c = Self::sum(&self.backend_stats, b.id, add_counters)?;
-                let slots = live.iter().filter(|&&id| id == b.id && id != NO_BACKEND).count() as u32;
+                let slots = slots.get(b.id as usize).copied().unwrap_or(0);
                 out.backends.insert((*v, key.clone()), BackendStats { traffic: traffic(c), slots: Some(slots) });
             }
         }
         Ok(out)
+    }
+
+    fn connection_count(&self) -> Option<ConnectionCount> {
+        let (v4, v6, keys) = (self.conntrack4.clone(), self.conntrack6.clone(), self.ct_keys);
+        Some(Box::new(move || (v4.count(&keys.0) + v6.count(&keys.1)) as u64))
     }
 }

@@ -42,6 +42,10 @@ fn http_spreads_over_backends_and_replies_bypass_the_director() -> anyhow::Resul
     assert!(forwarded >= 1200, "director forwarded {forwarded} packets for 300 requests");
     let not_vip = rig.reason_packets("not-vip")? - not_vip_before;
     assert!(not_vip < 30, "{not_vip} non-VIP packets reached the director: replies must bypass it");
+    // One connection-table entry per connection (counted off lbd's run loop; a client port
+    // reused within the batch would share one).
+    let tracked = st["conntrack_entries"].as_u64().unwrap();
+    assert!((280..=300).contains(&tracked), "{tracked} tracked connections after 300 requests");
 
     // The text view names every backend with its counters.
     let sock = rig.socket.display().to_string();

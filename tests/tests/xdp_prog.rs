@@ -204,6 +204,13 @@ fn choice_inner() -> anyhow::Result<()> {
             .collect()
     };
     let table = maglev.build(&members(&three))?;
+    // `lbd status` shows each backend's share of the live table.
+    let stats = dp.stats()?;
+    for (i, b) in three.iter().enumerate() {
+        let want = table.iter().filter(|&&id| id == i as u32).count() as u32;
+        let got = stats.backends[&(VipAddr::new(IpAddr::V4(VIP), 80, Protocol::Tcp), b.key())].slots;
+        assert_eq!(got, Some(want), "slots of backend {i}");
+    }
     let predicted = |sport: u16| -> [u8; 6] {
         let key = FlowKey {
             src: addr_words(IpAddr::V4(CLIENT)).0,
