@@ -391,3 +391,61 @@ fn flood_inner() -> anyhow::Result<()> {
     assert_eq!(reason_packets(&dp, "conntrack-hit") - hits, 64, "every established flow hit its entry");
     Ok(())
 }
+
+/// A SYN of a flow that already has a connection entry (a retransmitted SYN whose SYN-ACK was
+/// lost, or a client reusing its port) keeps the flow's backend, for both families, after a
+/// backend added since would take about a quarter of the flows: the connection table decides for
+/// every packet of a known flow, a SYN included, so a retransmitted SYN reaches the backend that
+/// holds the half-open connection (Katran instead re-chooses on every SYN).
+#[test]
+fn syn_of_an_established_flow_keeps_its_backend() -> anyhow::Result<()> {
+    require_root()?;
+    let ns = Netns::new("lbdt-prog5")?;
+    ns.enter(syn_again_inner)?
+}
+
+fn syn_again_inner() -> anyhow::Result<()> {
+    let mut dp = load();
+    let services = |n: usize| {
+        let bs: Vec<BackendSpec> = (0..n)
+            .map(|i| backend(11 + i as u8, 0, [0x02, 0xbb, 0, 0, 0, i as u8 + 1], INGRESS))
+            .collect();
+        vec![
+            svc(IpAddr::V4(VIP), 80, Protocol::Tcp, bs.iter().map(|b| BackendSpec { port: 80, ..b.clone() }).collect()),
+            svc(IpAddr::V6(VIP6), 443, Protocol::Tcp, bs.iter().map(|b| BackendSpec { port: 443, ..b.clone() }).collect()),
+        ]
+    };
+    dp.apply(&services(3))?;
+    let frames = |sport: u16| {
+        [("IPv4", tcp4_syn(flow(sport, 80))), ("IPv6", tcp6_syn(Flow6 { src: CLIENT6, dst: VIP6, sport, dport: 443 }))]
+    };
+    let mut owner = Vec::new();
+    for sport in 20000..20200u16 {
+        for (family, syn) in frames(sport) {
+            let (verdict, out) = run(&mut dp, &syn);
+            assert_eq!(verdict, XDP_TX, "{family} sport {sport}");
+            owner.push((format!("{family} {sport}"), syn, <[u8; 6]>::try_from(&out[0..6])?));
+        }
+    }
+    assert_eq!(reason_packets(&dp, "new-flow"), 400);
+
+    dp.apply(&services(4))?;
+    let mut moved = Vec::new();
+    for (flow, syn, mac) in &owner {
+        let (verdict, out) = run(&mut dp, syn);
+        assert_eq!(verdict, XDP_TX);
+        if out[0..6] != mac[..] {
+            moved.push(flow);
+        }
+    }
+    assert!(moved.is_empty(), "{} SYNs of established flows moved to the new backend: {moved:?}", moved.len());
+    assert_eq!(reason_packets(&dp, "conntrack-hit"), 400, "every second SYN found its flow's entry");
+    // New flows do use the new backend.
+    let mut fourth = 0;
+    for sport in 30000..30200u16 {
+        let (_, out) = run(&mut dp, &tcp4_syn(flow(sport, 80)));
+        fourth += (out[0..6] == [0x02, 0xbb, 0, 0, 0, 4]) as u32;
+    }
+    assert!((20..=90).contains(&fourth), "new flows on the fourth backend: {fourth} of 200");
+    Ok(())
+}
