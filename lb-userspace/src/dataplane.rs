@@ -165,7 +165,7 @@ pub trait Dataplane: Send {
     fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError>;
     fn stats(&self) -> Result<DataplaneStats, DataplaneError>;
     /// A count of the tracked connections that takes a while and needs nothing of the caller's
-    /// (XDP: a scan of whole connection tables, about 50 ms for 4 million entries), for the
+    /// (XDP: a scan of whole connection tables, 50 ms for 4 million empty entries), for the
     /// caller to run off its task. `None`: `stats` counts them.
     fn connection_count(&self) -> Option<ConnectionCount> {
         None
