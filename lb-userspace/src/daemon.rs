@@ -987,8 +987,8 @@ async fn vrrp_changed(vrrp: &mut Option<Vrrp>) -> Result<(), watch::error::RecvE
 /// Answers a status request. The counters and the controller's state are read here; a connection
 /// count that scans whole tables (XDP: 50 ms for 4 million empty entries, 200 ms for 16 million)
 /// runs on a blocking thread, one scan at a time (`scans`), and the answer goes out when it is
-/// done. Meanwhile the run loop goes on applying health events and VRRP transitions: with the
-/// scan on the loop, a script asking for the status every second held each of them back by it.
+/// done. Meanwhile the run loop goes on applying health events and VRRP transitions, which a
+/// scan on the loop held back for its whole length at every status request.
 fn answer_status(
     ctl: &mut Controller,
     health_rx: &mut mpsc::Receiver<HealthEvent>,
