@@ -104,6 +104,12 @@ fn load_sized(conntrack_size: u32) -> XdpDataplane {
     .expect("the verifier accepts the program")
 }
 
+/// Runs `test` as root in a namespace of its own, `name` (removed afterwards, also on failure).
+fn in_own_netns(name: &str, test: fn() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    require_root()?;
+    Netns::new(name)?.enter(test)?
+}
+
 #[test]
 fn xdp_program_cases() -> anyhow::Result<()> {
     require_root()?;
@@ -186,9 +192,7 @@ fn cases(other_ifindex: u32) -> anyhow::Result<()> {
 /// backend when another one is removed (connection table) and move when theirs is removed.
 #[test]
 fn choice_matches_userspace_table_and_survives_changes() -> anyhow::Result<()> {
-    require_root()?;
-    let ns = Netns::new("lbdt-prog2")?;
-    ns.enter(choice_inner)?
+    in_own_netns("lbdt-prog2", choice_inner)
 }
 
 fn choice_inner() -> anyhow::Result<()> {
@@ -269,9 +273,7 @@ fn choice_inner() -> anyhow::Result<()> {
 /// disabled VIP drops its established flows, and a removed VIP's flows pass to the kernel.
 #[test]
 fn established_flows_follow_vip_changes() -> anyhow::Result<()> {
-    require_root()?;
-    let ns = Netns::new("lbdt-prog3")?;
-    ns.enter(established_inner)?
+    in_own_netns("lbdt-prog3", established_inner)
 }
 
 fn established_inner() -> anyhow::Result<()> {
@@ -318,9 +320,7 @@ fn established_inner() -> anyhow::Result<()> {
 /// which keep their backend although a backend added since would take a quarter of them.
 #[test]
 fn conntrack_keeps_established_flows_under_a_flood() -> anyhow::Result<()> {
-    require_root()?;
-    let ns = Netns::new("lbdt-prog4")?;
-    ns.enter(flood_inner)?
+    in_own_netns("lbdt-prog4", flood_inner)
 }
 
 fn flood_inner() -> anyhow::Result<()> {
@@ -399,9 +399,7 @@ fn flood_inner() -> anyhow::Result<()> {
 /// holds the half-open connection (Katran instead re-chooses on every SYN).
 #[test]
 fn syn_of_an_established_flow_keeps_its_backend() -> anyhow::Result<()> {
-    require_root()?;
-    let ns = Netns::new("lbdt-prog5")?;
-    ns.enter(syn_again_inner)?
+    in_own_netns("lbdt-prog5", syn_again_inner)
 }
 
 fn syn_again_inner() -> anyhow::Result<()> {
