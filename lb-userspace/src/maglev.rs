@@ -776,7 +776,8 @@ struct Helper {
 /// handed work over or began to wait (`usize::MAX` before). A side waiting for the other only
 /// polls while they are apart: when the scheduler has queued both on one CPU (the others busy,
 /// or the process confined to one), polling would only delay the other (builds then took 2–3
-/// times as long), so it sleeps at once.
+/// times as long), so it sleeps at once. Also what keeps them apart: the helper's thread id and
+/// the CPU its affinity leaves out ([`Helper::send`]).
 struct Cpus {
     caller: AtomicUsize,
     helper: AtomicUsize,
