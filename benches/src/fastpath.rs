@@ -97,6 +97,8 @@ pub fn services(n: usize, vips: usize) -> Vec<ServiceSpec> {
 
 /// Entries of the connection table in the "new flows into a full table" case (fits in the cache).
 const FULL_TABLE: u32 = 65536;
+// The full-table cases' labels say these sizes.
+const _: () = assert!(FULL_TABLE == 65_536 && lb_common::DEFAULT_CONNTRACK_SIZE == 262_144);
 
 pub fn load(n: usize, vips: usize, conntrack: u32) -> Result<XdpDataplane> {
     let total_vips = vips as u32 + 2;
@@ -527,63 +529,77 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
     }
 
     // New flows into a full connection table: every insert replaces an entry, as on a busy director.
+    // Once in a table that fits in the cache, once in one of the default size (what a director
+    // runs with unless configured otherwise).
     let (n, vips) = p.base_setup;
-    let small = FULL_TABLE;
-    progress.step(&format!(
-        "test_run: new flows into a full connection table ({small} entries)"
-    ));
-    let mut dp = load(n, vips, small)?;
-    dp.apply(&services(n, vips))?;
-    let reasons = Reasons::of(&mut dp)?;
-    let mut bench = Bench::new(&mut dp, small)?;
-    let syn = tcp4_syn(tcp_flow(tcp_vip(vips - 1)));
-    Bench::configure(&mut bench.vary_lbd, 0, BASE_FULL, 4)?;
-    let before = reasons.packets()?;
-    let (v, _) = run(bench.vary_lbd.prog("bench_vary"), &syn, small * 2)?;
-    if v != XDP_TX {
-        bail!("filling the connection table: verdict {v}");
+    for (small, name, label) in [
+        (
+            FULL_TABLE,
+            "tcp-new-full",
+            "TCP SYN, new flow, connection table full (65,536 entries; every insert replaces an entry)",
+        ),
+        (
+            lb_common::DEFAULT_CONNTRACK_SIZE,
+            "tcp-new-full-default",
+            "TCP SYN, new flow, connection table of the default size full (262,144 entries; every insert replaces an entry)",
+        ),
+    ] {
+        progress.step(&format!(
+            "test_run: new flows into a full connection table ({small} entries)"
+        ));
+        let mut dp = load(n, vips, small)?;
+        dp.apply(&services(n, vips))?;
+        let reasons = Reasons::of(&mut dp)?;
+        let mut bench = Bench::new(&mut dp, small)?;
+        let syn = tcp4_syn(tcp_flow(tcp_vip(vips - 1)));
+        Bench::configure(&mut bench.vary_lbd, 0, BASE_FULL, 4)?;
+        let before = reasons.packets()?;
+        let (v, _) = run(bench.vary_lbd.prog("bench_vary"), &syn, small * 2)?;
+        if v != XDP_TX {
+            bail!("filling the connection table: verdict {v}");
+        }
+        check_reasons(
+            &before,
+            &reasons.packets()?,
+            reason::NEW_FLOW,
+            small as u64 * 2,
+            "filling the connection table",
+        )?;
+        let case = Case {
+            case: name,
+            label,
+            frame: syn,
+            verdict: XDP_TX,
+            reason: reason::NEW_FLOW,
+            vary: Some((0, BASE_FULL + 4 * small, 4)),
+            advance: true,
+            repeat: p.repeat_new,
+        };
+        let mut s = Vec::new();
+        let mut floors = Vec::new();
+        for round in 0..p.rounds {
+            let floor = floor_once(&mut bench.aux, "bench_tx", &case.frame, p.repeat)?;
+            floors.push(floor);
+            s.push(bench.measure(&mut dp, &reasons, &case, floor, round)?);
+        }
+        let floor_med = Summary::of(&floors).median;
+        floor_all.extend(floors);
+        let ns = Summary::of(&s);
+        cases.push(CaseResult {
+            case: case.case.into(),
+            label: case.label.into(),
+            backends: n,
+            vips,
+            flows: 0,
+            method: "varied".into(),
+            repeat: case.repeat,
+            verdict: XDP_TX,
+            counted_as: "new-flow".into(),
+            ratio: ns.median / floor_med,
+            floor_ns: floor_med,
+            ns,
+        });
     }
-    check_reasons(
-        &before,
-        &reasons.packets()?,
-        reason::NEW_FLOW,
-        small as u64 * 2,
-        "filling the connection table",
-    )?;
-    let case = Case {
-        case: "tcp-new-full",
-        label: "TCP SYN, new flow, connection table full (every insert replaces an entry)",
-        frame: syn,
-        verdict: XDP_TX,
-        reason: reason::NEW_FLOW,
-        vary: Some((0, BASE_FULL + 4 * small, 4)),
-        advance: true,
-        repeat: p.repeat_new,
-    };
-    let mut s = Vec::new();
-    let mut floors = Vec::new();
-    for round in 0..p.rounds {
-        let floor = floor_once(&mut bench.aux, "bench_tx", &case.frame, p.repeat)?;
-        floors.push(floor);
-        s.push(bench.measure(&mut dp, &reasons, &case, floor, round)?);
-    }
-    let floor_med = Summary::of(&floors).median;
-    floor_all.extend(floors);
-    let ns = Summary::of(&s);
-    cases.push(CaseResult {
-        case: case.case.into(),
-        label: case.label.into(),
-        backends: n,
-        vips,
-        flows: 0,
-        method: "varied".into(),
-        repeat: case.repeat,
-        verdict: XDP_TX,
-        counted_as: "new-flow".into(),
-        ratio: ns.median / floor_med,
-        floor_ns: floor_med,
-        ns,
-    });
 
     Ok(FastPath {
         floor: Summary::of(&floor_all),
@@ -601,14 +617,15 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
 
 /// Runs one case of the base setup in a loop for `secs` seconds (for `perf record` /
 /// `bpftool prog profile`): `lb-bench profile CASE SECONDS`. Cases: tcp-new, tcp-new-full (into
-/// a full 65,536-entry connection table, as the report's case), tcp-hit, not-vip, udp-hit,
+/// a full 65,536-entry connection table, as the report's case; the table fills in the first
+/// seconds), tcp-new-full-default (the same with a table of the default size), tcp-hit, not-vip, udp-hit,
 /// v6-hit, tcp-hit-100k, tcp-hit-100k-live (100k flows in a table of the default size, about
 /// three flows per set, as in the live path's run).
 pub fn profile(case: &str, secs: f64, setup: (usize, usize)) -> Result<()> {
     let (n, vips) = setup;
     let conntrack = match case {
         "tcp-new-full" => FULL_TABLE,
-        "tcp-hit-100k-live" => lb_common::DEFAULT_CONNTRACK_SIZE,
+        "tcp-new-full-default" | "tcp-hit-100k-live" => lb_common::DEFAULT_CONNTRACK_SIZE,
         _ => 1 << 22,
     };
     let mut dp = load(n, vips, conntrack)?;
@@ -617,7 +634,7 @@ pub fn profile(case: &str, secs: f64, setup: (usize, usize)) -> Result<()> {
     let mut bench = Bench::new(&mut dp, conntrack)?;
     let f = tcp_flow(tcp_vip(vips - 1));
     let (frame, vary, want) = match case {
-        "tcp-new" | "tcp-new-full" => (tcp4_syn(f), Some((0, BASE_TCP_NEW, 4)), reason::NEW_FLOW),
+        "tcp-new" | "tcp-new-full" | "tcp-new-full-default" => (tcp4_syn(f), Some((0, BASE_TCP_NEW, 4)), reason::NEW_FLOW),
         "tcp-hit" => (tcp4_ack(f, b""), None, reason::CONNTRACK_HIT),
         "maps-hit" | "maps-new" | "maps-new_pcpu" => (tcp4_ack(f, b""), None, reason::CONNTRACK_HIT),
         "tcp-hit-100k" | "tcp-hit-100k-live" => {

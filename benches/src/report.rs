@@ -791,6 +791,7 @@ fn section_fastpath(s: &mut String, fp: &FastPath) {
     for c in fp.cases.iter().filter(|c| {
         c.case == "tcp-hit-flows"
             || c.case == "tcp-new-full"
+            || c.case == "tcp-new-full-default"
             || (c.case == "tcp-hit" && (c.backends, c.vips) == base(fp))
     }) {
         let _ = writeln!(
