@@ -797,8 +797,18 @@ fn apply_health(ctl: &mut Controller, mut events: Vec<HealthEvent>, rx: &mut mps
 
 /// `lbd run`: runs until SIGINT/SIGTERM; SIGHUP (or `{"cmd":"reload"}`) reloads the config.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    // Signals first: a SIGHUP or SIGTERM during start-up then waits for the loop (a reload, a
+    // clean stop) instead of ending lbd half set up (SIGHUP's default action).
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let d = config.director.clone();
+    // The control socket before anything touches the dataplane: it is how a second `lbd run`
+    // finds the one already running, and that one's XDP program, IPVS services and drains must
+    // not have been changed by then.
+    let listener = control::bind(&d.control_socket)?;
+    let _socket = SocketFile(d.control_socket.clone());
     let ifaces = resolve_ifaces(&config)?;
     let picked = pick_dataplane(&config)?;
     info!(
@@ -822,14 +832,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // After the dataplane: until VRRP says otherwise, the VIPs it lists are dropped.
     let mut vrrp = start_vrrp(&ctl.config().vrrp)?;
 
-    let listener = control::bind(&d.control_socket)?;
     info!(socket = %d.control_socket.display(), "control socket ready");
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
     tokio::spawn(accept_loop(listener, ctl_tx));
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let scans = Arc::new(Mutex::new(()));
     loop {
         tokio::select! {
@@ -886,8 +892,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     stop_vrrp(&mut ctl, &mut vrrp).await;
     info!("shutting down: detaching XDP");
     drop(ctl); // dropping the dataplane detaches the program
-    let _ = std::fs::remove_file(&d.control_socket);
     Ok(())
+}
+
+/// The control socket of this `lbd run`, removed when it ends, however it ends (a failed start
+/// included), so that the next start does not find a stale one.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn admin(ctl: &mut Controller, sel: &BackendSelector, drain: bool) -> Response {

@@ -181,6 +181,33 @@ fn failed_native_attach_says_so_plainly() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_second_lbd_run_on_the_same_socket_changes_nothing() -> anyhow::Result<()> {
+    require_root()?;
+    let mut rig = Rig::up("lte9", 3)?;
+    rig.start_lbd()?;
+    // State the config does not hold: a second instance applying the config would undo it.
+    let sock = rig.socket.display().to_string();
+    let backend = backend_v4(0).to_string();
+    let (code, _, err) = rig.lbd_cli(&["backend", "drain", "10.99.0.100:80", &backend, "--socket", &sock])?;
+    assert_eq!(code, 0, "{err}");
+    let lbd = rig::lbd_binary()?;
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &rig.director.name, lbd.to_str().unwrap(), "run", "--config", rig.config.to_str().unwrap()])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("another lbd is already listening on {sock}")), "{err}");
+    // The first one still answers on its socket, with its drain, and still forwards.
+    let st = rig.status()?;
+    let row = &st["virtual_servers"][0]["real_servers"][0];
+    assert_eq!((row["state"].as_str(), row["weight"].as_u64()), (Some("drained"), Some(0)), "{row}");
+    let counts = rig.http_batch(IpAddr::V4(VIP_V4), 60)?;
+    assert_eq!(counts.values().sum::<usize>(), 60, "{counts:?}");
+    assert!(!counts.contains_key(&backend_name(0)), "the drained backend got new connections: {counts:?}");
+    Ok(())
+}
+
+#[test]
 fn drained_backend_keeps_its_connection_and_gets_no_new_ones() -> anyhow::Result<()> {
     require_root()?;
     let mut rig = Rig::up("lte8", 3)?;
