@@ -183,12 +183,14 @@ pub fn v6_transport(ctx: &XdpContext, ip: &Ip6) -> Option<Transport> {
             }
             NEXTHDR_FRAGMENT => {
                 let frag = load::<[u8; 4]>(ctx, l4)?;
-                fragment = true;
                 next = frag[0];
                 let offset = u16::from_be_bytes([frag[2], frag[3]]) >> 3;
                 if offset != 0 {
-                    return Some(Transport { proto: next, l4, fragment, later_fragment: true });
+                    return Some(Transport { proto: next, l4, fragment: true, later_fragment: true });
                 }
+                // Offset 0 without the M flag is an atomic fragment: a whole packet (RFC 6946),
+                // as NAT64 translators send them.
+                fragment |= frag[3] & 1 != 0;
                 l4 += 8;
             }
             _ => break,

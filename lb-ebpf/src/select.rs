@@ -63,7 +63,10 @@ pub fn established(id: u32, generation: u32, addr: [u32; 4], port: u16, proto: u
 }
 
 /// The backend of `vip`'s live lookup table for a flow hashing to `hash`, or `None` when the VIP
-/// has no usable backend.
+/// has no usable backend. A slot naming another VIP's backend is not followed: a reader still in
+/// a buffer the controller just flipped away from can find there an id it freed and gave to
+/// another VIP's new backend (ids are reused at the next apply), and the flow would then be
+/// forwarded, and pinned by its connection entry, to a real server of the wrong service.
 #[inline(always)]
 pub fn from_table(vip: &VipInfo, hash: u32) -> Option<Choice> {
     let m = TABLE_SIZE.load();
@@ -74,7 +77,7 @@ pub fn from_table(vip: &VipInfo, hash: u32) -> Option<Choice> {
         return None;
     }
     let b = BACKENDS.get(id)?;
-    if b.flags & BACKEND_F_ALIVE == 0 {
+    if b.flags & BACKEND_F_ALIVE == 0 || b.vip_id != vip.vip_id {
         return None;
     }
     Some(Choice { vip_id: vip.vip_id, id, backend: b, enabled: true })

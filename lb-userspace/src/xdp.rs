@@ -455,6 +455,9 @@ impl XdpDataplane {
         if !new_table && slot.enabled == enabled {
             return Ok(());
         }
+        // What the kernel holds until `write_vip` succeeds: restored if it fails, so that the
+        // next apply does not take the idle buffer for the live one (and write into the live one).
+        let before = (slot.active, slot.last_flip, slot.installed, slot.enabled);
         if new_table {
             let since = slot.last_flip.elapsed();
             if since < FLIP_GRACE {
@@ -473,7 +476,12 @@ impl XdpDataplane {
             slot.installed = true;
         }
         slot.enabled = enabled;
-        self.write_vip(vip)
+        let written = self.write_vip(vip);
+        if written.is_err() {
+            let slot = self.vips.get_mut(vip).expect("vip allocated");
+            (slot.active, slot.last_flip, slot.installed, slot.enabled) = before;
+        }
+        written
     }
 
     /// Writes `vip`'s flags (`VIP_FLAGS`) and its `VIPS` entry (live table, flags).

@@ -118,6 +118,20 @@ pub fn tcp6_syn_hop_by_hop(f: Flow6) -> Vec<u8> {
     p
 }
 
+/// TCP SYN behind an IPv6 fragment header: `offset` in 8-byte units, `more` = M flag. Offset 0
+/// without M is an atomic fragment (RFC 6946): the whole packet.
+pub fn tcp6_syn_fragment(f: Flow6, offset: u16, more: bool) -> Vec<u8> {
+    let mut p = tcp6_syn(f);
+    let ip6 = 14;
+    let payload_len = u16::from_be_bytes([p[ip6 + 4], p[ip6 + 5]]) + 8;
+    p[ip6 + 4..ip6 + 6].copy_from_slice(&payload_len.to_be_bytes());
+    p[ip6 + 6] = 44; // next header: fragment
+    let [hi, lo] = (offset << 3 | u16::from(more)).to_be_bytes();
+    let frag = [6u8 /* TCP */, 0, hi, lo, 0, 0, 0x12, 0x34 /* identification */];
+    p.splice(ip6 + 40..ip6 + 40, frag);
+    p
+}
+
 pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     let mut p = vec![0xff; 6];
     p.extend_from_slice(&CLIENT_MAC);

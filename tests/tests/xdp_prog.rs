@@ -142,6 +142,7 @@ fn cases(other_ifindex: u32) -> anyhow::Result<()> {
         tx("UDP to a UDP VIP", udp4(flow(40002, 53), b"query"), BE_MAC[1], "new-flow"),
         tx("TCP SYN to an IPv6 VIP", tcp6_syn(f6), BE_MAC[1], "new-flow"),
         tx("IPv6 with a hop-by-hop header before TCP", tcp6_syn_hop_by_hop(Flow6 { sport: 40003, ..f6 }), BE_MAC[1], "new-flow"),
+        tx("IPv6 atomic fragment (offset 0, no more fragments): a whole packet", tcp6_syn_fragment(Flow6 { sport: 40009, ..f6 }, 0, false), BE_MAC[1], "new-flow"),
         tx("port-0 VIP matches any TCP port", tcp4_syn(Flow4 { dst: VIP_ANY_PORT, dport: 8443, ..f }), BE_MAC[2], "new-flow"),
         tx("port-0 VIP matches any UDP port", udp4(Flow4 { dst: VIP_ANY_PORT, dport: 9999, ..f }, b"x"), BE_MAC[2], "new-flow"),
         tx("802.1Q-tagged frame keeps its tag", tcp4_syn_vlan(flow(40004, 80), 42), BE_MAC[0], "new-flow"),
@@ -163,6 +164,7 @@ fn cases(other_ifindex: u32) -> anyhow::Result<()> {
         unchanged("VIP without backends: dropped", tcp4_syn(Flow4 { dst: VIP_EMPTY, ..f }), XDP_DROP, "no-backend"),
         unchanged("first fragment to a VIP: dropped", udp4_fragment(flow(40008, 53), 0, true), XDP_DROP, "fragment"),
         unchanged("later fragment to a port-specific VIP: no ports, passed", udp4_fragment(flow(40008, 53), 4, false), XDP_PASS, "not-vip"),
+        unchanged("IPv6 first fragment to a VIP: dropped", tcp6_syn_fragment(Flow6 { sport: 40010, ..f6 }, 0, true), XDP_DROP, "fragment"),
         unchanged("later fragment to a port-0 VIP: dropped", udp4_fragment(Flow4 { dst: VIP_ANY_PORT, ..f }, 4, true), XDP_DROP, "fragment"),
     ];
 
