@@ -94,8 +94,8 @@ pub struct Director {
     pub conntrack_size: u32,
     /// `max_vips`: how many virtual servers the fast path can hold, 1..=1024; default 64.
     pub max_vips: u32,
-    /// `max_backends`: how many real servers the fast path can hold over all virtual servers,
-    /// 1..=65536; default 4096.
+    /// `max_backends`: how many real servers (sorry servers included) the fast path can hold over
+    /// all virtual servers, 1..=65536; default 4096.
     pub max_backends: u32,
     /// `log_level`: the daemon's log level, `"error"`, `"warn"`, `"info"` (default), `"debug"` or
     /// `"trace"`. Also the level the fast path's per-packet logs are loaded with.
@@ -586,17 +586,23 @@ impl Validator<'_> {
             );
             self.error(extra.span().start, message);
         }
-        let rss: Vec<_> = vss
+        // A sorry server takes a real server's place in the fast path while it serves.
+        let rss: Vec<usize> = vss
             .iter()
-            .flat_map(|vs| &vs.get_ref().real_server)
+            .flat_map(|vs| {
+                let vs = vs.get_ref();
+                let reals = vs.real_server.iter().map(|rs| rs.span().start);
+                reals.chain(vs.sorry_server.as_ref().map(|s| s.span().start))
+            })
             .collect();
-        if let Some(extra) = rss.get(director.max_backends as usize) {
+        if let Some(&extra) = rss.get(director.max_backends as usize) {
             let message = format!(
-                "too many real servers: {} configured over all virtual servers, but [director] max_backends is {}",
+                "too many real servers: {} configured over all virtual servers (sorry servers included), but \
+                 [director] max_backends is {}",
                 rss.len(),
                 director.max_backends
             );
-            self.error(extra.span().start, message);
+            self.error(extra, message);
         }
     }
 
@@ -1898,10 +1904,28 @@ port = 82
         assert_eq!(
             errors(text),
             [
-                "t.toml:15:1: too many real servers: 3 configured over all virtual servers, but [director] \
-                 max_backends is 2",
+                "t.toml:15:1: too many real servers: 3 configured over all virtual servers (sorry servers \
+                 included), but [director] max_backends is 2",
                 "t.toml:17:1: too many virtual servers: 3 configured, but [director] max_vips is 2",
             ]
+        );
+        // A sorry server counts: it takes a real server's place while it serves.
+        let sorry = r#"[director]
+interface = "eth0"
+max_backends = 2
+[[virtual_server]]
+address = "10.0.0.1"
+port = 80
+sorry_server = "10.0.0.9"
+[[virtual_server.real_server]]
+address = "10.0.0.2"
+[[virtual_server.real_server]]
+address = "10.0.0.3"
+"#;
+        assert_eq!(
+            errors(sorry),
+            ["t.toml:7:16: too many real servers: 3 configured over all virtual servers (sorry servers included), \
+              but [director] max_backends is 2"]
         );
     }
 

@@ -62,11 +62,19 @@ pub fn attach_pass(iface: &str) -> Result<Ebpf, LoadError> {
 /// for microseconds under RCU; this is orders of magnitude more.
 const FLIP_GRACE: Duration = Duration::from_millis(20);
 
+/// Backend ids the maps hold for `max_backends` real servers: twice as many. An apply gives new
+/// real servers their ids before the ones they replace give theirs back (only once their VIP's
+/// table no longer names them), so a reload replacing every real server at once needs both.
+fn backend_ids(max_backends: u32) -> u32 {
+    max_backends.saturating_mul(2)
+}
+
 /// Sizes and load-time settings.
 #[derive(Clone, Debug)]
 pub struct XdpOptions {
     pub table_size: u32,
     pub max_vips: u32,
+    /// Real servers over all VIPs (the maps hold `backend_ids` of it).
     pub max_backends: u32,
     /// Entries of each connection table: IPv4 and IPv6 flows have one each.
     pub conntrack_size: u32,
@@ -305,8 +313,8 @@ impl XdpDataplane {
             .map_max_entries(map_names::VIPS, opts.max_vips)
             .map_max_entries(map_names::VIP_FLAGS, opts.max_vips)
             .map_max_entries(map_names::VIP_STATS, opts.max_vips)
-            .map_max_entries(map_names::BACKENDS, opts.max_backends)
-            .map_max_entries(map_names::BACKEND_STATS, opts.max_backends)
+            .map_max_entries(map_names::BACKENDS, backend_ids(opts.max_backends))
+            .map_max_entries(map_names::BACKEND_STATS, backend_ids(opts.max_backends))
             .map_max_entries(map_names::TABLES, table_buffers * table_chunks(opts.table_size))
             .map_max_entries(map_names::CONNTRACK4, ct_sets)
             .map_max_entries(map_names::CONNTRACK6, ct_sets)
@@ -339,7 +347,7 @@ impl XdpDataplane {
             next_vip_id: 0,
             free_backend_ids: Vec::new(),
             next_backend_id: 0,
-            generations: vec![0; opts.max_backends as usize],
+            generations: vec![0; backend_ids(opts.max_backends) as usize],
             tx_ifindexes: Vec::new(),
             link: None,
             opts,
@@ -435,7 +443,7 @@ impl XdpDataplane {
         if let Some(id) = self.free_backend_ids.pop() {
             return Ok(id);
         }
-        if self.next_backend_id >= self.opts.max_backends {
+        if self.next_backend_id >= backend_ids(self.opts.max_backends) {
             return Err(DataplaneError::Capacity { what: "real servers", limit: self.opts.max_backends });
         }
         self.next_backend_id += 1;
@@ -706,7 +714,7 @@ impl Dataplane for XdpDataplane {
             out.reasons.insert((*name).to_string(), Traffic { packets: c.packets, bytes: c.bytes, new_flows: 0 });
         }
         // Slots per backend id, one pass over each live table (not one per backend).
-        let mut slots = vec![0u32; self.opts.max_backends as usize];
+        let mut slots = vec![0u32; backend_ids(self.opts.max_backends) as usize];
         for (vip, slot) in &self.vips {
             let c = Self::sum(&self.vip_stats, slot.id, add_counters)?;
             out.vips.insert(*vip, traffic(c));

@@ -449,3 +449,27 @@ fn syn_again_inner() -> anyhow::Result<()> {
     assert!((20..=90).contains(&fourth), "new flows on the fourth backend: {fourth} of 200");
     Ok(())
 }
+
+/// `max_backends` counts real servers, not ids: new real servers get their ids before the ones
+/// they replace give theirs back (after the flip), so a reload replacing every real server at
+/// once needs both, and the maps hold twice as many.
+#[test]
+fn every_real_server_replaced_at_once_at_the_limit() -> anyhow::Result<()> {
+    in_own_netns("lbdt-limit", limit_inner)
+}
+
+fn limit_inner() -> anyhow::Result<()> {
+    let mut dp = XdpDataplane::load(XdpOptions { table_size: 65537, max_vips: 1, max_backends: 2, conntrack_size: 4096, log_level: 0 })?;
+    let pair = |a: u8, b: u8| svc(IpAddr::V4(VIP), 80, Protocol::Tcp, vec![backend(a, 80, BE_MAC[0], INGRESS), backend(b, 80, BE_MAC[1], INGRESS)]);
+    dp.apply(&[pair(11, 12)])?;
+    dp.apply(&[pair(21, 22)]).map_err(|e| anyhow::anyhow!("replacing both real servers: {e}"))?;
+    let counts = dp.stats()?;
+    let reals: Vec<&String> = counts.backends.keys().map(|(_, k)| k).collect();
+    assert_eq!(reals, ["192.0.2.21:80", "192.0.2.22:80"], "the replaced real servers are gone");
+    let (verdict, out) = run(&mut dp, &tcp4_syn(flow(40000, 80)));
+    assert_eq!(verdict, XDP_TX);
+    assert!(out[0..6] == BE_MAC[0] || out[0..6] == BE_MAC[1], "{:02x?}", &out[0..6]);
+    // And back, through the ids freed by the first replacement.
+    dp.apply(&[pair(11, 12)])?;
+    Ok(())
+}
