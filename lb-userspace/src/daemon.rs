@@ -494,14 +494,21 @@ impl Controller {
         let (before, after) = (weights(&old), weights(&self.config));
         self.drained.retain(|k| after.get(k).is_some_and(|w| before.get(k) == Some(w)));
         // Checks that did not change go on with their state; new ones start (down with alpha).
+        let checks = self.health.as_ref().map(Scheduler::checkpoint);
+        let old_quorums = self.quorums.clone();
         self.sync_checks();
         if let Err(e) = self.apply() {
-            // Put the old state back (the dataplane switches tables atomically per VIP).
+            // Put the old state back (the dataplane switches tables atomically per VIP), the
+            // health of the checks and quorums the new config had dropped or changed included.
             self.config = old;
             self.check_keys = old_keys;
             self.ifaces = old_ifaces;
             self.drained = old_drained;
             self.sync_checks();
+            if let (Some(scheduler), Some(checks)) = (&mut self.health, checks) {
+                scheduler.restore(checks);
+            }
+            self.quorums = old_quorums;
             let _ = self.apply();
             return Err(e);
         }
@@ -1395,6 +1402,35 @@ mod tests {
         let ev = next_event(&mut ctl, &mut rx).await;
         assert_eq!((ev.real_server_key.as_str(), ev.up), ("10.0.0.13:80", true));
         assert_eq!(table(&fake), [("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 1)]);
+    }
+
+    /// A refused reload leaves the health as it was, also of the checks the new config dropped or
+    /// changed (and so stopped): a real server that was down stays out of the table.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_reload_keeps_the_health_of_checks_it_dropped_or_changed() {
+        let hc = "health_check = { kind = \"tcp\", interval = \"1s\", rise = 1, fall = 1 }";
+        let old = config("", &[&format!("address = \"10.0.0.11\"\n{hc}"), &format!("address = \"10.0.0.12\"\n{hc}"), &format!("address = \"10.0.0.13\"\n{hc}")]);
+        let (mut ctl, fake) = controller(old);
+        let probes = Switchboard::default();
+        let (tx, mut rx) = mpsc::channel(16);
+        ctl.start_health(Scheduler::with_prober(tx, SchedulerOptions::default(), probes.clone()));
+        ctl.apply().unwrap();
+        for down in ["10.0.0.11", "10.0.0.12"] {
+            probes.set(down, false);
+            next_event(&mut ctl, &mut rx).await;
+        }
+        assert_eq!(table(&fake), [("10.0.0.13:80".into(), 1)]);
+
+        // The new config drops 10.0.0.11 and changes 10.0.0.12's check; the dataplane refuses it.
+        let changed = "health_check = { kind = \"tcp\", interval = \"2s\", rise = 1, fall = 1 }";
+        let new = config("", &[&format!("address = \"10.0.0.12\"\n{changed}"), &format!("address = \"10.0.0.13\"\n{hc}")]);
+        fake.fail_next("map full");
+        let ifaces = HashMap::from([("eth0".to_string(), ETH0)]);
+        assert!(ctl.reload(new, ifaces).is_err());
+        assert_eq!(table(&fake), [("10.0.0.13:80".into(), 1)], "the refused reload brought failed real servers back");
+        let st = ctl.status(&DataplaneStats::default());
+        let states: Vec<&str> = st.virtual_servers[0].real_servers.iter().map(|r| r.state.as_str()).collect();
+        assert_eq!(states, ["down", "down", "unresolved"], "unresolved: up, its MAC not yet known");
     }
 
     #[test]

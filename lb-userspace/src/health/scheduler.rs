@@ -144,6 +144,9 @@ impl Drop for Running {
     }
 }
 
+/// The checks as [`Scheduler::checkpoint`] found them.
+pub struct Checkpoint(HashMap<CheckKey, (CheckConfig, Arc<Mutex<CheckState>>)>);
+
 /// The set of running checks.
 pub struct Scheduler {
     shared: Arc<Shared>,
@@ -234,6 +237,24 @@ impl Scheduler {
     /// Stops a check; false if there was none.
     pub fn remove(&mut self, key: &CheckKey) -> bool {
         self.checks.remove(key).is_some()
+    }
+
+    /// Every check with its config and state, to [`Self::restore`] after a refused reload.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint(self.checks.iter().map(|(k, r)| (k.clone(), (r.config.clone(), r.state.clone()))).collect())
+    }
+
+    /// Gives the checks that were stopped or restarted since `checkpoint` (a reload that was then
+    /// refused, and [`Self::set`] back to the old checks) the state they had: a real server that
+    /// was down stays down. A check that ran on throughout keeps its own, newer state.
+    pub fn restore(&mut self, checkpoint: Checkpoint) {
+        for (key, (config, old)) in checkpoint.0 {
+            let Some(running) = self.checks.get(&key) else { continue };
+            if running.config == config && !Arc::ptr_eq(&running.state, &old) {
+                let state = old.lock().expect("check state lock").clone();
+                *running.state.lock().expect("check state lock") = state;
+            }
+        }
     }
 
     /// Number of checks.
