@@ -2061,8 +2061,9 @@ rig.toml:10:7: invalid MAC address `nope`; expected six hex bytes like 02:00:00:
             ["t.toml:8:1: unknown key `nopreempt` in [[vrrp_instance]]; expected one of: name, interface, \
               virtual_router_id, priority, advert_interval, version, preempt, preempt_delay, virtual_addresses, \
               unicast_peers, unicast_source, authentication, garp_master_delay, garp_master_repeat, \
-              garp_master_refresh, garp_master_refresh_repeat, track_interface, track_script, notify_master, \
-              notify_backup, notify_fault, notify_stop, notify, notify_timeout"]
+              garp_master_refresh, garp_master_refresh_repeat, garp_lower_prio_repeat, garp_lower_prio_delay, \
+              track_interface, track_script, notify_master, notify_backup, notify_fault, notify_stop, notify, \
+              notify_timeout"]
         );
         let bad_duration = vrrp("preempt_delay = \"5 seconds\"\n");
         assert!(bad_duration[0].starts_with("t.toml:8:17: invalid duration \"5 seconds\""), "{bad_duration:?}");

@@ -7,7 +7,10 @@
 //! - preempt_delay: a backup keeps accepting a lower-priority master until `preempt_delay` has
 //!   passed since start-up (or since it first saw that lower-priority master);
 //! - a master that hears a lower-priority advert answers at once with its own ("forcing a new
-//!   election"), so the other side goes back to backup without waiting an interval;
+//!   election"), so the other side goes back to backup without waiting an interval, and
+//!   announces its addresses again (`garp_lower_prio_repeat` gratuitous ARPs / unsolicited NAs,
+//!   again after `garp_lower_prio_delay`), for every member of its sync group: the other side
+//!   was master too (a split view healing), and the upstream router may hold its MAC;
 //! - FAULT: a tracked interface or script with weight 0 failing; a master entering it sends a
 //!   priority-0 advert so the backup takes over after Skew_Time;
 //! - sync groups: a member going to BACKUP or FAULT takes the others with it; a member goes to
@@ -29,6 +32,10 @@ use super::packet::{self, Advert, ChecksumKind, Version};
 /// addresses up by then), then every [`PROBE_INTERVAL`].
 pub const PROBE_DELAY: Duration = Duration::from_secs(1);
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(30);
+/// A master re-announces its addresses on hearing a lower-priority master at most this often
+/// (a peer that cannot hear us advertises every interval, down to 10 ms with VRRPv3, and every
+/// member of a sync group may hear one).
+pub const LOWER_PRIO_GARP_GAP: Duration = Duration::from_secs(1);
 
 /// State of a VRRP instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -83,6 +90,10 @@ pub struct InstanceParams {
     /// Zero: no refresh.
     pub garp_refresh: Duration,
     pub garp_refresh_repeat: u32,
+    /// Gratuitous ARPs on hearing a lower-priority master; 0 = none.
+    pub garp_lower_prio_repeat: u32,
+    /// Delay of the second such burst; zero = none.
+    pub garp_lower_prio_delay: Duration,
     /// Tracked objects with their state at start.
     pub trackers: Vec<Tracker>,
 }
@@ -187,6 +198,10 @@ struct Instance {
     garp_at: Option<Instant>,
     refresh_at: Option<Instant>,
     probe_at: Option<Instant>,
+    /// The second burst after hearing a lower-priority master.
+    lower_garp_at: Option<Instant>,
+    /// When the last first burst after hearing a lower-priority master went out.
+    lower_garp_sent: Option<Instant>,
     preempt_until: Option<Instant>,
     /// Sync groups: this instance's own master-down timer expired (it would be master).
     want_master: bool,
@@ -268,6 +283,8 @@ impl Instance {
         self.garp_at = None;
         self.refresh_at = None;
         self.probe_at = None;
+        self.lower_garp_at = None;
+        self.lower_garp_sent = None;
     }
 
     fn drop(&mut self, r: DropReason) -> DropReason {
@@ -291,6 +308,8 @@ impl Engine {
                 garp_at: None,
                 refresh_at: None,
                 probe_at: None,
+                lower_garp_at: None,
+                lower_garp_sent: None,
                 preempt_until: None,
                 want_master: false,
                 master: None,
@@ -382,7 +401,7 @@ impl Engine {
 
     /// The earliest pending timer.
     pub fn next_timer(&self) -> Option<Instant> {
-        self.inst.iter().flat_map(|i| [i.adver_at, i.down_at, i.garp_at, i.refresh_at, i.probe_at]).flatten().min()
+        self.inst.iter().flat_map(|i| [i.adver_at, i.down_at, i.garp_at, i.refresh_at, i.probe_at, i.lower_garp_at]).flatten().min()
     }
 
     /// Leaves INIT: FAULT if a weight-0 tracker fails (for the whole sync group), MASTER for the
@@ -446,6 +465,10 @@ impl Engine {
                     if due(self.inst[i].garp_at) {
                         self.inst[i].garp_at = None;
                         out.push(Action::Garp { instance: i, repeat: self.inst[i].p.garp_repeat });
+                    }
+                    if due(self.inst[i].lower_garp_at) {
+                        self.inst[i].lower_garp_at = None;
+                        out.push(Action::Garp { instance: i, repeat: self.inst[i].p.garp_lower_prio_repeat });
                     }
                     if due(self.inst[i].refresh_at) {
                         let inst = &mut self.inst[i];
@@ -599,6 +622,9 @@ impl Engine {
                     self.send(i, eff, &mut out);
                     let inst = &mut self.inst[i];
                     inst.adver_at = Some(now + inst.p.advert_interval);
+                    if adv.priority != 0 {
+                        self.lower_priority_master(now, i, src, adv.priority, &mut out);
+                    }
                 }
             }
         }
@@ -677,6 +703,42 @@ impl Engine {
                 self.groups[g].state = first;
                 out.push(Action::Group { group: g, state: first });
             }
+        }
+    }
+
+    /// Master `i` heard `src` advertise as master with a lower priority: both were master (a
+    /// split view healing), and the upstream router may have learnt the other one's MAC for the
+    /// addresses last, so announce them again, for the whole sync group (keepalived: "We receive
+    /// a lower prio adv we just refresh remote ARP cache"). At most once per
+    /// [`LOWER_PRIO_GARP_GAP`] per instance; one second burst pending at a time.
+    fn lower_priority_master(&mut self, now: Instant, i: usize, src: IpAddr, priority: u8, out: &mut Vec<Action>) {
+        let mut announced = Vec::new();
+        for m in self.group_members(i).collect::<Vec<_>>() {
+            let inst = &mut self.inst[m];
+            if inst.state != VrrpState::Master || inst.p.garp_lower_prio_repeat == 0 {
+                continue;
+            }
+            if inst.lower_garp_sent.is_some_and(|t| now < t + LOWER_PRIO_GARP_GAP) {
+                continue;
+            }
+            inst.lower_garp_sent = Some(now);
+            if !inst.p.garp_lower_prio_delay.is_zero() && inst.lower_garp_at.is_none() {
+                inst.lower_garp_at = Some(now + inst.p.garp_lower_prio_delay);
+            }
+            out.push(Action::Garp { instance: m, repeat: inst.p.garp_lower_prio_repeat });
+            announced.push(m);
+        }
+        if !announced.is_empty() {
+            let inst = &self.inst[i];
+            let announced: Vec<&str> = announced.iter().map(|&m| self.inst[m].p.name.as_str()).collect();
+            info!(
+                instance = %inst.p.name,
+                peer = %src,
+                priority,
+                ours = inst.effective_priority(),
+                announced = ?announced,
+                "advert from a lower-priority master (both were master): answering with ours and announcing the addresses again"
+            );
         }
     }
 
@@ -785,6 +847,8 @@ mod tests {
             garp_repeat: 5,
             garp_refresh: Duration::ZERO,
             garp_refresh_repeat: 1,
+            garp_lower_prio_repeat: 5,
+            garp_lower_prio_delay: Duration::from_secs(5),
             trackers: vec![],
         }
     }
@@ -934,15 +998,19 @@ mod tests {
         e.start(c.now());
         e.tick(c.at(ms(360)));
         assert_eq!(e.state(0), VrrpState::Master);
-        // Lower priority, or equal priority from a lower address: answer with our advert.
+        // Lower priority, or equal priority from a lower address: answer with our advert, and
+        // announce the addresses again (see master_hearing_a_lower_priority_master_...).
         assert_eq!(
             e.receive(c.at(ms(400)), 0, peer(), &advert(Version::V3, 90, ms(100))),
-            vec![Action::Advert { instance: 0, priority: 100 }]
+            vec![Action::Advert { instance: 0, priority: 100 }, Action::Garp { instance: 0, repeat: 5 }]
         );
         let lower_addr: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut e2 = Engine::new(vec![p.clone()], vec![]);
+        e2.start(c.now());
+        e2.tick(c.at(ms(360)));
         assert_eq!(
-            e.receive(c.at(ms(410)), 0, lower_addr, &advert(Version::V3, 100, ms(100))),
-            vec![Action::Advert { instance: 0, priority: 100 }]
+            e2.receive(c.at(ms(410)), 0, lower_addr, &advert(Version::V3, 100, ms(100))),
+            vec![Action::Advert { instance: 0, priority: 100 }, Action::Garp { instance: 0, repeat: 5 }]
         );
         assert_eq!(e.state(0), VrrpState::Master);
         // Equal priority from a higher address wins.
@@ -957,6 +1025,78 @@ mod tests {
         // And a backup with equal priority accepts the master whatever the addresses.
         e.receive(c.at(ms(450)), 0, lower_addr, &advert(Version::V3, 100, ms(100)));
         assert_eq!(e.next_timer(), Some(c.at(ms(450 + 360))));
+    }
+
+    fn garps(actions: &[Action]) -> Vec<(usize, u32)> {
+        actions.iter().filter_map(|a| if let Action::Garp { instance, repeat } = a { Some((*instance, *repeat)) } else { None }).collect()
+    }
+
+    /// After a split view heals, the upstream router may hold the other master's MAC for the
+    /// addresses (its gratuitous ARPs came last): the master that stays re-announces them when
+    /// it hears the other one's lower-priority advert, as keepalived does, instead of leaving
+    /// the addresses on a backup (which drops their traffic) until the router's entry expires.
+    #[test]
+    fn master_hearing_a_lower_priority_master_announces_its_addresses_again() {
+        let c = Clock::new();
+        let p = InstanceParams {
+            garp_lower_prio_repeat: 3,
+            garp_lower_prio_delay: Duration::from_secs(2),
+            ..params("VI", Version::V3, 100, ms(100), "10.0.0.2")
+        };
+        let mut e = Engine::new(vec![p.clone()], vec![]);
+        e.start(c.now());
+        assert_eq!(garps(&e.tick(c.at(ms(360)))), vec![(0, 5)], "becoming master: garp_master_repeat");
+        let lower = advert(Version::V3, 90, ms(100));
+        assert_eq!(
+            e.receive(c.at(ms(1000)), 0, peer(), &lower),
+            vec![Action::Advert { instance: 0, priority: 100 }, Action::Garp { instance: 0, repeat: 3 }]
+        );
+        // The other side goes on advertising until it hears ours: answered, but announced at
+        // most once a second.
+        assert_eq!(e.receive(c.at(ms(1100)), 0, peer(), &lower), vec![Action::Advert { instance: 0, priority: 100 }]);
+        assert_eq!(garps(&e.receive(c.at(ms(2000)), 0, peer(), &lower)), vec![(0, 3)]);
+        // The second burst garp_lower_prio_delay after the first (not postponed by the later
+        // one), besides the master's own second burst 5 s after becoming master.
+        let mut later = Vec::new();
+        for t in (2010..=5400).step_by(10) {
+            later.extend(garps(&e.tick(c.at(ms(t)))).into_iter().map(|g| (t, g)));
+        }
+        assert_eq!(later, vec![(3000, (0, 3)), (5360, (0, 5))]);
+        // Priority 0 (the other one leaving) is only answered.
+        assert_eq!(e.receive(c.at(ms(6000)), 0, peer(), &advert(Version::V3, 0, ms(100))), vec![Action::Advert { instance: 0, priority: 100 }]);
+        // A higher priority still wins, and a backup never announces.
+        assert_eq!(states(&e.receive(c.at(ms(6100)), 0, peer(), &advert(Version::V3, 200, ms(100)))), vec![(0, VrrpState::Backup)]);
+        assert!(garps(&e.receive(c.at(ms(7200)), 0, peer(), &lower)).is_empty());
+
+        // garp_lower_prio_repeat 0: answered only; delay 0: no second burst.
+        for (repeat, delay, want) in [(0, Duration::from_secs(2), vec![]), (2, Duration::ZERO, vec![(0, 2)])] {
+            let mut e = Engine::new(vec![InstanceParams { garp_lower_prio_repeat: repeat, garp_lower_prio_delay: delay, ..p.clone() }], vec![]);
+            e.start(c.now());
+            e.tick(c.at(ms(360)));
+            assert_eq!(garps(&e.receive(c.at(ms(1000)), 0, peer(), &lower)), want);
+            for t in (1010..=5000).step_by(10) {
+                assert!(garps(&e.tick(c.at(ms(t)))).is_empty(), "{repeat} {delay:?} at {t} ms");
+            }
+        }
+
+        // A sync group: every master member announces (each may have been on both sides).
+        let mut b = InstanceParams { vrid: 52, addresses: vec!["10.0.0.101".parse().unwrap()], ..p.clone() };
+        b.garp_lower_prio_repeat = 4;
+        let mut e = Engine::new(vec![p, b], vec![("G".into(), vec![0, 1])]);
+        e.start(c.now());
+        e.tick(c.at(ms(360)));
+        assert_eq!((e.state(0), e.state(1)), (VrrpState::Master, VrrpState::Master));
+        let a = e.receive(c.at(ms(1000)), 0, peer(), &lower);
+        assert_eq!(a[0], Action::Advert { instance: 0, priority: 100 });
+        assert_eq!(garps(&a), vec![(0, 3), (1, 4)]);
+        // The other member hearing its own lower-priority advert right after: within the gap.
+        let b_lower = Advert { vrid: 52, addresses: vec!["10.0.0.101".parse().unwrap()], ..lower.clone() };
+        assert_eq!(e.receive(c.at(ms(1050)), 1, peer(), &b_lower), vec![Action::Advert { instance: 1, priority: 100 }]);
+        let mut later = Vec::new();
+        for t in (1010..=3000).step_by(10) {
+            later.extend(garps(&e.tick(c.at(ms(t)))).into_iter().map(|g| (t, g)));
+        }
+        assert_eq!(later, vec![(3000, (0, 3)), (3000, (1, 4))]);
     }
 
     #[test]

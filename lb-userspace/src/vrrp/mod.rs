@@ -29,7 +29,9 @@
 //!
 //! Gratuitous ARPs (IPv4) and unsolicited neighbour advertisements (IPv6) go out the same
 //! socket, in keepalived's exact format, on becoming master (`garp_master_repeat` of them), again
-//! after `garp_master_delay`, and every `garp_master_refresh` if set.
+//! after `garp_master_delay`, and every `garp_master_refresh` if set; and, while master, on
+//! hearing a lower-priority master (`garp_lower_prio_repeat`, again after
+//! `garp_lower_prio_delay`): after a split view the upstream router may hold the other one's MAC.
 //!
 //! # ARP conflicts
 //!
@@ -474,6 +476,13 @@ impl VrrpHandle {
                 garp_repeat: s.garp_master_repeat.unwrap_or(spec::DEFAULT_GARP_MASTER_REPEAT) as u32,
                 garp_refresh: s.garp_master_refresh.map_or(Duration::ZERO, |d| d.0),
                 garp_refresh_repeat: s.garp_master_refresh_repeat.unwrap_or(1) as u32,
+                // Unset: the garp_master_* values (keepalived: its global vrrp_garp_master_*
+                // ones, which have the same defaults).
+                garp_lower_prio_repeat: s
+                    .garp_lower_prio_repeat
+                    .or(s.garp_master_repeat)
+                    .unwrap_or(spec::DEFAULT_GARP_MASTER_REPEAT) as u32,
+                garp_lower_prio_delay: s.garp_lower_prio_delay.or(s.garp_master_delay).map_or(spec::DEFAULT_GARP_MASTER_DELAY, |d| d.0),
                 trackers,
             });
             meta.push(InstanceMeta { name: s.name.clone(), interface: s.interface.clone(), sock, addrs: inst_addrs });

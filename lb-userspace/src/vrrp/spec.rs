@@ -18,6 +18,8 @@
 //! garp_master_delay = "5s"             # second burst of gratuitous ARPs after becoming master
 //! garp_master_repeat = 5               # gratuitous ARPs per burst
 //! garp_master_refresh = "0s"           # periodic refresh while master; 0 = off
+//! garp_lower_prio_repeat = 5           # gratuitous ARPs when a lower-priority master is heard
+//! garp_lower_prio_delay = "5s"         # and a second burst after this; both default to garp_master_*
 //! track_interface = ["eth1", { name = "eth2", weight = -20 }]      # weight 0 (default) = FAULT
 //! track_script = ["chk_nginx", { name = "chk_db", weight = -30 }]
 //! notify = "/etc/lbd/notify.sh"        # called with: INSTANCE|GROUP NAME STATE PRIORITY
@@ -121,6 +123,14 @@ pub struct VrrpInstanceSpec {
     /// Gratuitous ARPs per address at each refresh. Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub garp_master_refresh_repeat: Option<i64>,
+    /// Gratuitous ARPs (unsolicited NAs) per address sent at once when a MASTER hears the
+    /// advert of a lower-priority master (a split view healing: the upstream router may hold
+    /// the other one's MAC); 0 = none. Default `garp_master_repeat`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub garp_lower_prio_repeat: Option<i64>,
+    /// Delay of the second such burst; 0 = none. Default `garp_master_delay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub garp_lower_prio_delay: Option<DurationSpec>,
     /// Interfaces whose state changes the priority (weight ≠ 0) or forces FAULT (weight 0, the
     /// default). The instance's own `interface` is always tracked with weight 0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -492,13 +502,17 @@ impl VrrpInstanceSpec {
 
         check_duration("garp_master_delay", &self.garp_master_delay, Duration::from_secs(3600), &mut errs);
         check_duration("garp_master_refresh", &self.garp_master_refresh, Duration::from_secs(86400), &mut errs);
+        check_duration("garp_lower_prio_delay", &self.garp_lower_prio_delay, Duration::from_secs(3600), &mut errs);
         if let Some(d) = self.garp_master_refresh {
             if !d.0.is_zero() && d.0 < Duration::from_millis(100) {
                 errs.push(("garp_master_refresh", "garp_master_refresh must be 0 (off) or at least 100ms".into()));
             }
         }
-        for (field, v) in [("garp_master_repeat", self.garp_master_repeat), ("garp_master_refresh_repeat", self.garp_master_refresh_repeat)]
-        {
+        for (field, v) in [
+            ("garp_master_repeat", self.garp_master_repeat),
+            ("garp_master_refresh_repeat", self.garp_master_refresh_repeat),
+            ("garp_lower_prio_repeat", self.garp_lower_prio_repeat),
+        ] {
             if let Some(v) = v {
                 if !(0..=255).contains(&v) {
                     errs.push((field, format!("{field} must be 0..=255, got {v}")));
@@ -855,6 +869,8 @@ mod tests {
             garp_master_repeat = 3
             garp_master_refresh = "1m"
             garp_master_refresh_repeat = 2
+            garp_lower_prio_repeat = 2
+            garp_lower_prio_delay = "1s"
             track_interface = ["eth1", { name = "eth2", weight = -20 }]
             track_script = ["chk", { name = "chk2", weight = 10 }]
             notify_master = "/bin/true master"
