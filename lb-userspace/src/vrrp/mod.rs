@@ -1144,6 +1144,42 @@ mod tests {
         assert!(err.to_string().starts_with("VRRP on lbdnope0: looking up the interface:"), "{err}");
     }
 
+    /// Before Linux 4.20 the ARP/NDP sockets also read the frames this host sends
+    /// (`sys::ignore_outgoing`): every one carries the interface's MAC, and the handlers skip
+    /// them, so a kernel without PACKET_IGNORE_OUTGOING neither answers our own (or the
+    /// kernel's) requests nor takes our own announcements for a conflict.
+    #[test]
+    fn responders_skip_the_frames_this_host_sends() {
+        const OURS: Mac = [2, 0, 0, 0, 0, 1];
+        const OTHER: Mac = [2, 0, 0, 0, 0, 2];
+        let (v4, v6): (std::net::Ipv4Addr, Ipv6Addr) = ("10.0.0.100".parse().unwrap(), "fd00::100".parse().unwrap());
+        let r = Arc::new(Responder { ifname: "eth0".into(), mac: OURS, arp: None, nd: None, _mld: None, state: Default::default() });
+        let now = Instant::now();
+        r.state.lock().unwrap().owned.extend([(IpAddr::V4(v4), now), (IpAddr::V6(v6), now)]);
+        let replies = |a: IpAddr| r.state.lock().unwrap().stats.get(&a).map_or(0, |s| s.replies);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _guard = rt.enter();
+
+        // What an outgoing copy looks like: our announcements, our replies, requests sent from
+        // our MAC (the kernel's own, or our probes).
+        r.on_arp(&neighbor::gratuitous_arp(OURS, v4));
+        r.on_arp(&neighbor::arp_probe(OURS, v4));
+        r.on_nd(&neighbor::unsolicited_na(OURS, v6));
+        r.on_nd(&neighbor::ns_probe(OURS, v6));
+        let from_peer = neighbor::parse_nd(&neighbor::ns_probe(OTHER, v6)).unwrap();
+        r.on_nd(&neighbor::na_reply(OURS, v6, &from_peer));
+        assert_eq!((replies(IpAddr::V4(v4)), replies(IpAddr::V6(v6))), (0, 0), "not answered");
+        assert!(r.state.lock().unwrap().pending.is_empty(), "not a conflict");
+
+        // The same from another host: answered, or suspected as a conflict.
+        r.on_arp(&neighbor::arp_probe(OTHER, v4));
+        r.on_nd(&neighbor::ns_probe(OTHER, v6));
+        assert_eq!((replies(IpAddr::V4(v4)), replies(IpAddr::V6(v6))), (1, 1));
+        r.on_arp(&neighbor::gratuitous_arp(OTHER, v4));
+        r.on_nd(&neighbor::unsolicited_na(OTHER, v6));
+        assert_eq!(r.state.lock().unwrap().pending.len(), 2);
+    }
+
     #[test]
     fn covers_and_status_text() {
         let s = spec(ONE);

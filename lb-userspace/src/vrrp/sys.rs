@@ -11,6 +11,8 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
+use tracing::debug;
+
 use super::packet::{IPPROTO_VRRP, TOS_NETWORK_CONTROL};
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -207,8 +209,9 @@ pub fn recv_v6(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<RecvV6> {
     Ok(out)
 }
 
-/// An `AF_PACKET` socket on `ifindex` receiving frames of EtherType `proto` that arrive (not
-/// the ones this host sends), and sending whole frames there.
+/// An `AF_PACKET` socket on `ifindex` receiving frames of EtherType `proto` that arrive (and,
+/// before Linux 4.20, the ones this host sends: see [`ignore_outgoing`]), and sending whole
+/// frames there.
 pub fn packet_socket(ifindex: u32, proto: u16) -> io::Result<OwnedFd> {
     let fd = socket(libc::AF_PACKET, libc::c_int::from(proto.to_be()))?;
     // SAFETY: zeroed sockaddr_ll is valid; fields set below.
@@ -218,8 +221,25 @@ pub fn packet_socket(ifindex: u32, proto: u16) -> io::Result<OwnedFd> {
     sll.sll_ifindex = ifindex as i32;
     // SAFETY: the address is valid for its length.
     cvt(unsafe { libc::bind(fd.as_raw_fd(), (&sll as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as u32) })?;
-    setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &1 as &libc::c_int)?;
+    let ignoring = ignore_outgoing(setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &1 as &libc::c_int))?;
+    if !ignoring {
+        debug!(ifindex, "PACKET_IGNORE_OUTGOING is not known to this kernel (before Linux 4.20): the ARP/NDP socket also reads the frames this host sends, and skips them by their source MAC");
+    }
     Ok(fd)
+}
+
+/// The outcome of setting `PACKET_IGNORE_OUTGOING` (Linux 4.20 on): whether the socket now
+/// ignores the frames this host sends. Older kernels answer `ENOPROTOOPT`, which is no error:
+/// the socket then also reads those frames (our own gratuitous ARPs and replies, the kernel's
+/// ARP requests and neighbour solicitations), which all carry the interface's MAC as their
+/// source, and the ARP/NDP handlers skip every frame from that MAC before looking at it.
+/// Any other error is one.
+pub fn ignore_outgoing(set: io::Result<()>) -> io::Result<bool> {
+    match set {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Attaches a classic BPF program (code, jt, jf, k) to a socket.
@@ -310,4 +330,18 @@ pub fn membership_socket_v6() -> io::Result<OwnedFd> {
     let fd = cvt(unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: fd was just returned by socket().
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packet_ignore_outgoing_unknown_to_old_kernels_is_not_an_error() {
+        assert!(ignore_outgoing(Ok(())).unwrap());
+        // Linux < 4.20: packet_setsockopt() answers ENOPROTOOPT for an option it does not know.
+        assert!(!ignore_outgoing(Err(io::Error::from_raw_os_error(libc::ENOPROTOOPT))).unwrap());
+        let err = ignore_outgoing(Err(io::Error::from_raw_os_error(libc::EPERM))).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+    }
 }
