@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::packet::{self, Advert, ChecksumKind, Version};
+use crate::duration::format_duration;
 
 /// First ARP/NDP conflict probe this long after becoming master (the old master has given the
 /// addresses up by then), then every [`PROBE_INTERVAL`].
@@ -36,6 +37,9 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// (a peer that cannot hear us advertises every interval, down to 10 ms with VRRPv3, and every
 /// member of a sync group may hear one).
 pub const LOWER_PRIO_GARP_GAP: Duration = Duration::from_secs(1);
+/// Dropped adverts are logged once per (sender, reason), for at most this many pairs per
+/// instance (a flood from forged senders must not fill the log); later ones are only counted.
+pub const MAX_LOGGED_DROPS: usize = 32;
 
 /// State of a VRRP instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -209,8 +213,7 @@ struct Instance {
     master_priority: Option<u8>,
     since: Option<Instant>,
     counters: Counters,
-    /// Senders whose address list mismatch was logged already.
-    mismatch_logged: HashSet<IpAddr>,
+    drops_logged: DropLog,
     v3_plain_checksum_logged: bool,
 }
 
@@ -293,6 +296,32 @@ impl Instance {
     }
 }
 
+/// The (sender, reason) pairs of an instance whose dropped adverts were logged.
+#[derive(Default)]
+struct DropLog {
+    logged: HashSet<(IpAddr, DropReason)>,
+    full: bool,
+}
+
+impl DropLog {
+    /// Whether a dropped advert of `reason` from `peer` is to be logged: the first of each pair,
+    /// for [`MAX_LOGGED_DROPS`] pairs; the first one past those logs that the rest are only
+    /// counted.
+    fn first(&mut self, instance: &str, peer: IpAddr, reason: DropReason) -> bool {
+        if self.logged.contains(&(peer, reason)) {
+            return false;
+        }
+        if self.logged.len() >= MAX_LOGGED_DROPS {
+            if !self.full {
+                self.full = true;
+                warn!(instance, "dropped VRRP adverts of {MAX_LOGGED_DROPS} kinds logged: further kinds are only counted (lbd status)");
+            }
+            return false;
+        }
+        self.logged.insert((peer, reason))
+    }
+}
+
 impl Engine {
     /// `groups`: (name, member indices into `instances`).
     pub fn new(instances: Vec<InstanceParams>, groups: Vec<(String, Vec<usize>)>) -> Engine {
@@ -316,7 +345,7 @@ impl Engine {
                 master_priority: None,
                 since: None,
                 counters: Counters::default(),
-                mismatch_logged: HashSet::new(),
+                drops_logged: DropLog::default(),
                 v3_plain_checksum_logged: false,
             })
             .collect();
@@ -504,26 +533,49 @@ impl Engine {
     }
 
     /// Checks a received advert for instance `i` (which has its VRID on the interface it came
-    /// from) and counts a drop.
+    /// from) and counts a drop. The first drop of each reason from each sender is logged
+    /// (RFC 3768/5798: the receiver SHOULD log; a peer dropped this way may well be a second
+    /// master).
     pub fn check(&mut self, i: usize, rx: &Received) -> Result<Advert, DropReason> {
         let inst = &mut self.inst[i];
         let p = &inst.p;
+        // Counts the drop, logs the first of its kind from this sender, returns it.
+        macro_rules! reject {
+            ($reason:expr, $($why:tt)+) => {{
+                let r: DropReason = $reason;
+                *inst.counters.dropped.entry(r.as_str()).or_default() += 1;
+                if inst.drops_logged.first(&p.name, rx.src, r) {
+                    warn!(
+                        instance = %p.name,
+                        peer = %rx.src,
+                        reason = r.as_str(),
+                        "VRRP advert from {} dropped: {} (logged once per sender and reason; lbd status counts them)",
+                        rx.src,
+                        format_args!($($why)+)
+                    );
+                }
+                return Err(r);
+            }};
+        }
         if rx.src == p.source {
             return Err(inst.drop(DropReason::Own));
         }
         let multicast = p.unicast_peers.is_empty();
         if multicast && rx.ttl != 255 {
-            return Err(inst.drop(DropReason::Ttl));
+            reject!(DropReason::Ttl, "TTL/hop limit {}, multicast adverts need 255", rx.ttl);
         }
-        if rx.vrrp.is_empty() || rx.vrrp[0] >> 4 != p.version.number() {
-            return Err(inst.drop(if rx.vrrp.is_empty() { DropReason::Malformed } else { DropReason::Version }));
+        if rx.vrrp.is_empty() {
+            reject!(DropReason::Malformed, "empty");
+        }
+        if rx.vrrp[0] >> 4 != p.version.number() {
+            reject!(DropReason::Version, "VRRP version {}, ours is {}", rx.vrrp[0] >> 4, p.version.number());
         }
         let Some(len) = packet::message_len(rx.vrrp, rx.src.is_ipv6()) else {
-            return Err(inst.drop(DropReason::Malformed));
+            reject!(DropReason::Malformed, "truncated ({} bytes)", rx.vrrp.len());
         };
         let msg = &rx.vrrp[..len];
         match packet::verify_checksum(msg, rx.src, rx.dst) {
-            None => return Err(inst.drop(DropReason::Checksum)),
+            None => reject!(DropReason::Checksum, "bad checksum"),
             Some(ChecksumKind::V3WithoutPseudoHeader) if !inst.v3_plain_checksum_logged => {
                 inst.v3_plain_checksum_logged = true;
                 info!(instance = %p.name, peer = %rx.src, "peer computes VRRPv3 checksums without the pseudo-header; accepting them");
@@ -532,37 +584,41 @@ impl Engine {
         }
         let adv = match Advert::decode(msg, rx.src.is_ipv6()) {
             Ok(a) => a,
-            Err(_) => return Err(inst.drop(DropReason::Malformed)),
+            Err(e) => reject!(DropReason::Malformed, "{e:?}"),
         };
         if adv.version == Version::V2 {
             let (want_type, want_data) = match p.auth {
                 Some(d) => (packet::AUTH_PASS, d),
                 None => (packet::AUTH_NONE, [0; 8]),
             };
+            let auth_name = |t: u8| match t {
+                packet::AUTH_NONE => "none".to_string(),
+                packet::AUTH_PASS => "PASS".to_string(),
+                t => format!("type {t}"),
+            };
             // Without authentication the data is not looked at (RFC 3768 5.3.6.1).
-            if adv.auth_type != want_type || (want_type == packet::AUTH_PASS && adv.auth_data != want_data) {
-                return Err(inst.drop(DropReason::Auth));
+            if adv.auth_type != want_type {
+                reject!(DropReason::Auth, "authentication {}, ours is {}", auth_name(adv.auth_type), auth_name(want_type));
+            }
+            if want_type == packet::AUTH_PASS && adv.auth_data != want_data {
+                reject!(DropReason::Auth, "invalid password (auth_pass)");
             }
             if adv.interval() != p.advert_interval {
-                return Err(inst.drop(DropReason::Interval));
+                reject!(
+                    DropReason::Interval,
+                    "advert interval {}, ours is {}: VRRPv2 routers must agree",
+                    format_duration(adv.interval()),
+                    format_duration(p.advert_interval)
+                );
             }
         }
         if !multicast && !p.unicast_peers.contains(&rx.src) {
-            return Err(inst.drop(DropReason::UnknownPeer));
+            reject!(DropReason::UnknownPeer, "not one of unicast_peers {:?}", p.unicast_peers);
         }
         let ours: HashSet<&IpAddr> = p.addresses.iter().collect();
         let theirs: HashSet<&IpAddr> = adv.addresses.iter().collect();
         if ours != theirs && adv.priority != 255 {
-            if inst.mismatch_logged.insert(rx.src) {
-                warn!(
-                    instance = %p.name,
-                    peer = %rx.src,
-                    ours = ?p.addresses,
-                    theirs = ?adv.addresses,
-                    "VRRP advert with another address list than ours: dropping such adverts from this peer (logged once)"
-                );
-            }
-            return Err(inst.drop(DropReason::AddressList));
+            reject!(DropReason::AddressList, "address list {:?}, ours is {:?}", adv.addresses, p.addresses);
         }
         Ok(adv)
     }
@@ -1316,6 +1372,102 @@ mod tests {
             d.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(),
             [("address_list", 2), ("auth", 2), ("checksum", 1), ("interval", 1), ("malformed", 1), ("own", 1), ("ttl", 1), ("version", 1)]
         );
+    }
+
+    /// Every line logged (at any level) while `f` runs on this thread, without time or colours.
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt().with_ansi(false).without_time().with_writer(move || w.clone()).finish();
+        let out = tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        (out, text.lines().map(str::to_owned).collect())
+    }
+
+    /// A peer whose adverts are dropped may be a second master (a split view nobody sees):
+    /// the first drop of each reason from each sender is logged, repeats are only counted.
+    #[test]
+    fn dropped_adverts_are_logged_once_per_sender_and_reason() {
+        let mut p = params("VI_1", Version::V2, 100, Duration::from_secs(1), "10.0.0.2");
+        p.auth = Some(*b"secret\0\0");
+        let mut e = Engine::new(vec![p.clone()], vec![]);
+        let good = Advert { auth_type: packet::AUTH_PASS, auth_data: *b"secret\0\0", ..advert(Version::V2, 100, Duration::from_secs(1)) };
+        let dst: IpAddr = "224.0.0.18".parse().unwrap();
+        let other: IpAddr = "10.0.0.4".parse().unwrap();
+        let check = |e: &mut Engine, adv: &Advert, src: IpAddr, ttl: u8, corrupt: bool| {
+            let mut bytes = adv.encode(src, dst);
+            if corrupt {
+                bytes[2] ^= 0x10;
+            }
+            logged(|| e.check(0, &Received { src, dst, ttl, vrrp: &bytes }))
+        };
+        let cases: Vec<(Advert, u8, bool, DropReason, &str)> = vec![
+            (good.clone(), 64, false, DropReason::Ttl, "TTL/hop limit 64, multicast adverts need 255"),
+            (Advert { version: Version::V3, ..good.clone() }, 255, false, DropReason::Version, "VRRP version 3, ours is 2"),
+            (good.clone(), 255, true, DropReason::Checksum, "bad checksum"),
+            (Advert { auth_data: *b"wrong\0\0\0", ..good.clone() }, 255, false, DropReason::Auth, "invalid password (auth_pass)"),
+            (Advert { interval_cs: 200, ..good.clone() }, 255, false, DropReason::Interval, "advert interval 2s, ours is 1s: VRRPv2 routers must agree"),
+            (
+                Advert { addresses: vec!["10.0.0.99".parse().unwrap()], ..good.clone() },
+                255,
+                false,
+                DropReason::AddressList,
+                "address list [10.0.0.99], ours is [10.0.0.100]",
+            ),
+        ];
+        for (adv, ttl, corrupt, reason, why) in &cases {
+            let (r, lines) = check(&mut e, adv, peer(), *ttl, *corrupt);
+            assert_eq!(r, Err(*reason));
+            assert_eq!(lines.len(), 1, "{reason:?}: {lines:#?}");
+            assert!(lines[0].starts_with(" WARN"), "{}", lines[0]);
+            let want = format!("VRRP advert from 10.0.0.3 dropped: {why} (logged once per sender and reason; lbd status counts them)");
+            assert!(lines[0].contains(&want) && lines[0].contains("instance=VI_1"), "{}\nwanted {want}", lines[0]);
+            // The same again: counted, not logged.
+            let (r, lines) = check(&mut e, adv, peer(), *ttl, *corrupt);
+            assert_eq!((r, lines), (Err(*reason), vec![]), "{reason:?} repeated");
+        }
+        // Another sender, or another reason from the same one (auth type), is logged.
+        let (r, lines) = check(&mut e, &cases[0].0, other, 64, false);
+        assert_eq!((r, lines.len()), (Err(DropReason::Ttl), 1));
+        assert!(lines[0].contains("VRRP advert from 10.0.0.4 dropped: TTL/hop limit 64"), "{lines:?}");
+        let (r, lines) = check(&mut e, &Advert { auth_type: 0, auth_data: [0; 8], ..good.clone() }, other, 255, false);
+        assert_eq!(r, Err(DropReason::Auth));
+        assert!(lines.len() == 1 && lines[0].contains("dropped: authentication none, ours is PASS"), "{lines:?}");
+        assert_eq!(e.counters(0).dropped.values().sum::<u64>(), 14);
+        // A good advert is not logged.
+        assert_eq!(check(&mut e, &good, peer(), 255, false), (Ok(good.clone()), vec![]));
+
+        // Unicast: a sender that is not a peer.
+        let mut u = Engine::new(vec![InstanceParams { unicast_peers: vec![peer()], ..p.clone() }], vec![]);
+        for want in [1, 0] {
+            let (r, lines) = check(&mut u, &good, other, 64, false);
+            assert_eq!((r, lines.len()), (Err(DropReason::UnknownPeer), want));
+            if want == 1 {
+                assert!(lines[0].contains("VRRP advert from 10.0.0.4 dropped: not one of unicast_peers [10.0.0.3]"), "{lines:?}");
+            }
+        }
+
+        // A flood from forged senders: MAX_LOGGED_DROPS lines (the last says so), then silence.
+        let mut f = Engine::new(vec![p], vec![]);
+        let mut lines = Vec::new();
+        for k in 0..100u8 {
+            lines.extend(check(&mut f, &good, IpAddr::from([192, 0, 2, k]), 1, false).1);
+        }
+        assert_eq!(lines.len(), MAX_LOGGED_DROPS + 1, "{lines:#?}");
+        assert!(lines[..MAX_LOGGED_DROPS].iter().all(|l| l.contains("dropped: TTL/hop limit 1")), "{lines:#?}");
+        assert!(lines[MAX_LOGGED_DROPS].contains("dropped VRRP adverts of 32 kinds logged: further kinds are only counted"), "{lines:#?}");
+        assert_eq!(f.counters(0).dropped["ttl"], 100);
     }
 
     #[test]

@@ -61,6 +61,10 @@
 //! - a v3 checksum computed without the IPv4 pseudo-header is accepted (logged once);
 //! - unicast adverts are accepted from `unicast_peers` only, with any TTL; multicast ones need
 //!   TTL/hop limit 255;
+//! - a dropped advert (TTL, version, checksum, authentication, v2 interval, not a unicast peer,
+//!   address list) is counted by reason and the first of each reason from each sender logged
+//!   (at most [`engine::MAX_LOGGED_DROPS`] kinds per instance), as keepalived logs them: its
+//!   sender may be a second master;
 //! - `preempt_delay`, sync groups and "answer a lower-priority master at once" follow
 //!   keepalived's behaviour (see [`engine`]).
 
