@@ -535,7 +535,7 @@ impl Engine {
     /// Checks a received advert for instance `i` (which has its VRID on the interface it came
     /// from) and counts a drop. The first drop of each reason from each sender is logged
     /// (RFC 3768/5798: the receiver SHOULD log; a peer dropped this way may well be a second
-    /// master).
+    /// master), as is an address owner whose address list differs from ours.
     pub fn check(&mut self, i: usize, rx: &Received) -> Result<Advert, DropReason> {
         let inst = &mut self.inst[i];
         let p = &inst.p;
@@ -617,8 +617,26 @@ impl Engine {
         }
         let ours: HashSet<&IpAddr> = p.addresses.iter().collect();
         let theirs: HashSet<&IpAddr> = adv.addresses.iter().collect();
-        if ours != theirs && adv.priority != 255 {
-            reject!(DropReason::AddressList, "address list {:?}, ours is {:?}", adv.addresses, p.addresses);
+        if ours != theirs {
+            if adv.priority != 255 {
+                reject!(DropReason::AddressList, "address list {:?}, ours is {:?}", adv.addresses, p.addresses);
+            }
+            // The address owner's advert is processed all the same (RFC 3768/5798 7.1; keepalived
+            // drops it, which would make us a second master for the addresses both list).
+            if inst.drops_logged.first(&p.name, rx.src, DropReason::AddressList) {
+                let unanswered: Vec<&IpAddr> = p.addresses.iter().filter(|a| !theirs.contains(a)).collect();
+                let consequence =
+                    if unanswered.is_empty() { String::new() } else { format!("; while it is master nobody answers for {unanswered:?}") };
+                warn!(
+                    instance = %p.name,
+                    peer = %rx.src,
+                    "VRRP advert from {} (the address owner, priority 255) with address list {:?}, ours is {:?}: accepted, as the \
+                     RFCs want{consequence} (logged once)",
+                    rx.src,
+                    adv.addresses,
+                    p.addresses
+                );
+            }
         }
         Ok(adv)
     }
@@ -1468,6 +1486,50 @@ mod tests {
         assert!(lines[..MAX_LOGGED_DROPS].iter().all(|l| l.contains("dropped: TTL/hop limit 1")), "{lines:#?}");
         assert!(lines[MAX_LOGGED_DROPS].contains("dropped VRRP adverts of 32 kinds logged: further kinds are only counted"), "{lines:#?}");
         assert_eq!(f.counters(0).dropped["ttl"], 100);
+    }
+
+    /// RFC 3768/5798 7.1: an address owner's advert is processed even if its address list
+    /// differs (keepalived drops it); lbd follows the RFC, and logs the mismatch once, naming the
+    /// addresses nobody answers for while the owner is master.
+    #[test]
+    fn address_owner_with_another_address_list_is_accepted_and_logged_once() {
+        let c = Clock::new();
+        let mut p = params("VI_1", Version::V3, 100, ms(100), "10.0.0.2");
+        p.addresses = vec!["10.0.0.100".parse().unwrap(), "10.0.0.101".parse().unwrap()];
+        let mut e = Engine::new(vec![p], vec![]);
+        e.start(c.now());
+        let owner = Advert { addresses: vec!["10.0.0.100".parse().unwrap()], ..advert(Version::V3, 255, ms(100)) };
+        let dst: IpAddr = "224.0.0.18".parse().unwrap();
+        let bytes = owner.encode(peer(), dst);
+        let rx = Received { src: peer(), dst, ttl: 255, vrrp: &bytes };
+        let (r, lines) = logged(|| e.check(0, &rx));
+        assert_eq!(r, Ok(owner.clone()));
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(lines[0].starts_with(" WARN"), "{}", lines[0]);
+        assert!(
+            lines[0].contains(
+                "VRRP advert from 10.0.0.3 (the address owner, priority 255) with address list [10.0.0.100], ours is \
+                 [10.0.0.100, 10.0.0.101]: accepted, as the RFCs want; while it is master nobody answers for [10.0.0.101] \
+                 (logged once)"
+            ),
+            "{}",
+            lines[0]
+        );
+        // Accepted: it is the master, we stay backup.
+        e.receive(c.at(ms(100)), 0, peer(), &owner);
+        assert_eq!((e.state(0), e.master(0)), (VrrpState::Backup, Some(peer())));
+        assert!(e.counters(0).dropped.is_empty());
+        let (r, lines) = logged(|| e.check(0, &rx));
+        assert_eq!((r, lines), (Ok(owner), vec![]), "logged once");
+        // An owner listing more than we do: nothing goes unanswered.
+        let addrs = ["10.0.0.100", "10.0.0.101", "10.0.0.102"].map(|a| a.parse().unwrap());
+        let more = Advert { addresses: addrs.to_vec(), ..advert(Version::V3, 255, ms(100)) };
+        let other: IpAddr = "10.0.0.4".parse().unwrap();
+        let bytes = more.encode(other, dst);
+        let (r, lines) = logged(|| e.check(0, &Received { src: other, dst, ttl: 255, vrrp: &bytes }));
+        assert_eq!(r, Ok(more));
+        let want = "10.0.0.102], ours is [10.0.0.100, 10.0.0.101]: accepted, as the RFCs want (logged once)";
+        assert!(lines.len() == 1 && lines[0].contains(want), "{lines:#?}");
     }
 
     #[test]

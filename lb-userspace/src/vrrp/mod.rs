@@ -65,6 +65,9 @@
 //!   address list) is counted by reason and the first of each reason from each sender logged
 //!   (at most [`engine::MAX_LOGGED_DROPS`] kinds per instance), as keepalived logs them: its
 //!   sender may be a second master;
+//! - an address owner's (priority 255) advert whose address list differs from ours is accepted,
+//!   as RFC 3768/5798 section 7.1 say, and logged once; keepalived drops it, and would become a
+//!   second master for the addresses both list;
 //! - `preempt_delay`, sync groups and "answer a lower-priority master at once" follow
 //!   keepalived's behaviour (see [`engine`]).
 
