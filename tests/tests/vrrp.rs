@@ -373,3 +373,78 @@ fn tracking_sync_group_and_notify() -> Result<()> {
     assert!(pos("INSTANCE VI_A MASTER 100") < pos("INSTANCE VI_A FAULT 50"), "in order: {notes:#?}");
     Ok(())
 }
+
+/// The MAC the client's (node `c`'s) neighbour table holds for `vip`, if any.
+fn clients_entry(seg: &Segment, vip: IpAddr) -> Result<Option<String>> {
+    let c = seg.nodes.len() - 1;
+    let out = seg.nodes[c].ip(&["neigh", "show", &vip.to_string(), "dev", "eth0"])?;
+    Ok(out.split_whitespace().skip_while(|w| *w != "lladdr").nth(1).map(str::to_owned))
+}
+
+/// A split view: keepalived (100) stops hearing lbd (150) and becomes master too, and its
+/// gratuitous ARPs move the client's ARP entry for the VIP to keepalived's MAC; once keepalived
+/// leaves the VIP again, nobody would take it back, and the VIP's traffic goes to a backup
+/// until the entry expires. lbd, still master, hears keepalived's lower-priority adverts and
+/// announces the VIP again at once (garp_lower_prio_repeat), as keepalived would: the client's
+/// entry comes back to lbd, and stays there when the view heals.
+#[test]
+fn split_view_master_hearing_a_lower_priority_master_announces_the_vip_again() -> Result<()> {
+    require_root()?;
+    let seg = Segment::new("vr7", 7, &["lbd", "ka", "cl"])?;
+    let work = WorkDir::new("split")?;
+    let vip = seg.vip4();
+    let (lbd_mac, ka_mac) = (mac_string(&seg.mac(0)), mac_string(&seg.mac(1)));
+    // The client learns from gratuitous ARPs (as routers do), and sends no traffic of its own.
+    seg.nodes[2].sysctl("net.ipv4.conf.eth0.arp_accept", "1")?;
+    let conf = KeepalivedConf {
+        priority: 100,
+        version: 3,
+        advert_int: "0.1",
+        vrid: 57,
+        vip: &format!("{vip}/24"),
+        auth_pass: None,
+        unicast: None,
+    };
+    let ka = Keepalived::start(&seg.nodes[1], &work.0, &conf)?;
+    ka.wait_state("MASTER", ms(5000))?;
+    // No second burst after becoming master: every later announcement of lbd's is a
+    // lower-priority one.
+    let extra = "garp_master_delay = \"0s\"\ngarp_lower_prio_delay = \"0s\"";
+    let lbd = InProcess::start(&seg.nodes[0], spec(&instance("VI_1", 57, 150, 3, "100ms", extra, &vip.to_string()))?)?;
+    lbd.wait_state("VI_1", Master, ms(2000))?;
+    ka.wait_state("BACKUP", ms(1000))?;
+    wait_for(ms(1000), "the client's entry on lbd's MAC", || (clients_entry(&seg, vip.into()).ok()? == Some(lbd_mac.clone())).then_some(()))?;
+    let announced = |st: &[lb_userspace::vrrp::VrrpInstanceStatus]| st[0].virtual_addresses[0].announcements;
+    let before = announced(&lbd.status());
+
+    // keepalived hears nothing from lbd any more (lbd still hears keepalived).
+    seg.nodes[1].sh(
+        "nft -f - <<'EOF'\ntable ip splitview {\n\
+         chain in { type filter hook input priority 0; ip daddr 224.0.0.18 counter drop; }\n}\nEOF",
+    )?;
+    ka.wait_state("MASTER", ms(2000))?;
+    let ka_master = Instant::now();
+    // lbd answers keepalived's adverts with a burst (at most one a second).
+    wait_for(ms(1500), "the client's entry back on lbd's MAC", || {
+        (clients_entry(&seg, vip.into()).ok()? == Some(lbd_mac.clone())).then_some(())
+    })?;
+    assert_eq!(lbd.state("VI_1"), Some(Master));
+    let after = announced(&lbd.status());
+    ensure!(after >= before + 5, "lbd announced the VIP {} times since keepalived became master", after - before);
+    assert!(!log_lines(&["advert from a lower-priority master", "10.97.7.2"]).is_empty());
+    // keepalived's second burst (garp_master_delay, 5 s) takes the entry again; lbd answers its
+    // next advert (at most one burst a second).
+    std::thread::sleep((ka_master + ms(5300)).saturating_duration_since(Instant::now()));
+    wait_for(ms(1500), "the client's entry on lbd's MAC after keepalived's second burst", || {
+        (clients_entry(&seg, vip.into()).ok()? == Some(lbd_mac.clone())).then_some(())
+    })?;
+
+    // The view heals: keepalived hears lbd again and goes back to backup.
+    seg.nodes[1].sh("nft delete table ip splitview")?;
+    ka.wait_state("BACKUP", ms(2000))?;
+    std::thread::sleep(ms(500));
+    assert_eq!(clients_entry(&seg, vip.into())?, Some(lbd_mac.clone()), "not {ka_mac}");
+    only_answers(&seg, vip.into(), seg.mac(0))?;
+    ka.assert_no_complaints()?;
+    Ok(())
+}
