@@ -418,8 +418,14 @@ impl Controller {
     /// Drains (weight 0) or re-enables the real servers `sel` names; returns what it changed, e.g.
     /// `["TCP 10.0.0.1:80 -> 10.0.0.11:80"]`. Unknown names are an error listing what exists.
     pub fn set_drained(&mut self, sel: &BackendSelector, drain: bool) -> anyhow::Result<Vec<String>> {
-        let vip: std::net::SocketAddr =
-            sel.vip.parse().with_context(|| format!("`{}` is not ADDR:PORT of a virtual server", sel.vip))?;
+        // `fwmark:N` names a firewall-mark virtual server (ipvsadm's `-f N`), else ADDR:PORT.
+        let vip: Result<std::net::SocketAddr, u32> = match sel.vip.strip_prefix("fwmark:") {
+            Some(mark) => Err(mark.parse().with_context(|| format!("`{}` is not fwmark:N", sel.vip))?),
+            None => Ok(sel
+                .vip
+                .parse()
+                .with_context(|| format!("`{}` is not ADDR:PORT (or fwmark:N) of a virtual server", sel.vip))?),
+        };
         let (addr, port) = match sel.backend.parse::<std::net::SocketAddr>() {
             Ok(sa) => (sa.ip(), Some(sa.port())),
             Err(_) => (
@@ -435,8 +441,14 @@ impl Controller {
         };
         let mut hits = Vec::new();
         let mut known = Vec::new();
-        for vs in self.config.virtual_servers.iter().filter(|vs| {
-            vs.address == vip.ip() && vs.port == vip.port() && protocol.is_none_or(|p| p == vs.protocol)
+        for vs in self.config.virtual_servers.iter().filter(|vs| match vip {
+            Err(mark) => vs.fwmark == Some(mark),
+            Ok(vip) => {
+                vs.fwmark.is_none()
+                    && vs.address == vip.ip()
+                    && vs.port == vip.port()
+                    && protocol.is_none_or(|p| p == vs.protocol)
+            }
         }) {
             let v = VipAddr::of(vs);
             for rs in &vs.real_servers {
@@ -545,6 +557,7 @@ impl Controller {
                 .map(|(i, (svc, vs))| VirtualServerStatus {
                     address: vs.address.to_string(),
                     port: vs.port,
+                    fwmark: vs.fwmark,
                     protocol: match vs.protocol {
                         Protocol::Tcp => "tcp",
                         Protocol::Udp => "udp",
@@ -1225,6 +1238,32 @@ mod tests {
         assert_eq!(err.to_string(), "[director] table_size (65537 -> 131071) changed; that needs a restart of lbd");
         assert_eq!(fake.applied().len(), 2, "nothing was programmed");
         assert_eq!(ctl.config().virtual_servers[0].real_servers[0].address.to_string(), "10.0.0.11");
+    }
+
+    /// Firewall-mark virtual servers read as ipvsadm shows them (`FWM  5`), and `fwmark:N` drains a
+    /// real server of that one only.
+    #[test]
+    fn firewall_mark_virtual_servers_are_named_by_their_mark() {
+        let text = "[director]\ninterface = \"eth0\"\nmode = \"ipvs\"\n\
+                    [[virtual_server]]\nfwmark = 5\n[[virtual_server.real_server]]\naddress = \"10.0.0.11\"\n\
+                    [[virtual_server]]\nfwmark = 6\n[[virtual_server.real_server]]\naddress = \"10.0.0.11\"\n";
+        let (mut ctl, fake) = controller(Config::parse(text, "test.toml").expect("valid config"));
+        ctl.apply().unwrap();
+        let st = ctl.status(&DataplaneStats::default());
+        assert_eq!(st.virtual_servers.iter().map(|v| v.fwmark).collect::<Vec<_>>(), [Some(5), Some(6)]);
+        let text = crate::status::render(&st);
+        let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("FWM")).collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        assert!(rows[0].starts_with("FWM  5 ") && rows[1].starts_with("FWM  6 "), "{text}");
+
+        let sel = |vip: &str| BackendSelector { vip: vip.into(), backend: "10.0.0.11".into(), protocol: None };
+        assert_eq!(ctl.set_drained(&sel("fwmark:6"), true).unwrap(), vec!["FWM 6 -> 10.0.0.11:0"]);
+        let weights: Vec<u32> = fake.current().unwrap().iter().map(|s| s.backends[0].weight).collect();
+        assert_eq!(weights, [1, 0]);
+        let err = ctl.set_drained(&sel("0.0.0.0:0"), true).unwrap_err();
+        assert_eq!(err.to_string(), "no virtual server 0.0.0.0:0");
+        let err = ctl.set_drained(&sel("fwmark:x"), true).unwrap_err();
+        assert_eq!(err.to_string(), "`fwmark:x` is not fwmark:N");
     }
 
     #[test]

@@ -59,7 +59,7 @@ enum BackendAction {
 
 #[derive(clap::Args)]
 struct BackendArgs {
-    /// The virtual server, ADDR:PORT (IPv6: [ADDR]:PORT).
+    /// The virtual server, ADDR:PORT (IPv6: [ADDR]:PORT), or fwmark:N for a firewall-mark one.
     vip: String,
     /// The real server, ADDR or ADDR:PORT.
     backend: String,

@@ -49,6 +49,10 @@ pub struct TrafficStatus {
 pub struct VirtualServerStatus {
     pub address: String,
     pub port: u16,
+    /// A firewall-mark virtual server's mark (IPVS mode); `address` is then `0.0.0.0` or `::`
+    /// (the family) and `port` 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fwmark: Option<u32>,
     pub protocol: String,
     pub scheduler: String,
     pub enabled: bool,
@@ -170,11 +174,17 @@ pub fn render(status: &Status) -> String {
     for vs in &status.virtual_servers {
         let sched = if vs.enabled { vs.scheduler.clone() } else { format!("{} (off)", vs.scheduler) };
         let quorum = if vs.quorum { "" } else { "  quorum lost" };
+        // ipvsadm's way: `FWM  5`, `FWM  5 IPv6`.
+        let (prot, local) = match vs.fwmark {
+            Some(mark) if vs.address.contains(':') => ("FWM".to_string(), format!("{mark} IPv6")),
+            Some(mark) => ("FWM".to_string(), mark.to_string()),
+            None => (vs.protocol.to_uppercase(), host_port(&vs.address, vs.port)),
+        };
         let _ = writeln!(
             out,
             "{:<5}{:<32}{:<11}{:>10}{:>12}{:>14}{quorum}",
-            vs.protocol.to_uppercase(),
-            host_port(&vs.address, vs.port),
+            prot,
+            local,
             sched,
             vs.traffic.conns,
             vs.traffic.packets,
@@ -239,6 +249,7 @@ mod tests {
             virtual_servers: vec![VirtualServerStatus {
                 address: "10.99.0.100".into(),
                 port: 80,
+                fwmark: None,
                 protocol: "tcp".into(),
                 scheduler: "maglev".into(),
                 enabled: true,
