@@ -1472,6 +1472,27 @@ mod tests {
         assert_eq!(states, ["down", "down", "unresolved"], "unresolved: up, its MAC not yet known");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_real_server_switched_to_kind_none_serves_again() {
+        let rs = "address = \"10.0.0.11\"\nmac = \"02:00:00:00:00:0b\"";
+        let tcp = format!("{rs}\nhealth_check = {{ kind = \"tcp\", interval = \"1s\", rise = 1, fall = 1 }}");
+        let (mut ctl, fake) = controller(config("", &[&tcp, "address = \"10.0.0.12\""]));
+        let probes = Switchboard::default();
+        let (tx, mut rx) = mpsc::channel(16);
+        ctl.start_health(Scheduler::with_prober(tx, SchedulerOptions::default(), probes.clone()));
+        ctl.apply().unwrap();
+        probes.set("10.0.0.11", false);
+        next_event(&mut ctl, &mut rx).await;
+        assert_eq!(table(&fake), [("10.0.0.12:80".into(), 1)]);
+        // `none`: not checked any more, so up, at the reload itself.
+        let ifaces = HashMap::from([("eth0".to_string(), ETH0)]);
+        let none = format!("{rs}\nhealth_check = {{ kind = \"none\" }}");
+        ctl.reload(config("", &[&none, "address = \"10.0.0.12\""]), ifaces).unwrap();
+        assert_eq!(table(&fake), [("10.0.0.11:80".into(), 1), ("10.0.0.12:80".into(), 1)]);
+        let status = ctl.status(&DataplaneStats::default());
+        assert_eq!(status.virtual_servers[0].real_servers[0].state, "up");
+    }
+
     #[test]
     fn checks_leave_from_an_own_address_where_the_interface_holds_a_vip() {
         let (mut ctl, _) = controller(config("", &["address = \"10.0.0.11\"\nhealth_check = { kind = \"tcp\" }"]));

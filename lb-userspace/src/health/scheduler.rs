@@ -10,9 +10,10 @@
 //! a timeout.
 //!
 //! The controller owns the [`Scheduler`]: [`Scheduler::set`] on start and on every reload (checks
-//! that did not change keep running and keep their state; changed ones restart with their state
-//! kept), [`Scheduler::health`] when it builds the dataplane state, [`Scheduler::status`] for
-//! `lbd status`. Must be used inside a tokio runtime. Dropping it stops every check.
+//! that did not change keep running and keep their state; changed ones restart, with their state
+//! kept unless their kind changed), [`Scheduler::health`] when it builds the dataplane state,
+//! [`Scheduler::status`] for `lbd status`. Must be used inside a tokio runtime. Dropping it stops
+//! every check.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -178,9 +179,11 @@ impl Scheduler {
         }
     }
 
-    /// Makes `checks` the running set: new ones start, missing ones stop, changed ones restart
-    /// keeping their state (health, counters; thresholds updated). Unchanged ones go on
-    /// untouched. Duplicated keys: the last wins.
+    /// Makes `checks` the running set: new ones start, missing ones stop, changed ones restart.
+    /// A changed check of the same kind keeps its state (health, counters; thresholds updated,
+    /// and the weight a script set is dropped once `dynamic_weight` is off); one whose kind
+    /// changed starts afresh, as a new check would (up, down with alpha; `none`: up). Unchanged
+    /// ones go on untouched. Duplicated keys: the last wins.
     pub fn set(&mut self, checks: impl IntoIterator<Item = CheckConfig>) {
         let mut wanted: HashMap<CheckKey, CheckConfig> = HashMap::new();
         for c in checks {
@@ -201,26 +204,20 @@ impl Scheduler {
                 self.checks.insert(key, old);
                 return;
             }
-            Some(old) => {
+            // The same kind of probe: what it found still holds.
+            Some(old) if old.config.check.kind() == config.check.kind() => {
                 let state = old.state.clone();
                 let timing = config.check.timing;
-                state
-                    .lock()
-                    .expect("check state lock")
-                    .set_thresholds(timing.rise, timing.fall);
+                let mut st = state.lock().expect("check state lock");
+                st.set_thresholds(timing.rise, timing.fall);
+                if !dynamic_weight(&config.check) {
+                    st.clear_weight();
+                }
+                drop(st);
                 state
             }
-            None => {
-                let timing = config.check.timing;
-                // `none` is always up: alpha has nothing to wait for.
-                let alpha = config.alpha && config.check.probe != ProbeKind::None;
-                Arc::new(Mutex::new(CheckState::new(
-                    timing.rise,
-                    timing.fall,
-                    alpha,
-                    Instant::now(),
-                )))
-            }
+            // Another kind (or a new check): the old results say nothing about the new probe.
+            _ => fresh_state(&config),
         };
         let task = (config.check.probe != ProbeKind::None)
             .then(|| tokio::spawn(run(self.shared.clone(), config.clone(), state.clone())));
@@ -300,6 +297,24 @@ impl Scheduler {
             self.shared.options.notify_timeout,
         );
     }
+}
+
+/// The state a check starts in: up, or down with `alpha` until its first pass (`none` is always
+/// up: alpha has nothing to wait for).
+fn fresh_state(config: &CheckConfig) -> Arc<Mutex<CheckState>> {
+    let timing = config.check.timing;
+    let alpha = config.alpha && config.check.probe != ProbeKind::None;
+    Arc::new(Mutex::new(CheckState::new(
+        timing.rise,
+        timing.fall,
+        alpha,
+        Instant::now(),
+    )))
+}
+
+/// Whether the check's results set the real server's weight (`script` with `dynamic_weight`).
+fn dynamic_weight(check: &HealthCheck) -> bool {
+    matches!(&check.probe, ProbeKind::Script(s) if s.dynamic_weight)
 }
 
 fn status(key: &CheckKey, running: &Running, now: Instant) -> CheckStatus {
@@ -689,6 +704,94 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(count(2), n2);
         assert_eq!(s.status().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_kind_on_reload_starts_afresh() {
+        let prober = Arc::new(Scripted::default());
+        let fails = || {
+            (0..100)
+                .map(|_| result(false, "connection refused", None))
+                .collect()
+        };
+        for port in 1..=3 {
+            prober.results.lock().unwrap().insert(port, fails());
+        }
+        let (mut s, mut rx) = scheduler(&prober, SchedulerOptions::default());
+        // 1 and 3 go down; 2 (alpha) never passes.
+        s.set([
+            config(1, TCP_1S, false),
+            config(2, TCP_1S, true),
+            config(3, TCP_1S, false),
+        ]);
+        for _ in 0..2 {
+            assert!(!rx.recv().await.unwrap().up);
+        }
+        for port in 1..=3 {
+            assert_eq!(s.health(&key(port)), Some((false, None)), "port {port}");
+        }
+        // `none` is up at once, as a new `none` check is; another probe starts as a new check
+        // of that kind: up (down with alpha), no results yet.
+        s.set([
+            config(1, "kind = \"none\"", false),
+            config(2, "kind = \"none\"", true),
+            config(3, "kind = \"http\"\ninterval = \"1s\"", false),
+        ]);
+        for port in 1..=3 {
+            assert_eq!(s.health(&key(port)), Some((true, None)), "port {port}");
+        }
+        let st = s.status_of(&key(3)).unwrap();
+        assert_eq!(
+            (st.kind, st.state.consecutive_fails, st.state.checks),
+            (CheckKind::Http, 0, 0)
+        );
+        // And stays so: `none` never probes.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(s.health(&key(1)), Some((true, None)));
+        assert_eq!(s.status_of(&key(1)).unwrap().state.checks, 0);
+        // With alpha, the new kind waits for its first pass like any new check.
+        s.set([config(3, TCP_1S, true)]);
+        let st = s.status_of(&key(3)).unwrap();
+        assert_eq!(
+            (st.state.state, st.state.down_reason.as_deref()),
+            (Health::Down, Some("alpha: not checked yet"))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dynamic_weight_goes_with_dynamic_weight() {
+        let prober = Arc::new(Scripted::default());
+        let weighted = || result(true, "script exit 5 (weight 3)", Some(3));
+        prober
+            .results
+            .lock()
+            .unwrap()
+            .insert(1, (0..100).map(|_| weighted()).collect());
+        let (mut s, mut rx) = scheduler(&prober, SchedulerOptions::default());
+        let script = |command: &str, dynamic: bool| {
+            config(
+                1,
+                &format!(
+                    "kind = \"script\"\ncommand = \"{command}\"\ndynamic_weight = {dynamic}\n\
+                     interval = \"1h\"\nwarmup = \"0s\""
+                ),
+                false,
+            )
+        };
+        s.set([script("x", true)]);
+        assert_eq!(rx.recv().await.unwrap().weight, Some(3));
+        // Another command, still dynamic: the weight stands until the script says otherwise.
+        s.set([script("y", true)]);
+        assert_eq!(s.health(&key(1)), Some((true, Some(3))));
+        // `dynamic_weight` off: the configured weight again, at once.
+        s.set([script("y", false)]);
+        assert_eq!(s.health(&key(1)), Some((true, None)));
+        assert_eq!(s.status_of(&key(1)).unwrap().state.weight, None);
+        // Another kind: likewise.
+        s.set([script("x", true)]);
+        assert_eq!(rx.recv().await.unwrap().weight, Some(3));
+        s.set([config(1, TCP_1S, false)]);
+        assert_eq!(s.health(&key(1)), Some((true, None)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -120,6 +120,12 @@ impl CheckState {
         self.fall = fall.max(1);
     }
 
+    /// Forgets the weight a `dynamic_weight` script set (a reload turned `dynamic_weight` off):
+    /// the configured weight applies again.
+    pub fn clear_weight(&mut self) {
+        self.weight = None;
+    }
+
     pub fn health(&self) -> Health {
         self.health
     }
