@@ -1532,6 +1532,46 @@ health_check = {{ kind = "tcp", port = 22 }}
     }
 
     #[test]
+    fn another_kind_of_check_inherits_only_the_timing() {
+        // A DNS service whose real servers report their health on a web port; one is checked
+        // with a script, one with DNS itself.
+        let text = format!(
+            r#"{DIRECTOR}[[virtual_server]]
+address = "10.0.0.1"
+port = 53
+protocol = "udp"
+health_check = {{ kind = "http", port = 8080, path = "/health", interval = "2s" }}
+[[virtual_server.real_server]]
+address = "10.0.0.2"
+health_check = {{ kind = "script", command = "/usr/local/bin/check-dns" }}
+[[virtual_server.real_server]]
+address = "10.0.0.3"
+health_check = {{ kind = "dns" }}
+[[virtual_server.real_server]]
+address = "10.0.0.4"
+"#
+        );
+        let config = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        let [script, dns, http] = &config.virtual_servers[0].real_servers[..] else { panic!() };
+        let (script, dns, http) =
+            (script.health_check.as_ref().unwrap(), dns.health_check.as_ref().unwrap(), http.health_check.as_ref().unwrap());
+        assert_eq!((script.kind().as_str(), script.port), ("script", None));
+        assert_eq!((dns.kind().as_str(), dns.port), ("dns", None), "probes the real server's port 53");
+        assert_eq!((http.kind().as_str(), http.port), ("http", Some(8080)));
+        let two = std::time::Duration::from_secs(2);
+        assert_eq!((script.timing.interval, dns.timing.interval), (two, two));
+        // A problem of the override is reported at the override.
+        assert_eq!(
+            errors_after(
+                true,
+                "health_check = { kind = \"tcp\", port = 8080 }\n[[virtual_server.real_server]]\naddress = \"10.0.0.2\"\n\
+                 health_check = { kind = \"script\", port = 22, command = \"true\" }\n"
+            ),
+            ["t.toml:9:42: `port` applies to kinds `tcp`, `http`, `https`, `udp` and `dns`, not to kind `script`"]
+        );
+    }
+
+    #[test]
     fn health_check_problems_point_at_the_value() {
         // A mistake in the virtual server's table is reported once, however many inherit it.
         assert_eq!(

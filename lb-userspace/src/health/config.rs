@@ -541,11 +541,9 @@ macro_rules! kind_keys {
     };
 }
 
-/// Applies `$m!(field)` to every key that any kind accepts (the timing keys, `port`, `via`).
-macro_rules! common_keys {
+/// Applies `$m!(field)` to every timing key (which every kind accepts).
+macro_rules! timing_keys {
     ($m:ident) => {
-        $m!(port);
-        $m!(via);
         $m!(interval);
         $m!(timeout);
         $m!(retries);
@@ -553,6 +551,14 @@ macro_rules! common_keys {
         $m!(rise);
         $m!(fall);
         $m!(warmup);
+    };
+}
+
+/// Applies `$m!(field)` to the keys of where the probe goes, which some kinds accept.
+macro_rules! address_keys {
+    ($m:ident) => {
+        $m!(port);
+        $m!(via);
     };
 }
 
@@ -588,9 +594,10 @@ impl HealthCheckSpec {
     /// (`virtual_server`), key by key. `None` when neither has one (the real server is not
     /// checked and counts as up).
     ///
-    /// When the real server's table names another `kind` than the virtual server's, only the keys
-    /// every kind accepts (`port`, `via` and the timing keys) are inherited: `path` of an `http`
-    /// default means nothing to a `tcp` override.
+    /// When the real server's table names another `kind` than the virtual server's, only the
+    /// timing keys are inherited: `path` of an `http` default means nothing to a `tcp` override,
+    /// and neither does its `port` (a `script` has none, a `dns` override would probe the web
+    /// server's port) or its `via`.
     pub fn merge(
         virtual_server: Option<&HealthCheckSpec>,
         real_server: Option<&HealthCheckSpec>,
@@ -615,8 +622,9 @@ impl HealthCheckSpec {
                 }
             };
         }
-        common_keys!(inherit);
+        timing_keys!(inherit);
         if !kind_changes {
+            address_keys!(inherit);
             kind_keys!(inherit);
         }
         Some(merged)
@@ -1570,7 +1578,7 @@ rise = 1"#,
             vs.path.as_ref().unwrap().span()
         );
 
-        // Another kind inherits the common keys only.
+        // Another kind inherits the timing keys only.
         let tcp = HealthCheckSpec::merge(Some(&vs), Some(&spec(r#"kind = "tcp""#))).unwrap();
         assert_eq!(tcp.path, None);
         let check = tcp.validate(80).unwrap();
@@ -1587,6 +1595,35 @@ rise = 1"#,
             rs.validate(80).unwrap_err()[0].message,
             "health_check needs `kind`: one of tcp, http, https, script, udp, dns, none"
         );
+    }
+
+    #[test]
+    fn another_kind_inherits_neither_port_nor_via() {
+        let vs = spec(
+            r#"kind = "tcp"
+port = 8080
+via = "vip"
+interval = "2s"
+fall = 3"#,
+        );
+        let merged = |rs: &str| HealthCheckSpec::merge(Some(&vs), Some(&spec(rs))).unwrap();
+        // A script has no port: the virtual server's is not held against it.
+        let script = merged(r#"kind = "script"
+command = "true""#);
+        assert_eq!((&script.port, &script.via), (&None, &None));
+        let check = script.validate(53).unwrap();
+        assert_eq!(
+            (check.kind(), check.timing.interval, check.timing.fall),
+            (CheckKind::Script, Duration::from_secs(2), 3)
+        );
+        // A dns check probes the real server's port, through its own address.
+        let dns = merged(r#"kind = "dns""#).validate(53).unwrap();
+        assert_eq!((dns.port, dns.via), (None, Via::Real));
+        // An http check may not go through the VIP, but it was not asked to.
+        assert_eq!(merged(r#"kind = "http""#).validate(53).unwrap().via, Via::Real);
+        // The same kind inherits them.
+        let tcp = merged(r#"rise = 1"#).validate(53).unwrap();
+        assert_eq!((tcp.port, tcp.via), (Some(8080), Via::Vip));
     }
 
     #[test]
