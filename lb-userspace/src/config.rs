@@ -37,7 +37,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use toml::Spanned;
 
 use crate::duration::parse_duration;
-use crate::health::config::{CommandText, HealthCheck, HealthCheckSpec};
+use crate::health::config::{CommandText, HealthCheck, HealthCheckSpec, Via};
 use crate::vrrp::{spec::locate_key, VrrpInstanceSpec, VrrpScriptSpec, VrrpSpec, VrrpSyncGroupSpec};
 
 /// Control socket path used when `[director] control_socket` is not set.
@@ -480,6 +480,8 @@ struct ServerDefaults<'a> {
     rewrites_ports: bool,
     health_check: Option<&'a Spanned<HealthCheckSpec>>,
     inhibit_on_failure: bool,
+    /// Why `via = "vip"` cannot reach this virtual server's real servers, if it cannot.
+    no_vip_path: Option<&'static str>,
 }
 
 /// Checks the parsed file and converts it, collecting every problem.
@@ -722,11 +724,27 @@ impl Validator<'_> {
             rewrites_ports,
             health_check: raw.health_check.as_ref(),
             inhibit_on_failure: raw.inhibit_on_failure.as_ref().is_some_and(|i| *i.get_ref()),
+            // A `via = "vip"` probe is a plain frame to the real server's MAC, addressed to the VIP.
+            no_vip_path: match (&raw.fwmark, raw.forwarding.as_ref().map(|f| *f.get_ref())) {
+                (Some(_), _) => Some(
+                    "`via = \"vip\"` needs the virtual server's address, and a firewall-mark virtual server has none: \
+                     use `via = \"real\"`",
+                ),
+                (None, Some(Forwarding::Nat)) => Some(
+                    "`via = \"vip\"` checks the DSR path, and with forwarding `nat` real servers do not hold the VIP: \
+                     use `via = \"real\"`",
+                ),
+                (None, Some(Forwarding::Tunnel)) => Some(
+                    "`via = \"vip\"` checks the DSR path with plain frames to the real server's MAC, and with forwarding \
+                     `tunnel` traffic reaches it encapsulated: use `via = \"real\"`",
+                ),
+                (None, Some(Forwarding::Dsr) | None) => None,
+            },
         };
         if raw.real_server.is_empty() {
             // Nothing inherits the table: check it alone, so its mistakes are not silent.
             if let Some(hc) = &raw.health_check {
-                self.health_check(hc.get_ref(), hc.span().start, port.unwrap_or(0));
+                self.health_check(hc.get_ref(), hc.span().start, port.unwrap_or(0), defaults.no_vip_path);
             }
         }
         let mut seen = HashMap::new();
@@ -801,7 +819,7 @@ impl Validator<'_> {
             (Some(spec), Some(port)) => {
                 // Problems of the table as a whole belong where the table was written.
                 let at = own.or(defaults.health_check).map_or(table_at, |h| h.span().start);
-                self.health_check(&spec, at, port).map(Some)
+                self.health_check(&spec, at, port, defaults.no_vip_path).map(Some)
             }
             _ => Some(None),
         };
@@ -823,9 +841,25 @@ impl Validator<'_> {
     }
 
     /// Validates a (merged) `health_check` table; problems of the whole table go to `table_at`.
-    fn health_check(&mut self, spec: &HealthCheckSpec, table_at: usize, port: u16) -> Option<HealthCheck> {
-        match spec.validate(port) {
-            Ok(check) => Some(check),
+    /// `no_vip_path`: why `via = "vip"` is refused here, if it is.
+    fn health_check(
+        &mut self,
+        spec: &HealthCheckSpec,
+        table_at: usize,
+        port: u16,
+        no_vip_path: Option<&str>,
+    ) -> Option<HealthCheck> {
+        let result = spec.validate(port);
+        let mut via_refused = false;
+        if let (Some(why), Some(via)) = (no_vip_path, spec.via.as_ref().filter(|v| *v.get_ref() == Via::Vip)) {
+            // Unless `via` was refused already (for the kind).
+            if !result.as_ref().is_err_and(|problems| problems.iter().any(|p| p.key == Some("via"))) {
+                self.error(via.span().start, why.to_string());
+                via_refused = true;
+            }
+        }
+        match result {
+            Ok(check) => (!via_refused).then_some(check),
             Err(problems) => {
                 for p in problems {
                     self.error(p.at.unwrap_or(table_at), p.message);
@@ -1568,6 +1602,40 @@ address = "10.0.0.4"
                  health_check = { kind = \"script\", port = 22, command = \"true\" }\n"
             ),
             ["t.toml:9:42: `port` applies to kinds `tcp`, `http`, `https`, `udp` and `dns`, not to kind `script`"]
+        );
+    }
+
+    #[test]
+    fn via_vip_needs_a_dsr_virtual_server_with_an_address() {
+        let ipvs = "[director]\ninterface = \"eth0\"\nmode = \"ipvs\"\n";
+        let dsr = "[[virtual_server]]\naddress = \"10.0.0.3\"\nport = 80\nhealth_check = { kind = \"tcp\", via = \"vip\" }\n\
+                   [[virtual_server.real_server]]\naddress = \"10.0.0.13\"\n";
+        let config = parse(&format!("{ipvs}{dsr}")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.virtual_servers[0].real_servers[0].health_check.as_ref().unwrap().via, Via::Vip);
+        parse(&format!("{DIRECTOR}{dsr}")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            errors(&format!(
+                "{ipvs}[[virtual_server]]\nfwmark = 5\nhealth_check = {{ kind = \"tcp\", port = 80, via = \"vip\" }}\n\
+                 [[virtual_server.real_server]]\naddress = \"10.0.0.11\"\n[[virtual_server.real_server]]\naddress = \"10.0.0.12\"\n\
+                 [[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\nforwarding = \"nat\"\n\
+                 [[virtual_server.real_server]]\naddress = \"10.0.0.11\"\nhealth_check = {{ kind = \"tcp\", via = \"vip\" }}\n\
+                 [[virtual_server.real_server]]\naddress = \"10.0.0.12\"\nhealth_check = {{ kind = \"http\", via = \"vip\" }}\n\
+                 [[virtual_server]]\naddress = \"10.0.0.2\"\nport = 80\nforwarding = \"tunnel\"\n\
+                 health_check = {{ kind = \"tcp\", via = \"vip\" }}\n"
+            )),
+            [
+                // Once, however many real servers inherit it.
+                "t.toml:6:49: `via = \"vip\"` needs the virtual server's address, and a firewall-mark virtual server has \
+                 none: use `via = \"real\"`",
+                "t.toml:17:38: `via = \"vip\"` checks the DSR path, and with forwarding `nat` real servers do not hold \
+                 the VIP: use `via = \"real\"`",
+                // One reason is enough.
+                "t.toml:20:39: `via = \"vip\"` works with kind `tcp` only (a handshake addressed to the VIP); kind `http` \
+                 must use `via = \"real\"`",
+                // Also without real servers.
+                "t.toml:25:38: `via = \"vip\"` checks the DSR path with plain frames to the real server's MAC, and with \
+                 forwarding `tunnel` traffic reaches it encapsulated: use `via = \"real\"`",
+            ]
         );
     }
 

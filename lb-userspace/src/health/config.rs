@@ -23,7 +23,7 @@
 //! | --- | --- | --- | --- |
 //! | `kind` | | `tcp`, `http`, `https`, `script`, `udp`, `dns`, `none` | required |
 //! | `port` | tcp http https udp dns | port probed (`connect_port`) | the real server's port (dns: 53 when that is 0) |
-//! | `via` | tcp | `"real"`: to the real server's address; `"vip"`: to the VIP, delivered to the real server's MAC (DSR path) | `"real"` |
+//! | `via` | tcp | `"real"`: to the real server's address; `"vip"`: to the VIP, delivered to the real server's MAC (DSR path; not for `fwmark`, `nat` or `tunnel` virtual servers) | `"real"` |
 //! | `interval` | all | time between checks (`delay_loop`) | `"5s"` |
 //! | `timeout` | all | limit of one attempt: connect, TLS, request and reply, or the script's run (`connect_timeout`, `misc_timeout`) | `"5s"` |
 //! | `retries` | all | further attempts before a check counts as failed (`retry`, `nb_get_retry`) | `1` |
