@@ -66,7 +66,8 @@ pub struct VipPath {
     pub ifindex: u32,
     /// That interface's MAC (the frame's source).
     pub src_mac: [u8; 6],
-    /// The real server's MAC; `None` while unresolved (a `via = "vip"` check then fails).
+    /// The real server's MAC; `None` while unresolved (a `via = "vip"` probe then fails; the
+    /// scheduler skips it for a while, see [`super::scheduler::MAC_GRACE`]).
     pub dst_mac: Option<[u8; 6]>,
 }
 

@@ -9,6 +9,13 @@
 //! (with its reason), sent as a [`HealthEvent`], and runs `notify_up`/`notify_down` detached with
 //! a timeout.
 //!
+//! A `via = "vip"` check needs the real server's MAC, which the controller learns from the
+//! neighbour table shortly after the check starts (a new [`CheckConfig`] with it then replaces the
+//! check, state kept). Until then a tick gives no result: nothing is recorded, so a start does
+//! not count failures against a healthy real server. A MAC still unknown [`MAC_GRACE`] after the
+//! check started is a failed check: a real server that answers no ARP (or neighbour
+//! solicitation) is unreachable, and keepalived takes it down too (its connect fails).
+//!
 //! The controller owns the [`Scheduler`]: [`Scheduler::set`] on start and on every reload (checks
 //! that did not change keep running and keep their state; changed ones restart, with their state
 //! kept unless their kind changed), [`Scheduler::health`] when it builds the dataplane state,
@@ -27,8 +34,13 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::check::{self, ProbeResult, ProbeTarget};
-use super::config::{CheckKind, CommandText, HealthCheck, ProbeKind};
+use super::config::{format_duration, CheckKind, CommandText, HealthCheck, ProbeKind, Via};
 use super::state::{CheckState, Health, StateSnapshot, Transition};
+
+/// How long a `via = "vip"` check waits for the real server's MAC before each of its checks fails
+/// (see the module docs). The kernel gives up resolving after 3 s (3 solicitations a second
+/// apart); by 5 s the controller's resolver has also asked it three times.
+pub const MAC_GRACE: Duration = Duration::from_secs(5);
 
 /// Identifies a check: the virtual server's key and the real server's key, as the controller
 /// names them (e.g. `VipAddr` and `BackendSpec::key()` rendered as strings).
@@ -363,9 +375,30 @@ async fn run(shared: Arc<Shared>, config: CheckConfig, state: Arc<Mutex<CheckSta
     let mut ticker = tokio::time::interval(timing.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let is_script = config.check.kind() == CheckKind::Script;
+    // The MAC comes with a new config (another task), so it is unknown for this task's life.
+    let mac_unresolved = config.check.via == Via::Vip
+        && config.target.vip.is_some_and(|path| path.dst_mac.is_none());
+    let started = tokio::time::Instant::now();
     loop {
         ticker.tick().await;
-        let result = {
+        let result = if mac_unresolved {
+            if started.elapsed() < MAC_GRACE {
+                debug!(vip = %config.key.vip_key, real_server = %config.key.real_server_key, "check skipped: real server MAC not resolved yet");
+                continue;
+            }
+            ProbeResult {
+                ok: false,
+                reason: format!(
+                    "real server MAC unresolved (no ARP or neighbour answer from {} within {}): cannot send \
+                     through the VIP",
+                    config.target.addr,
+                    format_duration(MAC_GRACE)
+                ),
+                weight: None,
+                latency: Duration::ZERO,
+                attempts: 1,
+            }
+        } else {
             let _script = if is_script {
                 shared.scripts.acquire().await.ok()
             } else {
@@ -468,6 +501,14 @@ mod tests {
             target: &'a ProbeTarget,
         ) -> Pin<Box<dyn Future<Output = ProbeResult> + Send + 'a>> {
             Box::pin(async move {
+                // As the real probe does.
+                if target.vip.is_some_and(|path| path.dst_mac.is_none()) {
+                    return result(
+                        false,
+                        "real server MAC unresolved: cannot send through the VIP",
+                        None,
+                    );
+                }
                 self.starts
                     .lock()
                     .unwrap()
@@ -792,6 +833,70 @@ mod tests {
         assert_eq!(rx.recv().await.unwrap().weight, Some(3));
         s.set([config(1, TCP_1S, false)]);
         assert_eq!(s.health(&key(1)), Some((true, None)));
+    }
+
+    /// A `via = "vip"` check of port 1 whose real server's MAC is `mac`.
+    fn via_vip(mac: Option<[u8; 6]>, alpha: bool) -> CheckConfig {
+        let mut c = config(
+            1,
+            "kind = \"tcp\"\nvia = \"vip\"\ninterval = \"1s\"\nwarmup = \"0s\"\nretries = 0\nrise = 1\nfall = 1",
+            alpha,
+        );
+        c.target.vip = Some(check::VipPath {
+            vip: "10.0.0.100".parse().unwrap(),
+            ifindex: 2,
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: mac,
+        });
+        c
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unresolved_mac_gives_no_result_for_a_while_then_fails() {
+        // The real probes: an unresolved MAC fails at once, without touching the network.
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut s = Scheduler::new(tx, SchedulerOptions::default());
+        s.set([via_vip(None, false)]);
+        tokio::time::sleep(MAC_GRACE - Duration::from_millis(100)).await;
+        assert!(
+            rx.try_recv().is_err(),
+            "no result while the MAC may still come"
+        );
+        let st = s.status_of(&key(1)).unwrap().state;
+        assert_eq!((st.state, st.checks, st.last_reason), (Health::Up, 0, None));
+        // Never resolved: down, saying why.
+        let down = rx.recv().await.unwrap();
+        let reason =
+            "real server MAC unresolved (no ARP or neighbour answer from 10.0.0.1 within 5s): \
+                      cannot send through the VIP";
+        assert_eq!((down.up, down.reason.as_str()), (false, reason));
+        // With alpha it is down all along; the reason replaces "not checked yet".
+        s.remove(&key(1));
+        s.set([via_vip(None, true)]);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let st = s.status_of(&key(1)).unwrap().state;
+        assert_eq!(st.down_reason.as_deref(), Some("alpha: not checked yet"));
+        tokio::time::sleep(MAC_GRACE).await;
+        let st = s.status_of(&key(1)).unwrap().state;
+        assert_eq!(
+            (st.state, st.down_reason.as_deref()),
+            (Health::Down, Some(reason))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_mac_resolved_in_time_costs_nothing() {
+        let prober = Arc::new(Scripted::default());
+        let (mut s, mut rx) = scheduler(&prober, SchedulerOptions::default());
+        s.set([via_vip(None, false)]);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // What the controller does when the resolver reports the MAC.
+        s.set([via_vip(Some([2, 0, 0, 0, 0, 0xb]), false)]);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(rx.try_recv().is_err(), "never down");
+        let st = s.status_of(&key(1)).unwrap().state;
+        assert_eq!((st.state, st.last_ok), (Health::Up, Some(true)));
+        assert!(st.checks >= 10);
     }
 
     #[tokio::test(start_paused = true)]
