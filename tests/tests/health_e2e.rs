@@ -271,8 +271,8 @@ fn only_a_vip_path_check_sees_a_backend_without_the_vip() -> Result<()> {
     let real = r#"health_check = { kind = "tcp", interval = "500ms", timeout = "300ms", rise = 2, fall = 2, retries = 0 }"#;
     let via_vip = r#"health_check = { kind = "tcp", port = 80, via = "vip", interval = "500ms", timeout = "300ms", rise = 2, fall = 2, retries = 0 }"#;
     let rig = start("hcv", &[(80, real, &[0, 1]), (0, via_vip, &[0, 1])])?;
-    // The first probe may run before the real server's MAC is resolved ("MAC unresolved"): wait
-    // for a probe through the VIP path.
+    // Probes wait for the real server's MAC (a tick before it is resolved gives no result): wait
+    // for one through the VIP path.
     let syn_ack = format!("SYN-ACK from VIP {VIP_V4}:80");
     let deadline = Instant::now() + BOUND;
     let mut rs_reason = real_server(&rig, 0, 1)?["health"]["last_reason"].clone();
@@ -281,6 +281,7 @@ fn only_a_vip_path_check_sees_a_backend_without_the_vip() -> Result<()> {
         rs_reason = real_server(&rig, 0, 1)?["health"]["last_reason"].clone();
     }
     assert_eq!(rs_reason, syn_ack.as_str());
+    assert!(!rig.lbd_log().contains("real server down"), "a healthy real server went down at the start:\n{}", rig.lbd_log());
 
     rig.backends[1].ip(&["addr", "del", &format!("{VIP_V4}/32"), "dev", "lo"])?;
     let took = wait_state(&rig, 0, 1, "down", BOUND)?;
