@@ -284,6 +284,10 @@ pub struct XdpDataplane {
     generations: Vec<u32>,
     tx_ifindexes: Vec<u32>,
     link: Option<(XdpLinkId, String)>,
+    /// Attached in native mode (see `prepare_egress`).
+    native: bool,
+    /// `xdp_pass` on the other interfaces real servers sit behind, attached while this lives.
+    egress_pass: Vec<Ebpf>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
@@ -350,6 +354,8 @@ impl XdpDataplane {
             generations: vec![0; backend_ids(opts.max_backends) as usize],
             tx_ifindexes: Vec::new(),
             link: None,
+            native: false,
+            egress_pass: Vec::new(),
             opts,
         })
     }
@@ -380,6 +386,10 @@ impl XdpDataplane {
             .attach(iface, mode)
             .map_err(|source| LoadError::Attach { iface: iface.to_string(), mode: name, hint, source: Box::new(source) })?;
         self.link = Some((id, iface.to_string()));
+        self.native = native;
+        for ifindex in self.tx_ifindexes.clone() {
+            self.prepare_egress(ifindex);
+        }
         Ok(())
     }
 
@@ -388,6 +398,7 @@ impl XdpDataplane {
         if let Some((id, _)) = self.link.take() {
             self.program().detach(id)?;
         }
+        self.egress_pass.clear();
         Ok(())
     }
 
@@ -525,7 +536,44 @@ impl XdpDataplane {
             .insert(ifindex, ifindex, None, 0)
             .map_err(|e| DataplaneError::Other(format!("adding ifindex {ifindex} to TX_PORTS: {e}")))?;
         self.tx_ifindexes.push(ifindex);
+        self.prepare_egress(ifindex);
         Ok(())
+    }
+
+    /// In native mode a frame redirected to another interface is sent by that interface's driver
+    /// (`ndo_xdp_xmit`), and many drivers (ixgbe, i40e, ice, ...) set up their XDP send queues
+    /// only while an XDP program is attached to that interface: without one they drop the frame
+    /// after lbd's program returned, where no counter of lbd's sees it. So `xdp_pass` goes on
+    /// every such interface (a veth peer needs one too, see `attach_pass`). Generic mode sends
+    /// through the network stack and needs none.
+    fn prepare_egress(&mut self, ifindex: u32) {
+        let Some((_, attached)) = &self.link else { return };
+        if !self.native {
+            return;
+        }
+        let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+        // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname writes at most.
+        let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+        if name.is_null() {
+            tracing::warn!(ifindex, "real servers behind an interface that is gone: frames sent there are dropped");
+            return;
+        }
+        // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
+        let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned();
+        if name == *attached {
+            return;
+        }
+        match attach_pass(&name) {
+            Ok(pass) => {
+                tracing::info!(interface = %name, "xdp_pass attached, so that its driver sends the frames lbd redirects there");
+                self.egress_pass.push(pass);
+            }
+            Err(e) => tracing::warn!(
+                interface = %name,
+                "attaching xdp_pass failed ({e}); unless the interface has an XDP program of its own, drivers that send \
+                 XDP frames only then drop what lbd redirects there (xdp_mode = \"generic\" avoids that)"
+            ),
+        }
     }
 
     fn sum<T: aya::Pod + Default>(

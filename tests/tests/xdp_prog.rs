@@ -473,3 +473,35 @@ fn limit_inner() -> anyhow::Result<()> {
     dp.apply(&[pair(11, 12)])?;
     Ok(())
 }
+
+/// In native mode a real server behind another interface gets `xdp_pass` on that interface: many
+/// drivers send redirected XDP frames only while a program is attached there. Gone with lbd.
+#[test]
+fn native_mode_puts_xdp_pass_on_other_egress_interfaces() -> anyhow::Result<()> {
+    require_root()?;
+    let ns = Netns::new("lbdt-egress")?;
+    for (a, b) in [("te0", "te1"), ("tf0", "tf1")] {
+        ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])?;
+        for dev in [a, b] {
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+    }
+    let egress: u32 = ns.exec(&["cat", "/sys/class/net/tf0/ifindex"])?.trim().parse()?;
+    let xdp_on = |dev: &str| -> anyhow::Result<bool> { Ok(ns.exec(&["ip", "-d", "link", "show", dev])?.contains("prog/xdp")) };
+    let dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
+        let mut dp = load();
+        dp.attach("te0", true)?;
+        dp.apply(&[svc(IpAddr::V4(VIP), 80, Protocol::Tcp, vec![backend(11, 80, BE_MAC[0], egress)])])?;
+        Ok(dp)
+    })??;
+    assert!(xdp_on("tf0")?, "no XDP program on the egress interface");
+    assert!(!xdp_on("te1")? && !xdp_on("tf1")?, "only the director's own interfaces");
+    let dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
+        let mut dp = dp;
+        dp.detach()?;
+        Ok(dp)
+    })??;
+    assert!(!xdp_on("tf0")?, "xdp_pass outlived lbd's attachment");
+    drop(dp);
+    Ok(())
+}
