@@ -43,6 +43,19 @@ use crate::vrrp::{spec::locate_key, VrrpInstanceSpec, VrrpScriptSpec, VrrpSpec, 
 /// Control socket path used when `[director] control_socket` is not set.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lbd/lbd.sock";
 
+/// `[director] control_socket` of the config at `path`, read from its TOML alone (the default if
+/// unset), for the CLI: a config with mistakes elsewhere, being edited while lbd runs the one
+/// before, still names the socket. `None` if the file is unreadable or not TOML, or the key is
+/// not a string.
+pub fn control_socket_of(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let table: toml::Table = text.parse().ok()?;
+    match table.get("director").and_then(|d| d.get("control_socket")) {
+        None => Some(PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+        Some(socket) => socket.as_str().filter(|s| !s.is_empty()).map(PathBuf::from),
+    }
+}
+
 /// Schedulers accepted in `[[virtual_server]] scheduler`; the first is the default and the only
 /// one the XDP fast path has. The others are IPVS's (`mode = "ipvs"`); `maglev` is IPVS's `mh`.
 const SCHEDULERS: &[&str] = &["maglev", "rr", "wrr", "lc", "wlc", "sh", "sed", "nq"];

@@ -86,7 +86,11 @@ impl Target {
             return Ok(s.clone());
         }
         match &self.config {
-            Some(path) => Config::load(path).map(|c| c.director.control_socket).map_err(|e| e.to_string()),
+            // Only the socket matters here: a config with mistakes elsewhere still names it.
+            Some(path) => match Config::load(path) {
+                Ok(c) => Ok(c.director.control_socket),
+                Err(e) => lb_userspace::config::control_socket_of(path).ok_or_else(|| e.to_string()),
+            },
             None => Ok(PathBuf::from("/run/lbd/lbd.sock")),
         }
     }

@@ -39,3 +39,26 @@ fn status_without_a_daemon_says_what_to_do() {
     assert!(err.starts_with("lbd status: cannot reach lbd at /nonexistent/lbd.sock"), "{err}");
     assert!(err.contains("is `lbd run` running?"), "{err}");
 }
+
+/// `--config` only needs the socket: a config with a mistake elsewhere (being edited while lbd
+/// runs the one before) still gets to the daemon; one that is not TOML says why.
+#[test]
+fn status_with_a_config_being_edited_still_finds_the_socket() {
+    let dir = std::env::temp_dir().join(format!("lbd-cli-edit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("editing.toml");
+    std::fs::write(
+        &path,
+        "[director]\ninterface = \"eth0\"\ncontrol_socket = \"/nonexistent/lbd-edit.sock\"\n\n[[virtual_server]]\n\
+         address = \"10.0.0.100\"\nport = 80\n[[virtual_server.real_server]]\naddress = \"10.0.0.11\"\nweight = -1\n",
+    )
+    .unwrap();
+    let (code, _, err) = lbd(&["status", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("lbd status: cannot reach lbd at /nonexistent/lbd-edit.sock"), "{err}");
+    std::fs::write(&path, "[director\n").unwrap();
+    let (code, _, err) = lbd(&["status", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.starts_with(&format!("lbd status: {}:1:", path.display())), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
