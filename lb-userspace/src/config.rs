@@ -218,9 +218,10 @@ pub struct VirtualServer {
     /// `fwmark`: a firewall-mark virtual server (keepalived's `virtual_server fwmark N`, IPVS
     /// only): packets carrying this mark, whatever their address, port and protocol.
     pub fwmark: Option<u32>,
-    /// `mh_fallback` (default true) / `mh_port` (default false): IPVS `mh` (maglev) flags: send new
-    /// connections of a drained (weight 0) real server to another one rather than refusing them /
-    /// hash the source port too (`ipvsadm -b mh-fallback,mh-port`).
+    /// `mh_fallback` (default true with `maglev`) / `mh_port` (default false): IPVS `mh` (maglev)
+    /// flags: send new connections of a drained (weight 0) real server to another one rather than
+    /// refusing them / hash the source port too (`ipvsadm -b mh-fallback,mh-port`). Only with the
+    /// `maglev` scheduler.
     pub mh_fallback: bool,
     pub mh_port: bool,
     /// `quorum` (default 1) and `hysteresis` (default 0), as keepalived's: the virtual server
@@ -701,10 +702,18 @@ impl Validator<'_> {
                 }
             },
         };
+        // IPVS only, and for mh only (other schedulers read the same flag bits differently).
+        let other_scheduler = scheduler.as_deref().filter(|&s| s != SCHEDULERS[0]);
         let mh = |flag: &Option<Spanned<bool>>, name: &str, v: &mut Self| -> Option<bool> {
             v.check_or(flag, false, |&on| {
                 if on {
                     ipvs_only(format!("`{name}`"))?;
+                    if let Some(other) = other_scheduler {
+                        return Err(format!(
+                            "`{name}` is an option of the maglev scheduler (IPVS mh), not of `{other}`; remove it or use \
+                             scheduler = \"maglev\""
+                        ));
+                    }
                 }
                 Ok(on)
             })
@@ -712,7 +721,7 @@ impl Validator<'_> {
         // Default on: without it IPVS mh refuses new connections that hash to a drained (weight 0)
         // real server instead of sending them to another, unlike the XDP fast path.
         let mh_fallback = match &raw.mh_fallback {
-            None => Some(true),
+            None => Some(other_scheduler.is_none()),
             flag => mh(flag, "mh_fallback", self),
         };
         let mh_port = mh(&raw.mh_port, "mh_port", self);
@@ -1898,6 +1907,30 @@ address = "10.0.0.4"
             errors(&format!("{ipvs}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\npersistence = {{ timeout = \"1s\", netmask = \"255.0.255.0\" }}\n")),
             ["t.toml:7:43: netmask `255.0.255.0` is not contiguous"]
         );
+    }
+
+    /// `[director]` with mode = "ipvs": lines 1 to 3.
+    const IPVS: &str = "[director]\ninterface = \"eth0\"\nmode = \"ipvs\"\n";
+
+    #[test]
+    fn ipvs_mh_flags_only_with_maglev() {
+        let vs = |rest: &str| format!("{IPVS}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\n{rest}");
+        assert_eq!(
+            errors(&vs("scheduler = \"sh\"\nmh_fallback = true\nmh_port = true\n")),
+            [
+                "t.toml:8:15: `mh_fallback` is an option of the maglev scheduler (IPVS mh), not of `sh`; remove it or use \
+                 scheduler = \"maglev\"",
+                "t.toml:9:11: `mh_port` is an option of the maglev scheduler (IPVS mh), not of `sh`; remove it or use \
+                 scheduler = \"maglev\"",
+            ]
+        );
+        // mh_fallback is on by default for maglev only; turning a flag off says nothing wrong.
+        let rr = parse(&vs("scheduler = \"rr\"\nmh_port = false\nmh_fallback = false\n")).unwrap();
+        assert_eq!((rr.virtual_servers[0].mh_fallback, rr.virtual_servers[0].mh_port), (false, false));
+        let rr = parse(&vs("scheduler = \"rr\"\n")).unwrap();
+        assert!(!rr.virtual_servers[0].mh_fallback);
+        let maglev = parse(&vs("mh_port = true\n")).unwrap();
+        assert_eq!((maglev.virtual_servers[0].mh_fallback, maglev.virtual_servers[0].mh_port), (true, true));
     }
 
     #[test]

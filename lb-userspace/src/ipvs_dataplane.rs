@@ -97,7 +97,8 @@ pub fn service_key(vip: &VipAddr) -> ServiceKey {
 }
 
 /// The IPVS service for a spec: `maglev` is IPVS's `mh`; persistence and mh flags map to the
-/// service flags ipvsadm sets for `-p`, `-M` and `-b mh-fallback,mh-port`.
+/// service flags ipvsadm sets for `-p`, `-M` and `-b mh-fallback,mh-port`. The mh flags go to `mh`
+/// only: the same bits mean other things to other schedulers (`sh`: sh-fallback, sh-port).
 pub fn service_of(spec: &ServiceSpec) -> Service {
     let p = &spec.ipvs;
     let scheduler = if p.scheduler == "maglev" { "mh" } else { p.scheduler.as_str() };
@@ -110,10 +111,10 @@ pub fn service_of(spec: &ServiceSpec) -> Service {
             Family::V6 => u32::from(pers.prefix_len),
         };
     }
-    if p.mh_fallback {
+    if scheduler == "mh" && p.mh_fallback {
         svc.flags |= ipvs::IP_VS_SVC_F_SCHED1;
     }
-    if p.mh_port {
+    if scheduler == "mh" && p.mh_port {
         svc.flags |= ipvs::IP_VS_SVC_F_SCHED2;
     }
     svc
@@ -281,17 +282,28 @@ mod tests {
         let s = service_of(&spec(IpvsParams::default(), None));
         assert_eq!((s.key.to_string(), s.scheduler.as_str()), ("TCP  10.0.0.1:80".into(), "mh"));
         assert_eq!(s.flags, ipvs::IP_VS_SVC_F_SCHED1, "mh-fallback by default");
+        let mh = IpvsParams { mh_fallback: true, mh_port: true, ..IpvsParams::default() };
+        assert_eq!(service_of(&spec(mh, None)).flags, ipvs::IP_VS_SVC_F_SCHED1 | ipvs::IP_VS_SVC_F_SCHED2);
         let p = IpvsParams {
             scheduler: "wlc".into(),
             persistence: Some(Persistence { timeout_secs: 300, prefix_len: 24 }),
-            mh_fallback: true,
-            mh_port: true,
             ..IpvsParams::default()
         };
         let s = service_of(&spec(p, Some(7)));
         assert_eq!(s.key, ServiceKey::Fwmark { family: Family::V4, mark: 7 });
         assert_eq!((s.scheduler.as_str(), s.timeout, s.netmask), ("wlc", 300, 0xffff_ff00));
-        assert_eq!(s.flags, ipvs::IP_VS_SVC_F_PERSISTENT | ipvs::IP_VS_SVC_F_SCHED1 | ipvs::IP_VS_SVC_F_SCHED2);
+        assert_eq!(s.flags, ipvs::IP_VS_SVC_F_PERSISTENT);
+    }
+
+    #[test]
+    fn mh_flags_go_to_mh_only() {
+        // The config's mh_fallback default (true) and mh_port reach no other scheduler: SCHED1 would
+        // make sh sh-fallback and show as (flag-1) on rr in `ipvsadm -Ln`.
+        for scheduler in ["rr", "wrr", "lc", "wlc", "sh", "sed", "nq"] {
+            let p = IpvsParams { scheduler: scheduler.into(), mh_fallback: true, mh_port: true, ..IpvsParams::default() };
+            let s = service_of(&spec(p, None));
+            assert_eq!((s.scheduler.as_str(), s.flags), (scheduler, 0));
+        }
     }
 
     #[test]
