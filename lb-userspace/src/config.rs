@@ -159,11 +159,15 @@ pub enum Forwarding {
 /// connection. IPVS only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Persistence {
-    /// Seconds, 1..=2^31.
+    /// Seconds, 1..=[`MAX_PERSISTENCE_SECS`].
     pub timeout_secs: u32,
     /// Prefix length of the client netmask (32 or 128 = each client alone).
     pub prefix_len: u8,
 }
+
+/// The longest persistence timeout: 31 days, as `ipvsadm -p` allows. The kernel keeps it in jiffies
+/// in an unsigned int, so much longer ones wrap (60 days at HZ=1000 becomes about 10).
+pub const MAX_PERSISTENCE_SECS: u32 = 31 * 86_400;
 
 /// Log level of the daemon and of the fast path's per-packet logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -810,10 +814,12 @@ impl Validator<'_> {
             if d.subsec_nanos() != 0 {
                 return Err(format!("persistence timeout must be whole seconds (IPVS counts in seconds), got `{t}`"));
             }
-            u32::try_from(d.as_secs())
-                .ok()
-                .filter(|&s| (1..=1 << 31).contains(&s))
-                .ok_or_else(|| format!("persistence timeout must be between 1s and {}s, got `{t}`", 1u32 << 31))
+            u32::try_from(d.as_secs()).ok().filter(|&s| (1..=MAX_PERSISTENCE_SECS).contains(&s)).ok_or_else(|| {
+                format!(
+                    "persistence timeout must be between 1s and 744h (31 days, {MAX_PERSISTENCE_SECS}s, as ipvsadm -p \
+                     allows): the kernel counts it in jiffies in 32 bits, and longer ones wrap; got `{t}`"
+                )
+            })
         });
         let max = if vip.is_ipv4() { 32 } else { 128 };
         let prefix_len = self.check_or(&raw.netmask, max, |m| netmask(m, vip));
@@ -1911,6 +1917,24 @@ address = "10.0.0.4"
 
     /// `[director]` with mode = "ipvs": lines 1 to 3.
     const IPVS: &str = "[director]\ninterface = \"eth0\"\nmode = \"ipvs\"\n";
+
+    #[test]
+    fn ipvs_persistence_timeout_is_at_most_31_days() {
+        let timeout = |t: &str| {
+            format!("{IPVS}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\npersistence = {{ timeout = \"{t}\" }}\n")
+        };
+        let longest = parse(&timeout("744h")).expect("31 days");
+        assert_eq!(longest.virtual_servers[0].persistence.map(|p| p.timeout_secs), Some(2_678_400));
+        for t in ["744h1s", "1440h"] {
+            assert_eq!(
+                errors(&timeout(t)),
+                [format!(
+                    "t.toml:7:27: persistence timeout must be between 1s and 744h (31 days, 2678400s, as ipvsadm -p \
+                     allows): the kernel counts it in jiffies in 32 bits, and longer ones wrap; got `{t}`"
+                )]
+            );
+        }
+    }
 
     #[test]
     fn ipvs_mh_flags_only_with_maglev() {
