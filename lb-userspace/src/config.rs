@@ -207,7 +207,8 @@ pub struct VirtualServer {
     /// `address` (required unless `fwmark` is given): the VIP, IPv4 or IPv6. For a firewall-mark
     /// virtual server, the unspecified address of its `family` (`"ipv4"` default, `"ipv6"`).
     pub address: IpAddr,
-    /// `port` (required): 0 = every port of the address. A specific port of the same address and
+    /// `port` (required): 0 = every port of the address (with `mode = "ipvs"` only with
+    /// `persistence`, as IPVS forwards nothing else). A specific port of the same address and
     /// protocol is allowed beside it and wins in the fast path.
     pub port: u16,
     /// `protocol`: default `"tcp"`.
@@ -730,6 +731,18 @@ impl Validator<'_> {
         };
         let mh_port = mh(&raw.mh_port, "mh_port", self);
         let rewrites_ports = raw.forwarding.as_ref().is_some_and(|f| *f.get_ref() == Forwarding::Nat);
+        // IPVS takes a port-0 service that is not persistent and then drops all its traffic.
+        if let (Some(Mode::Ipvs), None, Some(p), None) = (mode, &raw.fwmark, &raw.port, &raw.persistence) {
+            if *p.get_ref() == 0 {
+                self.error(
+                    p.span().start,
+                    "port 0 (every port) needs `persistence` with mode = \"ipvs\": IPVS forwards a port-0 virtual \
+                     server only when it is persistent (ipvsadm refuses it otherwise); add persistence = { timeout = \
+                     \"300s\" } or give a port"
+                        .into(),
+                );
+            }
+        }
         let quorum = self.check_or(&raw.quorum, 1, int("quorum", 1..=i64::from(u32::MAX)));
         let hysteresis = self.check_or(&raw.hysteresis, 0, int("hysteresis", 0..=i64::from(u32::MAX)));
         let sorry_server = self.check_optional(&raw.sorry_server, |text| {
@@ -1917,6 +1930,22 @@ address = "10.0.0.4"
 
     /// `[director]` with mode = "ipvs": lines 1 to 3.
     const IPVS: &str = "[director]\ninterface = \"eth0\"\nmode = \"ipvs\"\n";
+
+    #[test]
+    fn ipvs_port_zero_needs_persistence() {
+        let vs = |rest: &str| format!("{IPVS}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 0\n{rest}");
+        assert_eq!(
+            errors(&vs("[[virtual_server.real_server]]\naddress = \"10.0.0.11\"\n")),
+            ["t.toml:6:8: port 0 (every port) needs `persistence` with mode = \"ipvs\": IPVS forwards a port-0 \
+              virtual server only when it is persistent (ipvsadm refuses it otherwise); add persistence = { timeout = \
+              \"300s\" } or give a port"]
+        );
+        let persistent = parse(&vs("persistence = { timeout = \"300s\" }\n")).expect("persistent port 0");
+        assert_eq!(persistent.virtual_servers[0].port, 0);
+        // A firewall mark has no port; the XDP fast path (and mode = "auto") forwards port 0 as is.
+        parse(&format!("{IPVS}[[virtual_server]]\nfwmark = 5\n")).expect("fwmark");
+        parse(&format!("{DIRECTOR}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 0\n")).expect("auto mode");
+    }
 
     #[test]
     fn ipvs_persistence_timeout_is_at_most_31_days() {

@@ -10,6 +10,9 @@
 //!
 //! lbd therefore leaves its IPVS services in place when it stops: connections keep flowing while it
 //! restarts. Remove a service by removing it from the config and reloading (or `ipvsadm -D`).
+//!
+//! Before it changes anything, `apply` refuses what IPVS would take but not forward (a port-0
+//! service without persistence).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,8 +28,47 @@ use crate::{
     ipvs::{self, Destination, Family, IpvsClient, IpvsError, Service, ServiceKey},
 };
 
-pub struct IpvsDataplane {
-    client: IpvsClient,
+/// What `apply` needs of the kernel's IPVS: [`IpvsClient`], or a fake kernel in tests.
+pub trait IpvsOps: Send {
+    fn services(&mut self) -> Result<Vec<Service>, IpvsError>;
+    fn destinations(&mut self, key: &ServiceKey) -> Result<Vec<Destination>, IpvsError>;
+    fn add_service(&mut self, s: &Service) -> Result<(), IpvsError>;
+    fn edit_service(&mut self, s: &Service) -> Result<(), IpvsError>;
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), IpvsError>;
+    fn add_destination(&mut self, key: &ServiceKey, d: &Destination) -> Result<(), IpvsError>;
+    fn edit_destination(&mut self, key: &ServiceKey, d: &Destination) -> Result<(), IpvsError>;
+    fn del_destination(&mut self, key: &ServiceKey, addr: IpAddr, port: u16) -> Result<(), IpvsError>;
+}
+
+impl IpvsOps for IpvsClient {
+    fn services(&mut self) -> Result<Vec<Service>, IpvsError> {
+        IpvsClient::services(self)
+    }
+    fn destinations(&mut self, key: &ServiceKey) -> Result<Vec<Destination>, IpvsError> {
+        IpvsClient::destinations(self, key)
+    }
+    fn add_service(&mut self, s: &Service) -> Result<(), IpvsError> {
+        IpvsClient::add_service(self, s)
+    }
+    fn edit_service(&mut self, s: &Service) -> Result<(), IpvsError> {
+        IpvsClient::edit_service(self, s)
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), IpvsError> {
+        IpvsClient::del_service(self, key)
+    }
+    fn add_destination(&mut self, key: &ServiceKey, d: &Destination) -> Result<(), IpvsError> {
+        IpvsClient::add_destination(self, key, d)
+    }
+    fn edit_destination(&mut self, key: &ServiceKey, d: &Destination) -> Result<(), IpvsError> {
+        IpvsClient::edit_destination(self, key, d)
+    }
+    fn del_destination(&mut self, key: &ServiceKey, addr: IpAddr, port: u16) -> Result<(), IpvsError> {
+        IpvsClient::del_destination(self, key, addr, port)
+    }
+}
+
+pub struct IpvsDataplane<K: IpvsOps = IpvsClient> {
+    client: K,
     state_file: PathBuf,
     /// Services lbd created (from the state file, then from each apply).
     owned: BTreeSet<ServiceKey>,
@@ -120,6 +162,20 @@ pub fn service_of(spec: &ServiceSpec) -> Service {
     svc
 }
 
+/// Why IPVS would accept `spec` but not forward it as configured, if it would not: the kernel takes
+/// a port-0 service without persistence and then drops its traffic (`ip_vs_schedule`: "port zero
+/// only supported in persistent services").
+fn unsupported(spec: &ServiceSpec) -> Option<String> {
+    let vip = &spec.vip;
+    if vip.fwmark.is_none() && vip.port == 0 && spec.ipvs.persistence.is_none() {
+        return Some(format!(
+            "virtual server {vip}: IPVS forwards port 0 (every port) only for a persistent service (ipvsadm refuses \
+             it too): give it a port, or persistence (mode = \"ipvs\")"
+        ));
+    }
+    None
+}
+
 pub fn destination_of(b: &BackendSpec, forwarding: Forwarding) -> Destination {
     let fwd = match forwarding {
         Forwarding::Dsr => ipvs::Forwarding::DirectRoute,
@@ -137,9 +193,7 @@ impl IpvsDataplane {
     /// Connects to IPVS (loading `ip_vs` if needed) and reads which services lbd owns from
     /// `state_file`.
     pub fn new(state_file: PathBuf) -> Result<Self, IpvsError> {
-        let client = IpvsClient::connect()?;
-        let owned = read_owned(&state_file);
-        Ok(Self { client, state_file, owned, vips: BTreeMap::new() })
+        Ok(Self::with_client(IpvsClient::connect()?, state_file))
     }
 
     /// The kernel's IPVS version.
@@ -152,57 +206,16 @@ impl IpvsDataplane {
     pub fn state_file_for(control_socket: &Path) -> PathBuf {
         control_socket.with_extension("ipvs-owned.json")
     }
-
-    fn save_owned(&self) -> Result<(), DataplaneError> {
-        let keys: Vec<OwnedKey> = self.owned.iter().map(OwnedKey::from).collect();
-        let text = serde_json::to_string_pretty(&keys).expect("owned keys serialize");
-        let tmp = self.state_file.with_extension("tmp");
-        let io = |e: std::io::Error| DataplaneError::Other(format!("writing {}: {e}", self.state_file.display()));
-        if let Some(dir) = self.state_file.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, &self.state_file).map_err(io)
-    }
 }
 
-fn read_owned(path: &Path) -> BTreeSet<ServiceKey> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return BTreeSet::new();
-    };
-    match serde_json::from_str::<Vec<OwnedKey>>(&text) {
-        Ok(keys) => keys.iter().filter_map(OwnedKey::key).collect(),
-        Err(e) => {
-            tracing::warn!("ignoring unreadable {}: {e}", path.display());
-            BTreeSet::new()
-        }
-    }
-}
-
-/// Service settings IPVS reports back as they were written (stats and the kernel-internal
-/// HASHED flag aside).
-fn same_service(a: &Service, b: &Service) -> bool {
-    a.scheduler == b.scheduler
-        && a.flags & !ipvs::IP_VS_SVC_F_HASHED == b.flags & !ipvs::IP_VS_SVC_F_HASHED
-        && (a.flags & ipvs::IP_VS_SVC_F_PERSISTENT == 0 || (a.timeout == b.timeout && a.netmask == b.netmask))
-}
-
-impl Dataplane for IpvsDataplane {
-    fn name(&self) -> &'static str {
-        "ipvs"
+impl<K: IpvsOps> IpvsDataplane<K> {
+    fn with_client(client: K, state_file: PathBuf) -> Self {
+        let owned = read_owned(&state_file);
+        Self { client, state_file, owned, vips: BTreeMap::new() }
     }
 
-    fn needs_macs(&self) -> bool {
-        false
-    }
-
-    /// A disabled service (a VRRP backup's) is withdrawn from IPVS: deleted if lbd created it,
-    /// added again when enabled. IPVS only sees traffic to addresses local to the director, and
-    /// a backup's kernel must not hand VIP traffic to IPVS, which would forward it (with a
-    /// split view the client would get duplicates); with the service gone it never does.
-    fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
-        let kernel: BTreeMap<ServiceKey, Service> =
-            self.client.services().map_err(kernel_error)?.into_iter().map(|s| (s.key.clone(), s)).collect();
+    /// Adds what is missing, edits what differs, deletes what lbd owns and no longer wants.
+    fn reconcile(&mut self, services: &[ServiceSpec], kernel: &BTreeMap<ServiceKey, Service>) -> Result<(), DataplaneError> {
         let mut wanted = BTreeMap::new();
         for spec in services.iter().filter(|s| s.enabled) {
             let svc = service_of(spec);
@@ -242,6 +255,65 @@ impl Dataplane for IpvsDataplane {
             self.owned.remove(&key);
         }
         self.vips = wanted;
+        Ok(())
+    }
+
+    fn save_owned(&self) -> Result<(), DataplaneError> {
+        let keys: Vec<OwnedKey> = self.owned.iter().map(OwnedKey::from).collect();
+        let text = serde_json::to_string_pretty(&keys).expect("owned keys serialize");
+        let tmp = self.state_file.with_extension("tmp");
+        let io = |e: std::io::Error| DataplaneError::Other(format!("writing {}: {e}", self.state_file.display()));
+        if let Some(dir) = self.state_file.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, &self.state_file).map_err(io)
+    }
+}
+
+fn read_owned(path: &Path) -> BTreeSet<ServiceKey> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return BTreeSet::new();
+    };
+    match serde_json::from_str::<Vec<OwnedKey>>(&text) {
+        Ok(keys) => keys.iter().filter_map(OwnedKey::key).collect(),
+        Err(e) => {
+            tracing::warn!("ignoring unreadable {}: {e}", path.display());
+            BTreeSet::new()
+        }
+    }
+}
+
+/// Service settings IPVS reports back as they were written (stats and the kernel-internal
+/// HASHED flag aside).
+fn same_service(a: &Service, b: &Service) -> bool {
+    a.scheduler == b.scheduler
+        && a.flags & !ipvs::IP_VS_SVC_F_HASHED == b.flags & !ipvs::IP_VS_SVC_F_HASHED
+        && (a.flags & ipvs::IP_VS_SVC_F_PERSISTENT == 0 || (a.timeout == b.timeout && a.netmask == b.netmask))
+}
+
+impl<K: IpvsOps> Dataplane for IpvsDataplane<K> {
+    fn name(&self) -> &'static str {
+        "ipvs"
+    }
+
+    fn needs_macs(&self) -> bool {
+        false
+    }
+
+    /// A disabled service (a VRRP backup's) is withdrawn from IPVS: deleted if lbd created it,
+    /// added again when enabled. IPVS only sees traffic to addresses local to the director, and
+    /// a backup's kernel must not hand VIP traffic to IPVS, which would forward it (with a
+    /// split view the client would get duplicates); with the service gone it never does.
+    fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
+        // Everything that can be refused is refused before the kernel changes.
+        let unsupported: Vec<String> = services.iter().filter_map(unsupported).collect();
+        if !unsupported.is_empty() {
+            return Err(DataplaneError::Other(unsupported.join("; ")));
+        }
+        let kernel: BTreeMap<ServiceKey, Service> =
+            self.client.services().map_err(kernel_error)?.into_iter().map(|s| (s.key.clone(), s)).collect();
+        self.reconcile(services, &kernel)?;
         self.save_owned()
     }
 
@@ -269,7 +341,7 @@ impl Dataplane for IpvsDataplane {
 mod tests {
     use super::*;
     use crate::config::Persistence;
-    use crate::dataplane::IpvsParams;
+    use crate::dataplane::{endpoint_key, IpvsParams};
 
     fn spec(ipvs: IpvsParams, fwmark: Option<u32>) -> ServiceSpec {
         let mut vip = VipAddr::new("10.0.0.1".parse().unwrap(), 80, Protocol::Tcp);
@@ -316,5 +388,139 @@ mod tests {
             let json = serde_json::to_string(&OwnedKey::from(&key)).unwrap();
             assert_eq!(serde_json::from_str::<OwnedKey>(&json).unwrap().key(), Some(key));
         }
+    }
+
+    /// A kernel's IPVS in memory, answering like the real one (EEXIST, ESRCH), recording every
+    /// write; `fail` makes the first write whose record starts with it fail with EINVAL.
+    #[derive(Default)]
+    struct FakeKernel {
+        services: BTreeMap<ServiceKey, (Service, Vec<Destination>)>,
+        writes: Vec<String>,
+        fail: Option<String>,
+    }
+
+    impl FakeKernel {
+        fn write(&mut self, record: String) -> Result<(), IpvsError> {
+            if self.fail.as_ref().is_some_and(|f| record.starts_with(f.as_str())) {
+                self.fail = None;
+                let source = std::io::Error::from_raw_os_error(libc::EINVAL);
+                return Err(IpvsError::Kernel { what: record, source });
+            }
+            self.writes.push(record);
+            Ok(())
+        }
+
+        fn get(&mut self, key: &ServiceKey) -> Result<&mut (Service, Vec<Destination>), IpvsError> {
+            self.services.get_mut(key).ok_or_else(|| IpvsError::NotFound { what: format!("virtual service {key}") })
+        }
+    }
+
+    impl IpvsOps for FakeKernel {
+        fn services(&mut self) -> Result<Vec<Service>, IpvsError> {
+            Ok(self.services.values().map(|(s, _)| s.clone()).collect())
+        }
+        fn destinations(&mut self, key: &ServiceKey) -> Result<Vec<Destination>, IpvsError> {
+            Ok(self.get(key)?.1.clone())
+        }
+        fn add_service(&mut self, s: &Service) -> Result<(), IpvsError> {
+            if self.services.contains_key(&s.key) {
+                return Err(IpvsError::Exists { what: format!("virtual service {}", s.key) });
+            }
+            self.write(format!("-A {s}"))?;
+            self.services.insert(s.key.clone(), (s.clone(), Vec::new()));
+            Ok(())
+        }
+        fn edit_service(&mut self, s: &Service) -> Result<(), IpvsError> {
+            self.get(&s.key)?;
+            self.write(format!("-E {s}"))?;
+            self.get(&s.key)?.0 = s.clone();
+            Ok(())
+        }
+        fn del_service(&mut self, key: &ServiceKey) -> Result<(), IpvsError> {
+            self.get(key)?;
+            self.write(format!("-D {key}"))?;
+            self.services.remove(key);
+            Ok(())
+        }
+        fn add_destination(&mut self, key: &ServiceKey, d: &Destination) -> Result<(), IpvsError> {
+            self.get(key)?;
+            self.write(format!("-a {key} -r {}", endpoint_key(d.addr, d.port)))?;
+            self.get(key)?.1.push(d.clone());
+            Ok(())
+        }
+        fn edit_destination(&mut self, key: &ServiceKey, d: &Destination) -> Result<(), IpvsError> {
+            self.get(key)?;
+            self.write(format!("-e {key} -r {}", endpoint_key(d.addr, d.port)))?;
+            for h in self.get(key)?.1.iter_mut().filter(|h| h.addr == d.addr && h.port == d.port) {
+                *h = d.clone();
+            }
+            Ok(())
+        }
+        fn del_destination(&mut self, key: &ServiceKey, addr: IpAddr, port: u16) -> Result<(), IpvsError> {
+            self.get(key)?;
+            self.write(format!("-d {key} -r {}", endpoint_key(addr, port)))?;
+            self.get(key)?.1.retain(|h| !(h.addr == addr && h.port == port));
+            Ok(())
+        }
+    }
+
+    /// A state file of this test's own, removed when dropped.
+    struct StateDir(PathBuf);
+
+    impl StateDir {
+        fn new(test: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("lbd-ipvs-dp-{}-{test}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            StateDir(dir)
+        }
+        fn file(&self) -> PathBuf {
+            self.0.join("lbd.ipvs-owned.json")
+        }
+        fn dataplane(&self, kernel: FakeKernel) -> IpvsDataplane<FakeKernel> {
+            IpvsDataplane::with_client(kernel, self.file())
+        }
+    }
+
+    impl Drop for StateDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn backend(addr: &str, port: u16) -> BackendSpec {
+        BackendSpec { addr: addr.parse().unwrap(), port, weight: 1, mac: None, ifindex: 1, src_mac: [0; 6] }
+    }
+
+    /// An enabled TCP virtual server with real servers, default (maglev, DSR) IPVS settings.
+    fn vs(addr: &str, port: u16, backends: &[&str]) -> ServiceSpec {
+        let vip = VipAddr::new(addr.parse().unwrap(), port, Protocol::Tcp);
+        ServiceSpec::new(vip, backends.iter().map(|b| backend(b, port)).collect())
+    }
+
+    fn error(r: Result<(), DataplaneError>) -> String {
+        r.expect_err("apply must fail").to_string()
+    }
+
+    #[test]
+    fn port_zero_needs_persistence_and_is_refused_before_any_change() {
+        let dir = StateDir::new("port0");
+        let mut dp = dir.dataplane(FakeKernel::default());
+        let web = vs("10.0.0.2", 80, &["10.0.0.11"]);
+        let all_ports = vs("10.0.0.1", 0, &["10.0.0.11"]);
+        assert_eq!(
+            error(dp.apply(&[web.clone(), all_ports.clone()])),
+            "virtual server TCP 10.0.0.1:0: IPVS forwards port 0 (every port) only for a persistent service \
+             (ipvsadm refuses it too): give it a port, or persistence (mode = \"ipvs\")"
+        );
+        assert_eq!(dp.client.writes, Vec::<String>::new(), "nothing written, not even the valid service");
+        assert!(!dir.file().exists());
+
+        // Persistent, or a firewall-mark service (which has no port): accepted.
+        let mut persistent = all_ports.clone();
+        persistent.ipvs.persistence = Some(Persistence { timeout_secs: 300, prefix_len: 32 });
+        let mut fwmark = vs("0.0.0.0", 0, &["10.0.0.12"]);
+        fwmark.vip.fwmark = Some(5);
+        dp.apply(&[web, persistent, fwmark]).unwrap();
+        assert_eq!(dp.client.services.len(), 3);
     }
 }
