@@ -257,6 +257,7 @@ pub struct VirtualServer {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RealServer {
     /// `address` (required): used to find the real server's MAC address (and for health checks).
+    /// With `mode = "ipvs"`, of the virtual server's family unless `forwarding = "tunnel"`.
     pub address: IpAddr,
     /// `port`: defaults to the virtual server's port. DSR cannot rewrite ports, so a given port
     /// must equal the virtual server's, unless that is 0 (every port).
@@ -497,6 +498,9 @@ struct ServerDefaults<'a> {
     vip_port: Option<u16>,
     /// True for NAT, the one forwarding method that may change the destination port.
     rewrites_ports: bool,
+    /// With `mode = "ipvs"` and other forwarding than tunnel: the virtual server's address (or
+    /// its family's, for a firewall mark), whose family the real servers must share.
+    ipvs_family: Option<IpAddr>,
     health_check: Option<&'a Spanned<HealthCheckSpec>>,
     inhibit_on_failure: bool,
     /// Why `via = "vip"` cannot reach this virtual server's real servers, if it cannot.
@@ -661,7 +665,7 @@ impl Validator<'_> {
                     "ipv6" => Ok(IpAddr::from([0u16; 8])),
                     other => Err(format!("unknown family `{other}`; expected one of: ipv4, ipv6")),
                 });
-                (family.unwrap_or(IpAddr::from([0u8; 4])), Some(0), Protocol::Tcp)
+                (family, Some(0), Protocol::Tcp)
             }
             _ => {
                 if let Some(f) = &raw.family {
@@ -682,9 +686,10 @@ impl Validator<'_> {
                     }
                 };
                 let protocol = raw.protocol.as_ref().map_or(Protocol::Tcp, |p| *p.get_ref());
-                (address.unwrap_or(IpAddr::from([0u8; 4])), port, protocol)
+                (address, port, protocol)
             }
         };
+        let (valid_address, address) = (address, address.unwrap_or(IpAddr::from([0u8; 4])));
         let scheduler = self.check_or(&raw.scheduler, SCHEDULERS[0].to_owned(), |s| {
             let name = scheduler(s)?;
             if name != SCHEDULERS[0] {
@@ -731,6 +736,8 @@ impl Validator<'_> {
         };
         let mh_port = mh(&raw.mh_port, "mh_port", self);
         let rewrites_ports = raw.forwarding.as_ref().is_some_and(|f| *f.get_ref() == Forwarding::Nat);
+        let tunnels = raw.forwarding.as_ref().is_some_and(|f| *f.get_ref() == Forwarding::Tunnel);
+        let ipvs_family = valid_address.filter(|_| mode == Some(Mode::Ipvs) && !tunnels);
         // IPVS takes a port-0 service that is not persistent and then drops all its traffic.
         if let (Some(Mode::Ipvs), None, Some(p), None) = (mode, &raw.fwmark, &raw.port, &raw.persistence) {
             if *p.get_ref() == 0 {
@@ -761,6 +768,7 @@ impl Validator<'_> {
         let defaults = ServerDefaults {
             vip_port: port,
             rewrites_ports,
+            ipvs_family,
             health_check: raw.health_check.as_ref(),
             inhibit_on_failure: raw.inhibit_on_failure.as_ref().is_some_and(|i| *i.get_ref()),
             // A `via = "vip"` probe is a plain frame to the real server's MAC, addressed to the VIP.
@@ -844,7 +852,21 @@ impl Validator<'_> {
         let table_at = raw.span().start;
         let span = self.lines.position(table_at);
         let raw = raw.get_ref();
-        let address = self.check(&raw.address, |a| ip_address(a));
+        let address = self.check(&raw.address, |a| {
+            let address = ip_address(a)?;
+            match defaults.ipvs_family {
+                Some(vip) if vip.is_ipv4() != address.is_ipv4() => {
+                    let family = |a: IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+                    Err(format!(
+                        "real server {address} is {} but the virtual server is {}: IPVS mixes address families only \
+                         with forwarding = \"tunnel\"",
+                        family(address),
+                        family(vip)
+                    ))
+                }
+                _ => Ok(address),
+            }
+        });
         let port = match &raw.port {
             Some(port) => self.check(port, |p| {
                 int("port", 0..=65535)(p).and_then(|p| if rewrites_ports { Ok(p) } else { dsr_port(p, vip_port) })
@@ -1963,6 +1985,30 @@ address = "10.0.0.4"
                 )]
             );
         }
+    }
+
+    #[test]
+    fn ipvs_real_servers_of_the_other_family_need_tunnel() {
+        let vs = |head: &str, forwarding: &str, rs: &str| {
+            format!("{head}[[virtual_server]]\n{forwarding}\n[[virtual_server.real_server]]\naddress = \"{rs}\"\n")
+        };
+        let message = |rs: &str, rs_family: &str, vs_family: &str| {
+            format!(
+                "real server {rs} is {rs_family} but the virtual server is {vs_family}: IPVS mixes address families only \
+                 with forwarding = \"tunnel\""
+            )
+        };
+        let v4 = "address = \"10.0.0.1\"\nport = 80";
+        assert_eq!(errors(&vs(IPVS, v4, "fd00::11")), [format!("t.toml:8:11: {}", message("fd00::11", "IPv6", "IPv4"))]);
+        let nat6 = "address = \"fd00::1\"\nport = 80\nforwarding = \"nat\"";
+        assert_eq!(errors(&vs(IPVS, nat6, "10.0.0.11")), [format!("t.toml:9:11: {}", message("10.0.0.11", "IPv4", "IPv6"))]);
+        let mark = "fwmark = 5\nfamily = \"ipv6\"";
+        assert_eq!(errors(&vs(IPVS, mark, "10.0.0.11")), [format!("t.toml:8:11: {}", message("10.0.0.11", "IPv4", "IPv6"))]);
+        // Tunnelled: IPVS takes it (the sorry server keeps its own check).
+        let tunnel = parse(&vs(IPVS, &format!("{v4}\nforwarding = \"tunnel\""), "fd00::11")).expect("tunnel");
+        assert_eq!(tunnel.virtual_servers[0].real_servers[0].address, v6("fd00::11"));
+        // Outside IPVS mode this check is not IPVS's to make.
+        parse(&vs(DIRECTOR, v4, "fd00::11")).expect("auto mode");
     }
 
     #[test]

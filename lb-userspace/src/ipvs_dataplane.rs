@@ -12,7 +12,7 @@
 //! restarts. Remove a service by removing it from the config and reloading (or `ipvsadm -D`).
 //!
 //! Before it changes anything, `apply` refuses what IPVS would take but not forward (a port-0
-//! service without persistence).
+//! service without persistence, a real server of the other family without tunnelling).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -164,7 +164,8 @@ pub fn service_of(spec: &ServiceSpec) -> Service {
 
 /// Why IPVS would accept `spec` but not forward it as configured, if it would not: the kernel takes
 /// a port-0 service without persistence and then drops its traffic (`ip_vs_schedule`: "port zero
-/// only supported in persistent services").
+/// only supported in persistent services"), and refuses (EINVAL) a real server of the other address
+/// family unless it is tunnelled.
 fn unsupported(spec: &ServiceSpec) -> Option<String> {
     let vip = &spec.vip;
     if vip.fwmark.is_none() && vip.port == 0 && spec.ipvs.persistence.is_none() {
@@ -173,7 +174,18 @@ fn unsupported(spec: &ServiceSpec) -> Option<String> {
              it too): give it a port, or persistence (mode = \"ipvs\")"
         ));
     }
-    None
+    let family = |a: IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+    let other = spec.backends.iter().find(|b| b.addr.is_ipv4() != vip.addr.is_ipv4());
+    match other {
+        Some(b) if spec.ipvs.forwarding != Forwarding::Tunnel => Some(format!(
+            "virtual server {vip}: real server {} is {}, the virtual server {}: IPVS mixes address families only \
+             with forwarding = \"tunnel\"",
+            b.addr,
+            family(b.addr),
+            family(vip.addr)
+        )),
+        _ => None,
+    }
 }
 
 pub fn destination_of(b: &BackendSpec, forwarding: Forwarding) -> Destination {
@@ -522,5 +534,26 @@ mod tests {
         fwmark.vip.fwmark = Some(5);
         dp.apply(&[web, persistent, fwmark]).unwrap();
         assert_eq!(dp.client.services.len(), 3);
+    }
+
+    #[test]
+    fn real_server_of_the_other_family_needs_tunnel_and_is_refused_before_any_change() {
+        let dir = StateDir::new("family");
+        let mut dp = dir.dataplane(FakeKernel::default());
+        let mixed = vs("10.0.0.1", 80, &["10.0.0.11", "fd00::12"]);
+        assert_eq!(
+            error(dp.apply(&[vs("10.0.0.2", 80, &["10.0.0.11"]), mixed.clone()])),
+            "virtual server TCP 10.0.0.1:80: real server fd00::12 is IPv6, the virtual server IPv4: IPVS mixes \
+             address families only with forwarding = \"tunnel\""
+        );
+        assert_eq!(dp.client.writes, Vec::<String>::new());
+
+        let mut tunnelled = mixed;
+        tunnelled.ipvs.forwarding = Forwarding::Tunnel;
+        dp.apply(&[tunnelled]).unwrap();
+        assert_eq!(
+            dp.client.writes,
+            ["-A TCP  10.0.0.1:80 mh", "-a TCP  10.0.0.1:80 -r 10.0.0.11:80", "-a TCP  10.0.0.1:80 -r [fd00::12]:80"]
+        );
     }
 }
