@@ -325,8 +325,18 @@ impl<K: IpvsOps> Dataplane for IpvsDataplane<K> {
         }
         let kernel: BTreeMap<ServiceKey, Service> =
             self.client.services().map_err(kernel_error)?.into_iter().map(|s| (s.key.clone(), s)).collect();
-        self.reconcile(services, &kernel)?;
-        self.save_owned()
+        // The state file records every service created, whatever fails after it: lbd knows its own
+        // services only from that file.
+        let before = self.owned.clone();
+        let result = self.reconcile(services, &kernel);
+        if result.is_err() && self.owned == before {
+            return result;
+        }
+        match (result, self.save_owned()) {
+            (Err(DataplaneError::Other(e)), Err(save)) => Err(DataplaneError::Other(format!("{e}; then {save}"))),
+            (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+            (Ok(()), Ok(())) => Ok(()),
+        }
     }
 
     fn stats(&self) -> Result<DataplaneStats, DataplaneError> {
@@ -491,6 +501,10 @@ mod tests {
         fn dataplane(&self, kernel: FakeKernel) -> IpvsDataplane<FakeKernel> {
             IpvsDataplane::with_client(kernel, self.file())
         }
+        /// The services the state file lists.
+        fn owned(&self) -> BTreeSet<ServiceKey> {
+            read_owned(&self.file())
+        }
     }
 
     impl Drop for StateDir {
@@ -507,6 +521,10 @@ mod tests {
     fn vs(addr: &str, port: u16, backends: &[&str]) -> ServiceSpec {
         let vip = VipAddr::new(addr.parse().unwrap(), port, Protocol::Tcp);
         ServiceSpec::new(vip, backends.iter().map(|b| backend(b, port)).collect())
+    }
+
+    fn key(addr: &str, port: u16) -> ServiceKey {
+        ServiceKey::Inet { addr: addr.parse().unwrap(), protocol: ipvs::Protocol::Tcp, port }
     }
 
     fn error(r: Result<(), DataplaneError>) -> String {
@@ -555,5 +573,37 @@ mod tests {
             dp.client.writes,
             ["-A TCP  10.0.0.1:80 mh", "-a TCP  10.0.0.1:80 -r 10.0.0.11:80", "-a TCP  10.0.0.1:80 -r [fd00::12]:80"]
         );
+    }
+
+    #[test]
+    fn services_created_by_a_failed_apply_are_in_the_state_file() {
+        let dir = StateDir::new("partial");
+        let kernel = FakeKernel { fail: Some("-a TCP  10.0.0.2:80".into()), ..FakeKernel::default() };
+        let mut dp = dir.dataplane(kernel);
+        let (a, b) = (vs("10.0.0.1", 80, &["10.0.0.11"]), vs("10.0.0.2", 80, &["10.0.0.12"]));
+        let e = error(dp.apply(&[a.clone(), b.clone()]));
+        assert!(e.starts_with("-a TCP  10.0.0.2:80 -r 10.0.0.12:80: "), "{e}");
+        // Both services exist now (the second without its real server), and the file says so.
+        assert_eq!(dp.client.services.len(), 2);
+        assert_eq!(dir.owned(), [key("10.0.0.1", 80), key("10.0.0.2", 80)].into());
+
+        // A later lbd (restarted after the failure) reads them as its own: it completes the second
+        // and deletes both when the config no longer has them.
+        let kernel = std::mem::take(&mut dp.client);
+        let mut dp = dir.dataplane(kernel);
+        dp.apply(&[a, b]).unwrap();
+        assert_eq!(dp.client.services[&key("10.0.0.2", 80)].1.len(), 1);
+        dp.apply(&[]).unwrap();
+        assert!(dp.client.services.is_empty());
+        assert_eq!(dir.owned(), BTreeSet::new());
+    }
+
+    #[test]
+    fn a_failed_apply_that_changed_nothing_leaves_the_state_file_alone() {
+        let dir = StateDir::new("nochange");
+        let kernel = FakeKernel { fail: Some("-A".into()), ..FakeKernel::default() };
+        let mut dp = dir.dataplane(kernel);
+        assert!(error(dp.apply(&[vs("10.0.0.1", 80, &[])])).starts_with("-A TCP  10.0.0.1:80 mh: "));
+        assert!(!dir.file().exists());
     }
 }
