@@ -12,7 +12,9 @@
 //! restarts. Remove a service by removing it from the config and reloading (or `ipvsadm -D`).
 //!
 //! Before it changes anything, `apply` refuses what IPVS would take but not forward (a port-0
-//! service without persistence, a real server of the other family without tunnelling).
+//! service without persistence, a real server of the other family without tunnelling) and a
+//! configured service the kernel already has but lbd did not create: taking it over would rewrite
+//! and later delete an operator's service.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -188,6 +190,17 @@ fn unsupported(spec: &ServiceSpec) -> Option<String> {
     }
 }
 
+/// The ipvsadm command that deletes `vip`'s service: `ipvsadm -D -t 10.0.0.1:80`.
+fn ipvsadm_delete(vip: &VipAddr) -> String {
+    let addr = std::net::SocketAddr::new(vip.addr, vip.port);
+    match (vip.fwmark, vip.protocol) {
+        (Some(mark), _) if vip.addr.is_ipv6() => format!("ipvsadm -D -6 -f {mark}"),
+        (Some(mark), _) => format!("ipvsadm -D -f {mark}"),
+        (None, Protocol::Tcp) => format!("ipvsadm -D -t {addr}"),
+        (None, Protocol::Udp) => format!("ipvsadm -D -u {addr}"),
+    }
+}
+
 pub fn destination_of(b: &BackendSpec, forwarding: Forwarding) -> Destination {
     let fwd = match forwarding {
         Forwarding::Dsr => ipvs::Forwarding::DirectRoute,
@@ -224,6 +237,36 @@ impl<K: IpvsOps> IpvsDataplane<K> {
     fn with_client(client: K, state_file: PathBuf) -> Self {
         let owned = read_owned(&state_file);
         Self { client, state_file, owned, vips: BTreeMap::new() }
+    }
+
+    /// Refuses a configured service (carried or not) that the kernel has but lbd did not create:
+    /// an operator's, left alone as README promises, or lbd's own if its state file was lost.
+    fn refuse_foreign(&self, services: &[ServiceSpec], kernel: &BTreeMap<ServiceKey, Service>) -> Result<(), DataplaneError> {
+        let foreign: Vec<&VipAddr> = services
+            .iter()
+            .map(|s| &s.vip)
+            .filter(|vip| {
+                let key = service_key(vip);
+                kernel.contains_key(&key) && !self.owned.contains(&key)
+            })
+            .collect();
+        if foreign.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = foreign.iter().map(ToString::to_string).collect();
+        let commands: Vec<String> = foreign.iter().map(|vip| ipvsadm_delete(vip)).collect();
+        let (what, them, their) = match foreign.len() {
+            1 => ("a virtual service", "it", "its"),
+            _ => ("virtual services", "them", "their"),
+        };
+        Err(DataplaneError::Other(format!(
+            "IPVS already has {}, {what} lbd did not create (not in {}), and lbd does not take over services made \
+             by hand: delete {them} ({}) or remove {them} from the config. If an earlier lbd created {them} and \
+             that state file was lost, deleting {them} lets lbd create {them} again ({their} open connections are lost)",
+            names.join(", "),
+            self.state_file.display(),
+            commands.join("; "),
+        )))
     }
 
     /// Adds what is missing, edits what differs, deletes what lbd owns and no longer wants.
@@ -325,6 +368,7 @@ impl<K: IpvsOps> Dataplane for IpvsDataplane<K> {
         }
         let kernel: BTreeMap<ServiceKey, Service> =
             self.client.services().map_err(kernel_error)?.into_iter().map(|s| (s.key.clone(), s)).collect();
+        self.refuse_foreign(services, &kernel)?;
         // The state file records every service created, whatever fails after it: lbd knows its own
         // services only from that file.
         let before = self.owned.clone();
@@ -605,5 +649,84 @@ mod tests {
         let mut dp = dir.dataplane(kernel);
         assert!(error(dp.apply(&[vs("10.0.0.1", 80, &[])])).starts_with("-A TCP  10.0.0.1:80 mh: "));
         assert!(!dir.file().exists());
+    }
+
+    /// An operator's `ipvsadm -A -t 10.0.0.1:80 -s rr` + `ipvsadm -a -t 10.0.0.1:80 -r 10.0.0.99 -g`.
+    fn hand_made() -> FakeKernel {
+        let mut kernel = FakeKernel::default();
+        let k = key("10.0.0.1", 80);
+        let dest = Destination::new("10.0.0.99".parse().unwrap(), 80, ipvs::Forwarding::DirectRoute, 1);
+        kernel.services.insert(k.clone(), (Service::new(k, "rr"), vec![dest]));
+        kernel
+    }
+
+    #[test]
+    fn a_hand_made_service_with_a_configured_key_is_refused_and_left_alone() {
+        let dir = StateDir::new("foreign");
+        let mut dp = dir.dataplane(hand_made());
+        let before = dp.client.services.clone();
+        let config = [vs("10.0.0.2", 80, &["10.0.0.12"]), vs("10.0.0.1", 80, &["10.0.0.11"])];
+        let expected = format!(
+            "IPVS already has TCP 10.0.0.1:80, a virtual service lbd did not create (not in {}), and lbd does not \
+             take over services made by hand: delete it (ipvsadm -D -t 10.0.0.1:80) or remove it from the config. \
+             If an earlier lbd created it and that state file was lost, deleting it lets lbd create it again \
+             (its open connections are lost)",
+            dir.file().display()
+        );
+        assert_eq!(error(dp.apply(&config)), expected);
+        assert_eq!(dp.client.writes, Vec::<String>::new(), "nothing written, not even the other service");
+        assert_eq!(dp.client.services, before);
+        assert!(!dir.file().exists());
+
+        // Also while the virtual server is not carried (a VRRP backup): it would be refused the
+        // moment it is.
+        let mut backup = config.clone();
+        backup[1].enabled = false;
+        assert_eq!(error(dp.apply(&backup)), expected);
+        // Several are named together.
+        let mut kernel = std::mem::take(&mut dp.client);
+        let udp = ServiceKey::Inet { addr: "fd00::1".parse().unwrap(), protocol: ipvs::Protocol::Udp, port: 53 };
+        let mark = ServiceKey::Fwmark { family: Family::V6, mark: 5 };
+        for k in [udp, mark] {
+            kernel.services.insert(k.clone(), (Service::new(k, "rr"), vec![]));
+        }
+        let mut dp = dir.dataplane(kernel);
+        let dns = ServiceSpec::new(VipAddr::new("fd00::1".parse().unwrap(), 53, Protocol::Udp), vec![]);
+        let mut fwm = vs("::", 0, &[]);
+        fwm.vip.fwmark = Some(5);
+        let e = error(dp.apply(&[config[1].clone(), dns, fwm]));
+        assert!(
+            e.starts_with("IPVS already has TCP 10.0.0.1:80, UDP [fd00::1]:53, FWM 5 IPv6, virtual services lbd did not create"),
+            "{e}"
+        );
+        assert!(
+            e.contains("delete them (ipvsadm -D -t 10.0.0.1:80; ipvsadm -D -u [fd00::1]:53; ipvsadm -D -6 -f 5) or remove them"),
+            "{e}"
+        );
+
+        // Without it in the config, lbd works beside it and never touches it.
+        let mut dp = dir.dataplane(hand_made());
+        dp.apply(&config[..1]).unwrap();
+        dp.apply(&[]).unwrap();
+        assert_eq!(dp.client.services, before);
+    }
+
+    #[test]
+    fn its_own_services_are_recognised_after_a_restart_but_not_without_the_state_file() {
+        let dir = StateDir::new("restart");
+        let config = [vs("10.0.0.1", 80, &["10.0.0.11"])];
+        let mut dp = dir.dataplane(FakeKernel::default());
+        dp.apply(&config).unwrap();
+        // A restart reads the state file: its service is its own, nothing changes.
+        let kernel = FakeKernel { writes: vec![], ..std::mem::take(&mut dp.client) };
+        let mut dp = dir.dataplane(kernel);
+        dp.apply(&config).unwrap();
+        assert_eq!(dp.client.writes, Vec::<String>::new());
+        // The state file lost: lbd's own service looks hand-made, and the error says what to do.
+        std::fs::remove_file(dir.file()).unwrap();
+        let mut dp = dir.dataplane(std::mem::take(&mut dp.client));
+        let e = error(dp.apply(&config));
+        assert!(e.starts_with("IPVS already has TCP 10.0.0.1:80, a virtual service lbd did not create"), "{e}");
+        assert!(e.contains("If an earlier lbd created it and that state file was lost, deleting it lets lbd create it again"), "{e}");
     }
 }

@@ -134,6 +134,27 @@ fn dsr_drain_restart() -> Result<()> {
     assert!(table.contains("TCP 10.99.0.200:8080 rr"), "{table}");
     drop(conn);
 
+    // A service made by hand with the key of a configured one is not taken over: the reload is
+    // refused, naming it as ipvsadm does, and IPVS stays as it was. Once it is deleted by hand,
+    // the same config goes in.
+    rig.director.exec(&["ipvsadm", "-A", "-t", "10.99.0.100:80", "-s", "rr"])?;
+    rig.director.exec(&["ipvsadm", "-a", "-t", "10.99.0.100:80", "-r", "10.99.0.99", "-g"])?;
+    let by_hand = ipvsadm(&rig)?;
+    std::fs::write(&rig.config, config(&rig, "ipvs", "mh_port = true"))?;
+    let (code, _, err) = rig.lbd_cli(&["reload", "--socket", &sock])?;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("IPVS already has TCP 10.99.0.100:80, a virtual service lbd did not create")
+            && err.contains("delete it (ipvsadm -D -t 10.99.0.100:80) or remove it from the config"),
+        "{err}"
+    );
+    assert_eq!(ipvsadm(&rig)?, by_hand, "the hand-made service must stay as it was");
+    rig.director.exec(&["ipvsadm", "-D", "-t", "10.99.0.100:80"])?;
+    let (code, _, err) = rig.lbd_cli(&["reload", "--socket", &sock])?;
+    assert_eq!(code, 0, "{err}");
+    let table = ipvsadm(&rig)?;
+    assert!(table.contains("TCP 10.99.0.100:80 mh (mh-fallback,mh-port)") && !table.contains("10.99.0.99"), "{table}");
+
     // With bpf() blocked (a kernel without BPF), mode = "auto" starts and picks IPVS.
     rig.stop_lbd();
     std::fs::write(&rig.config, config(&rig, "auto", ""))?;
