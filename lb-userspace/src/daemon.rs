@@ -1324,6 +1324,17 @@ mod tests {
         fake.current().unwrap()[0].backends.iter().map(|b| (b.key(), b.weight)).collect()
     }
 
+    /// A controller of `cfg` with its checks running on switchboard probes, applied once:
+    /// (controller, its fake dataplane, the probes, the health events).
+    fn checked(cfg: Config) -> (Controller, FakeDataplane, Switchboard, mpsc::Receiver<HealthEvent>) {
+        let (mut ctl, fake) = controller(cfg);
+        let probes = Switchboard::default();
+        let (tx, rx) = mpsc::channel(16);
+        ctl.start_health(Scheduler::with_prober(tx, SchedulerOptions::default(), probes.clone()));
+        ctl.apply().unwrap();
+        (ctl, fake, probes, rx)
+    }
+
     /// Waits (in paused time) for the next health event and hands it to the controller.
     async fn next_event(ctl: &mut Controller, rx: &mut mpsc::Receiver<HealthEvent>) -> HealthEvent {
         let ev = rx.recv().await.expect("health event");
@@ -1345,11 +1356,7 @@ mod tests {
         let mut cfg = cfg;
         cfg.virtual_servers[0].quorum = 2;
         cfg.virtual_servers[0].sorry_server = Some("10.0.0.99:80".parse().unwrap());
-        let (mut ctl, fake) = controller(cfg);
-        let probes = Switchboard::default();
-        let (tx, mut rx) = mpsc::channel(16);
-        ctl.start_health(Scheduler::with_prober(tx, SchedulerOptions::default(), probes.clone()));
-        ctl.apply().unwrap();
+        let (mut ctl, fake, probes, mut rx) = checked(cfg);
         assert_eq!(table(&fake), [("10.0.0.11:80".into(), 1), ("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 1)]);
 
         // Out of the table after `fall` failures; the others stay.
@@ -1394,11 +1401,7 @@ mod tests {
             }
             cfg.virtual_servers.push(vs);
         }
-        let (mut ctl, fake) = controller(cfg);
-        let probes = Switchboard::default();
-        let (tx, mut rx) = mpsc::channel(16);
-        ctl.start_health(Scheduler::with_prober(tx, SchedulerOptions::default(), probes.clone()));
-        ctl.apply().unwrap();
+        let (mut ctl, fake, probes, mut rx) = checked(cfg);
         let tables = |fake: &FakeDataplane| -> Vec<Vec<String>> {
             fake.current().unwrap().iter().map(|s| s.backends.iter().map(BackendSpec::key).collect()).collect()
         };
@@ -1422,11 +1425,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reload_keeps_check_state_and_alpha_starts_down() {
         let hc = "health_check = { kind = \"tcp\", interval = \"1s\", rise = 1, fall = 1 }";
-        let (mut ctl, fake) = controller(config("", &[&format!("address = \"10.0.0.11\"\n{hc}"), "address = \"10.0.0.12\""]));
-        let probes = Switchboard::default();
-        let (tx, mut rx) = mpsc::channel(16);
-        ctl.start_health(Scheduler::with_prober(tx, SchedulerOptions::default(), probes.clone()));
-        ctl.apply().unwrap();
+        let (mut ctl, fake, probes, mut rx) = checked(config("", &[&format!("address = \"10.0.0.11\"\n{hc}"), "address = \"10.0.0.12\""]));
         probes.set("10.0.0.11", false);
         next_event(&mut ctl, &mut rx).await;
         assert_eq!(table(&fake), [("10.0.0.12:80".into(), 1)]);
@@ -1449,11 +1448,7 @@ mod tests {
     async fn a_refused_reload_keeps_the_health_of_checks_it_dropped_or_changed() {
         let hc = "health_check = { kind = \"tcp\", interval = \"1s\", rise = 1, fall = 1 }";
         let old = config("", &[&format!("address = \"10.0.0.11\"\n{hc}"), &format!("address = \"10.0.0.12\"\n{hc}"), &format!("address = \"10.0.0.13\"\n{hc}")]);
-        let (mut ctl, fake) = controller(old);
-        let probes = Switchboard::default();
-        let (tx, mut rx) = mpsc::channel(16);
-        ctl.start_health(Scheduler::with_prober(tx, SchedulerOptions::default(), probes.clone()));
-        ctl.apply().unwrap();
+        let (mut ctl, fake, probes, mut rx) = checked(old);
         for down in ["10.0.0.11", "10.0.0.12"] {
             probes.set(down, false);
             next_event(&mut ctl, &mut rx).await;
@@ -1476,11 +1471,7 @@ mod tests {
     async fn a_failed_real_server_switched_to_kind_none_serves_again() {
         let rs = "address = \"10.0.0.11\"\nmac = \"02:00:00:00:00:0b\"";
         let tcp = format!("{rs}\nhealth_check = {{ kind = \"tcp\", interval = \"1s\", rise = 1, fall = 1 }}");
-        let (mut ctl, fake) = controller(config("", &[&tcp, "address = \"10.0.0.12\""]));
-        let probes = Switchboard::default();
-        let (tx, mut rx) = mpsc::channel(16);
-        ctl.start_health(Scheduler::with_prober(tx, SchedulerOptions::default(), probes.clone()));
-        ctl.apply().unwrap();
+        let (mut ctl, fake, probes, mut rx) = checked(config("", &[&tcp, "address = \"10.0.0.12\""]));
         probes.set("10.0.0.11", false);
         next_event(&mut ctl, &mut rx).await;
         assert_eq!(table(&fake), [("10.0.0.12:80".into(), 1)]);
