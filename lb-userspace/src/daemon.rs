@@ -75,6 +75,10 @@ pub struct Controller {
     health: Option<Scheduler>,
     /// Quorum state per virtual server (kept across reloads for the ones that stay).
     quorums: HashMap<VipAddr, Quorum>,
+    /// Quorum changes not yet announced (log line, `quorum_up`/`quorum_down`): announced once
+    /// the update that found them was tried on the dataplane, dropped if it was a reload that
+    /// the dataplane refused (whose quorums are put back).
+    quorum_news: Vec<QuorumNews>,
     /// The addresses of the interfaces real servers are reached through (see
     /// [`Self::probe_source`]).
     addresses: HashMap<String, Vec<IpAddr>>,
@@ -118,6 +122,7 @@ impl Controller {
             xdp_mode: "",
             health: None,
             quorums: HashMap::new(),
+            quorum_news: Vec::new(),
             addresses: HashMap::new(),
             vrrp_owned: HashSet::new(),
             applied: None,
@@ -245,15 +250,23 @@ impl Controller {
             (QuorumChange::Gained, Some(_)) => "; real servers serve again".to_string(),
             _ => String::new(),
         };
-        warn!("{vip}: quorum {what} (live weight {live}, quorum {}, hysteresis {}){serving}", vs.quorum, vs.hysteresis);
-        if let (Some(command), Some(scheduler)) = (command, &self.health) {
-            scheduler.notify(
-                command,
-                vec![
-                    ("LBD_VIRTUAL_SERVER".into(), vip.to_string()),
-                    ("LBD_QUORUM".into(), if change == QuorumChange::Gained { "up" } else { "down" }.into()),
-                ],
-            );
+        self.quorum_news.push(QuorumNews {
+            line: format!("{vip}: quorum {what} (live weight {live}, quorum {}, hysteresis {}){serving}", vs.quorum, vs.hysteresis),
+            command: command.clone(),
+            env: vec![
+                ("LBD_VIRTUAL_SERVER".into(), vip.to_string()),
+                ("LBD_QUORUM".into(), if change == QuorumChange::Gained { "up" } else { "down" }.into()),
+            ],
+        });
+    }
+
+    /// Logs the quorum changes found since the last time and runs their commands (detached).
+    fn announce_quorums(&mut self) {
+        for news in std::mem::take(&mut self.quorum_news) {
+            warn!("{}", news.line);
+            if let (Some(command), Some(scheduler)) = (&news.command, &self.health) {
+                scheduler.notify(command, news.env);
+            }
         }
     }
 
@@ -279,7 +292,9 @@ impl Controller {
             self.update_quorum(i);
             desired[i].backends = self.backends(i);
         }
-        self.dataplane.apply(&desired).context("programming the dataplane")?;
+        let applied = self.dataplane.apply(&desired).context("programming the dataplane");
+        self.announce_quorums();
+        applied?;
         self.applied = Some(desired);
         tracing::debug!(virtual_servers = ?names, "dataplane updated {:?} after the health change", start.elapsed());
         Ok(())
@@ -476,6 +491,13 @@ impl Controller {
     }
 
     pub fn apply(&mut self) -> anyhow::Result<()> {
+        let applied = self.try_apply();
+        self.announce_quorums();
+        applied
+    }
+
+    /// [`Self::apply`] without announcing the quorum changes it found.
+    fn try_apply(&mut self) -> anyhow::Result<()> {
         self.update_quorums();
         let desired = self.desired();
         self.applied = None;
@@ -509,7 +531,9 @@ impl Controller {
         let checks = self.health.as_ref().map(Scheduler::checkpoint);
         let old_quorums = self.quorums.clone();
         self.sync_checks();
-        if let Err(e) = self.apply() {
+        if let Err(e) = self.try_apply() {
+            // The quorum changes the new config would have made are not announced either.
+            self.quorum_news.clear();
             // Put the old state back (the dataplane switches tables atomically per VIP), the
             // health of the checks and quorums the new config had dropped or changed included.
             self.config = old;
@@ -524,6 +548,7 @@ impl Controller {
             let _ = self.apply();
             return Err(e);
         }
+        self.announce_quorums();
         Ok(())
     }
 
@@ -799,6 +824,13 @@ pub fn pick_dataplane(config: &Config) -> anyhow::Result<Picked> {
             anyhow::bail!("mode auto found no working dataplane: {}", failed.join("; "))
         }
     }
+}
+
+/// A quorum change to log, and its command to run.
+struct QuorumNews {
+    line: String,
+    command: Option<crate::health::config::CommandText>,
+    env: Vec<(String, String)>,
 }
 
 /// Applies `events` and every health event already waiting: several checks changing at once (a
@@ -1465,6 +1497,34 @@ mod tests {
         let st = ctl.status(&DataplaneStats::default());
         let states: Vec<&str> = st.virtual_servers[0].real_servers.iter().map(|r| r.state.as_str()).collect();
         assert_eq!(states, ["down", "down", "unresolved"], "unresolved: up, its MAC not yet known");
+    }
+
+    /// A reload the dataplane refuses announces no quorum change it would have made (no
+    /// `quorum_down` run); the same reload accepted does.
+    #[tokio::test]
+    async fn a_refused_reload_runs_no_quorum_command() {
+        let dir = std::env::temp_dir().join(format!("lbd-quorum-news-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ran = dir.join("quorum-down-ran");
+        let reals = ["address = \"10.0.0.11\"", "address = \"10.0.0.12\""];
+        let (mut ctl, fake, _probes, _rx) = checked(config("", &reals));
+        // Quorum 3 of a live weight of 2: lost under the new config.
+        let mut new = config("", &reals);
+        new.virtual_servers[0].quorum = 3;
+        new.virtual_servers[0].quorum_down =
+            Some(crate::health::config::CommandText::Argv(vec!["touch".into(), ran.display().to_string()]));
+        let ifaces = || HashMap::from([("eth0".to_string(), ETH0)]);
+        fake.fail_next("map full");
+        assert!(ctl.reload(new.clone(), ifaces()).is_err());
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert!(!ran.exists(), "a refused reload ran quorum_down");
+        ctl.reload(new, ifaces()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !ran.exists() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(ran.exists(), "the accepted reload did not run quorum_down");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test(start_paused = true)]
