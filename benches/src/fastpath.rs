@@ -532,7 +532,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
     // Once in a table that fits in the cache, once in one of the default size (what a director
     // runs with unless configured otherwise).
     let (n, vips) = p.base_setup;
-    for (small, name, label) in [
+    for (entries, name, label) in [
         (
             FULL_TABLE,
             "tcp-new-full",
@@ -545,16 +545,16 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
         ),
     ] {
         progress.step(&format!(
-            "test_run: new flows into a full connection table ({small} entries)"
+            "test_run: new flows into a full connection table ({entries} entries)"
         ));
-        let mut dp = load(n, vips, small)?;
+        let mut dp = load(n, vips, entries)?;
         dp.apply(&services(n, vips))?;
         let reasons = Reasons::of(&mut dp)?;
-        let mut bench = Bench::new(&mut dp, small)?;
+        let mut bench = Bench::new(&mut dp, entries)?;
         let syn = tcp4_syn(tcp_flow(tcp_vip(vips - 1)));
         Bench::configure(&mut bench.vary_lbd, 0, BASE_FULL, 4)?;
         let before = reasons.packets()?;
-        let (v, _) = run(bench.vary_lbd.prog("bench_vary"), &syn, small * 2)?;
+        let (v, _) = run(bench.vary_lbd.prog("bench_vary"), &syn, entries * 2)?;
         if v != XDP_TX {
             bail!("filling the connection table: verdict {v}");
         }
@@ -562,7 +562,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
             &before,
             &reasons.packets()?,
             reason::NEW_FLOW,
-            small as u64 * 2,
+            entries as u64 * 2,
             "filling the connection table",
         )?;
         let case = Case {
@@ -571,7 +571,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
             frame: syn,
             verdict: XDP_TX,
             reason: reason::NEW_FLOW,
-            vary: Some((0, BASE_FULL + 4 * small, 4)),
+            vary: Some((0, BASE_FULL + 4 * entries, 4)),
             advance: true,
             repeat: p.repeat_new,
         };

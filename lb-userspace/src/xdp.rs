@@ -551,15 +551,11 @@ impl XdpDataplane {
         if !self.native {
             return;
         }
-        let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-        // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname writes at most.
-        let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-        if name.is_null() {
+        let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
             tracing::warn!(ifindex, "real servers behind an interface that is gone: frames sent there are dropped");
             return;
-        }
-        // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
-        let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned();
+        };
+        let name = name.to_string_lossy().into_owned();
         if name == *attached {
             return;
         }
