@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 
 /// Debian packages: the rig and tests (nginx, iproute2, ethtool, ping, curl, wrk, tcpdump), the
 /// VM runner (qemu, Debian's kernel, busybox for the initramfs), plot fonts for the bench, and
-/// keepalived/nftables/arping for the VRRP tests.
+/// keepalived/nftables/arping for the VRRP tests, ipvsadm for the IPVS tests (inside the VM,
+/// whose root is this machine's).
 pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -26,6 +27,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "keepalived",
     "nftables",
     "iputils-arping",
+    // IPVS tests: the VM checks lbd's services with the real ipvsadm, which it runs from the
+    // host's root (a fresh machine does not have it; earlier ones happened to).
+    "ipvsadm",
     // `cargo xtask build --static`: musl-gcc for the C parts of the dependency tree.
     "musl-tools",
 ];
