@@ -688,7 +688,11 @@ fn section_fastpath(s: &mut String, fp: &FastPath) {
         s,
         "lbd's XDP program (`lbd_xdp`: {} instructions verified, {} bytes translated, {} bytes JITed) run by the \
          kernel's test runner with a large repeat count; ns per packet is the median over rounds (min–max beside \
-         it), each round measuring the `XDP_TX` floor and every case one after the other. Table size M = {}, \
+         it), each round measuring the `XDP_TX` floor and every case one after the other. The kernel reports \
+         whole nanoseconds (its loop's total over the repeat count, rounded down), so a floor of a few ns \
+         makes the ratios coarse: a floor shown as 5.0 is 5.0–5.99. (The call's own wall time does not refine \
+         it: measured here, each call spent milliseconds outside the timed loop, re-patching the kernel's XDP \
+         dispatcher among other things.) Table size M = {}, \
          connection table {} entries, backends weighted 1–4.\n",
         fp.program.verified_insns.map(|v| v.to_string()).unwrap_or("?".into()),
         fp.program.xlated_bytes.map(|v| v.to_string()).unwrap_or("?".into()),
