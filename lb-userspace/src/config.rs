@@ -113,6 +113,9 @@ pub struct Director {
     /// `log_level`: the daemon's log level, `"error"`, `"warn"`, `"info"` (default), `"debug"` or
     /// `"trace"`. Also the level the fast path's per-packet logs are loaded with.
     pub log_level: LogLevel,
+    /// `metrics_listen`: `address:port` (IPv6 in brackets) where lbd serves Prometheus metrics
+    /// at `/metrics`; unset (default): none.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How the XDP program is attached to the interface.
@@ -423,6 +426,7 @@ struct RawDirector {
     max_backends: Option<Spanned<i64>>,
     #[serde(default)]
     log_level: LogLevel,
+    metrics_listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -586,6 +590,7 @@ impl Validator<'_> {
             DEFAULT_MAX_BACKENDS,
             int("max_backends", 1..=65536),
         );
+        let metrics_listen = self.check_optional(&raw.metrics_listen, |s| listen_address(s));
         Some(Director {
             interface: interface?,
             mode: raw.mode,
@@ -596,6 +601,7 @@ impl Validator<'_> {
             max_vips: max_vips?,
             max_backends: max_backends?,
             log_level: raw.log_level,
+            metrics_listen: metrics_listen?,
         })
     }
 
@@ -1059,6 +1065,16 @@ fn interface_name(name: &str) -> Result<String, String> {
     Ok(name.to_owned())
 }
 
+/// `metrics_listen`: an `address:port` to listen on.
+fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| match text.parse::<IpAddr>() {
+        Ok(_) => format!("metrics_listen `{text}` has no port: give `address:port`, e.g. `127.0.0.1:9180`"),
+        Err(_) => format!(
+            "invalid metrics_listen `{text}`: expected `address:port`, e.g. `127.0.0.1:9180` or `[::1]:9180`"
+        ),
+    })
+}
+
 /// A Unix socket path must fit `sun_path` (108 bytes with its terminating NUL).
 fn socket_path(path: &Path) -> Result<PathBuf, String> {
     match path.as_os_str().as_bytes().len() {
@@ -1326,6 +1342,7 @@ mod tests {
             max_vips: 64,
             max_backends: 4096,
             log_level: LogLevel::Info,
+            metrics_listen: None,
         }
     }
 
@@ -1380,6 +1397,7 @@ port = 8080
                 max_vips: 2,
                 max_backends: 3,
                 log_level: LogLevel::Debug,
+                metrics_listen: None,
             },
             virtual_servers: vec![
                 VirtualServer {
@@ -1493,6 +1511,7 @@ port = 8080
         let director = Director {
             mode: Mode::Xdp,
             control_socket: "/run/lbd/rig.sock".into(),
+            metrics_listen: Some("127.0.0.1:9180".parse().unwrap()),
             ..default_director("eth0")
         };
         assert_eq!(config.director, director);
@@ -1746,7 +1765,7 @@ address = "10.0.0.4"
         assert_eq!(
             errors(&format!("{DIRECTOR}tabel_size = 3\n")),
             ["t.toml:3:1: unknown key `tabel_size` in [director]; expected one of: interface, mode, xdp_mode, \
-              table_size, control_socket, conntrack_size, max_vips, max_backends, log_level"]
+              table_size, control_socket, conntrack_size, max_vips, max_backends, log_level, metrics_listen"]
         );
         assert_eq!(
             errors(&format!("bogus = 1\n{DIRECTOR}")),
@@ -1856,6 +1875,14 @@ address = "10.0.0.4"
         assert_eq!(
             director("control_socket = \"\""),
             ["t.toml:3:18: control_socket must not be empty"]
+        );
+        assert_eq!(
+            director("metrics_listen = \"127.0.0.1\""),
+            ["t.toml:3:18: metrics_listen `127.0.0.1` has no port: give `address:port`, e.g. `127.0.0.1:9180`"]
+        );
+        assert_eq!(
+            director("metrics_listen = \"localhost:9180\""),
+            ["t.toml:3:18: invalid metrics_listen `localhost:9180`: expected `address:port`, e.g. `127.0.0.1:9180` or `[::1]:9180`"]
         );
         let long = format!("control_socket = \"/{}\"", "s".repeat(107));
         assert_eq!(

@@ -683,7 +683,18 @@ fn restart_only_changes(old: &Director, new: &Director) -> anyhow::Result<()> {
             }
         )*};
     }
-    check!(interface, mode, xdp_mode, table_size, control_socket, conntrack_size, max_vips, max_backends, log_level);
+    check!(
+        interface,
+        mode,
+        xdp_mode,
+        table_size,
+        control_socket,
+        conntrack_size,
+        max_vips,
+        max_backends,
+        log_level,
+        metrics_listen
+    );
     if changed.is_empty() {
         Ok(())
     } else {
@@ -861,6 +872,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // not have been changed by then.
     let listener = control::bind(&d.control_socket)?;
     let _socket = SocketFile(d.control_socket.clone());
+    // The metrics address too: one in use is a plain error before anything else happens.
+    let metrics = match d.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("[director] metrics_listen {addr}: cannot listen there"))?,
+        ),
+        None => None,
+    };
     let ifaces = resolve_ifaces(&config)?;
     let picked = pick_dataplane(&config)?;
     info!(
@@ -886,6 +906,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 
     info!(socket = %d.control_socket.display(), "control socket ready");
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
+    if let Some(metrics) = metrics {
+        info!(address = %metrics.local_addr()?, "metrics ready at /metrics");
+        tokio::spawn(crate::metrics::serve(metrics, ctl_tx.clone()));
+    }
     tokio::spawn(accept_loop(listener, ctl_tx));
 
     let scans = Arc::new(Mutex::new(()));

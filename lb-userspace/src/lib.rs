@@ -1,5 +1,5 @@
 //! lbd controller library: configuration, Maglev tables, neighbour resolution, the `Dataplane`
-//! trait with its XDP implementation and in-memory fake, the control socket and the daemon.
+//! trait with its XDP implementation and in-memory fake, the control socket, the metrics endpoint and the daemon.
 
 pub mod config;
 pub mod control;
@@ -10,6 +10,7 @@ pub mod ipvs;
 pub mod ipvs_dataplane;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod neigh;
 pub mod status;
 pub mod vrrp;

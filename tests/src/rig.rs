@@ -576,10 +576,12 @@ impl Drop for Rig {
 
 /// A config for the rig's director with just the given virtual servers:
 /// `(address, port, protocol, real server addresses)`, with `mode = "xdp"` in `xdp_mode`
-/// ("native" or "generic").
+/// ("native" or "generic"), and `config/rig.toml`'s metrics address (a reload from that file to
+/// this one changes no restart-only key).
 pub fn custom_config(socket: &Path, xdp_mode: &str, vips: &[(IpAddr, u16, &str, Vec<IpAddr>)]) -> String {
     let mut text = format!(
-        "[director]\ninterface = \"eth0\"\nmode = \"xdp\"\nxdp_mode = \"{xdp_mode}\"\ncontrol_socket = \"{}\"\n",
+        "[director]\ninterface = \"eth0\"\nmode = \"xdp\"\nxdp_mode = \"{xdp_mode}\"\ncontrol_socket = \"{}\"\n\
+         metrics_listen = \"127.0.0.1:9180\"\n",
         socket.display()
     );
     for (addr, port, proto, reals) in vips {

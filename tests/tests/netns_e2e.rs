@@ -55,6 +55,25 @@ fn http_spreads_over_backends_and_replies_bypass_the_director() -> anyhow::Resul
     for i in 0..3 {
         assert!(text.contains(&format!("-> {}:80", backend_v4(i))), "{text}");
     }
+
+    // A Prometheus scrape (config/rig.toml's metrics_listen, inside the director's namespace)
+    // says the same: 300 connections, each real server's packets, all up.
+    let metrics = rig.director.exec(&["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9180/metrics"])?;
+    let value = |line: &str| -> u64 {
+        let found = metrics.lines().find(|l| l.starts_with(line)).unwrap_or_else(|| panic!("no {line} in:\n{metrics}"));
+        found.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let vs = "virtual_server=\"10.99.0.100:80\",protocol=\"tcp\"";
+    assert_eq!(value(&format!("lbd_virtual_server_connections_total{{{vs}}} ")), 300);
+    let mut per_backend = 0;
+    for i in 0..3 {
+        let rs = format!("{vs},real_server=\"{}:80\"", backend_v4(i));
+        let packets = value(&format!("lbd_real_server_packets_total{{{rs}}} "));
+        assert!(packets > 0, "backend {i} got no packets:\n{metrics}");
+        per_backend += packets;
+        assert_eq!(value(&format!("lbd_real_server_state{{{rs},state=\"up\"}} ")), 1);
+    }
+    assert!(per_backend >= forwarded, "real servers' packets {per_backend} < the VIP's {forwarded}");
     Ok(())
 }
 
@@ -197,6 +216,17 @@ fn a_second_lbd_run_on_the_same_socket_changes_nothing() -> anyhow::Result<()> {
     let err = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(&format!("another lbd is already listening on {sock}")), "{err}");
+    // Another socket but the same metrics address: refused there, before the dataplane too.
+    let other = rig.config.with_file_name("other.toml");
+    let other_sock = rig.config.with_file_name("other.sock");
+    std::fs::write(&other, rig::rig_config(&other_sock))?;
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &rig.director.name, lbd.to_str().unwrap(), "run", "--config", other.to_str().unwrap()])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("[director] metrics_listen 127.0.0.1:9180: cannot listen there"), "{err}");
+    assert!(!other_sock.exists(), "the refused lbd left its control socket behind");
     // The first one still answers on its socket, with its drain, and still forwards.
     let st = rig.status()?;
     let row = &st["virtual_servers"][0]["real_servers"][0];

@@ -1,0 +1,407 @@
+//! `[director] metrics_listen`: the status as Prometheus metrics over HTTP (`GET /metrics`, text
+//! exposition format 0.0.4), for a scraper rather than a person. Every scrape asks the run loop
+//! for the same status `lbd status --json` gets, so the two never disagree.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request as HttpRequest, Response as HttpResponse, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::control::{Request, Response};
+use crate::status::{RealServerStatus, Status, TrafficStatus, VirtualServerStatus};
+use crate::vrrp::VrrpState;
+
+/// Real-server states, each one series (1 for the current state, 0 for the others).
+const RS_STATES: [&str; 5] = ["up", "down", "inhibited", "drained", "unresolved"];
+const VRRP_STATES: [VrrpState; 4] = [VrrpState::Init, VrrpState::Backup, VrrpState::Master, VrrpState::Fault];
+
+/// A counter family drawn from a struct: (name or suffix, help, the value).
+type Field<T> = (&'static str, &'static str, fn(&T) -> u64);
+
+/// Serves `GET /metrics` on `listener` until the run loop goes (`tx` closed).
+pub async fn serve(listener: TcpListener, tx: mpsc::Sender<(Request, oneshot::Sender<Response>)>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!("metrics accept: {e}");
+                continue;
+            }
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| answer(req, tx.clone()));
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                debug!("metrics connection: {e}");
+            }
+        });
+    }
+}
+
+async fn answer(
+    req: HttpRequest<Incoming>,
+    tx: mpsc::Sender<(Request, oneshot::Sender<Response>)>,
+) -> Result<HttpResponse<Full<Bytes>>, Infallible> {
+    if req.uri().path() != "/metrics" {
+        return Ok(plain(StatusCode::NOT_FOUND, "lbd serves its metrics at /metrics\n".into()));
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".into()));
+    }
+    let (otx, orx) = oneshot::channel();
+    let status = match tx.send((Request::Status, otx)).await {
+        Ok(()) => orx.await.ok(),
+        Err(_) => None,
+    };
+    Ok(match status {
+        Some(Response { status: Some(status), .. }) => {
+            let mut resp = plain(StatusCode::OK, render(&status));
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        Some(Response { error: Some(e), .. }) => plain(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        _ => plain(StatusCode::SERVICE_UNAVAILABLE, "lbd is shutting down\n".into()),
+    })
+}
+
+fn plain(code: StatusCode, body: String) -> HttpResponse<Full<Bytes>> {
+    let mut resp = HttpResponse::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = code;
+    resp
+}
+
+/// The metrics of `status`, in the Prometheus text format.
+pub fn render(status: &Status) -> String {
+    let mut m = Metrics::default();
+    m.family("lbd_info", "gauge", "lbd's version and dataplane (always 1).");
+    m.sample(
+        "lbd_info",
+        &[("version", &status.version), ("dataplane", &status.dataplane), ("interface", &status.interface)],
+        1,
+    );
+    m.family("lbd_uptime_seconds", "gauge", "Seconds since lbd started.");
+    m.sample("lbd_uptime_seconds", &[], status.uptime_secs);
+    m.family("lbd_conntrack_entries", "gauge", "Flows held in the fast path's connection tables (IPVS: connections).");
+    m.sample("lbd_conntrack_entries", &[], status.conntrack_entries);
+
+    m.family("lbd_packets_total", "counter", "Packets the fast path saw, by what it did with them.");
+    for r in &status.reasons {
+        m.sample("lbd_packets_total", &[("reason", &r.reason)], r.packets);
+    }
+    m.family("lbd_bytes_total", "counter", "Bytes the fast path saw, by what it did with them.");
+    for r in &status.reasons {
+        m.sample("lbd_bytes_total", &[("reason", &r.reason)], r.bytes);
+    }
+
+    let vss: Vec<(Vec<(&str, String)>, &VirtualServerStatus)> =
+        status.virtual_servers.iter().map(|vs| (vs_labels(vs), vs)).collect();
+    traffic(&mut m, "lbd_virtual_server", "virtual server", vss.iter().map(|(l, vs)| (l.clone(), vs.traffic)));
+    m.family("lbd_virtual_server_enabled", "gauge", "1 while the virtual server forwards (VRRP master or no VRRP).");
+    for (l, vs) in &vss {
+        m.sample("lbd_virtual_server_enabled", &refs(l), vs.enabled as u64);
+    }
+    m.family("lbd_virtual_server_quorum", "gauge", "1 while the live real servers' weight reaches the quorum.");
+    for (l, vs) in &vss {
+        m.sample("lbd_virtual_server_quorum", &refs(l), vs.quorum as u64);
+    }
+
+    let rss: Vec<(Vec<(&str, String)>, &RealServerStatus)> = vss
+        .iter()
+        .flat_map(|(l, vs)| {
+            let sorry = vs.sorry_server.iter().map(move |rs| (rs_labels(l, rs, true), rs));
+            vs.real_servers.iter().map(move |rs| (rs_labels(l, rs, false), rs)).chain(sorry)
+        })
+        .collect();
+    traffic(&mut m, "lbd_real_server", "real server", rss.iter().map(|(l, rs)| (l.clone(), rs.traffic)));
+    m.family("lbd_real_server_weight", "gauge", "The real server's weight now (0 when drained or inhibited).");
+    for (l, rs) in &rss {
+        m.sample("lbd_real_server_weight", &refs(l), rs.weight as u64);
+    }
+    m.family(
+        "lbd_real_server_state",
+        "gauge",
+        "1 for the real server's state (up, down, inhibited, drained, unresolved; a sorry server: serving, standby).",
+    );
+    for (l, rs) in &rss {
+        let mut states: Vec<&str> = if l.iter().any(|(k, v)| *k == "sorry" && v == "true") {
+            vec!["serving", "standby"]
+        } else {
+            RS_STATES.to_vec()
+        };
+        if !states.contains(&rs.state.as_str()) {
+            states.push(&rs.state);
+        }
+        for s in states {
+            let mut labels = refs(l);
+            labels.push(("state", s));
+            m.sample("lbd_real_server_state", &labels, (rs.state == s) as u64);
+        }
+    }
+    m.family("lbd_real_server_slots", "gauge", "Lookup-table slots the real server holds (XDP).");
+    for (l, rs) in &rss {
+        if let Some(slots) = rs.slots {
+            m.sample("lbd_real_server_slots", &refs(l), slots as u64);
+        }
+    }
+
+    if !status.vrrp.is_empty() {
+        m.family("lbd_vrrp_state", "gauge", "1 for the VRRP instance's state (INIT, BACKUP, MASTER, FAULT).");
+        for v in &status.vrrp {
+            for s in VRRP_STATES {
+                m.sample("lbd_vrrp_state", &[("instance", &v.name), ("state", s.as_str())], (v.state == s) as u64);
+            }
+        }
+        m.family("lbd_vrrp_priority", "gauge", "The priority the instance advertises (tracking applied).");
+        for v in &status.vrrp {
+            m.sample("lbd_vrrp_priority", &[("instance", &v.name)], v.effective_priority as u64);
+        }
+        let counters: [Field<crate::vrrp::VrrpCounters>; 3] = [
+            ("lbd_vrrp_adverts_sent_total", "Adverts sent.", |c| c.adverts_sent),
+            ("lbd_vrrp_adverts_received_total", "Adverts received and accepted.", |c| c.adverts_received),
+            ("lbd_vrrp_became_master_total", "Transitions to MASTER.", |c| c.became_master),
+        ];
+        for (name, help, get) in counters {
+            m.family(name, "counter", help);
+            for v in &status.vrrp {
+                m.sample(name, &[("instance", &v.name)], get(&v.counters));
+            }
+        }
+        m.family("lbd_vrrp_adverts_dropped_total", "counter", "Adverts dropped, by reason.");
+        for v in &status.vrrp {
+            for (reason, n) in &v.counters.dropped {
+                m.sample("lbd_vrrp_adverts_dropped_total", &[("instance", &v.name), ("reason", reason)], *n);
+            }
+        }
+    }
+    m.out
+}
+
+/// A virtual server's labels: `virtual_server` as `lbd status` prints it ("10.0.0.1:80",
+/// "[fd00::1]:443", "fwmark:5") and `protocol`.
+fn vs_labels(vs: &VirtualServerStatus) -> Vec<(&'static str, String)> {
+    let name = match (vs.fwmark, vs.address.contains(':')) {
+        (Some(mark), _) => format!("fwmark:{mark}"),
+        (None, true) => format!("[{}]:{}", vs.address, vs.port),
+        (None, false) => format!("{}:{}", vs.address, vs.port),
+    };
+    vec![("virtual_server", name), ("protocol", vs.protocol.to_lowercase())]
+}
+
+fn rs_labels(vs: &[(&'static str, String)], rs: &RealServerStatus, sorry: bool) -> Vec<(&'static str, String)> {
+    let name = if rs.address.contains(':') {
+        format!("[{}]:{}", rs.address, rs.port)
+    } else {
+        format!("{}:{}", rs.address, rs.port)
+    };
+    let mut l = vs.to_vec();
+    l.push(("real_server", name));
+    if sorry {
+        l.push(("sorry", "true".into()));
+    }
+    l
+}
+
+fn refs<'a>(labels: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    labels.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// `<prefix>_{connections,packets,bytes}_total` for each labelled traffic.
+fn traffic<'a>(
+    m: &mut Metrics,
+    prefix: &str,
+    what: &str,
+    rows: impl Iterator<Item = (Vec<(&'static str, String)>, TrafficStatus)> + Clone + 'a,
+) {
+    let kinds: [Field<TrafficStatus>; 3] = [
+        ("connections", "Flows the {} got from the lookup table (IPVS: connections scheduled).", |t| t.conns),
+        ("packets", "Packets forwarded to the {}.", |t| t.packets),
+        ("bytes", "Bytes forwarded to the {}.", |t| t.bytes),
+    ];
+    for (kind, help, get) in kinds {
+        let name = format!("{prefix}_{kind}_total");
+        m.family(&name, "counter", &help.replace("{}", what));
+        for (labels, t) in rows.clone() {
+            m.sample(&name, &refs(&labels), get(&t));
+        }
+    }
+}
+
+#[derive(Default)]
+struct Metrics {
+    out: String,
+}
+
+impl Metrics {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+}
+
+/// A label value with `\`, `"` and newlines escaped, as the text format wants.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::ReasonStatus;
+
+    fn rs(address: &str, state: &str, weight: u32, packets: u64) -> RealServerStatus {
+        RealServerStatus {
+            address: address.into(),
+            port: 80,
+            weight,
+            state: state.into(),
+            slots: Some(100),
+            traffic: TrafficStatus { conns: 3, packets, bytes: packets * 60 },
+            ..Default::default()
+        }
+    }
+
+    fn status() -> Status {
+        Status {
+            version: "0.1.0".into(),
+            dataplane: "xdp".into(),
+            interface: "eth0".into(),
+            uptime_secs: 42,
+            conntrack_entries: 7,
+            reasons: vec![ReasonStatus { reason: "conntrack-hit".into(), packets: 10, bytes: 600 }],
+            virtual_servers: vec![
+                VirtualServerStatus {
+                    address: "10.0.0.100".into(),
+                    port: 80,
+                    protocol: "TCP".into(),
+                    enabled: true,
+                    quorum: true,
+                    traffic: TrafficStatus { conns: 6, packets: 20, bytes: 1200 },
+                    real_servers: vec![rs("10.0.0.1", "up", 1, 12), rs("10.0.0.2", "down", 0, 8)],
+                    sorry_server: Some(RealServerStatus { state: "standby".into(), ..rs("10.0.0.9", "standby", 1, 0) }),
+                    ..Default::default()
+                },
+                VirtualServerStatus {
+                    address: "fd00::100".into(),
+                    port: 443,
+                    protocol: "TCP".into(),
+                    real_servers: vec![rs("fd00::1", "drained", 0, 0)],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_scrape_shows_every_server_with_its_counters_and_state() {
+        let text = render(&status());
+        for line in [
+            "lbd_uptime_seconds 42",
+            "lbd_conntrack_entries 7",
+            "lbd_packets_total{reason=\"conntrack-hit\"} 10",
+            "lbd_bytes_total{reason=\"conntrack-hit\"} 600",
+            "lbd_virtual_server_packets_total{virtual_server=\"10.0.0.100:80\",protocol=\"tcp\"} 20",
+            "lbd_virtual_server_enabled{virtual_server=\"[fd00::100]:443\",protocol=\"tcp\"} 0",
+            "lbd_real_server_packets_total{virtual_server=\"10.0.0.100:80\",protocol=\"tcp\",real_server=\"10.0.0.1:80\"} 12",
+            "lbd_real_server_bytes_total{virtual_server=\"10.0.0.100:80\",protocol=\"tcp\",real_server=\"10.0.0.2:80\"} 480",
+            "lbd_real_server_state{virtual_server=\"10.0.0.100:80\",protocol=\"tcp\",real_server=\"10.0.0.2:80\",state=\"down\"} 1",
+            "lbd_real_server_state{virtual_server=\"10.0.0.100:80\",protocol=\"tcp\",real_server=\"10.0.0.2:80\",state=\"up\"} 0",
+            "lbd_real_server_state{virtual_server=\"[fd00::100]:443\",protocol=\"tcp\",real_server=\"[fd00::1]:80\",state=\"drained\"} 1",
+            "lbd_real_server_state{virtual_server=\"10.0.0.100:80\",protocol=\"tcp\",real_server=\"10.0.0.9:80\",sorry=\"true\",state=\"standby\"} 1",
+            "lbd_real_server_weight{virtual_server=\"10.0.0.100:80\",protocol=\"tcp\",real_server=\"10.0.0.2:80\"} 0",
+            "# TYPE lbd_real_server_packets_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing line {line:?} in:\n{text}");
+        }
+        // No VRRP configured: no VRRP families.
+        assert!(!text.contains("lbd_vrrp"));
+        // Each family is announced once, before its samples.
+        let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        let mut unique = types.clone();
+        unique.dedup();
+        assert_eq!(types.len(), unique.len());
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = l.split(['{', ' ']).next().unwrap();
+            let at = text.find(&format!("# TYPE {name} ")).unwrap_or_else(|| panic!("{name} has no TYPE"));
+            assert!(at < text.find(l).unwrap(), "{name}'s sample before its TYPE");
+        }
+    }
+
+    /// Sends `request` to `addr` and returns the whole answer (the server closes after it).
+    async fn http(addr: std::net::SocketAddr, request: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_answers_a_scrape_and_refuses_the_rest() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = mpsc::channel::<(Request, oneshot::Sender<Response>)>(4);
+        // The run loop's part: answer status requests, then go away.
+        let answers = tokio::spawn(async move {
+            let (req, reply) = rx.recv().await.unwrap();
+            assert!(matches!(req, Request::Status));
+            reply.send(Response { ok: true, status: Some(status()), ..Default::default() }).unwrap();
+            let (_, reply) = rx.recv().await.unwrap();
+            reply.send(Response::error("reading counters: boom")).unwrap();
+        });
+        tokio::spawn(serve(listener, tx));
+        let close = "Connection: close\r\n\r\n";
+
+        let ok = http(addr, &format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{close}")).await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(ok.contains("content-type: text/plain; version=0.0.4; charset=utf-8\r\n"), "{ok}");
+        assert!(ok.contains("\r\n\r\n# HELP lbd_info "), "{ok}");
+        assert!(ok.contains("\nlbd_uptime_seconds 42\n"), "{ok}");
+
+        let failed = http(addr, &format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{close}")).await;
+        assert!(failed.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{failed}");
+        assert!(failed.ends_with("\r\n\r\nreading counters: boom\n"), "{failed}");
+        answers.await.unwrap();
+
+        let gone = http(addr, &format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{close}")).await;
+        assert!(gone.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{gone}");
+        assert!(gone.ends_with("lbd is shutting down\n"), "{gone}");
+        let elsewhere = http(addr, &format!("GET / HTTP/1.1\r\nHost: x\r\n{close}")).await;
+        assert!(elsewhere.starts_with("HTTP/1.1 404 Not Found\r\n"), "{elsewhere}");
+        let post = http(addr, &format!("POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n{close}")).await;
+        assert!(post.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{post}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let mut s = status();
+        s.version = "1.0 \"dev\"".into();
+        assert!(render(&s).contains("lbd_info{version=\"1.0 \\\"dev\\\"\",dataplane=\"xdp\",interface=\"eth0\"} 1"));
+    }
+}
