@@ -21,6 +21,9 @@ use crate::vrrp::VrrpState;
 const RS_STATES: [&str; 5] = ["up", "down", "inhibited", "drained", "unresolved"];
 const VRRP_STATES: [VrrpState; 4] = [VrrpState::Init, VrrpState::Backup, VrrpState::Master, VrrpState::Fault];
 
+/// A series' labels, in order.
+type Labels = Vec<(&'static str, String)>;
+
 /// A counter family drawn from a struct: (name or suffix, help, the value).
 type Field<T> = (&'static str, &'static str, fn(&T) -> u64);
 
@@ -102,7 +105,7 @@ pub fn render(status: &Status) -> String {
         m.sample("lbd_bytes_total", &[("reason", &r.reason)], r.bytes);
     }
 
-    let vss: Vec<(Vec<(&str, String)>, &VirtualServerStatus)> =
+    let vss: Vec<(Labels, &VirtualServerStatus)> =
         status.virtual_servers.iter().map(|vs| (vs_labels(vs), vs)).collect();
     traffic(&mut m, "lbd_virtual_server", "virtual server", vss.iter().map(|(l, vs)| (l.clone(), vs.traffic)));
     m.family("lbd_virtual_server_enabled", "gauge", "1 while the virtual server forwards (VRRP master or no VRRP).");
@@ -114,16 +117,17 @@ pub fn render(status: &Status) -> String {
         m.sample("lbd_virtual_server_quorum", &refs(l), vs.quorum as u64);
     }
 
-    let rss: Vec<(Vec<(&str, String)>, &RealServerStatus)> = vss
+    // (labels, real server, is the sorry server)
+    let rss: Vec<(Labels, &RealServerStatus, bool)> = vss
         .iter()
         .flat_map(|(l, vs)| {
-            let sorry = vs.sorry_server.iter().map(move |rs| (rs_labels(l, rs, true), rs));
-            vs.real_servers.iter().map(move |rs| (rs_labels(l, rs, false), rs)).chain(sorry)
+            let sorry = vs.sorry_server.iter().map(move |rs| (rs_labels(l, rs, true), rs, true));
+            vs.real_servers.iter().map(move |rs| (rs_labels(l, rs, false), rs, false)).chain(sorry)
         })
         .collect();
-    traffic(&mut m, "lbd_real_server", "real server", rss.iter().map(|(l, rs)| (l.clone(), rs.traffic)));
+    traffic(&mut m, "lbd_real_server", "real server", rss.iter().map(|(l, rs, _)| (l.clone(), rs.traffic)));
     m.family("lbd_real_server_weight", "gauge", "The real server's weight now (0 when drained or inhibited).");
-    for (l, rs) in &rss {
+    for (l, rs, _) in &rss {
         m.sample("lbd_real_server_weight", &refs(l), rs.weight as u64);
     }
     m.family(
@@ -131,8 +135,8 @@ pub fn render(status: &Status) -> String {
         "gauge",
         "1 for the real server's state (up, down, inhibited, drained, unresolved; a sorry server: serving, standby).",
     );
-    for (l, rs) in &rss {
-        let mut states: Vec<&str> = if l.iter().any(|(k, v)| *k == "sorry" && v == "true") {
+    for (l, rs, sorry) in &rss {
+        let mut states: Vec<&str> = if *sorry {
             vec!["serving", "standby"]
         } else {
             RS_STATES.to_vec()
@@ -147,7 +151,7 @@ pub fn render(status: &Status) -> String {
         }
     }
     m.family("lbd_real_server_slots", "gauge", "Lookup-table slots the real server holds (XDP).");
-    for (l, rs) in &rss {
+    for (l, rs, _) in &rss {
         if let Some(slots) = rs.slots {
             m.sample("lbd_real_server_slots", &refs(l), slots as u64);
         }
@@ -187,7 +191,7 @@ pub fn render(status: &Status) -> String {
 
 /// A virtual server's labels: `virtual_server` as `lbd status` prints it ("10.0.0.1:80",
 /// "[fd00::1]:443", "fwmark:5") and `protocol`.
-fn vs_labels(vs: &VirtualServerStatus) -> Vec<(&'static str, String)> {
+fn vs_labels(vs: &VirtualServerStatus) -> Labels {
     let name = match (vs.fwmark, vs.address.contains(':')) {
         (Some(mark), _) => format!("fwmark:{mark}"),
         (None, true) => format!("[{}]:{}", vs.address, vs.port),
@@ -196,7 +200,7 @@ fn vs_labels(vs: &VirtualServerStatus) -> Vec<(&'static str, String)> {
     vec![("virtual_server", name), ("protocol", vs.protocol.to_lowercase())]
 }
 
-fn rs_labels(vs: &[(&'static str, String)], rs: &RealServerStatus, sorry: bool) -> Vec<(&'static str, String)> {
+fn rs_labels(vs: &[(&'static str, String)], rs: &RealServerStatus, sorry: bool) -> Labels {
     let name = if rs.address.contains(':') {
         format!("[{}]:{}", rs.address, rs.port)
     } else {
@@ -215,11 +219,11 @@ fn refs<'a>(labels: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)
 }
 
 /// `<prefix>_{connections,packets,bytes}_total` for each labelled traffic.
-fn traffic<'a>(
+fn traffic(
     m: &mut Metrics,
     prefix: &str,
     what: &str,
-    rows: impl Iterator<Item = (Vec<(&'static str, String)>, TrafficStatus)> + Clone + 'a,
+    rows: impl Iterator<Item = (Labels, TrafficStatus)> + Clone,
 ) {
     let kinds: [Field<TrafficStatus>; 3] = [
         ("connections", "Flows the {} got from the lookup table (IPVS: connections scheduled).", |t| t.conns),
