@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request as HttpRequest, Response as HttpResponse, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -40,7 +40,11 @@ pub async fn serve(listener: TcpListener, tx: mpsc::Sender<(Request, oneshot::Se
         let tx = tx.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| answer(req, tx.clone()));
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            // With a timer, hyper closes a connection that takes longer than 30 s to send its
+            // request's header (a stalled or idle client does not hold its task forever).
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new());
+            if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
                 debug!("metrics connection: {e}");
             }
         });
@@ -275,6 +279,7 @@ fn escape(v: &str) -> String {
 mod tests {
     use super::*;
     use crate::status::ReasonStatus;
+    use std::time::Duration;
 
     fn rs(address: &str, state: &str, weight: u32, packets: u64) -> RealServerStatus {
         RealServerStatus {
@@ -399,6 +404,21 @@ mod tests {
         assert!(elsewhere.starts_with("HTTP/1.1 404 Not Found\r\n"), "{elsewhere}");
         let post = http(addr, &format!("POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n{close}")).await;
         assert!(post.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{post}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_sends_nothing_is_dropped_after_30_s() {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, _rx) = mpsc::channel::<(Request, oneshot::Sender<Response>)>(1);
+        tokio::spawn(serve(listener, tx));
+        let start = tokio::time::Instant::now();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut out = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(120), s.read_to_end(&mut out)).await;
+        assert!(closed.is_ok(), "the connection was still open after 120 s");
+        assert!(start.elapsed() >= Duration::from_secs(30), "closed after {:?}", start.elapsed());
     }
 
     #[test]
