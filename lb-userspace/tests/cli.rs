@@ -62,3 +62,32 @@ fn status_with_a_config_being_edited_still_finds_the_socket() {
     assert!(err.starts_with(&format!("lbd status: {}:1:", path.display())), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `config/lbd.service` parses without a warning (`systemd-analyze verify`, with the unit's
+/// binary path pointed at this build), and every command it runs is one lbd takes.
+#[test]
+fn the_shipped_systemd_unit_verifies_and_runs_real_commands() {
+    let unit = std::fs::read_to_string(format!("{}/../config/lbd.service", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let bin = env!("CARGO_BIN_EXE_lbd");
+    let dir = std::env::temp_dir().join(format!("lbd-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lbd.service");
+    std::fs::write(&path, unit.replace("/usr/local/sbin/lbd", bin)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", path.to_str().unwrap()])
+        .output()
+        .expect("systemd-analyze (Debian's systemd package; cargo xtask setup installs it)");
+    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+    let execs: Vec<&str> = unit.lines().filter_map(|l| l.split_once('=')).filter(|(k, _)| k.starts_with("Exec")).map(|(_, v)| v).collect();
+    assert_eq!(execs.len(), 2, "{execs:?}");
+    for exec in execs {
+        let mut words = exec.split_whitespace();
+        assert_eq!(words.next(), Some("/usr/local/sbin/lbd"));
+        let args: Vec<&str> = words.chain(["--help"]).collect();
+        let (code, out, err) = lbd(&args);
+        assert_eq!(code, 0, "{exec}: {err}");
+        assert!(out.contains("--config"), "{exec}: {out}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -30,6 +30,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // IPVS tests: the VM checks lbd's services with the real ipvsadm, which it runs from the
     // host's root (a fresh machine does not have it; earlier ones happened to).
     "ipvsadm",
+    // The CLI tests verify config/lbd.service with systemd-analyze.
+    "systemd",
     // `cargo xtask build --static`: musl-gcc for the C parts of the dependency tree.
     "musl-tools",
 ];
