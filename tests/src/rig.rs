@@ -627,6 +627,10 @@ pub fn run_interactive(config: &Path, requests: usize, once: bool) -> Result<()>
     println!("rig: up. Try:");
     println!("  ip netns exec lbdrig-client curl -s http://{VIP_V4}/");
     println!("  {} status --socket {sock}", lbd_binary()?.display());
+    let metrics = lb_userspace::config::Config::load(config).ok().and_then(|c| c.director.metrics_listen);
+    if let Some(addr) = metrics {
+        println!("  ip netns exec lbdrig-dir curl -s http://{addr}/metrics");
+    }
     println!("  lbd log: {}", rig.work.join("lbd.log").display());
     println!("rig: Ctrl-C tears it down.");
     signals.wait()?;
