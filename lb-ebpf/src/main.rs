@@ -135,20 +135,20 @@ fn new_flow(
     select::from_table(&vip, hash()).ok_or((xdp_action::XDP_DROP, reason::NO_BACKEND))
 }
 
-/// Counts and forwards a packet to `choice` (dropping it if the VIP is disabled).
+/// Forwards a packet to `choice` (dropping it if the VIP is disabled) and counts it for its VIP
+/// and backend once the redirect was accepted: a failed one is `redirect-failed` only.
 #[inline(always)]
 fn forward(ctx: &XdpContext, choice: &Choice, new_flow: bool) -> (u32, u32) {
     if !choice.enabled {
         return (xdp_action::XDP_DROP, reason::VIP_DISABLED);
     }
     debug!(ctx, "vip {} -> backend {} new={}", choice.vip_id, choice.id, new_flow as u8);
+    let Ok(verdict) = rewrite::forward(ctx, choice.backend) else {
+        return (xdp_action::XDP_ABORTED, reason::REDIRECT_FAILED);
+    };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     stats::count_forward(choice.vip_id, choice.id, bytes, new_flow);
-    match rewrite::forward(ctx, choice.backend) {
-        Ok(verdict) if new_flow => (verdict, reason::NEW_FLOW),
-        Ok(verdict) => (verdict, reason::CONNTRACK_HIT),
-        Err(()) => (xdp_action::XDP_ABORTED, reason::REDIRECT_FAILED),
-    }
+    (verdict, if new_flow { reason::NEW_FLOW } else { reason::CONNTRACK_HIT })
 }
 
 #[cfg(not(test))]

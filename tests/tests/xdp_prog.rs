@@ -18,6 +18,7 @@ use lb_userspace::{
     xdp::{addr_words, XdpDataplane, XdpOptions},
 };
 
+const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -186,6 +187,28 @@ fn cases(other_ifindex: u32) -> anyhow::Result<()> {
         }
     }
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), table.len(), failures.join("\n"));
+
+    // A redirect the kernel refuses (the egress interface missing from TX_PORTS, as when its
+    // entry could not be written): aborted and counted as redirect-failed, and not as traffic
+    // of the VIP or of its real server, which `lbd status` would show as forwarded.
+    let vip = VipAddr::new(IpAddr::V4(VIP_REDIRECT), 80, Protocol::Tcp);
+    let forwarded = |dp: &XdpDataplane| {
+        let st = dp.stats().expect("stats");
+        (st.vips[&vip].packets, st.backends[&(vip, "192.0.2.14:80".to_string())].traffic.packets)
+    };
+    let mut tx_ports = None;
+    for id in dp.program().info()?.map_ids()?.expect("the kernel lists the program's maps") {
+        let data = aya::maps::MapData::from_id(id)?;
+        if data.info()?.name_as_str() == Some(lb_common::map_names::TX_PORTS) {
+            tx_ports = Some(aya::maps::DevMapHash::try_from(aya::maps::Map::DevMapHash(data))?);
+        }
+    }
+    tx_ports.expect("TX_PORTS among the program's maps").remove(other_ifindex)?;
+    let before = (forwarded(&dp), reason_packets(&dp, "redirect-failed"));
+    let (verdict, _) = run(&mut dp, &tcp4_syn(Flow4 { dst: VIP_REDIRECT, sport: 40011, ..f }));
+    assert_eq!(verdict, XDP_ABORTED);
+    assert_eq!(reason_packets(&dp, "redirect-failed"), before.1 + 1);
+    assert_eq!(forwarded(&dp), before.0, "(VIP, real server) packets after a failed redirect");
     Ok(())
 }
 
