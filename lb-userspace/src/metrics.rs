@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::control::{Request, Response};
-use crate::status::{RealServerStatus, Status, TrafficStatus, VirtualServerStatus};
+use crate::status::{host_port, RealServerStatus, Status, TrafficStatus, VirtualServerStatus};
 use crate::vrrp::VrrpState;
 
 /// Real-server states, each one series (1 for the current state, 0 for the others).
@@ -196,22 +196,16 @@ pub fn render(status: &Status) -> String {
 /// A virtual server's labels: `virtual_server` as `lbd status` prints it ("10.0.0.1:80",
 /// "[fd00::1]:443", "fwmark:5") and `protocol`.
 fn vs_labels(vs: &VirtualServerStatus) -> Labels {
-    let name = match (vs.fwmark, vs.address.contains(':')) {
-        (Some(mark), _) => format!("fwmark:{mark}"),
-        (None, true) => format!("[{}]:{}", vs.address, vs.port),
-        (None, false) => format!("{}:{}", vs.address, vs.port),
+    let name = match vs.fwmark {
+        Some(mark) => format!("fwmark:{mark}"),
+        None => host_port(&vs.address, vs.port),
     };
     vec![("virtual_server", name), ("protocol", vs.protocol.to_lowercase())]
 }
 
 fn rs_labels(vs: &[(&'static str, String)], rs: &RealServerStatus, sorry: bool) -> Labels {
-    let name = if rs.address.contains(':') {
-        format!("[{}]:{}", rs.address, rs.port)
-    } else {
-        format!("{}:{}", rs.address, rs.port)
-    };
     let mut l = vs.to_vec();
-    l.push(("real_server", name));
+    l.push(("real_server", host_port(&rs.address, rs.port)));
     if sorry {
         l.push(("sorry", "true".into()));
     }

@@ -109,7 +109,8 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-fn host_port(addr: &str, port: u16) -> String {
+/// `addr:port`, IPv6 in brackets, as `lbd status` (and the metrics' labels) name endpoints.
+pub fn host_port(addr: &str, port: u16) -> String {
     if addr.contains(':') { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") }
 }
 
