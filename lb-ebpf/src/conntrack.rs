@@ -17,7 +17,7 @@
 //! backend.
 
 use crate::maps::CT_SHIFT;
-use aya_ebpf::maps::Array;
+use aya_ebpf::{maps::Array, Global};
 use lb_common::{ct_check, CtEntry, CtKey, CtSet, CT_WAYS};
 
 /// Where a flow is, or would go, in its set.
@@ -26,32 +26,26 @@ pub struct Probe<K: CtKey> {
     hash: u32,
     /// Way holding the flow's key, or `CT_WAYS`.
     found: usize,
-    /// First empty way, or `CT_WAYS`.
-    free: usize,
 }
 
-/// Finds `key`'s set (by its hash under `hash_key`, the table's) and the way holding it. `None`
-/// only if the set index is out of range (never: the loader sizes the array for `CT_SHIFT`).
+/// Finds `key`'s set (by its hash under `hash_key`, the table's, loaded only here so that its
+/// words are not held across the parsing) and the way holding it. `None` only if the set index is
+/// out of range (never: the loader sizes the array for `CT_SHIFT`).
 #[inline(always)]
-pub fn probe<K: CtKey>(table: &Array<CtSet<K>>, hash_key: &K::HashKey, key: &K) -> Option<Probe<K>> {
-    let hash = key.ct_hash(hash_key);
+pub fn probe<K: CtKey>(table: &Array<CtSet<K>>, hash_key: &Global<K::HashKey>, key: &K) -> Option<Probe<K>> {
+    let hash = key.ct_hash(&hash_key.load());
     let set = table.get_ptr_mut(hash >> CT_SHIFT.load())?;
     let mut found = CT_WAYS;
-    let mut free = CT_WAYS;
     let mut way = 0;
     while way < CT_WAYS {
         // SAFETY: `set` points to a live array element; entries are plain data.
-        let entry = unsafe { &(*set).ways[way] };
-        if entry.key.same(key) {
+        if unsafe { &(*set).ways[way] }.key.same(key) {
             found = way;
             break;
         }
-        if free == CT_WAYS && entry.check == 0 {
-            free = way;
-        }
         way += 1;
     }
-    Some(Probe { set, hash, found, free })
+    Some(Probe { set, hash, found })
 }
 
 impl<K: CtKey> Probe<K> {
@@ -76,13 +70,7 @@ impl<K: CtKey> Probe<K> {
     /// Records that the flow goes to `backend` (of `generation`).
     #[inline(always)]
     pub fn insert(&self, key: &K, backend: u32, generation: u32) {
-        let way = if self.found < CT_WAYS {
-            self.found
-        } else if self.free < CT_WAYS {
-            self.free
-        } else {
-            self.victim()
-        };
+        let way = if self.found < CT_WAYS { self.found } else { self.free().unwrap_or_else(|| self.victim()) };
         // SAFETY: as in `probe`; `way < CT_WAYS`.
         let entry: *mut CtEntry<K> = unsafe { &mut (*self.set).ways[way & (CT_WAYS - 1)] };
         // SAFETY: `entry` is valid for writes; the volatile stores keep `check` cleared while the
@@ -95,6 +83,20 @@ impl<K: CtKey> Probe<K> {
             (*entry).used = 0;
             core::ptr::write_volatile(&mut (*entry).check, ct_check(self.hash, backend, generation));
         }
+    }
+
+    /// The first empty way. Looked for only here, on an insert: a hit does not pay for it.
+    #[inline(always)]
+    fn free(&self) -> Option<usize> {
+        let mut way = 0;
+        while way < CT_WAYS {
+            // SAFETY: as in `probe`.
+            if unsafe { (*self.set).ways[way].check } == 0 {
+                return Some(way);
+            }
+            way += 1;
+        }
+        None
     }
 
     /// The way a flow replaces in a full set (see the module comment).

@@ -16,7 +16,7 @@ mod rewrite;
 mod select;
 mod stats;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::Array, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::Array, programs::XdpContext, Global};
 use aya_log_ebpf::debug;
 use lb_common::{
     addr_filter_bit_v4, addr_filter_bit_v6, flow_hash, flow_hash_v4, reason, CtKey, CtSet, FlowKey,
@@ -55,7 +55,7 @@ fn v4(ctx: &XdpContext, ip: &parse::Ip4) -> (u32, u32) {
     }
     let t = parse::Transport { proto: ip.proto, l4: ip.l4, fragment: ip.fragment, later_fragment: ip.later_fragment };
     let key = |sport, dport| FlowKey4 { src: ip.src, dst: ip.dst, sport, dport, proto: ip.proto, _pad0: 0, _pad1: 0 };
-    flow(ctx, &t, [ip.dst, 0, 0, 0], FAMILY_V4, (&CONNTRACK4, &CT_KEY4.load()), key, flow_hash_v4)
+    flow(ctx, &t, [ip.dst, 0, 0, 0], FAMILY_V4, (&CONNTRACK4, &CT_KEY4), key, flow_hash_v4)
 }
 
 #[inline(always)]
@@ -67,7 +67,7 @@ fn v6(ctx: &XdpContext, ip: &parse::Ip6) -> (u32, u32) {
         return MALFORMED;
     };
     let key = |sport, dport| FlowKey { src: ip.src, dst: ip.dst, sport, dport, proto: t.proto, family: FAMILY_V6, _pad: [0; 2] };
-    flow(ctx, &t, ip.dst, FAMILY_V6, (&CONNTRACK6, &CT_KEY6.load()), key, flow_hash)
+    flow(ctx, &t, ip.dst, FAMILY_V6, (&CONNTRACK6, &CT_KEY6), key, flow_hash)
 }
 
 /// Either family once its transport header is found: ports, the family's connection table
@@ -79,7 +79,7 @@ fn flow<K: CtKey>(
     t: &parse::Transport,
     addr: [u32; 4],
     family: u8,
-    (table, hash_key): (&Array<CtSet<K>>, &K::HashKey),
+    (table, hash_key): (&Array<CtSet<K>>, &Global<K::HashKey>),
     key: impl FnOnce(u16, u16) -> K,
     hash: impl FnOnce(&K) -> u32,
 ) -> (u32, u32) {
