@@ -95,6 +95,16 @@ pub fn services(n: usize, vips: usize) -> Vec<ServiceSpec> {
     v
 }
 
+/// The VIPs the cases send to (of `services(_, vips)`): the last TCP VIP, the UDP VIP and the
+/// IPv6 VIP.
+fn case_vips(vips: usize) -> [VipAddr; 3] {
+    [
+        VipAddr::new(IpAddr::V4(tcp_vip(vips - 1)), 80, Protocol::Tcp),
+        VipAddr::new(IpAddr::V4(UDP_VIP), 53, Protocol::Udp),
+        VipAddr::new(IpAddr::V6(VIP6), 443, Protocol::Tcp),
+    ]
+}
+
 /// Entries of the connection table in the "new flows into a full table" case (fits in the cache).
 const FULL_TABLE: u32 = 65536;
 // The full-table cases' labels say these sizes.
@@ -348,7 +358,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
             xlated_bytes: info.size_translated(),
             jited_bytes: info.size_jitted(),
         });
-        let reasons = Reasons::of(&mut dp)?;
+        let reasons = Reasons::of(&mut dp, &case_vips(vips))?;
         let mut bench = Bench::new(&mut dp, conntrack)?;
 
         let vip = tcp_vip(vips - 1);
@@ -549,7 +559,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
         ));
         let mut dp = load(n, vips, entries)?;
         dp.apply(&services(n, vips))?;
-        let reasons = Reasons::of(&mut dp)?;
+        let reasons = Reasons::of(&mut dp, &case_vips(vips))?;
         let mut bench = Bench::new(&mut dp, entries)?;
         let syn = tcp4_syn(tcp_flow(tcp_vip(vips - 1)));
         Bench::configure(&mut bench.vary_lbd, 0, BASE_FULL, 4)?;
@@ -630,7 +640,7 @@ pub fn profile(case: &str, secs: f64, setup: (usize, usize)) -> Result<()> {
     };
     let mut dp = load(n, vips, conntrack)?;
     dp.apply(&services(n, vips))?;
-    let reasons = Reasons::of(&mut dp)?;
+    let reasons = Reasons::of(&mut dp, &case_vips(vips))?;
     let mut bench = Bench::new(&mut dp, conntrack)?;
     let f = tcp_flow(tcp_vip(vips - 1));
     let (frame, vary, want) = match case {

@@ -414,12 +414,12 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<Live> {
         conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
         log_level: 0,
     })?;
-    let reasons = Reasons::of(&mut dp)?;
+    let services = lbd_services(&topo, 10);
     {
-        let services = lbd_services(&topo, 10);
-        let dpr = &mut dp;
+        let (dpr, services) = (&mut dp, services.clone());
         in_ns(&topo.dir.name, None, move || dpr.apply(&services))??;
     }
+    let reasons = Reasons::of(&mut dp, &[services[0].vip])?;
 
     let mut sink = Aux::load(&["bench_sink"])?;
     in_ns(&topo.sink.name, None, || sink.attach("bench_sink", "lbbs"))??;

@@ -7,8 +7,8 @@ use aya::{
     programs::{ProgramFd, Xdp, XdpMode},
     Ebpf,
 };
-use lb_common::{reason, FlowKey4, FlowValue, ReasonCounter, VipInfo, VipKey};
-use lb_userspace::xdp::{XdpDataplane, AUX_OBJECT};
+use lb_common::{reason, Counters, FlowKey4, FlowValue, ReasonCounter, VipInfo, VipKey};
+use lb_userspace::{dataplane::VipAddr, xdp::{XdpDataplane, AUX_OBJECT}};
 
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
@@ -145,35 +145,64 @@ impl Aux {
     }
 }
 
-/// Per-reason packet counters of lbd's loaded program, read straight from its `GLOBAL_STATS`
-/// map (found through the program's map ids): `XdpDataplane::stats` also walks the connection
-/// table, which is slow with a million entries.
+/// Per-reason packet counters of lbd's loaded program, read straight from its maps (found
+/// through the program's map ids): `GLOBAL_STATS` for the packets not forwarded, and for the
+/// forwarded ones (`conntrack-hit`, `new-flow`) the `BACKEND_STATS` elements of the VIPs the
+/// bench sends to, as `XdpDataplane::stats` derives them from every backend's. That call also
+/// walks the connection table and every backend id, which is slow with a million entries and
+/// 100,000 backends.
 pub struct Reasons {
-    map: PerCpuArray<MapData, ReasonCounter>,
+    global: PerCpuArray<MapData, ReasonCounter>,
+    backends: PerCpuArray<MapData, Counters>,
+    ids: Vec<u32>,
 }
 
 impl Reasons {
-    pub fn of(dp: &mut XdpDataplane) -> Result<Reasons> {
-        let ids = dp
+    /// Reads the reasons of the packets sent to `vips` (programmed in `dp` already).
+    pub fn of(dp: &mut XdpDataplane, vips: &[VipAddr]) -> Result<Reasons> {
+        let mut ids = Vec::new();
+        for vip in vips {
+            let of_vip = dp.backend_ids(vip);
+            if of_vip.is_empty() {
+                bail!("{vip} has no backends programmed");
+            }
+            ids.extend(of_vip);
+        }
+        let map_ids = dp
             .program()
             .info()?
             .map_ids()?
             .context("the kernel does not list the program's maps")?;
-        for id in ids {
+        let (mut global, mut backends) = (None, None);
+        for id in map_ids {
             let data = MapData::from_id(id)?;
-            if data.info()?.name_as_str() == Some(lb_common::map_names::GLOBAL_STATS) {
-                return Ok(Reasons {
-                    map: PerCpuArray::try_from(Map::PerCpuArray(data))?,
-                });
+            match data.info()?.name_as_str() {
+                Some(lb_common::map_names::GLOBAL_STATS) => global = Some(PerCpuArray::try_from(Map::PerCpuArray(data))?),
+                Some(lb_common::map_names::BACKEND_STATS) => backends = Some(PerCpuArray::try_from(Map::PerCpuArray(data))?),
+                _ => {}
             }
         }
-        bail!("GLOBAL_STATS not among the program's maps")
+        Ok(Reasons {
+            global: global.context("GLOBAL_STATS not among the program's maps")?,
+            backends: backends.context("BACKEND_STATS not among the program's maps")?,
+            ids,
+        })
     }
 
     /// Packets per reason, in `reason::NAMES` order.
     pub fn packets(&self) -> Result<Vec<u64>> {
+        let mut forwarded = Counters::default();
+        for id in &self.ids {
+            for c in self.backends.get(id, 0)?.iter() {
+                forwarded.add(c);
+            }
+        }
+        let by_reason = forwarded.by_reason();
         (0..reason::COUNT)
-            .map(|i| Ok(self.map.get(&i, 0)?.iter().map(|c| c.packets).sum()))
+            .map(|i| match by_reason.get(i as usize) {
+                Some(&(packets, _)) => Ok(packets),
+                None => Ok(self.global.get(&i, 0)?.iter().map(|c| c.packets).sum()),
+            })
             .collect()
     }
 }

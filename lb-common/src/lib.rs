@@ -16,7 +16,6 @@ pub mod map_names {
     pub const ADDR_FILTER: &str = "ADDR_FILTER";
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
-    pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
 }
 
@@ -88,7 +87,7 @@ const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipInfo {
-    /// Index of this VIP in `VIP_STATS` and in `TABLES` (host order).
+    /// Index of this VIP in `TABLES` and `VIP_FLAGS` (host order).
     pub vip_id: u32,
     /// Which of the two tables is live: 0 or 1 (host order).
     pub active: u32,
@@ -369,7 +368,9 @@ impl<K: CtKey> CtEntry<K> {
     }
 }
 
-/// Per-VIP and per-backend counters (values of per-CPU arrays; userspace sums the CPUs).
+/// Per-backend counters (values of `BACKEND_STATS`, a per-CPU array; userspace sums the CPUs).
+/// They are the only count of a forwarded packet: a VIP's figures are its backends' sums, and
+/// the reasons `conntrack-hit` and `new-flow` are every backend's (see [`reason`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Counters {
@@ -379,10 +380,43 @@ pub struct Counters {
     pub bytes: u64,
     /// Flows that got a backend from the lookup table rather than the connection table (host order).
     pub new_flows: u64,
+    /// Bytes of the packets counted in `new_flows` (host order).
+    pub new_bytes: u64,
 }
-const _: () = assert!(core::mem::size_of::<Counters>() == 24);
+const _: () = assert!(core::mem::size_of::<Counters>() == 32);
 
-/// Reasons counted in `GLOBAL_STATS` (index = reason). Every packet increments exactly one.
+impl Counters {
+    /// Adds `other` field by field (wrapping, like the program's counters).
+    pub fn add(&mut self, other: &Counters) {
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+        self.new_flows = self.new_flows.wrapping_add(other.new_flows);
+        self.new_bytes = self.new_bytes.wrapping_add(other.new_bytes);
+    }
+
+    /// `self - other` field by field (wrapping): what was counted since `other` was read.
+    pub fn since(&self, other: &Counters) -> Counters {
+        Counters {
+            packets: self.packets.wrapping_sub(other.packets),
+            bytes: self.bytes.wrapping_sub(other.bytes),
+            new_flows: self.new_flows.wrapping_sub(other.new_flows),
+            new_bytes: self.new_bytes.wrapping_sub(other.new_bytes),
+        }
+    }
+
+    /// The packets and bytes of the reasons `conntrack-hit` and `new-flow`, in that order.
+    pub fn by_reason(&self) -> [(u64, u64); 2] {
+        [
+            (self.packets.wrapping_sub(self.new_flows), self.bytes.wrapping_sub(self.new_bytes)),
+            (self.new_flows, self.new_bytes),
+        ]
+    }
+}
+
+/// Reasons of a packet (index = reason). Every packet has exactly one. The forwarded ones
+/// (`CONNTRACK_HIT`, `NEW_FLOW`, the indices up to [`FORWARDED`]) are counted in `BACKEND_STATS`
+/// only ([`Counters::by_reason`]); the others in `GLOBAL_STATS`, whose first two elements stay
+/// zero. A forwarded packet thus pays for one counter update, not three.
 pub mod reason {
     /// Forwarded with a connection-table hit.
     pub const CONNTRACK_HIT: u32 = 0;
@@ -403,6 +437,10 @@ pub mod reason {
     /// Aborted: the redirect helper failed (egress interface missing from `TX_PORTS`).
     pub const REDIRECT_FAILED: u32 = 8;
     pub const COUNT: u32 = 9;
+    /// The last reason of a forwarded packet: `reason <= FORWARDED` is counted per backend.
+    pub const FORWARDED: u32 = NEW_FLOW;
+    // `Counters::by_reason` gives these two in this order.
+    const _: () = assert!(CONNTRACK_HIT == 0 && NEW_FLOW == 1 && FORWARDED == 1);
 
     /// Names in index order, as shown by `lbd status`.
     pub const NAMES: [&str; COUNT as usize] = [

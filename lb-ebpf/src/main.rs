@@ -30,7 +30,9 @@ use select::Choice;
 pub fn lbd_xdp(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let (verdict, why) = process(&ctx);
-    stats::count_reason(why, bytes);
+    if why != reason::CONNTRACK_HIT && why != reason::NEW_FLOW {
+        stats::count_reason(why, bytes);
+    }
     verdict
 }
 
@@ -96,7 +98,7 @@ fn flow<K: CtKey>(
     let probe = if l4 && !t.fragment { conntrack::probe(table, hash_key, &key) } else { None };
     if let Some((backend, generation)) = probe.as_ref().and_then(|p| p.hit()) {
         if let Some(c) = select::established(backend, generation, addr, dport, t.proto, family) {
-            return forward(ctx, &c, false);
+            return forward::<false>(ctx, &c);
         }
         // The backend was removed (or its id recycled): choose again.
     }
@@ -107,7 +109,7 @@ fn flow<K: CtKey>(
     if let Some(p) = probe {
         p.insert(&key, choice.id, choice.backend.generation);
     }
-    forward(ctx, &choice, true)
+    forward::<true>(ctx, &choice)
 }
 
 /// A flow without a (valid) connection entry: its VIP and a backend from the VIP's lookup table,
@@ -135,20 +137,20 @@ fn new_flow(
     select::from_table(&vip, hash()).ok_or((xdp_action::XDP_DROP, reason::NO_BACKEND))
 }
 
-/// Forwards a packet to `choice` (dropping it if the VIP is disabled) and counts it for its VIP
-/// and backend once the redirect was accepted: a failed one is `redirect-failed` only.
+/// Forwards a packet to `choice` (dropping it if the VIP is disabled) and counts it for its
+/// backend once the redirect was accepted: a failed one is `redirect-failed` only. `NEW_FLOW` is
+/// a constant so that a hit does not carry the new-flow counting as a runtime flag.
 #[inline(always)]
-fn forward(ctx: &XdpContext, choice: &Choice, new_flow: bool) -> (u32, u32) {
+fn forward<const NEW_FLOW: bool>(ctx: &XdpContext, choice: &Choice) -> (u32, u32) {
     if !choice.enabled {
         return (xdp_action::XDP_DROP, reason::VIP_DISABLED);
     }
-    debug!(ctx, "vip {} -> backend {} new={}", choice.vip_id, choice.id, new_flow as u8);
+    debug!(ctx, "vip {} -> backend {} new={}", choice.vip_id, choice.id, NEW_FLOW as u8);
     let Ok(verdict) = rewrite::forward(ctx, choice.backend) else {
         return (xdp_action::XDP_ABORTED, reason::REDIRECT_FAILED);
     };
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    stats::count_forward(choice.vip_id, choice.id, bytes, new_flow);
-    (verdict, if new_flow { reason::NEW_FLOW } else { reason::CONNTRACK_HIT })
+    stats::count_forward::<NEW_FLOW>(choice.id, (ctx.data_end() - ctx.data()) as u64);
+    (verdict, if NEW_FLOW { reason::NEW_FLOW } else { reason::CONNTRACK_HIT })
 }
 
 #[cfg(not(test))]

@@ -70,15 +70,11 @@ pub static CT_SHIFT: Global<u32> = Global::new(31);
 #[map(name = "TX_PORTS")]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
 
-/// Per-CPU packets and bytes by reason (`lb_common::reason`).
+/// Per-CPU packets and bytes by reason (`lb_common::reason`) of the packets not forwarded.
 #[map(name = "GLOBAL_STATS")]
 pub static GLOBAL_STATS: PerCpuArray<ReasonCounter> = PerCpuArray::with_max_entries(reason::COUNT, 0);
 
-/// Per-CPU counters by VIP id.
-#[map(name = "VIP_STATS")]
-pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
-
-/// Per-CPU counters by backend id.
+/// Per-CPU counters by backend id: the only count of a forwarded packet (see `stats.rs`).
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);

@@ -118,6 +118,20 @@ struct VipSlot {
     members: Vec<MaglevBackend>,
     /// Keys of the backends programmed for this VIP (entries of `XdpDataplane::backends`).
     backend_keys: std::collections::BTreeSet<String>,
+    /// What the VIP's removed backends had forwarded: the program counts forwarded packets per
+    /// backend only, so the VIP's figures are this plus its backends' counters.
+    retired: Counters,
+    /// Tells this VIP from a later one at the same address (`Retired::serial`).
+    serial: u64,
+}
+
+/// A freed backend id whose counters were added to its VIP's `retired` when it was freed. Its
+/// `BACKEND_STATS` element keeps counting whatever a program run that saw it alive still forwards;
+/// when the id is reused, that remainder goes to the VIP too before the element is zeroed.
+struct Retired {
+    vip: VipAddr,
+    serial: u64,
+    counted: Counters,
 }
 
 /// A `BPF_F_MMAPABLE` array mapped into this process (shared: it is the map's memory).
@@ -270,8 +284,13 @@ pub struct XdpDataplane {
     ct_keys: ([u64; CT_HASH_KEY4], [u64; CT_HASH_KEY6]),
     tx_ports: DevMapHash<MapData>,
     global_stats: PerCpuArray<MapData, ReasonCounter>,
-    vip_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
+    /// Freed backend ids not reused yet.
+    retired: HashMap<u32, Retired>,
+    /// Everything reused backend ids had counted before they were zeroed: with the ids' current
+    /// counters, the forwarded reasons' totals since load.
+    zeroed: Counters,
+    next_vip_serial: u64,
     vips: BTreeMap<VipAddr, VipSlot>,
     /// (VIP, backend key) → id and what is programmed.
     backends: HashMap<(VipAddr, String), BackendSlot>,
@@ -316,7 +335,6 @@ impl XdpDataplane {
             .override_global(aya_log::LEVEL, &opts.log_level, false)
             .map_max_entries(map_names::VIPS, opts.max_vips)
             .map_max_entries(map_names::VIP_FLAGS, opts.max_vips)
-            .map_max_entries(map_names::VIP_STATS, opts.max_vips)
             .map_max_entries(map_names::BACKENDS, backend_ids(opts.max_backends))
             .map_max_entries(map_names::BACKEND_STATS, backend_ids(opts.max_backends))
             .map_max_entries(map_names::TABLES, table_buffers * table_chunks(opts.table_size))
@@ -341,8 +359,10 @@ impl XdpDataplane {
             ct_keys,
             tx_ports: take(&mut ebpf, map_names::TX_PORTS)?,
             global_stats: take(&mut ebpf, map_names::GLOBAL_STATS)?,
-            vip_stats: take(&mut ebpf, map_names::VIP_STATS)?,
             backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
+            retired: HashMap::new(),
+            zeroed: Counters::default(),
+            next_vip_serial: 0,
             ebpf,
             maglev,
             vips: BTreeMap::new(),
@@ -414,6 +434,11 @@ impl XdpDataplane {
 
     /// Number of flows in the connection tables (reads both tables, as `connection_count` does for
     /// `lbd status`: for tests and the benchmark).
+    /// The ids of `vip`'s backends, whose `BACKEND_STATS` elements count what it forwards.
+    pub fn backend_ids(&self, vip: &VipAddr) -> Vec<u32> {
+        self.backends.iter().filter(|((v, _), _)| v == vip).map(|(_, b)| b.id).collect()
+    }
+
     pub fn conntrack_len(&self) -> usize {
         self.conntrack4.count(&self.ct_keys.0) + self.conntrack6.count(&self.ct_keys.1)
     }
@@ -516,12 +541,36 @@ impl XdpDataplane {
             .map_err(Self::map_err(format!("switching table of {vip}")))
     }
 
-    /// Zeroes the per-CPU counters of a recycled id.
-    fn zero_counters(map: &mut PerCpuArray<MapData, Counters>, id: u32) -> Result<(), DataplaneError> {
+    /// Frees backend `id` of `vip` (already written dead): what it forwarded becomes the VIP's
+    /// `retired` (if the VIP stays), and the id goes to the free list.
+    fn free_backend(&mut self, vip: VipAddr, id: u32) -> Result<(), DataplaneError> {
+        let counted = Self::sum(&self.backend_stats, id, Counters::add)?;
+        let serial = match self.vips.get_mut(&vip) {
+            Some(slot) => {
+                slot.retired.add(&counted);
+                slot.serial
+            }
+            None => u64::MAX,
+        };
+        self.retired.insert(id, Retired { vip, serial, counted });
+        self.free_backend_ids.push(id);
+        Ok(())
+    }
+
+    /// Zeroes the counters of backend id `id` before it is given to a new backend, keeping their
+    /// value in `zeroed`, and what the old backend forwarded after it was freed in its VIP's.
+    fn reuse_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let now = Self::sum(&self.backend_stats, id, Counters::add)?;
+        if let Some(r) = self.retired.remove(&id) {
+            if let Some(slot) = self.vips.get_mut(&r.vip).filter(|s| s.serial == r.serial) {
+                slot.retired.add(&now.since(&r.counted));
+            }
+        }
+        self.zeroed.add(&now);
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Other(format!("counting CPUs: {e}")))?;
         let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])
             .map_err(|e| DataplaneError::Other(format!("per-CPU values: {e}")))?;
-        map.set(id, zero, 0).map_err(Self::map_err("zeroing counters"))
+        self.backend_stats.set(id, zero, 0).map_err(Self::map_err("zeroing counters"))
     }
 
     fn write_backend(&mut self, id: u32, entry: Backend, what: &str) -> Result<(), DataplaneError> {
@@ -611,12 +660,6 @@ pub fn vip_key(vip: &VipAddr) -> VipKey {
     VipKey { addr, port: vip.port.to_be(), proto, family }
 }
 
-fn add_counters(t: &mut Counters, v: &Counters) {
-    t.packets += v.packets;
-    t.bytes += v.bytes;
-    t.new_flows += v.new_flows;
-}
-
 fn traffic(c: Counters) -> Traffic {
     Traffic { packets: c.packets, bytes: c.bytes, new_flows: c.new_flows }
 }
@@ -643,7 +686,7 @@ impl Dataplane for XdpDataplane {
                 let key = (vip, backend_key);
                 let b = self.backends.remove(&key).expect("listed");
                 self.write_backend(b.id, Backend::default(), &key.1)?;
-                self.free_backend_ids.push(b.id);
+                self.free_backend(vip, b.id)?;
             }
         }
 
@@ -651,7 +694,7 @@ impl Dataplane for XdpDataplane {
             // 2. Allocate the VIP; a new one is not visible until its first table is complete.
             if !self.vips.contains_key(&svc.vip) {
                 let (id, tables) = self.alloc_vip()?;
-                Self::zero_counters(&mut self.vip_stats, id)?;
+                self.next_vip_serial += 1;
                 let last_flip = Instant::now() - FLIP_GRACE;
                 let slot = VipSlot {
                     id,
@@ -663,6 +706,8 @@ impl Dataplane for XdpDataplane {
                     applied: Vec::new(),
                     members: Vec::new(),
                     backend_keys: Default::default(),
+                    retired: Counters::default(),
+                    serial: self.next_vip_serial,
                 };
                 self.vips.insert(svc.vip, slot);
             }
@@ -697,7 +742,7 @@ impl Dataplane for XdpDataplane {
                     }
                     None => {
                         let id = self.alloc_backend()?;
-                        Self::zero_counters(&mut self.backend_stats, id)?;
+                        self.reuse_counters(id)?;
                         self.generations[id as usize] = self.generations[id as usize].wrapping_add(1);
                         entry.generation = self.generations[id as usize];
                         id
@@ -740,7 +785,7 @@ impl Dataplane for XdpDataplane {
                 let key = (svc.vip, backend_key);
                 let b = self.backends.remove(&key).expect("listed");
                 self.write_backend(b.id, Backend::default(), &key.1)?;
-                self.free_backend_ids.push(b.id);
+                self.free_backend(svc.vip, b.id)?;
             }
         }
         self.write_addr_filter(wanted.iter(), false)?;
@@ -750,17 +795,39 @@ impl Dataplane for XdpDataplane {
     fn stats(&self) -> Result<DataplaneStats, DataplaneError> {
         // `connections` is `connection_count`'s.
         let mut out = DataplaneStats::default();
-        for (i, name) in reason::NAMES.iter().enumerate() {
-            let c = Self::sum(&self.global_stats, i as u32, |t, v| {
-                t.packets += v.packets;
-                t.bytes += v.bytes;
-            })?;
-            out.reasons.insert((*name).to_string(), Traffic { packets: c.packets, bytes: c.bytes, new_flows: 0 });
+        // Forwarded packets are counted per backend only: every id ever handed out (in use, or
+        // freed and not reused yet) plus what reused ids had counted.
+        let mut counters = Vec::with_capacity(self.next_backend_id as usize);
+        let mut forwarded = self.zeroed;
+        for id in 0..self.next_backend_id {
+            let c = Self::sum(&self.backend_stats, id, Counters::add)?;
+            forwarded.add(&c);
+            counters.push(c);
         }
+        let by_reason = forwarded.by_reason();
+        for (i, name) in reason::NAMES.iter().enumerate() {
+            let (packets, bytes) = match by_reason.get(i) {
+                Some(&figures) => figures,
+                None => {
+                    let c = Self::sum(&self.global_stats, i as u32, |t, v| {
+                        t.packets += v.packets;
+                        t.bytes += v.bytes;
+                    })?;
+                    (c.packets, c.bytes)
+                }
+            };
+            out.reasons.insert((*name).to_string(), Traffic { packets, bytes, new_flows: 0 });
+        }
+        let counted = |id: u32| counters.get(id as usize).copied().unwrap_or_default();
         // Slots per backend id, one pass over each live table (not one per backend).
         let mut slots = vec![0u32; backend_ids(self.opts.max_backends) as usize];
         for (vip, slot) in &self.vips {
-            let c = Self::sum(&self.vip_stats, slot.id, add_counters)?;
+            let mut c = slot.retired;
+            for key in &slot.backend_keys {
+                if let Some(b) = self.backends.get(&(*vip, key.clone())) {
+                    c.add(&counted(b.id));
+                }
+            }
             out.vips.insert(*vip, traffic(c));
             slots.fill(0);
             for &id in slot.tables[slot.active as usize].iter().filter(|&&id| id != NO_BACKEND) {
@@ -769,7 +836,7 @@ impl Dataplane for XdpDataplane {
                 }
             }
             for ((v, key), b) in self.backends.iter().filter(|((v, _), _)| v == vip) {
-                let c = Self::sum(&self.backend_stats, b.id, add_counters)?;
+                let c = counted(b.id);
                 let slots = slots.get(b.id as usize).copied().unwrap_or(0);
                 out.backends.insert((*v, key.clone()), BackendStats { traffic: traffic(c), slots: Some(slots) });
             }

@@ -340,6 +340,76 @@ fn established_inner() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The program counts a forwarded packet once, for its real server; a virtual server's figures
+/// and the reasons `conntrack-hit` and `new-flow` are sums over real servers. They must not drop
+/// when a real server or a virtual server is removed, and a virtual server that gets a freed id
+/// must not inherit what it counted.
+#[test]
+fn forwarded_counts_survive_removed_and_reused_backends() -> anyhow::Result<()> {
+    in_own_netns("lbdt-prog6", counts_inner)
+}
+
+fn counts_inner() -> anyhow::Result<()> {
+    use lb_userspace::dataplane::Traffic;
+    let mut dp = load();
+    let a = VipAddr::new(IpAddr::V4(VIP), 80, Protocol::Tcp);
+    let b = VipAddr::new(IpAddr::V4(VIP_EMPTY), 80, Protocol::Tcp);
+    let two = vec![backend(11, 80, BE_MAC[0], INGRESS), backend(12, 80, BE_MAC[1], INGRESS)];
+    let third = backend(13, 80, BE_MAC[2], INGRESS);
+    dp.apply(&[ServiceSpec::new(a, two.clone())])?;
+
+    // 40 flows to A, a SYN and an ACK each: 40 new flows and 40 hits over both real servers.
+    let (mut syn_bytes, mut ack_bytes) = (0, 0);
+    for i in 0..40 {
+        let f = flow(42000 + i, 80);
+        let (syn, ack) = (tcp4_syn(f), tcp4_ack(f, b"x"));
+        assert_eq!(run(&mut dp, &syn).0, XDP_TX, "SYN {i}");
+        assert_eq!(run(&mut dp, &ack).0, XDP_TX, "ACK {i}");
+        syn_bytes += syn.len() as u64;
+        ack_bytes += ack.len() as u64;
+    }
+    let of_a = Traffic { packets: 80, bytes: syn_bytes + ack_bytes, new_flows: 40 };
+    let reasons = |dp: &XdpDataplane| -> anyhow::Result<[(u64, u64); 2]> {
+        let s = dp.stats()?;
+        Ok(["conntrack-hit", "new-flow"].map(|r| (s.reasons[r].packets, s.reasons[r].bytes)))
+    };
+    let s = dp.stats()?;
+    assert_eq!(s.vips[&a], of_a);
+    let per_real: Vec<u64> = two.iter().map(|r| s.backends[&(a, r.key())].traffic.packets).collect();
+    assert!(per_real.iter().all(|&p| p > 0) && per_real.iter().sum::<u64>() == 80, "per real server: {per_real:?}");
+    assert_eq!(reasons(&dp)?, [(40, ack_bytes), (40, syn_bytes)]);
+
+    // A's first real server goes: A keeps what it forwarded, and so do the reasons.
+    let freed = dp.backend_ids(&a);
+    dp.apply(&[ServiceSpec::new(a, vec![two[1].clone()])])?;
+    assert_eq!(dp.stats()?.vips[&a], of_a, "A after removing a real server");
+    assert_eq!(reasons(&dp)?, [(40, ack_bytes), (40, syn_bytes)]);
+
+    // B's real server gets the freed id: B starts from zero, A keeps its figures.
+    dp.apply(&[ServiceSpec::new(a, vec![two[1].clone()]), ServiceSpec::new(b, vec![third.clone()])])?;
+    let reused = dp.backend_ids(&b);
+    assert!(reused.iter().all(|id| freed.contains(id)), "B's real server reuses an id A freed: {reused:?} of {freed:?}");
+    let s = dp.stats()?;
+    assert_eq!((s.vips[&a], s.vips[&b]), (of_a, Traffic::default()), "A and B after the reuse");
+    assert_eq!(s.backends[&(b, third.key())].traffic, Traffic::default());
+    let f = Flow4 { dst: VIP_EMPTY, ..flow(43000, 80) };
+    let (verdict, out) = run(&mut dp, &tcp4_syn(f));
+    assert_eq!((verdict, &out[0..6]), (XDP_TX, &BE_MAC[2][..]));
+    let syn_b = tcp4_syn(f).len() as u64;
+    let s = dp.stats()?;
+    assert_eq!((s.vips[&a], s.vips[&b]), (of_a, Traffic { packets: 1, bytes: syn_b, new_flows: 1 }));
+    assert_eq!(reasons(&dp)?, [(40, ack_bytes), (41, syn_bytes + syn_b)]);
+
+    // A goes, and comes back: the reasons keep everything, the new A starts from zero.
+    dp.apply(&[ServiceSpec::new(b, vec![third.clone()])])?;
+    assert_eq!(reasons(&dp)?, [(40, ack_bytes), (41, syn_bytes + syn_b)], "after removing A");
+    dp.apply(&[ServiceSpec::new(a, two.clone()), ServiceSpec::new(b, vec![third])])?;
+    let s = dp.stats()?;
+    assert_eq!(s.vips[&a], Traffic::default(), "A again, with ids of the old A");
+    assert_eq!(reasons(&dp)?, [(40, ack_bytes), (41, syn_bytes + syn_b)], "after A's ids were reused");
+    Ok(())
+}
+
 /// The connection table is a fixed-size cache: a flood of one-packet flows (a SYN flood, a scan)
 /// four times its size must not push out established flows (those that sent a second packet),
 /// which keep their backend although a backend added since would take a quarter of them.
