@@ -12,7 +12,6 @@ pub mod map_names {
     pub const TABLES: &str = "TABLES";
     pub const CONNTRACK4: &str = "CONNTRACK4";
     pub const CONNTRACK6: &str = "CONNTRACK6";
-    pub const VIP_FLAGS: &str = "VIP_FLAGS";
     pub const ADDR_FILTER: &str = "ADDR_FILTER";
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
@@ -87,7 +86,7 @@ const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipInfo {
-    /// Index of this VIP in `TABLES` and `VIP_FLAGS` (host order).
+    /// Index of this VIP in `TABLES` (host order).
     pub vip_id: u32,
     /// Which of the two tables is live: 0 or 1 (host order).
     pub active: u32,
@@ -99,9 +98,6 @@ const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
 
 /// Forward this VIP's traffic. Cleared on a backup director (VRRP), which then passes nothing on.
 pub const VIP_F_ENABLED: u32 = 1;
-/// The VIP has port 0 (every port of its address). In `VIP_FLAGS` only: a connection-table hit
-/// on such a VIP checks that no port-specific VIP has since taken the flow's port.
-pub const VIP_F_ANY_PORT: u32 = 2;
 
 /// Words (u32) of the `ADDR_FILTER` array: a bitmap of `ADDR_FILTER_WORDS * 32` bits, one set
 /// for every VIP address (see [`addr_filter_bit`]). A clear bit proves "not a VIP address" with
@@ -153,6 +149,12 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 28);
 
 /// The backend exists and may keep its established flows (it may still have weight 0).
 pub const BACKEND_F_ALIVE: u32 = 1;
+/// Copies of its VIP's state, so that a connection-table hit reads no VIP element: the VIP
+/// forwards (its `VIP_F_ENABLED`; the controller rewrites the VIP's backends when it changes) ...
+pub const BACKEND_F_VIP_ENABLED: u32 = 2;
+/// ... and the VIP has port 0 (every port of its address): a hit on such a VIP checks that no
+/// port-specific VIP has since taken the flow's port.
+pub const BACKEND_F_VIP_ANY_PORT: u32 = 4;
 
 /// Key of the `CONNTRACK4` connection table: one direction of an IPv4 flow as the director sees
 /// it. 16 bytes rather than `FlowKey`'s 40, so IPv4 entries take 32 bytes; 8-byte aligned so the

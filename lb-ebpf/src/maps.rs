@@ -26,10 +26,6 @@ pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MA
 #[map(name = "ADDR_FILTER")]
 pub static ADDR_FILTER: Array<u32> = Array::with_max_entries(ADDR_FILTER_WORDS, 0);
 
-/// `VIP_F_*` flags by VIP id, for connection-table hits (which never look at `VIPS`).
-#[map(name = "VIP_FLAGS")]
-pub static VIP_FLAGS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
-
 /// Backends by id.
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);

@@ -1,10 +1,10 @@
 //! VIP lookup and backend selection: the address filter, connection-table hits, and the VIP's
 //! live Maglev table for new flows.
 
-use crate::maps::{ADDR_FILTER, BACKENDS, TABLES, TABLE_SIZE, VIPS, VIP_FLAGS};
+use crate::maps::{ADDR_FILTER, BACKENDS, TABLES, TABLE_SIZE, VIPS};
 use lb_common::{
-    table_chunks, table_slot, Backend, VipInfo, VipKey, BACKEND_F_ALIVE, NO_BACKEND, TABLE_CHUNK, VIP_F_ANY_PORT,
-    VIP_F_ENABLED,
+    table_chunks, table_slot, Backend, VipInfo, VipKey, BACKEND_F_ALIVE, BACKEND_F_VIP_ANY_PORT, BACKEND_F_VIP_ENABLED,
+    NO_BACKEND, TABLE_CHUNK,
 };
 
 /// Whether some VIP may have the address whose filter bit is `bit` (false: certainly none).
@@ -37,7 +37,8 @@ pub struct Choice {
     pub id: u32,
     /// The `BACKENDS` element itself (no copy): valid for the whole run of the program.
     pub backend: &'static Backend,
-    /// The VIP forwards (`VIP_F_ENABLED`); always true for a choice from the lookup table.
+    /// The VIP forwards (`VIP_F_ENABLED`, `BACKEND_F_VIP_ENABLED`); always true for a choice from
+    /// the lookup table.
     pub enabled: bool,
 }
 
@@ -51,15 +52,15 @@ pub fn established(id: u32, generation: u32, addr: [u32; 4], port: u16, proto: u
     if b.flags & BACKEND_F_ALIVE == 0 || b.generation != generation {
         return None;
     }
-    let flags = *VIP_FLAGS.get(b.vip_id)?;
-    if flags & VIP_F_ANY_PORT != 0 && port != 0 {
+    // The VIP's flags are copied into its backends: no VIP element is read.
+    if b.flags & BACKEND_F_VIP_ANY_PORT != 0 && port != 0 {
         let key = VipKey { addr, port, proto, family };
         // SAFETY: only tested for presence.
         if unsafe { VIPS.get(&key) }.is_some() {
             return None;
         }
     }
-    Some(Choice { vip_id: b.vip_id, id, backend: b, enabled: flags & VIP_F_ENABLED != 0 })
+    Some(Choice { vip_id: b.vip_id, id, backend: b, enabled: b.flags & BACKEND_F_VIP_ENABLED != 0 })
 }
 
 /// The backend of `vip`'s live lookup table for a flow hashing to `hash`, or `None` when the VIP

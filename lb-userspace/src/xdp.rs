@@ -22,7 +22,7 @@ use aya::{
 use lb_common::{
     addr_filter_bit, ct_sets, ct_shift, CT_HASH_KEY4, CT_HASH_KEY6, map_names, reason, table_chunks, Backend, Counters, CtKey, CtSet, FlowKey, FlowKey4, ReasonCounter,
     TableChunk, VipInfo, VipKey, ADDR_FILTER_WORDS, BACKEND_F_ALIVE, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROGRAM_NAME,
-    PROTO_TCP, PROTO_UDP, TABLE_CHUNK, VIP_F_ANY_PORT, VIP_F_ENABLED,
+    PROTO_TCP, PROTO_UDP, TABLE_CHUNK, VIP_F_ENABLED, BACKEND_F_VIP_ANY_PORT, BACKEND_F_VIP_ENABLED,
 };
 
 use crate::{
@@ -272,7 +272,6 @@ pub struct XdpDataplane {
     /// `TABLES`, kept open; written through `tables`.
     _tables_map: Array<MapData, TableChunk>,
     tables: MappedTables,
-    vip_flags_map: Array<MapData, u32>,
     addr_filter_map: Array<MapData, u32>,
     /// What `ADDR_FILTER` holds.
     addr_filter: Vec<u32>,
@@ -334,7 +333,6 @@ impl XdpDataplane {
             .override_global("CT_SHIFT", &ct_shift(ct_sets), true)
             .override_global(aya_log::LEVEL, &opts.log_level, false)
             .map_max_entries(map_names::VIPS, opts.max_vips)
-            .map_max_entries(map_names::VIP_FLAGS, opts.max_vips)
             .map_max_entries(map_names::BACKENDS, backend_ids(opts.max_backends))
             .map_max_entries(map_names::BACKEND_STATS, backend_ids(opts.max_backends))
             .map_max_entries(map_names::TABLES, table_buffers * table_chunks(opts.table_size))
@@ -351,7 +349,6 @@ impl XdpDataplane {
             backends_map: take(&mut ebpf, map_names::BACKENDS)?,
             tables: MappedTables::new(&mut ebpf, table_buffers, opts.table_size)?,
             _tables_map: take(&mut ebpf, map_names::TABLES)?,
-            vip_flags_map: take(&mut ebpf, map_names::VIP_FLAGS)?,
             addr_filter_map: take(&mut ebpf, map_names::ADDR_FILTER)?,
             addr_filter: vec![0; ADDR_FILTER_WORDS as usize],
             conntrack4: Arc::new(MappedConntrack::new(&mut ebpf, map_names::CONNTRACK4, ct_sets)?),
@@ -528,14 +525,10 @@ impl XdpDataplane {
         written
     }
 
-    /// Writes `vip`'s flags (`VIP_FLAGS`) and its `VIPS` entry (live table, flags).
+    /// Writes `vip`'s `VIPS` entry (live table, flags; its backends carry the flags for hits).
     fn write_vip(&mut self, vip: &VipAddr) -> Result<(), DataplaneError> {
         let slot = &self.vips[vip];
         let info = VipInfo { vip_id: slot.id, active: slot.active, flags: vip_flags(slot.enabled), _pad: 0 };
-        let hit_flags = vip_flags(slot.enabled) | if vip.port == 0 { VIP_F_ANY_PORT } else { 0 };
-        self.vip_flags_map
-            .set(slot.id, hit_flags, 0)
-            .map_err(Self::map_err(format!("flags of {vip}")))?;
         self.vips_map
             .insert(vip_key(vip), info, 0)
             .map_err(Self::map_err(format!("switching table of {vip}")))
@@ -639,6 +632,21 @@ fn vip_flags(enabled: bool) -> u32 {
     if enabled { VIP_F_ENABLED } else { 0 }
 }
 
+/// A backend's `BACKEND_F_*` flags: its own state and copies of its VIP's.
+fn backend_flags(alive: bool, vip: &VipAddr, enabled: bool) -> u32 {
+    let mut flags = 0;
+    if alive {
+        flags |= BACKEND_F_ALIVE;
+    }
+    if enabled {
+        flags |= BACKEND_F_VIP_ENABLED;
+    }
+    if vip.port == 0 {
+        flags |= BACKEND_F_VIP_ANY_PORT;
+    }
+    flags
+}
+
 /// Address words as the program reads them: wire-order bytes in each u32.
 pub fn addr_words(addr: IpAddr) -> ([u32; 4], u8) {
     match addr {
@@ -713,12 +721,10 @@ impl Dataplane for XdpDataplane {
             }
             let slot = &self.vips[&svc.vip];
             let vip_id = slot.id;
-            if slot.installed && slot.applied == svc.backends {
-                // Same backends as last time: nothing to rebuild or rewrite, maybe the flag.
-                if slot.enabled != svc.enabled {
-                    self.vips.get_mut(&svc.vip).expect("allocated").enabled = svc.enabled;
-                    self.write_vip(&svc.vip)?;
-                }
+            if slot.installed && slot.applied == svc.backends && slot.enabled == svc.enabled {
+                // Same as last time: nothing to rebuild or rewrite. (A changed `enabled` goes on:
+                // the backends carry it for connection-table hits and are rewritten, the table
+                // stays, and `install` writes the VIP.)
                 continue;
             }
 
@@ -733,7 +739,7 @@ impl Dataplane for XdpDataplane {
                     ifindex: b.ifindex,
                     vip_id,
                     generation: 0,
-                    flags: if alive { BACKEND_F_ALIVE } else { 0 },
+                    flags: backend_flags(alive, &svc.vip, svc.enabled),
                 };
                 let id = match self.backends.get(&key) {
                     Some(slot) => {

@@ -331,6 +331,17 @@ fn established_inner() -> anyhow::Result<()> {
     assert_eq!(verdict, XDP_DROP);
     assert_eq!(reason_packets(&dp, "vip-disabled") - before, 1);
 
+    // Enabled again (MASTER), nothing else changed: the established flow is a hit again, on
+    // its real server (hits read the VIP's state from the real server's element).
+    dp.apply(&[any.clone(), exact.clone()])?;
+    let before = reason_packets(&dp, "conntrack-hit");
+    let (verdict, out) = run(&mut dp, &tcp4_ack(other, b"x"));
+    assert_eq!((verdict, &out[0..6]), (XDP_TX, &BE_MAC[2][..]), "re-enabled VIP forwards its flow");
+    assert_eq!(reason_packets(&dp, "conntrack-hit") - before, 1);
+    let mut disabled = any.clone();
+    disabled.enabled = false;
+    dp.apply(&[disabled, exact.clone()])?;
+
     // Removed: the address keeps the port VIP, but port 9090 is no VIP any more.
     dp.apply(&[exact])?;
     let before = reason_packets(&dp, "not-vip");
