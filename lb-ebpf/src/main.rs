@@ -55,9 +55,22 @@ fn v4(ctx: &XdpContext, ip: &parse::Ip4) -> (u32, u32) {
     if !select::maybe_vip(addr_filter_bit_v4(ip.dst)) {
         return NOT_VIP;
     }
-    let t = parse::Transport { proto: ip.proto, l4: ip.l4, fragment: ip.fragment, later_fragment: ip.later_fragment };
     let key = |sport, dport| FlowKey4 { src: ip.src, dst: ip.dst, sport, dport, proto: ip.proto, _pad0: 0, _pad1: 0 };
-    flow(ctx, &t, [ip.dst, 0, 0, 0], FAMILY_V4, (&CONNTRACK4, &CT_KEY4), key, flow_hash_v4)
+    let addr = [ip.dst, 0, 0, 0];
+    if !ip.fragment && (ip.proto == PROTO_TCP || ip.proto == PROTO_UDP) {
+        // The common case on a path of its own, one test up front: through `flow` it carried
+        // "TCP or UDP" and "not a fragment" along as flags to test again (a hit measured 15 ns
+        // there, 14 here). IPv6 stays with `flow`: the same split made its hits slower (19 ns to
+        // 24-26).
+        let Some((sport, dport)) = parse::ports(ctx, ip.l4) else {
+            return MALFORMED;
+        };
+        let key = key(sport, dport);
+        let probe = conntrack::probe(&CONNTRACK4, &CT_KEY4, &key);
+        return with_entry(ctx, probe, &key, (addr, dport, ip.proto, FAMILY_V4), flow_hash_v4);
+    }
+    let t = parse::Transport { proto: ip.proto, l4: ip.l4, fragment: ip.fragment, later_fragment: ip.later_fragment };
+    flow(ctx, &t, addr, FAMILY_V4, (&CONNTRACK4, &CT_KEY4), key, flow_hash_v4)
 }
 
 #[inline(always)]
@@ -108,6 +121,32 @@ fn flow<K: CtKey>(
     };
     if let Some(p) = probe {
         p.insert(&key, choice.id, choice.backend.generation);
+    }
+    forward::<true>(ctx, &choice)
+}
+
+/// `flow` for a TCP or UDP packet that is not a fragment, its connection-table `probe` done:
+/// the entry's backend, else a new flow chosen by `hash` of `key` and recorded. `to`: the VIP's
+/// address, port, protocol and family.
+#[inline(always)]
+fn with_entry<K: CtKey>(
+    ctx: &XdpContext,
+    probe: Option<conntrack::Probe<K>>,
+    key: &K,
+    (addr, dport, proto, family): ([u32; 4], u16, u8, u8),
+    hash: impl FnOnce(&K) -> u32,
+) -> (u32, u32) {
+    if let Some((backend, generation)) = probe.as_ref().and_then(|p| p.hit()) {
+        if let Some(c) = select::established(backend, generation, addr, dport, proto, family) {
+            return forward::<false>(ctx, &c);
+        }
+    }
+    let choice = match new_flow(addr, dport, proto, family, false, || hash(key)) {
+        Ok(c) => c,
+        Err(verdict) => return verdict,
+    };
+    if let Some(p) = probe {
+        p.insert(key, choice.id, choice.backend.generation);
     }
     forward::<true>(ctx, &choice)
 }

@@ -473,12 +473,19 @@ fn flood_inner() -> anyhow::Result<()> {
     // The flood: 4096 one-packet flows from another client.
     let before = reason_packets(&dp, "new-flow");
     for sport in 1..=4096u16 {
-        let (verdict, _) = run(&mut dp, &tcp4_syn(Flow4 { src: Ipv4Addr::new(192, 0, 2, 77), ..flow(sport, 80) }));
+        let f = Flow4 { src: Ipv4Addr::new(192, 0, 2, 77), ..flow(sport, 80) };
+        let (verdict, _) = run(&mut dp, &tcp4_syn(f));
         assert_eq!(verdict, XDP_TX);
+        *per_set.entry(set_of(&f)).or_insert(0) += 1;
     }
     assert_eq!(reason_packets(&dp, "new-flow") - before, 4096, "every flood packet is a new flow");
+    // Nothing is ever deleted and an insert takes an empty way first, so each set holds all of
+    // its flows or is full. (Not simply "full": the flood varies the source port only, and with
+    // some hash keys a few sets get fewer than CT_WAYS of its 4096 flows; seen: 989 of 1024.)
     let held = dp.conntrack_len();
-    assert!((1000..=SIZE as usize).contains(&held), "the table is full after the flood: {held} flows of {SIZE}");
+    let expected: usize = per_set.values().map(|&n| n.min(CT_WAYS)).sum();
+    assert_eq!(held, expected, "flows held after the flood (table of {SIZE})");
+    assert!(held > SIZE as usize * 9 / 10, "the flood filled the table: {held} flows of {SIZE}");
 
     // A fourth backend takes about a quarter of the lookup table; established flows stay put.
     let mut four = three.clone();
