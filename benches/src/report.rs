@@ -956,14 +956,17 @@ fn section_control(s: &mut String, ctl: &Control) {
          into) the changed VIPs; `apply` skips the VIPs whose backends did not change, rebuilds the changed VIPs' \
          tables, stores the slots that changed into the idle buffer (`TABLES` is memory-mapped) and flips each \
          changed VIP with one map update. Changes are spaced past the 20 ms flip grace, so no \
-         wait is included.\n"
+         wait is included. \"enabled (VRRP)\": every VIP is disabled, then enabled again, as when this director \
+         becomes backup or master; the tables stay, and each VIP and every one of its backends is rewritten (a \
+         connection-table hit reads the VIP's state from its backend's element).\n"
     );
-    let _ = writeln!(s, "| VIPs | VIPs changed | backends per VIP | ms per apply (median) | min | max | first install of all VIPs |\n|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "| VIPs | change | VIPs changed | backends per VIP | ms per apply (median) | min | max | first install of all VIPs |\n|---|---|---|---|---|---|---|---|");
     for a in &ctl.applies {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} ms |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} ms |",
             a.vips,
+            a.change,
             a.changed_vips,
             a.backends_per_vip,
             f2(a.ms.median),
