@@ -472,8 +472,11 @@ impl XdpDataplane {
         Ok((id, [zero.clone(), zero]))
     }
 
+    /// A backend id, its counters zero: a freed one (whose counters are moved aside), else one
+    /// never used (zero since the map was created).
     fn alloc_backend(&mut self) -> Result<u32, DataplaneError> {
         if let Some(id) = self.free_backend_ids.pop() {
+            self.reuse_counters(id)?;
             return Ok(id);
         }
         if self.next_backend_id >= backend_ids(self.opts.max_backends) {
@@ -748,7 +751,6 @@ impl Dataplane for XdpDataplane {
                     }
                     None => {
                         let id = self.alloc_backend()?;
-                        self.reuse_counters(id)?;
                         self.generations[id as usize] = self.generations[id as usize].wrapping_add(1);
                         entry.generation = self.generations[id as usize];
                         id
