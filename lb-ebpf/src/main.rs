@@ -30,9 +30,7 @@ use select::Choice;
 pub fn lbd_xdp(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let (verdict, why) = process(&ctx);
-    if why != reason::CONNTRACK_HIT && why != reason::NEW_FLOW {
-        stats::count_reason(why, bytes);
-    }
+    stats::count_reason(why, bytes);
     verdict
 }
 
@@ -126,8 +124,8 @@ fn flow<K: CtKey>(
 }
 
 /// `flow` for a TCP or UDP packet that is not a fragment, its connection-table `probe` done:
-/// the entry's backend, else a new flow chosen by `hash` of `key` and recorded. `to`: the VIP's
-/// address, port, protocol and family.
+/// the entry's backend, else a new flow chosen by `hash` of `key` and recorded. The tuple is
+/// the destination: address, port, protocol and family.
 #[inline(always)]
 fn with_entry<K: CtKey>(
     ctx: &XdpContext,

@@ -429,13 +429,13 @@ impl XdpDataplane {
         self.ct_keys
     }
 
-    /// Number of flows in the connection tables (reads both tables, as `connection_count` does for
-    /// `lbd status`: for tests and the benchmark).
     /// The ids of `vip`'s backends, whose `BACKEND_STATS` elements count what it forwards.
     pub fn backend_ids(&self, vip: &VipAddr) -> Vec<u32> {
         self.backends.iter().filter(|((v, _), _)| v == vip).map(|(_, b)| b.id).collect()
     }
 
+    /// Number of flows in the connection tables (reads both tables, as `connection_count` does for
+    /// `lbd status`: for tests and the benchmark).
     pub fn conntrack_len(&self) -> usize {
         self.conntrack4.count(&self.ct_keys.0) + self.conntrack6.count(&self.ct_keys.1)
     }
