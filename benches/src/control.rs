@@ -247,6 +247,14 @@ pub fn applies(p: &Params, progress: &mut Progress) -> Result<Vec<ApplyTime>> {
         let t = Instant::now();
         dp.apply(&full)?;
         let initial_ms = ms(t.elapsed());
+        let row = |changed_vips, change, samples: &[f64]| ApplyTime {
+            vips,
+            changed_vips,
+            change,
+            backends_per_vip: n,
+            ms: Summary::of(samples),
+            initial_ms,
+        };
         let changes = if vips == 1 { vec![1] } else { vec![1, vips] };
         for changed in changes {
             let mut samples = Vec::new();
@@ -274,14 +282,7 @@ pub fn applies(p: &Params, progress: &mut Progress) -> Result<Vec<ApplyTime>> {
                 dp.apply(&state)?;
                 samples.push(ms(t.elapsed()));
             }
-            out.push(ApplyTime {
-                vips,
-                changed_vips: changed,
-                change: "a backend",
-                backends_per_vip: n,
-                ms: Summary::of(&samples),
-                initial_ms,
-            });
+            out.push(row(changed, "a backend", &samples));
         }
         // A VRRP state change: every VIP disabled (to backup), then enabled again. The tables
         // stay; the VIPs and, for connection-table hits, all their backends are rewritten.
@@ -295,14 +296,7 @@ pub fn applies(p: &Params, progress: &mut Progress) -> Result<Vec<ApplyTime>> {
             dp.apply(&state)?;
             samples.push(ms(t.elapsed()));
         }
-        out.push(ApplyTime {
-            vips,
-            changed_vips: vips,
-            change: "enabled (VRRP)",
-            backends_per_vip: n,
-            ms: Summary::of(&samples),
-            initial_ms,
-        });
+        out.push(row(vips, "enabled (VRRP)", &samples));
     }
     Ok(out)
 }
