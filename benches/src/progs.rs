@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, DevMapHash, Map, MapData, PerCpuArray, PerCpuValues, ProgramArray},
+    maps::{Array, DevMapHash, MapData, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{ProgramFd, Xdp, XdpMode},
     Ebpf,
 };
@@ -168,23 +168,9 @@ impl Reasons {
             }
             ids.extend(of_vip);
         }
-        let map_ids = dp
-            .program()
-            .info()?
-            .map_ids()?
-            .context("the kernel does not list the program's maps")?;
-        let (mut global, mut backends) = (None, None);
-        for id in map_ids {
-            let data = MapData::from_id(id)?;
-            match data.info()?.name_as_str() {
-                Some(lb_common::map_names::GLOBAL_STATS) => global = Some(PerCpuArray::try_from(Map::PerCpuArray(data))?),
-                Some(lb_common::map_names::BACKEND_STATS) => backends = Some(PerCpuArray::try_from(Map::PerCpuArray(data))?),
-                _ => {}
-            }
-        }
         Ok(Reasons {
-            global: global.context("GLOBAL_STATS not among the program's maps")?,
-            backends: backends.context("BACKEND_STATS not among the program's maps")?,
+            global: PerCpuArray::try_from(dp.program_map(lb_common::map_names::GLOBAL_STATS)?)?,
+            backends: PerCpuArray::try_from(dp.program_map(lb_common::map_names::BACKEND_STATS)?)?,
             ids,
         })
     }

@@ -386,6 +386,21 @@ impl XdpDataplane {
             .expect("program is XDP")
     }
 
+    /// A second handle on one of the loaded program's maps (`lb_common::map_names`), found
+    /// through the program's map ids: for tests and the benchmark, which read or change a map
+    /// this dataplane keeps to itself.
+    pub fn program_map(&mut self, name: &str) -> Result<aya::maps::Map, DataplaneError> {
+        let other = |e: &dyn std::fmt::Display| DataplaneError::Other(format!("finding map {name}: {e}"));
+        let ids = self.program().info().and_then(|i| i.map_ids()).map_err(|e| other(&e))?;
+        for id in ids.ok_or_else(|| other(&"the kernel does not list the program's maps"))? {
+            let data = MapData::from_id(id).map_err(|e| other(&e))?;
+            if data.info().map_err(|e| other(&e))?.name_as_str() == Some(name) {
+                return aya::maps::Map::from_map_data(data).map_err(|e| other(&e));
+            }
+        }
+        Err(other(&"not among the program's maps"))
+    }
+
     /// The eBPF object, for taking the log ring buffer (`aya_log::EbpfLogger::init`).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf

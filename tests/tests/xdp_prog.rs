@@ -196,14 +196,8 @@ fn cases(other_ifindex: u32) -> anyhow::Result<()> {
         let st = dp.stats().expect("stats");
         (st.vips[&vip].packets, st.backends[&(vip, "192.0.2.14:80".to_string())].traffic.packets)
     };
-    let mut tx_ports = None;
-    for id in dp.program().info()?.map_ids()?.expect("the kernel lists the program's maps") {
-        let data = aya::maps::MapData::from_id(id)?;
-        if data.info()?.name_as_str() == Some(lb_common::map_names::TX_PORTS) {
-            tx_ports = Some(aya::maps::DevMapHash::try_from(aya::maps::Map::DevMapHash(data))?);
-        }
-    }
-    tx_ports.expect("TX_PORTS among the program's maps").remove(other_ifindex)?;
+    let mut tx_ports = aya::maps::DevMapHash::try_from(dp.program_map(lb_common::map_names::TX_PORTS)?)?;
+    tx_ports.remove(other_ifindex)?;
     let before = (forwarded(&dp), reason_packets(&dp, "redirect-failed"));
     let (verdict, _) = run(&mut dp, &tcp4_syn(Flow4 { dst: VIP_REDIRECT, sport: 40011, ..f }));
     assert_eq!(verdict, XDP_ABORTED);
@@ -338,9 +332,6 @@ fn established_inner() -> anyhow::Result<()> {
     let (verdict, out) = run(&mut dp, &tcp4_ack(other, b"x"));
     assert_eq!((verdict, &out[0..6]), (XDP_TX, &BE_MAC[2][..]), "re-enabled VIP forwards its flow");
     assert_eq!(reason_packets(&dp, "conntrack-hit") - before, 1);
-    let mut disabled = any.clone();
-    disabled.enabled = false;
-    dp.apply(&[disabled, exact.clone()])?;
 
     // Removed: the address keeps the port VIP, but port 9090 is no VIP any more.
     dp.apply(&[exact])?;
