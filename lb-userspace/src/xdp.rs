@@ -771,13 +771,16 @@ impl Dataplane for XdpDataplane {
                         id
                     }
                 };
+                // The egress port first: a backend already in the live table (or pinned by
+                // connection entries) that moved to another interface is used by the next
+                // packet, and a redirect to a port not yet in TX_PORTS fails.
+                if b.ifindex != 0 {
+                    self.ensure_tx_port(b.ifindex)?;
+                }
                 if self.backends.get(&key).map(|s| s.entry) != Some(entry) {
                     self.write_backend(id, entry, &key.1)?;
                     self.backends.insert(key.clone(), BackendSlot { id, entry });
                     self.vips.get_mut(&svc.vip).expect("allocated").backend_keys.insert(key.1.clone());
-                }
-                if b.ifindex != 0 {
-                    self.ensure_tx_port(b.ifindex)?;
                 }
                 if alive && b.weight > 0 {
                     members.push(MaglevBackend { key: key.1, weight: b.weight, id });
