@@ -80,6 +80,18 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
     serde_json::from_str(&reply).map_err(|source| ControlError::Decode { path: p, source })
 }
 
+/// After a failed `accept` on a listener (the control socket's, the metrics endpoint's): logs it
+/// and waits a moment. The usual cause is running out of file descriptors (EMFILE, ENFILE), which
+/// the next `accept` hits again at once: retrying without the pause would spin a core and flood
+/// the log until a descriptor is freed.
+pub async fn accept_failed(what: &str, e: &std::io::Error) {
+    tracing::warn!("{what} accept: {e}; retrying in {} ms", ACCEPT_RETRY.as_millis());
+    tokio::time::sleep(ACCEPT_RETRY).await;
+}
+
+/// The pause of [`accept_failed`].
+pub const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Binds the socket: creates the directory, refuses to steal a socket another lbd listens on,
 /// replaces a stale one, and restricts it to the owner (0600).
 pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {

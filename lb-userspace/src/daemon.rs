@@ -1173,7 +1173,7 @@ async fn accept_loop(listener: tokio::net::UnixListener, tx: mpsc::Sender<Contro
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
-                warn!("control socket accept: {e}");
+                crate::control::accept_failed("control socket", &e).await;
                 continue;
             }
         };

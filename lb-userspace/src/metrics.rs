@@ -11,7 +11,7 @@ use hyper::{Method, Request as HttpRequest, Response as HttpResponse, StatusCode
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::control::{Request, Response};
 use crate::status::{host_port, RealServerStatus, Status, TrafficStatus, VirtualServerStatus};
@@ -33,7 +33,7 @@ pub async fn serve(listener: TcpListener, tx: mpsc::Sender<(Request, oneshot::Se
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
-                warn!("metrics accept: {e}");
+                crate::control::accept_failed("metrics", &e).await;
                 continue;
             }
         };
@@ -413,6 +413,35 @@ mod tests {
         let closed = tokio::time::timeout(Duration::from_secs(120), s.read_to_end(&mut out)).await;
         assert!(closed.is_ok(), "the connection was still open after 120 s");
         assert!(start.elapsed() >= Duration::from_secs(30), "closed after {:?}", start.elapsed());
+    }
+
+    /// A listener whose `accept` keeps failing (here: shut down, so every call returns EINVAL at
+    /// once, as EMFILE does while the process is out of descriptors) costs a pause per failure,
+    /// not a core: without the pause the loop spins for the whole half second.
+    #[test]
+    fn a_failing_accept_does_not_spin() {
+        use std::os::fd::AsRawFd;
+        let thread_cpu = || {
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: `usage` is a valid rusage to fill.
+            assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) }, 0);
+            Duration::from_secs(usage.ru_utime.tv_sec as u64 + usage.ru_stime.tv_sec as u64)
+                + Duration::from_micros(usage.ru_utime.tv_usec as u64 + usage.ru_stime.tv_usec as u64)
+        };
+        // One thread runs the loop and this test, so the thread's CPU time is the loop's.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let used = rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            // SAFETY: a valid socket; shutting it down only makes its accept fail.
+            assert_eq!(unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) }, 0);
+            let (tx, _rx) = mpsc::channel::<(Request, oneshot::Sender<Response>)>(1);
+            let before = thread_cpu();
+            let task = tokio::spawn(serve(listener, tx));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            task.abort();
+            thread_cpu() - before
+        });
+        assert!(used < Duration::from_millis(100), "the accept loop used {used:?} of CPU in 500 ms");
     }
 
     #[test]
