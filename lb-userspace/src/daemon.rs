@@ -1358,19 +1358,17 @@ mod tests {
     }
 
     impl crate::health::scheduler::Prober for Switchboard {
-        fn probe<'a>(
+        fn attempt<'a>(
             &'a self,
             _: &'a crate::health::HealthCheck,
             target: &'a ProbeTarget,
-        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = crate::health::ProbeResult> + Send + 'a>> {
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = crate::health::check::Attempt> + Send + 'a>> {
             let ok = self.0.lock().unwrap().get(&target.addr).copied().unwrap_or(true);
             Box::pin(async move {
-                crate::health::ProbeResult {
+                crate::health::check::Attempt {
                     ok,
                     reason: if ok { "connected" } else { "connection refused" }.into(),
                     weight: None,
-                    latency: std::time::Duration::from_millis(1),
-                    attempts: 1,
                 }
             })
         }

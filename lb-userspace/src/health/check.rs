@@ -32,7 +32,7 @@ use tokio::net::{TcpStream, UdpSocket};
 
 use super::config::{
     format_duration, BodyMatch, CommandText, DnsCheck, HealthCheck, HttpCheck, ProbeKind,
-    ScriptCheck, TlsCheck, UdpCheck, Via,
+    ScriptCheck, Timing, TlsCheck, UdpCheck, Via,
 };
 
 /// Largest HTTP body read for `expect_body` and `digest`.
@@ -93,9 +93,12 @@ fn serialize_latency<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, 
 
 /// One attempt's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Attempt {
+pub struct Attempt {
+    /// Passed.
     pub ok: bool,
+    /// Why, as in [`ProbeResult::reason`].
     pub reason: String,
+    /// As in [`ProbeResult::weight`].
     pub weight: Option<u32>,
 }
 
@@ -118,12 +121,17 @@ pub(super) fn fail(reason: impl Into<String>) -> Attempt {
 /// Runs one check of `target`: attempts until one passes, at most `1 + retries`, pausing
 /// `retry_delay` before each retry. The result is the last attempt's.
 pub async fn probe(check: &HealthCheck, target: &ProbeTarget) -> ProbeResult {
-    let timing = &check.timing;
+    retrying(&check.timing, || attempt(check, target)).await
+}
+
+/// [`probe`]'s loop around `one`, which makes one attempt: the scheduler's attempts each take
+/// and give back their own probe permit, so that a check waiting to retry does not hold one.
+pub async fn retrying<F: Future<Output = Attempt>>(timing: &Timing, mut one: impl FnMut() -> F) -> ProbeResult {
     let mut attempts = 0;
     loop {
         attempts += 1;
         let start = Instant::now();
-        let attempt = attempt(check, target).await;
+        let attempt = one().await;
         let latency = start.elapsed();
         if attempt.ok || attempts > timing.retries {
             return ProbeResult {
@@ -138,7 +146,8 @@ pub async fn probe(check: &HealthCheck, target: &ProbeTarget) -> ProbeResult {
     }
 }
 
-async fn attempt(check: &HealthCheck, target: &ProbeTarget) -> Attempt {
+/// One attempt of `check` on `target`, bounded by the check's timeout.
+pub async fn attempt(check: &HealthCheck, target: &ProbeTarget) -> Attempt {
     let timeout = check.timing.timeout;
     let port = check.port.unwrap_or(target.port);
     let addr = SocketAddr::new(target.addr, port);

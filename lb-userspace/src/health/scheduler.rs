@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::check::{self, ProbeResult, ProbeTarget};
+use super::check::{self, Attempt, ProbeResult, ProbeTarget};
 use super::config::{format_duration, CheckKind, CommandText, HealthCheck, ProbeKind, Via};
 use super::state::{CheckState, Health, StateSnapshot, Transition};
 
@@ -111,26 +111,27 @@ impl Default for SchedulerOptions {
     }
 }
 
-/// Runs probes; the real one is [`check::probe`]. Tests substitute scripted results.
+/// Makes one attempt of a check; the real one is [`check::attempt`]. The scheduler retries
+/// ([`check::retrying`]). Tests substitute scripted results.
 pub trait Prober: Send + Sync + 'static {
-    fn probe<'a>(
+    fn attempt<'a>(
         &'a self,
         check: &'a HealthCheck,
         target: &'a ProbeTarget,
-    ) -> Pin<Box<dyn Future<Output = ProbeResult> + Send + 'a>>;
+    ) -> Pin<Box<dyn Future<Output = Attempt> + Send + 'a>>;
 }
 
-/// The real probes of [`check::probe`].
+/// The real attempts of [`check::attempt`].
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NetworkProber;
 
 impl Prober for NetworkProber {
-    fn probe<'a>(
+    fn attempt<'a>(
         &'a self,
         check: &'a HealthCheck,
         target: &'a ProbeTarget,
-    ) -> Pin<Box<dyn Future<Output = ProbeResult> + Send + 'a>> {
-        Box::pin(check::probe(check, target))
+    ) -> Pin<Box<dyn Future<Output = Attempt> + Send + 'a>> {
+        Box::pin(check::attempt(check, target))
     }
 }
 
@@ -399,13 +400,15 @@ async fn run(shared: Arc<Shared>, config: CheckConfig, state: Arc<Mutex<CheckSta
                 attempts: 1,
             }
         } else {
-            let _script = if is_script {
-                shared.scripts.acquire().await.ok()
-            } else {
-                None
-            };
-            let _probe = shared.probes.acquire().await;
-            shared.prober.probe(&config.check, &config.target).await
+            // Permits are taken per attempt: a check that failed and waits `retry_delay` for its
+            // retry holds none, so when many real servers fail at once (a rack goes down) the
+            // others' checks still run on time.
+            check::retrying(&config.check.timing, || async {
+                let _script = if is_script { shared.scripts.acquire().await.ok() } else { None };
+                let _probe = shared.probes.acquire().await;
+                shared.prober.attempt(&config.check, &config.target).await
+            })
+            .await
         };
         // The event goes into the controller's channel before the state lock is released: whoever
         // reads the new state (the controller, for `lbd status` or a table) finds its event
@@ -487,7 +490,7 @@ mod tests {
     /// records when each probe started and how many ran at once.
     #[derive(Default)]
     struct Scripted {
-        results: Mutex<HashMap<u16, VecDeque<ProbeResult>>>,
+        results: Mutex<HashMap<u16, VecDeque<Attempt>>>,
         starts: Mutex<Vec<(u16, tokio::time::Instant)>>,
         running: AtomicUsize,
         most: AtomicUsize,
@@ -495,11 +498,11 @@ mod tests {
     }
 
     impl Prober for Arc<Scripted> {
-        fn probe<'a>(
+        fn attempt<'a>(
             &'a self,
             _: &'a HealthCheck,
             target: &'a ProbeTarget,
-        ) -> Pin<Box<dyn Future<Output = ProbeResult> + Send + 'a>> {
+        ) -> Pin<Box<dyn Future<Output = Attempt> + Send + 'a>> {
             Box::pin(async move {
                 // As the real probe does.
                 if target.vip.is_some_and(|path| path.dst_mac.is_none()) {
@@ -528,20 +531,17 @@ mod tests {
         }
     }
 
-    fn result(ok: bool, reason: &str, weight: Option<u32>) -> ProbeResult {
-        ProbeResult {
-            ok,
-            reason: reason.into(),
-            weight,
-            latency: Duration::from_millis(1),
-            attempts: 1,
-        }
+    fn result(ok: bool, reason: &str, weight: Option<u32>) -> Attempt {
+        Attempt { ok, reason: reason.into(), weight }
     }
 
+    /// A check of real server `port` configured by `text`; without `retries` in it, with none,
+    /// so that every scripted result is one check's result.
     fn config(port: u16, text: &str, alpha: bool) -> CheckConfig {
+        let text = if text.contains("retries") { text.to_string() } else { format!("{text}\nretries = 0") };
         CheckConfig {
             key: key(port),
-            check: HealthCheck::from_toml(text, port).unwrap(),
+            check: HealthCheck::from_toml(&text, port).unwrap(),
             target: ProbeTarget {
                 addr: "10.0.0.1".parse().unwrap(),
                 port,
@@ -689,6 +689,42 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(prober.most.load(Ordering::SeqCst), 3);
         assert!(prober.starts.lock().unwrap().len() >= 15);
+    }
+
+    /// With one probe permit, a real server that keeps failing and waits 5 s before each of
+    /// its retries does not hold the permit while it waits: the other check still runs every
+    /// second. (When the permit was held through the retries, it ran once in 6 s.)
+    #[tokio::test(start_paused = true)]
+    async fn a_check_waiting_to_retry_holds_no_probe_permit() {
+        let prober = Arc::new(Scripted {
+            latency: Duration::from_millis(10),
+            ..Default::default()
+        });
+        let fails = (0..100).map(|_| result(false, "connection refused", None)).collect();
+        prober.results.lock().unwrap().insert(1, fails);
+        let options = SchedulerOptions {
+            max_probes: 1,
+            ..Default::default()
+        };
+        let (mut s, _rx) = scheduler(&prober, options);
+        s.set([
+            config(
+                1,
+                "kind = \"tcp\"\ninterval = \"1s\"\nwarmup = \"0s\"\nretries = 3\nretry_delay = \"5s\"",
+                false,
+            ),
+            config(2, "kind = \"tcp\"\ninterval = \"1s\"\nwarmup = \"0s\"", false),
+        ]);
+        tokio::time::sleep(Duration::from_millis(6500)).await;
+        let starts = prober.starts.lock().unwrap().clone();
+        let of = |port| -> Vec<_> { starts.iter().filter(|(p, _)| *p == port).map(|(_, t)| *t).collect() };
+        let (failing, other) = (of(1), of(2));
+        assert_eq!(failing.len(), 2, "the failing check's attempts: {failing:?}");
+        assert!(failing[1] - failing[0] >= Duration::from_secs(5), "{failing:?}");
+        assert!((6..=7).contains(&other.len()), "the other check ran {} times in 6.5 s", other.len());
+        for pair in other.windows(2) {
+            assert!(pair[1] - pair[0] <= Duration::from_millis(1100), "{other:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
