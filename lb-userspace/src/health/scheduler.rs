@@ -5,7 +5,8 @@
 //! longer delays the next one; probes of one check never overlap). Probes run under a semaphore
 //! (at most [`SchedulerOptions::max_probes`] at once, scripts at most
 //! [`SchedulerOptions::max_scripts`]), so a burst of slow real servers cannot exhaust sockets or
-//! processes. Each result goes through the check's [`CheckState`]; a transition is logged once
+//! processes. Each attempt takes its own permit: a check waiting `retry_delay` for its retry holds
+//! none. Each result goes through the check's [`CheckState`]; a transition is logged once
 //! (with its reason), sent as a [`HealthEvent`], and runs `notify_up`/`notify_down` detached with
 //! a timeout.
 //!
