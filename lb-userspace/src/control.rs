@@ -90,7 +90,7 @@ pub async fn accept_failed(what: &str, e: &std::io::Error) {
 }
 
 /// The pause of [`accept_failed`].
-pub const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Binds the socket: creates the directory, refuses to steal a socket another lbd listens on,
 /// replaces a stale one, and restricts it to the owner (0600).
