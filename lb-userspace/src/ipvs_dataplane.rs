@@ -271,7 +271,7 @@ impl<K: IpvsOps> IpvsDataplane<K> {
 
     /// Adds what is missing, edits what differs, deletes what lbd owns and no longer wants.
     fn reconcile(&mut self, services: &[ServiceSpec], kernel: &BTreeMap<ServiceKey, Service>) -> Result<(), DataplaneError> {
-        let mut wanted = BTreeMap::new();
+        let mut wanted = BTreeSet::new();
         for spec in services.iter().filter(|s| s.enabled) {
             let svc = service_of(spec);
             let key = svc.key.clone();
@@ -280,8 +280,10 @@ impl<K: IpvsOps> IpvsDataplane<K> {
                 Some(have) if !same_service(have, &svc) => self.client.edit_service(&svc).map_err(kernel_error)?,
                 Some(_) => {}
             }
-            // Owned from the moment it exists, so a failure further down still cleans it up later.
+            // Owned from the moment it exists, so a failure further down still cleans it up later;
+            // and counted (`stats`) from then on, so a failed apply does not hide it.
             self.owned.insert(key.clone());
+            self.vips.insert(key.clone(), spec.vip);
             let have = match kernel.contains_key(&key) {
                 true => self.client.destinations(&key).map_err(kernel_error)?,
                 false => Vec::new(),
@@ -300,16 +302,16 @@ impl<K: IpvsOps> IpvsDataplane<K> {
             for h in have.iter().filter(|h| !dests.iter().any(|d| d.addr == h.addr && d.port == h.port)) {
                 self.client.del_destination(&key, h.addr, h.port).map_err(kernel_error)?;
             }
-            wanted.insert(key, spec.vip);
+            wanted.insert(key);
         }
-        let stale: Vec<ServiceKey> = self.owned.iter().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        let stale: Vec<ServiceKey> = self.owned.iter().filter(|k| !wanted.contains(*k)).cloned().collect();
         for key in stale {
             if kernel.contains_key(&key) {
                 self.client.del_service(&key).map_err(kernel_error)?;
             }
             self.owned.remove(&key);
+            self.vips.remove(&key);
         }
-        self.vips = wanted;
         Ok(())
     }
 
@@ -627,9 +629,11 @@ mod tests {
         let (a, b) = (vs("10.0.0.1", 80, &["10.0.0.11"]), vs("10.0.0.2", 80, &["10.0.0.12"]));
         let e = error(dp.apply(&[a.clone(), b.clone()]));
         assert!(e.starts_with("-a TCP  10.0.0.2:80 -r 10.0.0.12:80: "), "{e}");
-        // Both services exist now (the second without its real server), and the file says so.
+        // Both services exist now (the second without its real server), and the file says so;
+        // `stats` counts both (it reports the kernel's services that `vips` names).
         assert_eq!(dp.client.services.len(), 2);
         assert_eq!(dir.owned(), [key("10.0.0.1", 80), key("10.0.0.2", 80)].into());
+        assert_eq!(dp.vips, [(key("10.0.0.1", 80), a.vip), (key("10.0.0.2", 80), b.vip)].into());
 
         // A later lbd (restarted after the failure) reads them as its own: it completes the second
         // and deletes both when the config no longer has them.
@@ -640,6 +644,7 @@ mod tests {
         dp.apply(&[]).unwrap();
         assert!(dp.client.services.is_empty());
         assert_eq!(dir.owned(), BTreeSet::new());
+        assert!(dp.vips.is_empty());
     }
 
     #[test]
