@@ -121,18 +121,18 @@ pub(super) fn fail(reason: impl Into<String>) -> Attempt {
 /// Runs one check of `target`: attempts until one passes, at most `1 + retries`, pausing
 /// `retry_delay` before each retry. The result is the last attempt's.
 pub async fn probe(check: &HealthCheck, target: &ProbeTarget) -> ProbeResult {
-    retrying(&check.timing, || attempt(check, target)).await
+    retrying(&check.timing, || timed(attempt(check, target))).await
 }
 
-/// [`probe`]'s loop around `one`, which makes one attempt: the scheduler's attempts each take
-/// and give back their own probe permit, so that a check waiting to retry does not hold one.
-pub async fn retrying<F: Future<Output = Attempt>>(timing: &Timing, mut one: impl FnMut() -> F) -> ProbeResult {
+/// [`probe`]'s loop around `one`, which makes one attempt and says how long the attempt itself
+/// took ([`timed`]): the scheduler's attempts each take and give back their own probe permit, so
+/// that a check waiting to retry does not hold one, and the time spent waiting for a permit is
+/// not the real server's latency.
+pub async fn retrying<F: Future<Output = (Attempt, Duration)>>(timing: &Timing, mut one: impl FnMut() -> F) -> ProbeResult {
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let start = Instant::now();
-        let attempt = one().await;
-        let latency = start.elapsed();
+        let (attempt, latency) = one().await;
         if attempt.ok || attempts > timing.retries {
             return ProbeResult {
                 ok: attempt.ok,
@@ -144,6 +144,13 @@ pub async fn retrying<F: Future<Output = Attempt>>(timing: &Timing, mut one: imp
         }
         tokio::time::sleep(timing.retry_delay).await;
     }
+}
+
+/// An attempt and how long it took.
+pub async fn timed(attempt: impl Future<Output = Attempt>) -> (Attempt, Duration) {
+    let start = Instant::now();
+    let attempt = attempt.await;
+    (attempt, start.elapsed())
 }
 
 /// One attempt of `check` on `target`, bounded by the check's timeout.

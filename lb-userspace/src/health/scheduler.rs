@@ -407,7 +407,7 @@ async fn run(shared: Arc<Shared>, config: CheckConfig, state: Arc<Mutex<CheckSta
             check::retrying(&config.check.timing, || async {
                 let _script = if is_script { shared.scripts.acquire().await.ok() } else { None };
                 let _probe = shared.probes.acquire().await;
-                shared.prober.attempt(&config.check, &config.target).await
+                check::timed(shared.prober.attempt(&config.check, &config.target)).await
             })
             .await
         };
@@ -690,6 +690,10 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(prober.most.load(Ordering::SeqCst), 3);
         assert!(prober.starts.lock().unwrap().len() >= 15);
+        // Most checks waited for a permit; the latency they report is the probe's own 500 ms.
+        let latencies: Vec<f64> = (1..=20).filter_map(|p| s.status_of(&key(p))?.state.last_latency_ms).collect();
+        assert!(latencies.len() >= 15, "{latencies:?}");
+        assert!(latencies.iter().all(|&ms| ms == 500.0), "{latencies:?}");
     }
 
     /// With one probe permit, a real server that keeps failing and waits 5 s before each of
