@@ -20,7 +20,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
@@ -146,9 +146,10 @@ pub async fn retrying<F: Future<Output = (Attempt, Duration)>>(timing: &Timing, 
     }
 }
 
-/// An attempt and how long it took.
+/// An attempt and how long it took (by tokio's clock: the same as the system's, except in tests
+/// that pause it).
 pub async fn timed(attempt: impl Future<Output = Attempt>) -> (Attempt, Duration) {
-    let start = Instant::now();
+    let start = tokio::time::Instant::now();
     let attempt = attempt.await;
     (attempt, start.elapsed())
 }
