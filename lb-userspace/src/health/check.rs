@@ -921,7 +921,7 @@ mod tests {
             source: None,
             vip: None,
         };
-        let start = Instant::now();
+        let start = std::time::Instant::now();
         let r = probe(&c, &target).await;
         assert_eq!(
             (r.ok, r.reason.as_str(), r.attempts, r.weight),
