@@ -848,24 +848,23 @@ impl Dataplane for XdpDataplane {
         // Slots per backend id, one pass over each live table (not one per backend).
         let mut slots = vec![0u32; backend_ids(self.opts.max_backends) as usize];
         for (vip, slot) in &self.vips {
-            let mut c = slot.retired;
-            for key in &slot.backend_keys {
-                if let Some(b) = self.backends.get(&(*vip, key.clone())) {
-                    c.add(&counted(b.id));
-                }
-            }
-            out.vips.insert(*vip, traffic(c));
             slots.fill(0);
             for &id in slot.tables[slot.active as usize].iter().filter(|&&id| id != NO_BACKEND) {
                 if let Some(n) = slots.get_mut(id as usize) {
                     *n += 1;
                 }
             }
-            for ((v, key), b) in self.backends.iter().filter(|((v, _), _)| v == vip) {
+            // The VIP's figures: its backends' and what its removed ones had forwarded.
+            let mut total = slot.retired;
+            for key in &slot.backend_keys {
+                let key = (*vip, key.clone());
+                let Some(b) = self.backends.get(&key) else { continue };
                 let c = counted(b.id);
+                total.add(&c);
                 let slots = slots.get(b.id as usize).copied().unwrap_or(0);
-                out.backends.insert((*v, key.clone()), BackendStats { traffic: traffic(c), slots: Some(slots) });
+                out.backends.insert(key, BackendStats { traffic: traffic(c), slots: Some(slots) });
             }
+            out.vips.insert(*vip, traffic(total));
         }
         Ok(out)
     }
