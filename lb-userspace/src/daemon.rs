@@ -1177,28 +1177,45 @@ async fn accept_loop(listener: tokio::net::UnixListener, tx: mpsc::Sender<Contro
                 continue;
             }
         };
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut line = String::new();
-            if BufReader::new(read).read_line(&mut line).await.is_err() {
-                return;
-            }
-            let resp = match serde_json::from_str::<Request>(&line) {
-                Ok(req) => {
-                    let (otx, orx) = oneshot::channel();
-                    if tx.send((req, otx)).await.is_err() {
-                        return;
-                    }
-                    orx.await.unwrap_or_else(|_| Response::error("lbd is shutting down"))
-                }
-                Err(e) => Response::error(format!("bad request: {e}")),
-            };
-            let mut out = serde_json::to_string(&resp).expect("responses serialize");
-            out.push('\n');
-            let _ = write.write_all(out.as_bytes()).await;
-        });
+        tokio::spawn(serve_request(stream, tx.clone()));
     }
+}
+
+/// The longest request line the control socket reads (the longest real one, a `drain` of an
+/// IPv6 real server, is under 200 bytes).
+const MAX_REQUEST: u64 = 64 * 1024;
+/// How long the control socket waits for a connection's request line.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads one request line from a control connection, has the controller answer it and writes
+/// the reply. A line longer than [`MAX_REQUEST`] is refused with an error reply, and a connection
+/// that sends no complete line within [`REQUEST_TIMEOUT`] is closed: neither holds memory or a
+/// task for longer.
+async fn serve_request(stream: tokio::net::UnixStream, tx: mpsc::Sender<ControlMsg>) {
+    use tokio::io::AsyncReadExt;
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST + 1));
+    let resp = match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+        Err(_) => Response::error(format!("no request line within {} s", REQUEST_TIMEOUT.as_secs())),
+        Ok(Err(e)) => Response::error(format!("bad request: {e}")),
+        Ok(Ok(_)) if line.len() as u64 > MAX_REQUEST => {
+            Response::error(format!("bad request: longer than {MAX_REQUEST} bytes"))
+        }
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                let (otx, orx) = oneshot::channel();
+                if tx.send((req, otx)).await.is_err() {
+                    return;
+                }
+                orx.await.unwrap_or_else(|_| Response::error("lbd is shutting down"))
+            }
+            Err(e) => Response::error(format!("bad request: {e}")),
+        },
+    };
+    let mut out = serde_json::to_string(&resp).expect("responses serialize");
+    out.push('\n');
+    let _ = write.write_all(out.as_bytes()).await;
 }
 
 #[cfg(test)]
@@ -1663,5 +1680,63 @@ mod tests {
         assert_eq!(ctl.config().virtual_servers[0].real_servers[0].address.to_string(), "10.0.0.11");
         let last = fake.current().unwrap();
         assert_eq!(last[0].backends[0].addr.to_string(), "10.0.0.11", "old state programmed again");
+    }
+
+    /// A control connection served by [`serve_request`] with a controller that answers every
+    /// request `ok`; returns the client's end and the requests the controller received.
+    fn control_connection() -> (tokio::net::UnixStream, std::sync::Arc<std::sync::Mutex<Vec<Request>>>) {
+        let (client, server) = tokio::net::UnixStream::pair().unwrap();
+        let (tx, mut rx) = mpsc::channel::<ControlMsg>(1);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Some((req, reply)) = rx.recv().await {
+                log.lock().unwrap().push(req);
+                let _ = reply.send(Response { ok: true, ..Default::default() });
+            }
+        });
+        tokio::spawn(serve_request(server, tx));
+        (client, seen)
+    }
+
+    /// The reply line, read as the CLI reads it (after an over-long request the connection is
+    /// then reset: the server closed it with the rest of the request unread).
+    async fn reply(client: &mut tokio::net::UnixStream) -> Response {
+        let mut out = String::new();
+        BufReader::new(client).read_line(&mut out).await.unwrap();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("reply {out:?}: {e}"))
+    }
+
+    #[tokio::test]
+    async fn a_control_request_is_answered() {
+        let (mut client, seen) = control_connection();
+        client.write_all(b"{\"cmd\":\"status\"}\n").await.unwrap();
+        assert!(reply(&mut client).await.ok);
+        assert_eq!(*seen.lock().unwrap(), vec![Request::Status]);
+    }
+
+    #[tokio::test]
+    async fn an_overlong_control_request_is_refused_without_reading_it_all() {
+        let (mut client, seen) = control_connection();
+        // A valid request padded past the limit: refused, and never handed to the controller.
+        let mut line = b"{\"cmd\":\"status\"".to_vec();
+        line.resize(MAX_REQUEST as usize + 100, b' ');
+        line.extend_from_slice(b"}\n");
+        client.write_all(&line).await.unwrap();
+        let resp = reply(&mut client).await;
+        assert!(!resp.ok);
+        assert_eq!(resp.error.as_deref(), Some("bad request: longer than 65536 bytes"));
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_control_connection_is_closed() {
+        let (mut client, seen) = control_connection();
+        client.write_all(b"{\"cmd\":").await.unwrap();
+        let start = tokio::time::Instant::now();
+        let resp = reply(&mut client).await;
+        assert_eq!(resp.error.as_deref(), Some("no request line within 10 s"));
+        assert_eq!(start.elapsed(), REQUEST_TIMEOUT);
+        assert!(seen.lock().unwrap().is_empty());
     }
 }
