@@ -584,6 +584,22 @@ impl XdpDataplane {
         self.backend_stats.set(id, zero, 0).map_err(Self::map_err("zeroing counters"))
     }
 
+    /// Writes backend `id` (of `key`, egress `ifindex`) as `entry` if it is not so already, and
+    /// records it. The egress port first: a backend already in the live table (or pinned by
+    /// connection entries) that moved to another interface is used by the next packet, and a
+    /// redirect to a port not yet in TX_PORTS fails.
+    fn program_backend(&mut self, key: &(VipAddr, String), id: u32, entry: Backend, ifindex: u32) -> Result<(), DataplaneError> {
+        if ifindex != 0 {
+            self.ensure_tx_port(ifindex)?;
+        }
+        if self.backends.get(key).map(|s| s.entry) != Some(entry) {
+            self.write_backend(id, entry, &key.1)?;
+            self.backends.insert(key.clone(), BackendSlot { id, entry });
+            self.vips.get_mut(&key.0).expect("allocated").backend_keys.insert(key.1.clone());
+        }
+        Ok(())
+    }
+
     fn write_backend(&mut self, id: u32, entry: Backend, what: &str) -> Result<(), DataplaneError> {
         self.backends_map.set(id, entry, 0).map_err(Self::map_err(format!("programming {what}")))
     }
@@ -759,28 +775,24 @@ impl Dataplane for XdpDataplane {
                     generation: 0,
                     flags: backend_flags(alive, &svc.vip, svc.enabled),
                 };
-                let id = match self.backends.get(&key) {
+                let (id, fresh) = match self.backends.get(&key) {
                     Some(slot) => {
                         entry.generation = slot.entry.generation;
-                        slot.id
+                        (slot.id, false)
                     }
                     None => {
                         let id = self.alloc_backend()?;
                         self.generations[id as usize] = self.generations[id as usize].wrapping_add(1);
                         entry.generation = self.generations[id as usize];
-                        id
+                        (id, true)
                     }
                 };
-                // The egress port first: a backend already in the live table (or pinned by
-                // connection entries) that moved to another interface is used by the next
-                // packet, and a redirect to a port not yet in TX_PORTS fails.
-                if b.ifindex != 0 {
-                    self.ensure_tx_port(b.ifindex)?;
-                }
-                if self.backends.get(&key).map(|s| s.entry) != Some(entry) {
-                    self.write_backend(id, entry, &key.1)?;
-                    self.backends.insert(key.clone(), BackendSlot { id, entry });
-                    self.vips.get_mut(&svc.vip).expect("allocated").backend_keys.insert(key.1.clone());
+                if let Err(e) = self.program_backend(&key, id, entry, b.ifindex) {
+                    if fresh {
+                        // Not written anywhere: the id goes back (its counters are zero).
+                        self.free_backend_ids.push(id);
+                    }
+                    return Err(e);
                 }
                 if alive && b.weight > 0 {
                     members.push(MaglevBackend { key: key.1, weight: b.weight, id });

@@ -576,6 +576,28 @@ fn limit_inner() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An apply that fails on a new real server (here: its interface is gone, so it cannot join
+/// TX_PORTS) gives its id back: failing again and again does not use up `max_backends`.
+#[test]
+fn a_failed_apply_gives_back_its_new_real_servers_ids() -> anyhow::Result<()> {
+    in_own_netns("lbdt-ids", ids_inner)
+}
+
+fn ids_inner() -> anyhow::Result<()> {
+    let mut dp = XdpDataplane::load(XdpOptions { table_size: 65537, max_vips: 1, max_backends: 2, conntrack_size: 4096, log_level: 0 })?;
+    let gone = svc(IpAddr::V4(VIP), 80, Protocol::Tcp, vec![backend(31, 80, BE_MAC[2], 999_999)]);
+    for attempt in 0..6 {
+        let err = dp.apply(std::slice::from_ref(&gone)).expect_err("an interface that does not exist");
+        assert!(err.to_string().contains("adding ifindex 999999 to TX_PORTS"), "attempt {attempt}: {err}");
+    }
+    let pair = svc(IpAddr::V4(VIP), 80, Protocol::Tcp, vec![backend(11, 80, BE_MAC[0], INGRESS), backend(12, 80, BE_MAC[1], INGRESS)]);
+    dp.apply(&[pair]).map_err(|e| anyhow::anyhow!("two real servers after six failed applies: {e}"))?;
+    let (verdict, out) = run(&mut dp, &tcp4_syn(flow(40000, 80)));
+    assert_eq!(verdict, XDP_TX);
+    assert!(out[0..6] == BE_MAC[0] || out[0..6] == BE_MAC[1], "{:02x?}", &out[0..6]);
+    Ok(())
+}
+
 /// In native mode a real server behind another interface gets `xdp_pass` on that interface: many
 /// drivers send redirected XDP frames only while a program is attached there. Gone with lbd.
 #[test]
