@@ -59,8 +59,9 @@ pub fn attach_pass(iface: &str) -> Result<Ebpf, LoadError> {
 }
 
 /// Time readers get to leave a table buffer after a flip before it is rewritten. XDP programs run
-/// for microseconds under RCU; this is orders of magnitude more.
-const FLIP_GRACE: Duration = Duration::from_millis(20);
+/// for microseconds under RCU; this is orders of magnitude more. Released VIP and backend ids wait
+/// as long before they are given out again.
+pub const FLIP_GRACE: Duration = Duration::from_millis(20);
 
 /// Backend ids the maps hold for `max_backends` real servers: twice as many. An apply gives new
 /// real servers their ids before the ones they replace give theirs back (only once their VIP's
@@ -103,6 +104,30 @@ pub enum LoadError {
     Attach { iface: String, mode: &'static str, hint: &'static str, source: Box<aya::programs::ProgramError> },
 }
 
+/// A released VIP id; its buffers keep their known contents.
+struct FreeVip {
+    id: u32,
+    tables: [Vec<u32>; 2],
+    freed: Instant,
+}
+
+/// Whether an id released at `freed` may be given out again, `FLIP_GRACE` after it was: until
+/// then a program run that read the VIP (or the table slot naming the backend) before it was
+/// released may still be using it. With the VIP's id, a new VIP would otherwise write its first
+/// table into the buffer such a run is reading and give it backends that pass its checks (same
+/// VIP id): a packet of the removed service could be forwarded, and pinned, to the new one's
+/// real server. If `spare` (an id never used is left), it is taken instead; else the caller waits.
+fn reusable(freed: Instant, spare: bool) -> Option<Duration> {
+    let age = freed.elapsed();
+    if age >= FLIP_GRACE {
+        Some(Duration::ZERO)
+    } else if spare {
+        None
+    } else {
+        Some(FLIP_GRACE - age)
+    }
+}
+
 struct VipSlot {
     id: u32,
     active: u32,
@@ -112,9 +137,11 @@ struct VipSlot {
     enabled: bool,
     /// A table has been made live at least once (until then the VIP is not in `VIPS`).
     installed: bool,
-    /// The backends last applied (an unchanged service is skipped) and the Maglev members its
-    /// live table was built from (an unchanged member set is not rebuilt).
-    applied: Vec<BackendSpec>,
+    /// The backends last applied completely (an unchanged service is skipped; `None` while an
+    /// apply of the VIP is under way or after one failed part way, when some of its backends may
+    /// already be written) and the Maglev members its live table was built from (an unchanged
+    /// member set is not rebuilt).
+    applied: Option<Vec<BackendSpec>>,
     members: Vec<MaglevBackend>,
     /// Keys of the backends programmed for this VIP (entries of `XdpDataplane::backends`).
     backend_keys: std::collections::BTreeSet<String>,
@@ -293,10 +320,11 @@ pub struct XdpDataplane {
     vips: BTreeMap<VipAddr, VipSlot>,
     /// (VIP, backend key) → id and what is programmed.
     backends: HashMap<(VipAddr, String), BackendSlot>,
-    /// Released VIP ids keep their buffers' known contents.
-    free_vip_ids: Vec<(u32, [Vec<u32>; 2])>,
+    /// Released VIP ids, oldest first (see `reusable`).
+    free_vip_ids: std::collections::VecDeque<FreeVip>,
     next_vip_id: u32,
-    free_backend_ids: Vec<u32>,
+    /// Released backend ids and when, oldest first (see `reusable`).
+    free_backend_ids: std::collections::VecDeque<(u32, Instant)>,
     next_backend_id: u32,
     /// Last generation handed out per backend id.
     generations: Vec<u32>,
@@ -364,9 +392,9 @@ impl XdpDataplane {
             maglev,
             vips: BTreeMap::new(),
             backends: HashMap::new(),
-            free_vip_ids: Vec::new(),
+            free_vip_ids: Default::default(),
             next_vip_id: 0,
-            free_backend_ids: Vec::new(),
+            free_backend_ids: Default::default(),
             next_backend_id: 0,
             generations: vec![0; backend_ids(opts.max_backends) as usize],
             tx_ifindexes: Vec::new(),
@@ -475,8 +503,10 @@ impl XdpDataplane {
     }
 
     fn alloc_vip(&mut self) -> Result<(u32, [Vec<u32>; 2]), DataplaneError> {
-        if let Some(v) = self.free_vip_ids.pop() {
-            return Ok(v);
+        if let Some(wait) = self.free_vip_ids.front().and_then(|v| reusable(v.freed, self.next_vip_id < self.opts.max_vips)) {
+            std::thread::sleep(wait);
+            let v = self.free_vip_ids.pop_front().expect("listed");
+            return Ok((v.id, v.tables));
         }
         if self.next_vip_id >= self.opts.max_vips {
             return Err(DataplaneError::Capacity { what: "virtual servers", limit: self.opts.max_vips });
@@ -490,8 +520,14 @@ impl XdpDataplane {
     /// A backend id, its counters zero: a freed one (whose counters are moved aside), else one
     /// never used (zero since the map was created).
     fn alloc_backend(&mut self) -> Result<u32, DataplaneError> {
-        if let Some(id) = self.free_backend_ids.pop() {
-            self.reuse_counters(id)?;
+        let spare = self.next_backend_id < backend_ids(self.opts.max_backends);
+        if let Some(wait) = self.free_backend_ids.front().and_then(|&(_, freed)| reusable(freed, spare)) {
+            std::thread::sleep(wait);
+            let (id, _) = self.free_backend_ids.pop_front().expect("listed");
+            if let Err(e) = self.reuse_counters(id) {
+                self.free_backend_ids.push_front((id, Instant::now() - FLIP_GRACE));
+                return Err(e);
+            }
             return Ok(id);
         }
         if self.next_backend_id >= backend_ids(self.opts.max_backends) {
@@ -552,8 +588,19 @@ impl XdpDataplane {
             .map_err(Self::map_err(format!("switching table of {vip}")))
     }
 
+    /// Writes backend `backend_key` of `vip` dead, then forgets it and frees its id: a failed
+    /// write leaves it programmed and listed, for the next apply to retire.
+    fn retire_backend(&mut self, vip: VipAddr, backend_key: String) -> Result<(), DataplaneError> {
+        let key = (vip, backend_key);
+        let id = self.backends[&key].id;
+        self.write_backend(id, Backend::default(), &key.1)?;
+        self.backends.remove(&key);
+        self.vips.get_mut(&vip).expect("listed").backend_keys.remove(&key.1);
+        self.free_backend(vip, id)
+    }
+
     /// Frees backend `id` of `vip` (already written dead): what it forwarded becomes the VIP's
-    /// `retired` (if the VIP stays), and the id goes to the free list.
+    /// `retired`, and the id goes to the free list.
     fn free_backend(&mut self, vip: VipAddr, id: u32) -> Result<(), DataplaneError> {
         let counted = Self::sum(&self.backend_stats, id, Counters::add)?;
         let serial = match self.vips.get_mut(&vip) {
@@ -564,7 +611,7 @@ impl XdpDataplane {
             None => u64::MAX,
         };
         self.retired.insert(id, Retired { vip, serial, counted });
-        self.free_backend_ids.push(id);
+        self.free_backend_ids.push_back((id, Instant::now()));
         Ok(())
     }
 
@@ -589,10 +636,10 @@ impl XdpDataplane {
     /// connection entries) that moved to another interface is used by the next packet, and a
     /// redirect to a port not yet in TX_PORTS fails.
     fn program_backend(&mut self, key: &(VipAddr, String), id: u32, entry: Backend, ifindex: u32) -> Result<(), DataplaneError> {
-        if ifindex != 0 {
-            self.ensure_tx_port(ifindex)?;
-        }
         if self.backends.get(key).map(|s| s.entry) != Some(entry) {
+            if ifindex != 0 {
+                self.ensure_tx_port(ifindex)?;
+            }
             self.write_backend(id, entry, &key.1)?;
             self.backends.insert(key.clone(), BackendSlot { id, entry });
             self.vips.get_mut(&key.0).expect("allocated").backend_keys.insert(key.1.clone());
@@ -604,15 +651,19 @@ impl XdpDataplane {
         self.backends_map.set(id, entry, 0).map_err(Self::map_err(format!("programming {what}")))
     }
 
+    /// Puts `ifindex` into `TX_PORTS`, each time a real server behind it is written: the kernel
+    /// deletes an interface's entry when the interface goes away (or moves to another network
+    /// namespace), and one that comes back with the same index (moved back, `ip link add ...
+    /// index N`) would otherwise never be added again. Its real servers are written again when
+    /// they are resolved again, since the neighbour entries went with the interface.
     fn ensure_tx_port(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
-        if self.tx_ifindexes.contains(&ifindex) {
-            return Ok(());
-        }
         self.tx_ports
             .insert(ifindex, ifindex, None, 0)
             .map_err(|e| DataplaneError::Other(format!("adding ifindex {ifindex} to TX_PORTS: {e}")))?;
-        self.tx_ifindexes.push(ifindex);
-        self.prepare_egress(ifindex);
+        if !self.tx_ifindexes.contains(&ifindex) {
+            self.tx_ifindexes.push(ifindex);
+            self.prepare_egress(ifindex);
+        }
         Ok(())
     }
 
@@ -722,14 +773,15 @@ impl Dataplane for XdpDataplane {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(Self::map_err(format!("removing {vip}"))(e)),
             }
-            let slot = self.vips.remove(&vip).expect("listed");
-            self.free_vip_ids.push((slot.id, slot.tables));
-            for backend_key in slot.backend_keys {
-                let key = (vip, backend_key);
-                let b = self.backends.remove(&key).expect("listed");
-                self.write_backend(b.id, Backend::default(), &key.1)?;
-                self.free_backend(vip, b.id)?;
+            // Out of `VIPS`: should it come back (a reload rolled back after a failure below), it
+            // is installed again.
+            let slot = self.vips.get_mut(&vip).expect("listed");
+            (slot.installed, slot.applied) = (false, None);
+            for backend_key in slot.backend_keys.clone() {
+                self.retire_backend(vip, backend_key)?;
             }
+            let slot = self.vips.remove(&vip).expect("listed");
+            self.free_vip_ids.push_back(FreeVip { id: slot.id, tables: slot.tables, freed: Instant::now() });
         }
 
         for svc in services {
@@ -745,7 +797,7 @@ impl Dataplane for XdpDataplane {
                     last_flip,
                     enabled: svc.enabled,
                     installed: false,
-                    applied: Vec::new(),
+                    applied: None,
                     members: Vec::new(),
                     backend_keys: Default::default(),
                     retired: Counters::default(),
@@ -753,14 +805,17 @@ impl Dataplane for XdpDataplane {
                 };
                 self.vips.insert(svc.vip, slot);
             }
-            let slot = &self.vips[&svc.vip];
+            let slot = self.vips.get_mut(&svc.vip).expect("allocated");
             let vip_id = slot.id;
-            if slot.installed && slot.applied == svc.backends && slot.enabled == svc.enabled {
+            if slot.installed && slot.applied.as_ref() == Some(&svc.backends) && slot.enabled == svc.enabled {
                 // Same as last time: nothing to rebuild or rewrite. (A changed `enabled` goes on:
                 // the backends carry it for connection-table hits and are rewritten, the table
                 // stays, and `install` writes the VIP.)
                 continue;
             }
+            // Until step 5 completes, the next apply must not take this VIP for unchanged: rolling
+            // back a reload that failed half way through its backends rewrites them.
+            slot.applied = None;
 
             // 3. Backends: new ones get an id and a fresh generation; changed ones are rewritten.
             let mut members = Vec::new();
@@ -789,8 +844,8 @@ impl Dataplane for XdpDataplane {
                 };
                 if let Err(e) = self.program_backend(&key, id, entry, b.ifindex) {
                     if fresh {
-                        // Not written anywhere: the id goes back (its counters are zero).
-                        self.free_backend_ids.push(id);
+                        // Never written: the id goes back (its counters are zero), reusable at once.
+                        self.free_backend_ids.push_front((id, Instant::now() - FLIP_GRACE));
                     }
                     return Err(e);
                 }
@@ -814,17 +869,11 @@ impl Dataplane for XdpDataplane {
             let keep: std::collections::HashSet<String> = svc.backends.iter().map(|b| b.key()).collect();
             let slot = self.vips.get_mut(&svc.vip).expect("allocated");
             let dropped: Vec<String> = slot.backend_keys.iter().filter(|k| !keep.contains(*k)).cloned().collect();
-            for k in &dropped {
-                slot.backend_keys.remove(k);
-            }
             slot.members = members;
-            slot.applied = svc.backends.clone();
             for backend_key in dropped {
-                let key = (svc.vip, backend_key);
-                let b = self.backends.remove(&key).expect("listed");
-                self.write_backend(b.id, Backend::default(), &key.1)?;
-                self.free_backend(svc.vip, b.id)?;
+                self.retire_backend(svc.vip, backend_key)?;
             }
+            self.vips.get_mut(&svc.vip).expect("allocated").applied = Some(svc.backends.clone());
         }
         self.write_addr_filter(wanted.iter(), false)?;
         Ok(())

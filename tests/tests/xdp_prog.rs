@@ -15,7 +15,7 @@ use lb_userspace::{
     config::Protocol,
     dataplane::{BackendSpec, Dataplane, ServiceSpec, VipAddr},
     maglev::{Maglev, MaglevBackend},
-    xdp::{addr_words, XdpDataplane, XdpOptions},
+    xdp::{addr_words, XdpDataplane, XdpOptions, FLIP_GRACE},
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -387,7 +387,9 @@ fn counts_inner() -> anyhow::Result<()> {
     assert_eq!(dp.stats()?.vips[&a], of_a, "A after removing a real server");
     assert_eq!(reasons(&dp)?, [(40, ack_bytes), (40, syn_bytes)]);
 
-    // B's real server gets the freed id: B starts from zero, A keeps its figures.
+    // B's real server gets the freed id (once it may be reused): B starts from zero, A keeps its
+    // figures.
+    std::thread::sleep(FLIP_GRACE);
     dp.apply(&[ServiceSpec::new(a, vec![two[1].clone()]), ServiceSpec::new(b, vec![third.clone()])])?;
     let reused = dp.backend_ids(&b);
     assert!(reused.iter().all(|id| freed.contains(id)), "B's real server reuses an id A freed: {reused:?} of {freed:?}");
@@ -405,6 +407,7 @@ fn counts_inner() -> anyhow::Result<()> {
     // A goes, and comes back: the reasons keep everything, the new A starts from zero.
     dp.apply(&[ServiceSpec::new(b, vec![third.clone()])])?;
     assert_eq!(reasons(&dp)?, [(40, ack_bytes), (41, syn_bytes + syn_b)], "after removing A");
+    std::thread::sleep(FLIP_GRACE);
     dp.apply(&[ServiceSpec::new(a, two.clone()), ServiceSpec::new(b, vec![third])])?;
     let s = dp.stats()?;
     assert_eq!(s.vips[&a], Traffic::default(), "A again, with ids of the old A");
@@ -595,6 +598,110 @@ fn ids_inner() -> anyhow::Result<()> {
     let (verdict, out) = run(&mut dp, &tcp4_syn(flow(40000, 80)));
     assert_eq!(verdict, XDP_TX);
     assert!(out[0..6] == BE_MAC[0] || out[0..6] == BE_MAC[1], "{:02x?}", &out[0..6]);
+    Ok(())
+}
+
+/// An apply that fails part way through a VIP's real servers has already rewritten the ones
+/// before the failure; applying the previous services again (what a refused reload does) must
+/// rewrite them back, not take the VIP for unchanged.
+#[test]
+fn a_failed_apply_is_undone_by_applying_the_previous_services() -> anyhow::Result<()> {
+    in_own_netns("lbdt-undo", undo_inner)
+}
+
+fn undo_inner() -> anyhow::Result<()> {
+    let mut dp = load();
+    let before = svc(IpAddr::V4(VIP), 80, Protocol::Tcp, vec![backend(11, 80, BE_MAC[0], INGRESS), backend(12, 80, BE_MAC[1], INGRESS)]);
+    dp.apply(std::slice::from_ref(&before))?;
+    // .11 gets a new MAC, then the new .31 fails: its interface does not exist.
+    let failing = svc(
+        IpAddr::V4(VIP),
+        80,
+        Protocol::Tcp,
+        vec![backend(11, 80, BE_MAC[2], INGRESS), backend(12, 80, BE_MAC[1], INGRESS), backend(31, 80, BE_MAC[2], 999_999)],
+    );
+    dp.apply(&[failing]).expect_err("an interface that does not exist");
+    dp.apply(std::slice::from_ref(&before))?;
+    let mut seen = [0; 2];
+    for sport in 40000..40100 {
+        let (verdict, out) = run(&mut dp, &tcp4_syn(flow(sport, 80)));
+        assert_eq!(verdict, XDP_TX, "flow from port {sport}");
+        let i = BE_MAC.iter().position(|m| out[0..6] == *m).expect("a real server's MAC");
+        assert!(i < 2, "flow from port {sport} went to {:02x?}, the failed apply's MAC for .11", BE_MAC[i]);
+        seen[i] += 1;
+    }
+    assert!(seen[0] > 0 && seen[1] > 0, "both real servers get flows: {seen:?}");
+    Ok(())
+}
+
+/// Ids released by an apply are not given out again within `FLIP_GRACE`, so a VIP that replaces
+/// another in one apply shares neither its VIP id nor a backend id with it (a program run still
+/// reading the old VIP could otherwise forward to the new one's real servers); at the limits,
+/// the apply waits for the grace instead of failing.
+#[test]
+fn released_ids_are_not_reused_at_once() -> anyhow::Result<()> {
+    in_own_netns("lbdt-reuse", reuse_inner)
+}
+
+fn reuse_inner() -> anyhow::Result<()> {
+    let two = |vip: Ipv4Addr, a: u8, b: u8| svc(IpAddr::V4(vip), 80, Protocol::Tcp, vec![backend(a, 80, BE_MAC[0], INGRESS), backend(b, 80, BE_MAC[1], INGRESS)]);
+    let (a, b) = (two(VIP, 11, 12), two(VIP_EMPTY, 21, 22));
+    let mut dp = load();
+    dp.apply(std::slice::from_ref(&a))?;
+    let ids_a = dp.backend_ids(&a.vip);
+    dp.apply(std::slice::from_ref(&b))?;
+    let ids_b = dp.backend_ids(&b.vip);
+    assert!(ids_a.iter().all(|id| !ids_b.contains(id)), "{ids_a:?} reused for {ids_b:?}");
+
+    // One VIP and four backend ids: every id B takes was just released or is the last spare.
+    let mut dp = XdpDataplane::load(XdpOptions { table_size: 65537, max_vips: 1, max_backends: 2, conntrack_size: 4096, log_level: 0 })?;
+    for (i, services) in [&a, &b, &a, &b].into_iter().enumerate() {
+        dp.apply(std::slice::from_ref(services)).map_err(|e| anyhow::anyhow!("apply {i} at the limits: {e}"))?;
+        let dst = if let IpAddr::V4(v) = services.vip.addr { v } else { unreachable!() };
+        let (verdict, _) = run(&mut dp, &tcp4_syn(Flow4 { src: CLIENT, dst, sport: 40000 + i as u16, dport: 80 }));
+        assert_eq!(verdict, XDP_TX, "apply {i}: a new flow to {dst}");
+    }
+    Ok(())
+}
+
+/// The kernel drops an interface's `TX_PORTS` entry when the interface leaves the namespace; if
+/// it comes back with the same index, its real servers, written again once resolved, must be
+/// reachable through it again.
+#[test]
+fn an_interface_that_comes_back_is_put_back_into_tx_ports() -> anyhow::Result<()> {
+    require_root()?;
+    let ns = Netns::new("lbdt-back")?;
+    let away = Netns::new("lbdt-away")?;
+    ns.ip(&["link", "add", "tg0", "type", "veth", "peer", "name", "tg1"])?;
+    ns.ip(&["link", "set", "tg0", "up"])?;
+    ns.ip(&["link", "set", "tg1", "up"])?;
+    let ifindex: u32 = ns.exec(&["cat", "/sys/class/net/tg0/ifindex"])?.trim().parse()?;
+    let behind = move |mac: Option<[u8; 6]>| {
+        let mut b = backend(11, 80, BE_MAC[0], ifindex);
+        b.mac = mac;
+        vec![svc(IpAddr::V4(VIP), 80, Protocol::Tcp, vec![b])]
+    };
+    let redirect = |dp: &mut XdpDataplane, sport: u16| run(dp, &tcp4_syn(flow(sport, 80))).0;
+    let dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
+        let mut dp = load();
+        dp.apply(&behind(Some(BE_MAC[0])))?;
+        assert_eq!(redirect(&mut dp, 40000), XDP_REDIRECT);
+        Ok(dp)
+    })??;
+    // Away and back: lbd sees its neighbours go (the real server unresolved) and come back.
+    ns.ip(&["link", "set", "tg0", "netns", &away.name])?;
+    away.ip(&["link", "set", "tg0", "netns", &ns.name])?;
+    ns.ip(&["link", "set", "tg0", "up"])?;
+    let back: u32 = ns.exec(&["cat", "/sys/class/net/tg0/ifindex"])?.trim().parse()?;
+    assert_eq!(back, ifindex, "the interface kept its index");
+    ns.enter(move || -> anyhow::Result<()> {
+        let mut dp = dp;
+        dp.apply(&behind(None))?;
+        dp.apply(&behind(Some(BE_MAC[0])))?;
+        let verdict = redirect(&mut dp, 40001);
+        assert_eq!(verdict, XDP_REDIRECT, "redirect-failed: {}", reason_packets(&dp, "redirect-failed"));
+        Ok(())
+    })??;
     Ok(())
 }
 
