@@ -957,16 +957,14 @@ impl Check {
         let value = value.as_ref()?;
         self.value(key, value, |text| {
             let d = parse_duration(&text.0).map_err(|e| format!("`{key}`: {e}"))?;
+            // The limit itself, not "more than 0": that was untrue of `timeout = "500us"`,
+            // more than 0 and refused all the same.
             if d < min {
-                return Err(if min.is_zero() || min == Duration::from_millis(1) {
-                    format!("`{key}` must be more than 0")
-                } else {
-                    format!(
-                        "`{key}` must be at least {}, got {}",
-                        format_duration(min),
-                        format_duration(d)
-                    )
-                });
+                return Err(format!(
+                    "`{key}` must be at least {}, got {}",
+                    format_duration(min),
+                    format_duration(d)
+                ));
             }
             if d > MAX_DURATION {
                 return Err(format!(
@@ -1471,8 +1469,15 @@ tls_verify = false"#);
         );
         assert_eq!(
             problems(r#"kind = "tcp", timeout = "0s""#, 80),
-            ["25: `timeout` must be more than 0"]
+            ["25: `timeout` must be at least 1ms, got 0s"]
         );
+        // Under 1ms is refused for what it is, not as if it were 0.
+        for (timeout, got) in [("500us", "500us"), ("0.999ms", "999us"), ("1.5us", "1.5us")] {
+            assert_eq!(
+                problems(&format!(r#"kind = "tcp", timeout = "{timeout}""#), 80),
+                [format!("25: `timeout` must be at least 1ms, got {got}")]
+            );
+        }
         assert_eq!(
             problems(r#"kind = "tcp", interval = "25h""#, 80),
             ["26: `interval` must be at most 24h, got 90000s"]
