@@ -479,6 +479,7 @@ impl Controller {
             }
             anyhow::bail!("no real server {} in virtual server {} (it has {})", sel.backend, sel.vip, known.join(", "));
         }
+        let (old_drained, old_quorums) = (self.drained.clone(), self.quorums.clone());
         for hit in &hits {
             if drain {
                 self.drained.insert(hit.clone());
@@ -486,7 +487,17 @@ impl Controller {
                 self.drained.remove(hit);
             }
         }
-        self.apply()?;
+        if let Err(e) = self.try_apply() {
+            // Refused: the drain (or enable) did not happen. Kept, status and metrics would show
+            // it and the next apply would carry it out though the command failed; its quorum
+            // changes are not announced either (as with a refused reload).
+            self.quorum_news.clear();
+            self.drained = old_drained;
+            self.quorums = old_quorums;
+            let _ = self.apply();
+            return Err(e);
+        }
+        self.announce_quorums();
         Ok(hits.iter().map(|(v, k)| format!("{v} -> {k}")).collect())
     }
 
@@ -1362,6 +1373,33 @@ mod tests {
         ctl.set_drained(&sel("10.0.0.11"), true).unwrap();
         ctl.set_drained(&sel("10.0.0.11:80"), false).unwrap();
         assert_eq!(fake.current().unwrap()[0].backends[0].weight, 1);
+    }
+
+    /// A drain (or enable) the dataplane refuses did not happen: the status does not show it,
+    /// and the next apply does not carry it out.
+    #[test]
+    fn a_refused_drain_is_undone() {
+        let (mut ctl, fake) = controller(config("", &["address = \"10.0.0.11\"\nmac = \"02:00:00:00:00:0b\"\nweight = 2"]));
+        ctl.apply().unwrap();
+        let sel = BackendSelector { vip: "10.0.0.100:80".into(), backend: "10.0.0.11".into(), protocol: None };
+        let state = |ctl: &Controller| {
+            let st = ctl.status(&DataplaneStats::default());
+            let rs = &st.virtual_servers[0].real_servers[0];
+            (rs.state.clone(), rs.weight)
+        };
+        fake.fail_next("map full");
+        let err = ctl.set_drained(&sel, true).unwrap_err();
+        assert!(format!("{err:#}").contains("map full"), "{err:#}");
+        assert_eq!(state(&ctl), ("up".to_string(), 2), "the refused drain shows");
+        ctl.apply().unwrap();
+        assert_eq!(fake.current().unwrap()[0].backends[0].weight, 2, "a later apply carried out the refused drain");
+
+        ctl.set_drained(&sel, true).unwrap();
+        fake.fail_next("map full");
+        ctl.set_drained(&sel, false).unwrap_err();
+        assert_eq!(state(&ctl), ("drained".to_string(), 0), "the refused enable shows");
+        ctl.apply().unwrap();
+        assert_eq!(fake.current().unwrap()[0].backends[0].weight, 0, "a later apply carried out the refused enable");
     }
 
     /// Probes that pass or fail as the test says, per real server address.
