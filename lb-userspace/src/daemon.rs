@@ -24,6 +24,7 @@ use crate::{
     dataplane::{endpoint_key, BackendSpec, Dataplane, DataplaneStats, IpvsParams, ServiceSpec, VipAddr},
     health::{
         config::Via,
+        scheduler::Checkpoint,
         state::{live_weight, table_weight},
         CheckConfig, CheckKey, HealthEvent, ProbeTarget, Quorum, QuorumChange, Scheduler, SchedulerOptions, VipPath,
     },
@@ -92,6 +93,18 @@ pub struct Controller {
     /// What the last successful [`Self::apply`] programmed (in config order), so that a health
     /// event recomputes only its virtual server; `None` after a failed one.
     applied: Option<Vec<ServiceSpec>>,
+}
+
+/// The state a reload replaces: taken by [`Controller::snapshot`], put back by
+/// [`Controller::restore`] when the reload is refused or undone.
+pub struct Snapshot {
+    config: Config,
+    check_keys: Vec<Vec<Option<CheckKey>>>,
+    ifaces: HashMap<String, IfaceInfo>,
+    drained: BTreeSet<(VipAddr, String)>,
+    /// The checks' states (`None` before the checks start).
+    checks: Option<Checkpoint>,
+    quorums: HashMap<VipAddr, Quorum>,
 }
 
 /// [`Controller::check_keys`] for `config`.
@@ -522,11 +535,11 @@ impl Controller {
     /// config's interfaces.
     pub fn reload(&mut self, new: Config, ifaces: HashMap<String, IfaceInfo>) -> anyhow::Result<()> {
         restart_only_changes(&self.config.director, &new.director)?;
-        let old = std::mem::replace(&mut self.config, new);
-        let old_keys = std::mem::replace(&mut self.check_keys, check_keys(&self.config));
-        let old_ifaces = std::mem::replace(&mut self.ifaces, ifaces);
+        let snapshot = self.snapshot();
+        self.check_keys = check_keys(&new);
+        self.config = new;
+        self.ifaces = ifaces;
         // A drain lasts until the config changes that real server (or removes it).
-        let old_drained = self.drained.clone();
         let weights = |c: &Config| -> HashMap<(VipAddr, String), u32> {
             c.virtual_servers
                 .iter()
@@ -536,31 +549,48 @@ impl Controller {
                 })
                 .collect()
         };
-        let (before, after) = (weights(&old), weights(&self.config));
+        let (before, after) = (weights(&snapshot.config), weights(&self.config));
         self.drained.retain(|k| after.get(k).is_some_and(|w| before.get(k) == Some(w)));
         // Checks that did not change go on with their state; new ones start (down with alpha).
-        let checks = self.health.as_ref().map(Scheduler::checkpoint);
-        let old_quorums = self.quorums.clone();
         self.sync_checks();
         if let Err(e) = self.try_apply() {
             // The quorum changes the new config would have made are not announced either.
             self.quorum_news.clear();
-            // Put the old state back (the dataplane switches tables atomically per VIP), the
-            // health of the checks and quorums the new config had dropped or changed included.
-            self.config = old;
-            self.check_keys = old_keys;
-            self.ifaces = old_ifaces;
-            self.drained = old_drained;
-            self.sync_checks();
-            if let (Some(scheduler), Some(checks)) = (&mut self.health, checks) {
-                scheduler.restore(checks);
-            }
-            self.quorums = old_quorums;
-            let _ = self.apply();
+            let _ = self.restore(snapshot);
             return Err(e);
         }
         self.announce_quorums();
         Ok(())
+    }
+
+    /// What [`Self::reload`] replaces, to put back with [`Self::restore`].
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            config: self.config.clone(),
+            check_keys: self.check_keys.clone(),
+            ifaces: self.ifaces.clone(),
+            drained: self.drained.clone(),
+            checks: self.health.as_ref().map(Scheduler::checkpoint),
+            quorums: self.quorums.clone(),
+        }
+    }
+
+    /// Puts back the state `snapshot` took and programs it (the dataplane switches tables
+    /// atomically per VIP). The drains and the health of the checks and quorums that were
+    /// dropped or changed since come back too: a reload of the old config instead would end
+    /// the drains of the real servers the new one changed, and start the checks it dropped or
+    /// changed over, up.
+    pub fn restore(&mut self, snapshot: Snapshot) -> anyhow::Result<()> {
+        self.config = snapshot.config;
+        self.check_keys = snapshot.check_keys;
+        self.ifaces = snapshot.ifaces;
+        self.drained = snapshot.drained;
+        self.sync_checks();
+        if let (Some(scheduler), Some(checks)) = (&mut self.health, snapshot.checks) {
+            scheduler.restore(checks);
+        }
+        self.quorums = snapshot.quorums;
+        self.apply()
     }
 
     pub fn status(&self, stats: &DataplaneStats) -> Status {
@@ -950,7 +980,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
             _ = sighup.recv() => {
                 if let Err(e) = reload_all(&mut ctl, &resolver, &mut watched, &mut vrrp).await {
-                    error!("reload failed, still running the previous configuration: {e:#}");
+                    log_reload_failure(&e);
                 }
             }
             Some((req, reply)) = ctl_rx.recv() => {
@@ -962,7 +992,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     Request::Reload => match reload_all(&mut ctl, &resolver, &mut watched, &mut vrrp).await {
                         Ok(()) => Response { ok: true, ..Default::default() },
                         Err(e) => {
-                            error!("reload failed, still running the previous configuration: {e:#}");
+                            log_reload_failure(&e);
                             Response::error(format!("{e:#}"))
                         }
                     },
@@ -1136,16 +1166,18 @@ fn with_vrrp(mut status: Status, vrrp: Option<&Vrrp>) -> Status {
 
 /// [`reload`], then VRRP restarted if (and only if) its tables changed: the old instances stop
 /// cleanly (a master hands over with priority 0) and the new ones start as a fresh lbd would.
-/// If they cannot start, the previous configuration is put back and VRRP runs it again.
+/// If they cannot start, the previous state is put back as it was before the reload (see
+/// [`Controller::restore`]) and VRRP runs it again; if that fails too, the error is a
+/// [`RollbackFailed`].
 async fn reload_all(
     ctl: &mut Controller,
     resolver: &Resolver,
     watched: &mut BTreeSet<NeighKeyOrd>,
     vrrp: &mut Option<Vrrp>,
 ) -> anyhow::Result<()> {
-    let old = ctl.config().clone();
+    let snapshot = ctl.snapshot();
     reload(ctl, resolver, watched)?;
-    if ctl.config().vrrp == old.vrrp {
+    if ctl.config().vrrp == snapshot.config.vrrp {
         sync_vrrp(ctl, vrrp.as_ref());
         return Ok(());
     }
@@ -1159,12 +1191,48 @@ async fn reload_all(
         }
         Err(e) => e,
     };
-    let ifaces = resolve_ifaces(&old)?;
-    ctl.reload(old, ifaces)?;
+    let err = err.context("the new VRRP configuration did not start");
+    // Every step is tried, whatever failed before it: as much of the previous state as can be
+    // runs again.
+    let mut rollback = Vec::new();
+    if let Err(e) = ctl.restore(snapshot) {
+        rollback.push(e.context("programming the previous configuration"));
+    }
     rewatch(ctl, resolver, watched);
-    *vrrp = start_vrrp(&ctl.config().vrrp)?;
+    match start_vrrp(&ctl.config().vrrp) {
+        Ok(v) => *vrrp = v,
+        Err(e) => {
+            rollback.push(e.context("restarting the previous VRRP instances (the virtual servers they cover stay dropped)"))
+        }
+    }
     sync_vrrp(ctl, vrrp.as_ref());
-    Err(err.context("the new VRRP configuration did not start"))
+    if rollback.is_empty() {
+        Err(err)
+    } else {
+        Err(RollbackFailed { failed: err, rollback }.into())
+    }
+}
+
+/// A reload undone (its new VRRP did not start) whose way back failed too: lbd does not run
+/// the previous configuration as it did before the reload.
+#[derive(Debug, thiserror::Error)]
+#[error("{failed:#}; going back to the previous configuration failed too: {}", one_line(.rollback))]
+struct RollbackFailed {
+    failed: anyhow::Error,
+    rollback: Vec<anyhow::Error>,
+}
+
+fn one_line(errors: &[anyhow::Error]) -> String {
+    errors.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>().join("; ")
+}
+
+/// Logs a failed reload, saying what lbd runs now.
+fn log_reload_failure(e: &anyhow::Error) {
+    if e.downcast_ref::<RollbackFailed>().is_some() {
+        error!("reload failed, and so did going back: the previous configuration is not fully running: {e:#}");
+    } else {
+        error!("reload failed, still running the previous configuration: {e:#}");
+    }
 }
 
 /// Follows the neighbour entries the controller's config needs now.
@@ -1574,6 +1642,41 @@ mod tests {
         let st = ctl.status(&DataplaneStats::default());
         let states: Vec<&str> = st.virtual_servers[0].real_servers.iter().map(|r| r.state.as_str()).collect();
         assert_eq!(states, ["down", "down", "unresolved"], "unresolved: up, its MAC not yet known");
+    }
+
+    /// A restored snapshot (what a reload whose new VRRP did not start goes back to) is the
+    /// state as it was, not a reload of the old config: a real server the new config dropped is
+    /// down again (its check does not start over, up), one it re-weighted is drained again, and
+    /// the quorum lost stays lost.
+    #[tokio::test(start_paused = true)]
+    async fn a_restored_snapshot_keeps_health_drains_and_quorum() {
+        let hc = "health_check = { kind = \"tcp\", interval = \"1s\", rise = 1, fall = 1 }";
+        let rs = |n: u8, rest: &str| format!("address = \"10.0.0.{n}\"\nmac = \"02:00:00:00:00:{n:02x}\"\n{rest}");
+        let mut old = config("", &[&rs(11, hc), &rs(12, ""), &rs(13, "")]);
+        old.virtual_servers[0].quorum = 2;
+        old.virtual_servers[0].sorry_server = Some("10.0.0.99:80".parse().unwrap());
+        let (mut ctl, fake, probes, mut rx) = checked(old);
+        probes.set("10.0.0.11", false);
+        next_event(&mut ctl, &mut rx).await;
+        let sel = BackendSelector { vip: "10.0.0.100:80".into(), backend: "10.0.0.12".into(), protocol: None };
+        ctl.set_drained(&sel, true).unwrap();
+        // Live weight 1 (10.0.0.13) < quorum 2.
+        assert_eq!(table(&fake), [("10.0.0.99:80".into(), 1)]);
+
+        let snapshot = ctl.snapshot();
+        let mut new = config("", &[&rs(12, "weight = 3"), &rs(13, "")]);
+        new.virtual_servers[0].quorum = 2;
+        new.virtual_servers[0].sorry_server = Some("10.0.0.99:80".parse().unwrap());
+        ctl.reload(new, HashMap::from([("eth0".to_string(), ETH0)])).unwrap();
+        assert_eq!(table(&fake), [("10.0.0.12:80".into(), 3), ("10.0.0.13:80".into(), 1)]);
+
+        ctl.restore(snapshot).unwrap();
+        assert_eq!(table(&fake), [("10.0.0.99:80".into(), 1)]);
+        let st = ctl.status(&DataplaneStats::default());
+        let states: Vec<&str> = st.virtual_servers[0].real_servers.iter().map(|r| r.state.as_str()).collect();
+        assert_eq!(states, ["down", "drained", "up"]);
+        assert!(!st.virtual_servers[0].quorum);
+        assert_eq!(ctl.applied.as_ref(), Some(&ctl.desired()));
     }
 
     /// A reload the dataplane refuses announces no quorum change it would have made (no
