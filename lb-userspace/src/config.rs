@@ -116,6 +116,10 @@ pub struct Director {
     /// `metrics_listen`: `address:port` (IPv6 in brackets) where lbd serves Prometheus metrics
     /// at `/metrics`; unset (default): none.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the `interface` value is in the file (the interface is looked up when lbd starts
+    /// or reloads, and one that is missing is reported there).
+    #[serde(skip)]
+    pub interface_span: Span,
 }
 
 /// How the XDP program is attached to the interface.
@@ -274,6 +278,9 @@ pub struct RealServer {
     /// `interface`: when the real server is reached through another interface than
     /// `[director] interface` (frames are then sent there with `XDP_REDIRECT`).
     pub interface: Option<String>,
+    /// Where the `interface` value is in the file, with one (see [`Director::interface_span`]).
+    #[serde(skip)]
+    pub interface_span: Option<Span>,
     /// `health_check`: this real server's own table over its virtual server's `health_check`
     /// (key by key); `None`: not checked, always up.
     pub health_check: Option<HealthCheck>,
@@ -602,6 +609,7 @@ impl Validator<'_> {
             max_backends: max_backends?,
             log_level: raw.log_level,
             metrics_listen: metrics_listen?,
+            interface_span: self.lines.position(raw.interface.span().start),
         })
     }
 
@@ -901,6 +909,7 @@ impl Validator<'_> {
             weight: weight?,
             mac: mac?,
             interface: interface?,
+            interface_span: raw.interface.as_ref().map(|i| self.lines.position(i.span().start)),
             health_check: health_check?,
             inhibit_on_failure,
             notify_up: notify_up?,
@@ -1331,6 +1340,7 @@ mod tests {
         text.parse::<Ipv6Addr>().unwrap().into()
     }
 
+    /// `[director]` with `interface` alone, written as in [`DIRECTOR`].
     fn default_director(interface: &str) -> Director {
         Director {
             interface: interface.into(),
@@ -1343,6 +1353,7 @@ mod tests {
             max_backends: 4096,
             log_level: LogLevel::Info,
             metrics_listen: None,
+            interface_span: Span { line: 2, col: 13 },
         }
     }
 
@@ -1398,6 +1409,7 @@ port = 8080
                 max_backends: 3,
                 log_level: LogLevel::Debug,
                 metrics_listen: None,
+                interface_span: Span { line: 2, col: 13 },
             },
             virtual_servers: vec![
                 VirtualServer {
@@ -1423,6 +1435,7 @@ port = 8080
                             weight: 0,
                             mac: Some([0x02, 0, 0, 0xab, 0xcd, 0x01]),
                             interface: Some("eth2".into()),
+                            interface_span: Some(Span { line: 22, col: 13 }),
                             health_check: None,
                             inhibit_on_failure: false,
                             notify_up: None,
@@ -1435,6 +1448,7 @@ port = 8080
                             weight: 1,
                             mac: None,
                             interface: None,
+                            interface_span: None,
                             health_check: None,
                             inhibit_on_failure: false,
                             notify_up: None,
@@ -1466,6 +1480,7 @@ port = 8080
                         weight: 1,
                         mac: None,
                         interface: None,
+                        interface_span: None,
                         health_check: None,
                         inhibit_on_failure: false,
                         notify_up: None,
@@ -1512,6 +1527,7 @@ port = 8080
             mode: Mode::Xdp,
             control_socket: "/run/lbd/rig.sock".into(),
             metrics_listen: Some("127.0.0.1:9180".parse().unwrap()),
+            interface_span: config.director.interface_span,
             ..default_director("eth0")
         };
         assert_eq!(config.director, director);
@@ -1551,7 +1567,8 @@ port = 8080
     #[test]
     fn example_config_shows_the_defaults() {
         let config = Config::load(&workspace_file("example.toml")).unwrap();
-        assert_eq!(config.director, default_director("eth0"));
+        let director = Director { interface_span: config.director.interface_span, ..default_director("eth0") };
+        assert_eq!(config.director, director);
         let vs = &config.virtual_servers[0];
         assert_eq!(
             (vs.protocol, vs.scheduler.as_str()),

@@ -768,13 +768,27 @@ pub fn interface_addresses() -> HashMap<String, Vec<IpAddr>> {
     out
 }
 
-/// Resolves every interface a config names.
-pub fn resolve_ifaces(config: &Config) -> anyhow::Result<HashMap<String, IfaceInfo>> {
-    let mut names = vec![config.director.interface.clone()];
+/// Resolves every interface a config (read from `file`) names. A failure names the file, line and
+/// column of the first `interface` that names the interface, as the config's own errors do.
+pub fn resolve_ifaces(config: &Config, file: &Path) -> anyhow::Result<HashMap<String, IfaceInfo>> {
+    let d = &config.director;
+    let mut names = vec![(&d.interface, d.interface_span)];
     for vs in &config.virtual_servers {
-        names.extend(vs.real_servers.iter().filter_map(|rs| rs.interface.clone()));
+        for rs in &vs.real_servers {
+            if let Some(name) = &rs.interface {
+                names.push((name, rs.interface_span.unwrap_or(rs.span)));
+            }
+        }
     }
-    names.into_iter().map(|n| lookup_iface(&n).map(|i| (n, i))).collect()
+    let mut ifaces = HashMap::new();
+    for (name, at) in names {
+        if ifaces.contains_key(name) {
+            continue;
+        }
+        let iface = lookup_iface(name).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e:#}", file.display(), at.line, at.col))?;
+        ifaces.insert(name.clone(), iface);
+    }
+    Ok(ifaces)
 }
 
 fn log_level_number(config: &Config) -> u8 {
@@ -922,7 +936,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let ifaces = resolve_ifaces(&config)?;
+    let ifaces = resolve_ifaces(&config, config_path)?;
     let picked = pick_dataplane(&config)?;
     info!(
         dataplane = %picked.description,
@@ -1038,7 +1052,7 @@ fn admin(ctl: &mut Controller, sel: &BackendSelector, drain: bool) -> Response {
 fn reload(ctl: &mut Controller, resolver: &Resolver, watched: &mut BTreeSet<NeighKeyOrd>) -> anyhow::Result<()> {
     let path = ctl.config_path.clone();
     let new = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let ifaces = resolve_ifaces(&new)?;
+    let ifaces = resolve_ifaces(&new, &path)?;
     ctl.set_addresses(interface_addresses());
     check_vrrp_ifaces(&new.vrrp)?;
     ctl.reload(new, ifaces)?;
@@ -1808,6 +1822,18 @@ mod tests {
         let err = check_vrrp_ifaces(&cfg.vrrp).unwrap_err();
         assert_eq!(err.to_string(), "[[vrrp_instance]] VI_1: interface nosuch1 not found");
         check_vrrp_ifaces(&vrrp_config(&VI_1.replace("\"eth0\"", "\"lo\"")).vrrp).unwrap();
+    }
+
+    /// A missing interface is reported at the `interface` naming it, as config errors are.
+    #[test]
+    fn a_missing_interface_is_reported_where_the_config_names_it() {
+        // Lines 1-3 [director], 4-6 the virtual server, 7 the real server's table, 9 its interface.
+        let cfg = config("", &["address = \"10.0.0.11\"\ninterface = \"nosuch0\""]);
+        let err = resolve_ifaces(&cfg, Path::new("test.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:9:13: interface nosuch0 not found"), "{err}");
+        let text = "[director]\ninterface = \"nosuch1\"\n";
+        let err = resolve_ifaces(&Config::parse(text, "test.toml").unwrap(), Path::new("test.toml")).unwrap_err();
+        assert!(err.to_string().starts_with("test.toml:2:13: interface nosuch1 not found"), "{err}");
     }
 
     #[test]
