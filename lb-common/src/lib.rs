@@ -81,8 +81,11 @@ const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 ///
 /// The VIP's lookup table is double buffered: `TABLES` holds two tables per VIP id, and `active`
 /// says which one readers use. The controller fills the idle table completely, then replaces this
-/// whole value with one map update (hash map updates swap the element under RCU, so a reader sees
-/// either the old or the new value, never a mix).
+/// whole value with one map update. The update links a new element in place of the old one, so
+/// a lookup finds either; the program copies the value at once (`find_vip`). In a preallocated
+/// hash map the replaced element is not held for an RCU grace period: the next update of an
+/// existing key on the same CPU reuses it, so only a reader stalled for the length of two updates
+/// (two system calls) between its lookup and its copy could read a mix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipInfo {

@@ -21,7 +21,7 @@ pub fn maybe_vip(bit: u32) -> bool {
 #[inline(always)]
 pub fn find_vip(addr: [u32; 4], port: u16, proto: u8, family: u8) -> Option<VipInfo> {
     let mut key = VipKey { addr, port, proto, family };
-    // SAFETY: values are plain data; a concurrent update replaces the element under RCU.
+    // SAFETY: values are plain data, copied at once (see `VipInfo` on concurrent updates).
     if let Some(v) = unsafe { VIPS.get(&key) } {
         return Some(*v);
     }
