@@ -1117,7 +1117,11 @@ fn scheduler(name: &str) -> Result<String, String> {
 fn netmask(text: &str, vip: IpAddr) -> Result<u8, String> {
     let max: u8 = if vip.is_ipv4() { 32 } else { 128 };
     if let Ok(len) = text.trim_start_matches('/').parse::<u8>() {
-        return if len <= max { Ok(len) } else { Err(format!("netmask /{len} is longer than {max} bits")) };
+        return match len {
+            0 if vip.is_ipv6() => Err("netmask /0 is not allowed for an IPv6 virtual server (IPVS takes 1 to 128)".into()),
+            _ if len > max => Err(format!("netmask /{len} is longer than {max} bits")),
+            _ => Ok(len),
+        };
     }
     match text.parse::<std::net::Ipv4Addr>() {
         Ok(mask) if vip.is_ipv4() => {
@@ -1992,6 +1996,12 @@ address = "10.0.0.4"
             errors(&format!("{ipvs}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\npersistence = {{ timeout = \"1s\", netmask = \"255.0.255.0\" }}\n")),
             ["t.toml:7:43: netmask `255.0.255.0` is not contiguous"]
         );
+        // IPVS refuses /0 for IPv6 (EINVAL, part way through an apply); for IPv4 it takes it.
+        assert_eq!(
+            errors(&format!("{ipvs}[[virtual_server]]\naddress = \"2001:db8::1\"\nport = 80\npersistence = {{ timeout = \"1s\", netmask = \"0\" }}\n")),
+            ["t.toml:7:43: netmask /0 is not allowed for an IPv6 virtual server (IPVS takes 1 to 128)"]
+        );
+        parse(&format!("{ipvs}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\npersistence = {{ timeout = \"1s\", netmask = \"0\" }}\n")).unwrap();
     }
 
     /// `[director]` with mode = "ipvs": lines 1 to 3.

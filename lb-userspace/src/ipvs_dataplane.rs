@@ -276,7 +276,22 @@ impl<K: IpvsOps> IpvsDataplane<K> {
             let svc = service_of(spec);
             let key = svc.key.clone();
             match kernel.get(&key) {
-                None => self.client.add_service(&svc).map_err(kernel_error)?,
+                None => {
+                    // Recorded before it exists: lbd killed in between leaves a state file naming a
+                    // service the kernel lacks (created at the next start), never one lbd created
+                    // and, reading the file, takes for made by hand (and refuses to start over).
+                    let listed = self.owned.insert(key.clone());
+                    if listed {
+                        self.save_owned()?;
+                    }
+                    if let Err(e) = self.client.add_service(&svc) {
+                        if listed {
+                            self.owned.remove(&key);
+                            let _ = self.save_owned();
+                        }
+                        return Err(kernel_error(e));
+                    }
+                }
                 Some(have) if !same_service(have, &svc) => self.client.edit_service(&svc).map_err(kernel_error)?,
                 Some(_) => {}
             }
@@ -293,7 +308,12 @@ impl<K: IpvsOps> IpvsDataplane<K> {
             for d in &dests {
                 match have.iter().find(|h| h.addr == d.addr && h.port == d.port) {
                     None => self.client.add_destination(&key, d).map_err(kernel_error)?,
-                    Some(h) if h.weight != d.weight || h.forwarding != d.forwarding => {
+                    // lbd sets no thresholds: one set by hand (`ipvsadm -e ... -x N`) is cleared.
+                    Some(h)
+                        if h.weight != d.weight
+                            || h.forwarding != d.forwarding
+                            || (h.upper_threshold, h.lower_threshold) != (d.upper_threshold, d.lower_threshold) =>
+                    {
                         self.client.edit_destination(&key, d).map_err(kernel_error)?
                     }
                     Some(_) => {}
@@ -465,6 +485,9 @@ mod tests {
         services: BTreeMap<ServiceKey, (Service, Vec<Destination>)>,
         writes: Vec<String>,
         fail: Option<String>,
+        /// A state file to read at each `add_service`, into `owned_at_add`.
+        watch: Option<PathBuf>,
+        owned_at_add: Vec<BTreeSet<ServiceKey>>,
     }
 
     impl FakeKernel {
@@ -491,6 +514,9 @@ mod tests {
             Ok(self.get(key)?.1.clone())
         }
         fn add_service(&mut self, s: &Service) -> Result<(), IpvsError> {
+            if let Some(path) = &self.watch {
+                self.owned_at_add.push(read_owned(path));
+            }
             if self.services.contains_key(&s.key) {
                 return Err(IpvsError::Exists { what: format!("virtual service {}", s.key) });
             }
@@ -648,12 +674,13 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_apply_that_changed_nothing_leaves_the_state_file_alone() {
+    fn a_failed_apply_that_created_nothing_lists_nothing() {
         let dir = StateDir::new("nochange");
         let kernel = FakeKernel { fail: Some("-A".into()), ..FakeKernel::default() };
         let mut dp = dir.dataplane(kernel);
         assert!(error(dp.apply(&[vs("10.0.0.1", 80, &[])])).starts_with("-A TCP  10.0.0.1:80 mh: "));
-        assert!(!dir.file().exists());
+        // Listed while it was being created, and no longer.
+        assert_eq!(dir.owned(), BTreeSet::new());
     }
 
     /// An operator's `ipvsadm -A -t 10.0.0.1:80 -s rr` + `ipvsadm -a -t 10.0.0.1:80 -r 10.0.0.99 -g`.
@@ -733,5 +760,33 @@ mod tests {
         let e = error(dp.apply(&config));
         assert!(e.starts_with("IPVS already has TCP 10.0.0.1:80, a virtual service lbd did not create"), "{e}");
         assert!(e.contains("If an earlier lbd created it and that state file was lost, deleting it lets lbd create it again"), "{e}");
+    }
+
+    /// A service lbd creates is in its state file before it is in the kernel: killed in between,
+    /// the next lbd must not find its own service unlisted (and refuse to start).
+    #[test]
+    fn a_service_is_in_the_state_file_before_it_is_created() {
+        let dir = StateDir::new("before");
+        let config = [vs("10.0.0.1", 80, &["10.0.0.11"])];
+        let mut dp = dir.dataplane(FakeKernel { watch: Some(dir.file()), ..Default::default() });
+        dp.apply(&config).unwrap();
+        let key = service_of(&config[0]).key;
+        assert_eq!(dp.client.owned_at_add, vec![BTreeSet::from([key])]);
+    }
+
+    /// Thresholds set by hand on a real server lbd owns (`ipvsadm -e ... -x 1`) are cleared, like
+    /// a weight changed by hand: lbd's config has none.
+    #[test]
+    fn thresholds_set_by_hand_are_cleared() {
+        let dir = StateDir::new("thresholds");
+        let config = [vs("10.0.0.1", 80, &["10.0.0.11"])];
+        let mut dp = dir.dataplane(FakeKernel::default());
+        dp.apply(&config).unwrap();
+        let key = service_of(&config[0]).key;
+        dp.client.services.get_mut(&key).unwrap().1[0].upper_threshold = 1;
+        dp.client.writes.clear();
+        dp.apply(&config).unwrap();
+        assert_eq!(dp.client.writes, [format!("-e {key} -r 10.0.0.11:80")]);
+        assert_eq!(dp.client.services[&key].1[0].upper_threshold, 0);
     }
 }

@@ -63,6 +63,19 @@ fn status_with_a_config_being_edited_still_finds_the_socket() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The shipped unit keeps `/run/lbd` when lbd stops: in IPVS mode the services lbd created stay
+/// in the kernel, and the file beside the control socket that names them as lbd's must too (by
+/// default systemd removes a `RuntimeDirectory` on every stop, restarts included).
+#[test]
+fn the_shipped_systemd_unit_keeps_the_ipvs_state_file_across_restarts() {
+    let unit = std::fs::read_to_string(format!("{}/../config/lbd.service", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let setting = |key: &str| unit.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')).map(str::trim);
+    let state = lb_userspace::ipvs_dataplane::IpvsDataplane::state_file_for(std::path::Path::new(lb_userspace::config::DEFAULT_CONTROL_SOCKET));
+    assert_eq!(state, std::path::Path::new("/run/lbd/lbd.ipvs-owned.json"));
+    assert_eq!(setting("RuntimeDirectory"), Some("lbd"));
+    assert_eq!(setting("RuntimeDirectoryPreserve"), Some("yes"), "systemd removes /run/lbd, and the state file, on each stop");
+}
+
 /// `config/lbd.service` parses without a warning (`systemd-analyze verify`, with the unit's
 /// binary path pointed at this build), and every command it runs is one lbd takes.
 #[test]
