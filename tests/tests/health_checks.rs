@@ -5,7 +5,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::atomic::Ordering,
+    sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
@@ -198,6 +198,38 @@ fn tcp_and_http_checks() -> Result<()> {
         expect("kind = \"none\"", &closed, true, "no check").await;
         Ok(())
     })
+}
+
+/// Every HTTPS check verifies the certificate: a check after a successful one does not resume
+/// that session (a resumed session brings no certificate to verify). Here a second server, at the
+/// same address, presents a certificate of another CA but holds the first one's sessions.
+#[test]
+fn https_checks_do_not_resume_sessions() -> Result<()> {
+    require_root()?;
+    let ns = dummy_net("lbhc-tlsres", SERVER)?;
+    let dir = temp_dir("hc-tlsres");
+    let trusted = test_ca(&dir.join("trusted"), &["www.example.test"], &[ip(SERVER)])?;
+    let other = test_ca(&dir.join("other"), &["www.example.test"], &[ip(SERVER)])?;
+    let ca_file = trusted.ca_file.display().to_string();
+    let result = run_in(&ns, move || async move {
+        let mut untrusted = (*other.server).clone();
+        untrusted.session_storage = trusted.server.session_storage.clone();
+        let good = serve_http(SocketAddr::new(ip(SERVER), 443), Some(trusted.server.clone())).await?;
+        let bad = serve_http(SocketAddr::new(ip(SERVER), 8443), Some(Arc::new(untrusted))).await?;
+        let https = format!("kind = \"https\"\npath = \"/ok\"\nca_file = \"{ca_file}\"\nretries = 0");
+        expect(&https, &target(SERVER, good.addr.port()), true, "HTTP 200").await;
+        expect(
+            &https,
+            &target(SERVER, bad.addr.port()),
+            false,
+            // Both test CAs have the same name: the trusted one's key does not verify it.
+            "TLS: bad certificate signature",
+        )
+        .await;
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 #[test]

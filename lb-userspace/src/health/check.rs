@@ -486,6 +486,10 @@ fn tls_config(tls: &TlsCheck) -> Result<Arc<rustls::ClientConfig>, String> {
         builder.with_root_certificates(roots).with_no_client_auth()
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Every check a full handshake, as in keepalived: a resumed session is not verified again
+    // (the server sends no certificate), so with resumption a real server whose certificate
+    // expired or was replaced by an untrusted one would pass for as long as it took tickets.
+    config.resumption = rustls::client::Resumption::disabled();
     let config = Arc::new(config);
     cache
         .lock()
@@ -591,6 +595,9 @@ pub fn command(text: &CommandText) -> tokio::process::Command {
     cmd
 }
 
+/// How long [`run_bounded`] waits for a script it killed to exit.
+const REAP_WAIT: Duration = Duration::from_secs(1);
+
 /// Runs `cmd` for at most `timeout`; on timeout its process group is killed. `Ok(status)` when it
 /// finished, `Err(reason)` otherwise.
 pub async fn run_bounded(
@@ -611,7 +618,10 @@ pub async fn run_bounded(
         Ok(Err(e)) => Err(format!("script: {}", io_reason(&e))),
         Err(_) => {
             drop(guard); // kills the group
-            let _ = child.wait().await;
+            // Reaped if it dies at once; one that cannot be killed (stuck in uninterruptible
+            // sleep, e.g. on a hung NFS mount) must not hold the check, and its script permit,
+            // for ever: tokio reaps it in the background once it exits (`kill_on_drop`).
+            let _ = tokio::time::timeout(REAP_WAIT, child.wait()).await;
             Err(format!("timeout after {}", format_duration(timeout)))
         }
     }
