@@ -254,6 +254,13 @@ impl Controller {
         let quorum = self.quorums.entry(vip).or_insert_with(|| Quorum::new(vs.quorum, vs.hysteresis));
         quorum.set(vs.quorum, vs.hysteresis);
         let Some(change) = quorum.update(live) else { return };
+        self.quorum_news(i, change, live);
+    }
+
+    /// Queues virtual server `i`'s quorum `change` (at `live` weight) for [`Self::announce_quorums`].
+    fn quorum_news(&mut self, i: usize, change: QuorumChange, live: u64) {
+        let vs = &self.config.virtual_servers[i];
+        let vip = VipAddr::of(vs);
         let (what, command) = match change {
             QuorumChange::Gained => ("gained", &vs.quorum_up),
             QuorumChange::Lost => ("lost", &vs.quorum_down),
@@ -556,7 +563,7 @@ impl Controller {
         if let Err(e) = self.try_apply() {
             // The quorum changes the new config would have made are not announced either.
             self.quorum_news.clear();
-            let _ = self.restore(snapshot);
+            let _ = self.restore(snapshot, false);
             return Err(e);
         }
         self.announce_quorums();
@@ -580,7 +587,16 @@ impl Controller {
     /// dropped or changed since come back too: a reload of the old config instead would end
     /// the drains of the real servers the new one changed, and start the checks it dropped or
     /// changed over, up.
-    pub fn restore(&mut self, snapshot: Snapshot) -> anyhow::Result<()> {
+    ///
+    /// `announced`: the quorum changes since the snapshot were announced (their commands ran), as
+    /// after a reload that went through; each virtual server whose quorum the restored state
+    /// holds otherwise then gets its change back announced, so that a `quorum_down` run for the
+    /// reload is followed by the `quorum_up` of going back. Without, nothing since was announced.
+    pub fn restore(&mut self, snapshot: Snapshot, announced: bool) -> anyhow::Result<()> {
+        let before: HashMap<VipAddr, bool> = match announced {
+            true => self.quorums.iter().map(|(vip, q)| (*vip, q.has_quorum())).collect(),
+            false => HashMap::new(),
+        };
         self.config = snapshot.config;
         self.check_keys = snapshot.check_keys;
         self.ifaces = snapshot.ifaces;
@@ -590,6 +606,16 @@ impl Controller {
             scheduler.restore(checks);
         }
         self.quorums = snapshot.quorums;
+        for i in 0..self.config.virtual_servers.len() {
+            let vip = VipAddr::of(&self.config.virtual_servers[i]);
+            let (Some(&was), Some(now)) = (before.get(&vip), self.quorums.get(&vip).map(Quorum::has_quorum)) else {
+                continue;
+            };
+            if was != now {
+                let live = live_weight(self.weights(i).into_iter().map(|(up, w)| (up, w.unwrap_or(0))));
+                self.quorum_news(i, if now { QuorumChange::Gained } else { QuorumChange::Lost }, live);
+            }
+        }
         self.apply()
     }
 
@@ -1209,7 +1235,7 @@ async fn reload_all(
     // Every step is tried, whatever failed before it: as much of the previous state as can be
     // runs again.
     let mut rollback = Vec::new();
-    if let Err(e) = ctl.restore(snapshot) {
+    if let Err(e) = ctl.restore(snapshot, true) {
         rollback.push(e.context("programming the previous configuration"));
     }
     rewatch(ctl, resolver, watched);
@@ -1684,7 +1710,7 @@ mod tests {
         ctl.reload(new, HashMap::from([("eth0".to_string(), ETH0)])).unwrap();
         assert_eq!(table(&fake), [("10.0.0.12:80".into(), 3), ("10.0.0.13:80".into(), 1)]);
 
-        ctl.restore(snapshot).unwrap();
+        ctl.restore(snapshot, true).unwrap();
         assert_eq!(table(&fake), [("10.0.0.99:80".into(), 1)]);
         let st = ctl.status(&DataplaneStats::default());
         let states: Vec<&str> = st.virtual_servers[0].real_servers.iter().map(|r| r.state.as_str()).collect();
@@ -1718,6 +1744,39 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         assert!(ran.exists(), "the accepted reload did not run quorum_down");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A reload undone after it went through (its new VRRP did not start) announces the quorum
+    /// it goes back to: the reload's `quorum_down` ran, so the restored config's `quorum_up` runs.
+    #[tokio::test]
+    async fn an_undone_reload_announces_the_quorum_it_restores() {
+        let dir = std::env::temp_dir().join(format!("lbd-quorum-back-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (down, up) = (dir.join("quorum-down-ran"), dir.join("quorum-up-ran"));
+        let touch = |f: &std::path::Path| Some(crate::health::config::CommandText::Argv(vec!["touch".into(), f.display().to_string()]));
+        let reals = ["address = \"10.0.0.11\"", "address = \"10.0.0.12\""];
+        let mut old = config("", &reals);
+        old.virtual_servers[0].quorum_up = touch(&up);
+        let (mut ctl, _fake, _probes, _rx) = checked(old);
+        ctl.apply().unwrap();
+        let snapshot = ctl.snapshot();
+        // Quorum 3 of a live weight of 2: lost under the new config.
+        let mut new = config("", &reals);
+        new.virtual_servers[0].quorum = 3;
+        new.virtual_servers[0].quorum_down = touch(&down);
+        ctl.reload(new, HashMap::from([("eth0".to_string(), ETH0)])).unwrap();
+        let appears = |f: std::path::PathBuf| async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !f.exists() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            f.exists()
+        };
+        assert!(appears(down.clone()).await, "the reload did not run quorum_down");
+        ctl.restore(snapshot, true).unwrap();
+        assert!(ctl.status(&DataplaneStats::default()).virtual_servers[0].quorum);
+        assert!(appears(up.clone()).await, "going back did not run quorum_up");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
