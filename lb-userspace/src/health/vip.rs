@@ -61,7 +61,8 @@ type TcpKey = (IpAddr, u16, u16);
 
 #[derive(Default)]
 struct Waiters {
-    tcp: HashMap<TcpKey, oneshot::Sender<TcpReply>>,
+    /// Probes waiting for the answer to their SYN, which carried the sequence number given.
+    tcp: HashMap<TcpKey, (u32, oneshot::Sender<TcpReply>)>,
     /// ARP watches by (VIP, real server MAC): set when that MAC claims the VIP.
     arp: HashMap<(Ipv4Addr, [u8; 6]), Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -228,46 +229,59 @@ impl Link {
     }
 
     fn dispatch(&self, frame: &[u8]) {
-        if frame.len() < 14 {
-            return;
-        }
-        let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
-        if ethertype == ETH_P_ARP {
-            if let Some((sender_mac, sender_ip)) = arp_sender(&frame[14..]) {
-                let w = self.waiters.lock().expect("waiters lock");
-                if let Some(flag) = w.arp.get(&(sender_ip, sender_mac)) {
-                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
+        dispatch(&self.waiters, frame)
+    }
+}
+
+/// Hands a frame read from the packet socket to the probe waiting for it, if any.
+fn dispatch(waiters: &Mutex<Waiters>, frame: &[u8]) {
+    if frame.len() < 14 {
+        return;
+    }
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    if ethertype == ETH_P_ARP {
+        if let Some((sender_mac, sender_ip)) = arp_sender(&frame[14..]) {
+            let w = waiters.lock().expect("waiters lock");
+            if let Some(flag) = w.arp.get(&(sender_ip, sender_mac)) {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
             }
-            return;
         }
-        if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
-            return;
+        return;
+    }
+    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
+        return;
+    }
+    let Ok(packet) = etherparse::SlicedPacket::from_ethernet(frame) else {
+        return;
+    };
+    let src = match &packet.net {
+        Some(etherparse::NetSlice::Ipv4(ip)) => IpAddr::V4(ip.header().source_addr()),
+        Some(etherparse::NetSlice::Ipv6(ip)) => IpAddr::V6(ip.header().source_addr()),
+        _ => return,
+    };
+    let Some(etherparse::TransportSlice::Tcp(tcp)) = &packet.transport else {
+        return;
+    };
+    let reply = if tcp.rst() {
+        TcpReply::Rst
+    } else if tcp.syn() && tcp.ack() {
+        TcpReply::SynAck {
+            ack: tcp.acknowledgment_number(),
         }
-        let Ok(packet) = etherparse::SlicedPacket::from_ethernet(frame) else {
-            return;
-        };
-        let src = match &packet.net {
-            Some(etherparse::NetSlice::Ipv4(ip)) => IpAddr::V4(ip.header().source_addr()),
-            Some(etherparse::NetSlice::Ipv6(ip)) => IpAddr::V6(ip.header().source_addr()),
-            _ => return,
-        };
-        let Some(etherparse::TransportSlice::Tcp(tcp)) = &packet.transport else {
-            return;
-        };
-        let reply = if tcp.rst() {
-            TcpReply::Rst
-        } else if tcp.syn() && tcp.ack() {
-            TcpReply::SynAck {
-                ack: tcp.acknowledgment_number(),
-            }
-        } else {
-            return;
-        };
-        let key = (src, tcp.source_port(), tcp.destination_port());
-        if let Some(tx) = self.waiters.lock().expect("waiters lock").tcp.remove(&key) {
-            let _ = tx.send(reply);
-        }
+    } else {
+        return;
+    };
+    let key = (src, tcp.source_port(), tcp.destination_port());
+    let mut w = waiters.lock().expect("waiters lock");
+    // Only the answer to the probe's own SYN: it acknowledges that SYN's sequence number (a
+    // RST without ACK names none). Another segment of the same ports, say of an earlier
+    // probe's connection, is not taken for it.
+    let Some(&(seq, _)) = w.tcp.get(&key) else { return };
+    if tcp.ack() && tcp.acknowledgment_number() != seq.wrapping_add(1) {
+        return;
+    }
+    if let Some((_, tx)) = w.tcp.remove(&key) {
+        let _ = tx.send(reply);
     }
 }
 
@@ -521,6 +535,7 @@ pub(super) async fn syn_probe(
     };
 
     let (tx, rx) = oneshot::channel();
+    let seq = fastrand::u32(..);
     let tcp_key = (path.vip, port, src_port);
     let claims_vip = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let arp_key = match (path.vip, src_ip) {
@@ -529,7 +544,7 @@ pub(super) async fn syn_probe(
     };
     {
         let mut w = link.waiters.lock().expect("waiters lock");
-        w.tcp.insert(tcp_key, tx);
+        w.tcp.insert(tcp_key, (seq, tx));
         if let Some(k) = arp_key {
             w.arp.insert(k, claims_vip.clone());
         }
@@ -545,7 +560,6 @@ pub(super) async fn syn_probe(
             return fail(format!("sending an ARP probe: {}", io_reason(&e)));
         }
     }
-    let seq = fastrand::u32(..);
     let start = Instant::now();
     let syn = match tcp_frame(path, dst_mac, src, vip, seq, true) {
         Ok(f) => f,
@@ -624,5 +638,29 @@ mod tests {
             arp_sender(&arp[14..]),
             Some(([2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 0, 0, 10)))
         );
+    }
+
+    /// A SYN-ACK is the probe's answer only if it acknowledges the probe's SYN.
+    #[test]
+    fn only_the_answer_to_the_probes_own_syn_counts() {
+        let vip: IpAddr = "10.0.0.100".parse().unwrap();
+        let waiters = Mutex::new(Waiters::default());
+        let (tx, mut rx) = oneshot::channel();
+        waiters.lock().unwrap().tcp.insert((vip, 80, 40000), (7, tx));
+        let reply = |ack: u32, rst: bool| {
+            let tcp = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+                .ipv4([10, 0, 0, 100], [10, 0, 0, 10], 64)
+                .tcp(80, 40000, 1000, 64240);
+            let tcp = if rst { tcp.rst().ack(ack) } else { tcp.syn().ack(ack) };
+            let mut frame = Vec::new();
+            tcp.write(&mut frame, &[]).unwrap();
+            frame
+        };
+        dispatch(&waiters, &reply(1234, false));
+        dispatch(&waiters, &reply(1234, true));
+        assert!(rx.try_recv().is_err(), "a segment acknowledging another SYN was taken for the answer");
+        dispatch(&waiters, &reply(8, false));
+        assert_eq!(rx.try_recv().unwrap(), TcpReply::SynAck { ack: 8 });
+        assert!(waiters.lock().unwrap().tcp.is_empty());
     }
 }
