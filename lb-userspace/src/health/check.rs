@@ -736,8 +736,8 @@ async fn dns_check(addr: SocketAddr, source: Option<IpAddr>, dns: &DnsCheck) -> 
             Ok(n) => n,
             Err(e) => return fail(udp_io_reason(&e)),
         };
-        match dns_answer(&buf[..n], id, dns.query_type.code()) {
-            DnsReply::OtherId => continue,
+        match dns_answer(&buf[..n], &query, dns.query_type.code()) {
+            DnsReply::NotOurs => continue,
             DnsReply::Malformed => return fail("DNS reply malformed"),
             DnsReply::Rcode(code) => return fail(format!("DNS {}", rcode_name(code))),
             DnsReply::Records(0) => {
@@ -771,24 +771,32 @@ pub fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
 
 #[derive(Debug, PartialEq, Eq)]
 enum DnsReply {
-    OtherId,
+    /// Another id, or another question: not the answer to this query.
+    NotOurs,
     Malformed,
     Rcode(u8),
     Records(usize),
 }
 
-/// Reads a reply: its id, rcode and the answers of type `qtype`.
-fn dns_answer(msg: &[u8], id: u16, qtype: u16) -> DnsReply {
+/// Reads a reply to `query` (from [`dns_query`]): its id and question, rcode and the answers of
+/// type `qtype`.
+fn dns_answer(msg: &[u8], query: &[u8], qtype: u16) -> DnsReply {
     if msg.len() < 12 {
         return DnsReply::Malformed;
     }
     let be = |i: usize| u16::from_be_bytes([msg[i], msg[i + 1]]);
-    if be(0) != id {
-        return DnsReply::OtherId;
+    if msg[..2] != query[..2] {
+        return DnsReply::NotOurs;
     }
     let flags = be(2);
     if flags & 0x8000 == 0 {
         return DnsReply::Malformed;
+    }
+    // The question echoed (names compare without regard to case): a reply with this id to
+    // another question is not this query's answer.
+    let question = &query[12..];
+    if be(4) != 1 || !msg.get(12..12 + question.len()).is_some_and(|q| q.eq_ignore_ascii_case(question)) {
+        return DnsReply::NotOurs;
     }
     let rcode = (flags & 0xf) as u8;
     if rcode != 0 {
@@ -865,19 +873,26 @@ mod tests {
         r[7] = 2; // ANCOUNT
         r.extend_from_slice(&[0xc0, 12, 0, 5, 0, 1, 0, 0, 0, 60, 0, 2, 0xc0, 16]);
         r.extend_from_slice(&[0xc0, 16, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 0, 0, 1]);
-        assert_eq!(dns_answer(&r, 0x1234, 1), DnsReply::Records(1));
-        assert_eq!(dns_answer(&r, 0x1234, 28), DnsReply::Records(0));
-        assert_eq!(dns_answer(&r, 0x9999, 1), DnsReply::OtherId);
+        assert_eq!(dns_answer(&r, &q, 1), DnsReply::Records(1));
+        // The CNAME alone: an answer without an A record.
+        let mut cname = r[..r.len() - 16].to_vec();
+        cname[7] = 1;
+        assert_eq!(dns_answer(&cname, &q, 1), DnsReply::Records(0));
+        let q28 = dns_query(0x1234, "www.example.com", 28);
+        assert_eq!(dns_answer(&r, &q28, 28), DnsReply::NotOurs, "another question's answer");
+        assert_eq!(dns_answer(&r, &dns_query(0x9999, "www.example.com", 1), 1), DnsReply::NotOurs);
+        assert_eq!(dns_answer(&r, &dns_query(0x1234, "www.example.org", 1), 1), DnsReply::NotOurs);
+        assert_eq!(dns_answer(&r, &dns_query(0x1234, "WWW.Example.com", 1), 1), DnsReply::Records(1));
         assert_eq!(
-            dns_answer(&r[..r.len() - 2], 0x1234, 1),
+            dns_answer(&r[..r.len() - 2], &q, 1),
             DnsReply::Malformed
         );
         let mut nx = q.clone();
         nx[2] = 0x81;
         nx[3] = 0x83;
-        assert_eq!(dns_answer(&nx, 0x1234, 1), DnsReply::Rcode(3));
+        assert_eq!(dns_answer(&nx, &q, 1), DnsReply::Rcode(3));
         assert_eq!(
-            dns_answer(&q, 0x1234, 1),
+            dns_answer(&q, &q, 1),
             DnsReply::Malformed,
             "a query is not a reply"
         );
