@@ -4,8 +4,9 @@
 //! Tables are double buffered per VIP (aya-ebpf has no map-of-maps type for the program): the
 //! controller writes the idle buffer completely, then flips `VipInfo::active` with one hash-map
 //! update, which links the new value in place of the old (see `VipInfo`). A packet therefore sees
-//! the old table or the new one, never a mix. Before the idle buffer is written again, `FLIP_GRACE` must have passed since
-//! the last flip, so no reader that picked the old buffer can still be inside it.
+//! the old table or the new one, never a mix. Before the idle buffer is written again,
+//! `FLIP_GRACE` must have passed since the last flip, so no reader that picked the old buffer can
+//! still be inside it.
 
 use std::{
     collections::{BTreeMap, HashMap},
