@@ -140,7 +140,7 @@ struct Shared {
     events: mpsc::Sender<HealthEvent>,
     probes: Semaphore,
     scripts: Semaphore,
-    notifies: Arc<Semaphore>,
+    notifies: Arc<Notifies>,
     options: SchedulerOptions,
     prober: Box<dyn Prober>,
 }
@@ -185,7 +185,7 @@ impl Scheduler {
                 events,
                 probes: Semaphore::new(options.max_probes.max(1)),
                 scripts: Semaphore::new(options.max_scripts.max(1)),
-                notifies: Arc::new(Semaphore::new(options.max_notifies.max(1))),
+                notifies: Arc::new(Notifies::new(options.max_notifies)),
                 options,
                 prober: Box::new(prober),
             }),
@@ -344,24 +344,52 @@ fn status(key: &CheckKey, running: &Running, now: Instant) -> CheckStatus {
     }
 }
 
+/// Notify commands waiting to start, at most: beyond, new ones are dropped (and logged).
+pub const MAX_WAITING_NOTIFIES: usize = 1024;
+
+/// The notify commands' limits: `max_notifies` run at once, [`MAX_WAITING_NOTIFIES`] wait.
+pub struct Notifies {
+    permits: Semaphore,
+    waiting: std::sync::atomic::AtomicUsize,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Notifies {
+    pub fn new(max_notifies: usize) -> Self {
+        Notifies { permits: Semaphore::new(max_notifies.max(1)), waiting: Default::default(), dropped: Default::default() }
+    }
+}
+
 /// Runs `command` in a task of its own, at most `timeout` (then its process group is killed),
-/// once a permit of `limit` is free; never waits for it. Its exit is logged.
-pub fn spawn_notify(
-    limit: Arc<Semaphore>,
-    command: CommandText,
-    env: Vec<(String, String)>,
-    timeout: Duration,
-) {
+/// once a permit of `limits` is free; never waits for it. Its exit is logged. When
+/// [`MAX_WAITING_NOTIFIES`] already wait (commands that hang until their timeout, with real
+/// servers flapping), it is dropped instead: the queue, and lbd's memory, would grow for as long
+/// as that lasts, and the commands run ever later.
+pub fn spawn_notify(limits: Arc<Notifies>, command: CommandText, env: Vec<(String, String)>, timeout: Duration) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let shown = match &command {
+        CommandText::Shell(line) => line.clone(),
+        CommandText::Argv(argv) => argv.join(" "),
+    };
+    if limits.waiting.fetch_update(Relaxed, Relaxed, |n| (n < MAX_WAITING_NOTIFIES).then_some(n + 1)).is_err() {
+        let dropped = limits.dropped.fetch_add(1, Relaxed) + 1;
+        if dropped % 100 == 1 {
+            warn!(
+                command = %shown,
+                dropped,
+                "notify commands are backing up ({MAX_WAITING_NOTIFIES} wait to start): not running this one"
+            );
+        }
+        return;
+    }
     tokio::spawn(async move {
-        let Ok(_permit) = limit.acquire_owned().await else {
+        let permit = limits.permits.acquire().await;
+        limits.waiting.fetch_sub(1, Relaxed);
+        let Ok(_permit) = permit else {
             return;
         };
         let mut cmd = check::command(&command);
         cmd.envs(env);
-        let shown = match &command {
-            CommandText::Shell(line) => line.clone(),
-            CommandText::Argv(argv) => argv.join(" "),
-        };
         match check::run_bounded(cmd, timeout).await {
             Ok(status) if status.success() => debug!(command = %shown, "notify command done"),
             Ok(status) => warn!(command = %shown, %status, "notify command failed"),
@@ -959,5 +987,20 @@ mod tests {
             (true, Some(3), "script exit 5 (weight 3)")
         );
         assert_eq!(s.health(&key(1)), Some((true, Some(3))));
+    }
+
+    /// Notify commands that cannot start (every slot held, e.g. by commands hanging until their
+    /// timeout) wait up to a bound; beyond it they are dropped, not queued without end.
+    #[tokio::test]
+    async fn waiting_notify_commands_are_bounded() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let limits = Arc::new(Notifies::new(1));
+        let held = limits.permits.acquire().await.unwrap();
+        for _ in 0..MAX_WAITING_NOTIFIES + 10 {
+            spawn_notify(limits.clone(), CommandText::Argv(vec!["true".into()]), vec![], Duration::from_secs(1));
+        }
+        assert_eq!(limits.waiting.load(Relaxed), MAX_WAITING_NOTIFIES);
+        assert_eq!(limits.dropped.load(Relaxed), 10);
+        drop(held);
     }
 }
