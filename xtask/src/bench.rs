@@ -16,8 +16,8 @@ fn target_dir() -> PathBuf {
 }
 
 pub fn bench(quick: bool) -> Result<()> {
-    crate::setup::setup()?;
     crate::require_root("cargo xtask bench")?;
+    crate::setup::setup()?;
     // lbd itself too: the TCP part starts it in the rig (found next to lb-bench).
     crate::cargo(&["build", "--release", "-p", "lb-userspace", "-p", "lb-bench"])?;
     let bin = target_dir().join("release/lb-bench");

@@ -39,7 +39,8 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         requests: usize,
     },
-    /// Set up, build and run every test: unit, prog-test-run and netns end-to-end (needs root).
+    /// Set up, build and run every test: unit, prog-test-run, netns end-to-end and the IPVS tests
+    /// in a VM (needs root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -139,8 +140,8 @@ fn main() -> Result<()> {
             cargo(&args)
         }
         Cmd::Run { once, requests } => {
-            setup::setup()?;
             require_root("cargo xtask run")?;
+            setup::setup()?;
             cargo(&["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"])?;
             let mut rig = Command::new(root().join("target/debug/lbd-rig"));
             rig.arg("--requests").arg(requests.to_string()).arg(root().join("config/rig.toml"));
@@ -158,8 +159,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Test { args } => {
-            setup::setup()?;
             require_root("cargo xtask test")?;
+            setup::setup()?;
             cargo(&["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"])?;
             let mut test = vec!["test", "-p", "lb-common", "-p", "lb-userspace", "-p", "lb-tests", "-p", "lb-bench", "-p", "xtask"];
             test.extend(args.iter().map(String::as_str));

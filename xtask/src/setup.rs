@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 /// whose root is this machine's).
 pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
+    "procps",
     "ethtool",
     "iputils-ping",
     "nginx",
@@ -158,7 +159,10 @@ fn bpf_linker() -> Result<()> {
     report("bpf-linker", &format!("building {BPF_LINKER_VERSION} against LLVM {major} (about 2 minutes)"));
     let out = quiet(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features"])
+            // `--locked`: the dependency versions bpf-linker was released with, not whatever is
+            // newest that day. `--force`: reached only when the installed one does not run (say,
+            // a new nightly of the same LLVM), which cargo would otherwise call installed.
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force", "--no-default-features", "--features"])
             .arg(format!("llvm-{major}"))
             .env("LLVM_PREFIX", &prefix),
     )?;
