@@ -183,28 +183,28 @@ pub fn render(status: &Status) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<5}{:<32}{:<11}{:>10}{:>12}{:>14}{quorum}",
-            prot,
-            local,
-            sched,
-            vs.traffic.conns,
-            vs.traffic.packets,
-            vs.traffic.bytes
+            "{}{}{}{}{}{}{quorum}",
+            left(&prot, 5),
+            left(&local, 32),
+            left(&sched, 11),
+            right(vs.traffic.conns, 10),
+            right(vs.traffic.packets, 12),
+            right(vs.traffic.bytes, 14)
         );
         let sorry = vs.sorry_server.iter().map(|s| (s, " (sorry server)"));
         for (rs, note) in vs.real_servers.iter().map(|r| (r, "")).chain(sorry) {
             let share = rs.share_percent.map_or("-".to_string(), |p| format!("{p:.1}%"));
             let _ = writeln!(
                 out,
-                "  -> {:<29}{:<19}{:>7} {:<11}{:>7}{:>10}{:>12}{:>14}",
-                host_port(&rs.address, rs.port),
-                rs.mac.as_deref().unwrap_or("-"),
-                rs.weight,
-                rs.state,
-                share,
-                rs.traffic.conns,
-                rs.traffic.packets,
-                rs.traffic.bytes
+                "  -> {}{}{} {}{}{}{}{}",
+                left(&host_port(&rs.address, rs.port), 29),
+                left(rs.mac.as_deref().unwrap_or("-"), 19),
+                right(rs.weight, 7),
+                left(&rs.state, 11),
+                right(share, 7),
+                right(rs.traffic.conns, 10),
+                right(rs.traffic.packets, 12),
+                right(rs.traffic.bytes, 14)
             );
             if !note.is_empty() {
                 out.truncate(out.trim_end().len());
@@ -228,6 +228,27 @@ pub fn render(status: &Status) -> String {
     );
     out += &crate::vrrp::render_status(&status.vrrp);
     out
+}
+
+/// `value` left-aligned in a column of `width`, and followed by a space if it fills it: a long
+/// IPv6 address or a long scheduler name must not run into the next column.
+fn left(value: &str, width: usize) -> String {
+    if value.len() >= width {
+        format!("{value} ")
+    } else {
+        format!("{value:<width$}")
+    }
+}
+
+/// `value` right-aligned in a column of `width`, after a space if it fills it (a byte count of
+/// 14 digits must not join the packet count before it).
+fn right(value: impl std::fmt::Display, width: usize) -> String {
+    let value = value.to_string();
+    if value.len() >= width {
+        format!(" {value}")
+    } else {
+        format!("{value:>width$}")
+    }
 }
 
 #[cfg(test)]
@@ -285,5 +306,66 @@ mod tests {
         assert!(lines[5].contains("02:00:00:00:00:0b") && lines[5].contains("100.0%"), "{}", lines[5]);
         assert_eq!(lines[6], "Fast path packets: new-flow 3");
         assert_eq!(lines.len(), 7, "no VRRP lines without VRRP");
+    }
+
+    /// Values wider than their column (a long IPv6 real server, 14-digit byte counts, a disabled
+    /// service's scheduler) stay apart from the next column, and every other line keeps its layout.
+    #[test]
+    fn long_values_do_not_run_into_the_next_column() {
+        let rs = |address: &str, traffic: TrafficStatus| RealServerStatus {
+            address: address.into(),
+            port: 80,
+            weight: 1,
+            state: "up".into(),
+            mac: Some("02:00:00:00:00:0b".into()),
+            interface: "eth0".into(),
+            slots: None,
+            share_percent: Some(50.0),
+            traffic,
+            health: None,
+        };
+        let big = TrafficStatus { conns: 7, packets: 9_000_000_000, bytes: 13_500_000_000_000 };
+        let status = Status {
+            version: "0.1.0".into(),
+            pid: 42,
+            config: "rig.toml".into(),
+            dataplane: "xdp".into(),
+            description: "native XDP on eth0".into(),
+            interface: "eth0".into(),
+            xdp_mode: "native".into(),
+            uptime_secs: 1,
+            table_size: 65537,
+            conntrack_entries: 0,
+            virtual_servers: vec![VirtualServerStatus {
+                address: "2001:db8:85a3:8d3:1319:8a2e:370:7349".into(),
+                port: 443,
+                fwmark: None,
+                protocol: "tcp".into(),
+                scheduler: "maglev".into(),
+                enabled: false,
+                traffic: big,
+                quorum: true,
+                sorry_server: None,
+                real_servers: vec![
+                    rs("2001:db8:85a3:8d3:1319:8a2e:370:7349", big),
+                    rs("10.99.0.12", TrafficStatus { conns: 1, packets: 2, bytes: 3 }),
+                ],
+            }],
+            reasons: vec![],
+            vrrp: vec![],
+        };
+        let text = render(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            words(lines[4]),
+            ["TCP", "[2001:db8:85a3:8d3:1319:8a2e:370:7349]:443", "maglev", "(off)", "7", "9000000000", "13500000000000"]
+        );
+        assert_eq!(
+            words(lines[5]),
+            ["->", "[2001:db8:85a3:8d3:1319:8a2e:370:7349]:80", "02:00:00:00:00:0b", "1", "up", "50.0%", "7", "9000000000", "13500000000000"]
+        );
+        // A real server that fits keeps the columns of the header.
+        assert_eq!(lines[6], format!("  -> {:<29}{:<19}{:>7} {:<11}{:>7}{:>10}{:>12}{:>14}", "10.99.0.12:80", "02:00:00:00:00:0b", 1, "up", "50.0%", 1, 2, 3));
     }
 }
