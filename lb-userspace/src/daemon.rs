@@ -680,8 +680,8 @@ impl Controller {
                     real_servers: vs
                         .real_servers
                         .iter()
-                        .zip(self.weights(i))
-                        .map(|(rs, (up, weight))| {
+                        .zip(self.weights(i).into_iter().map(|w| (w, self.serves_sorry(vs))))
+                        .map(|(rs, ((up, weight), sorry_serves))| {
                             let key = rs_key(rs);
                             let iface = self.ifaces[self.iface_of(&rs.interface)];
                             let mac = self.mac_of(iface.ifindex, rs);
@@ -698,13 +698,16 @@ impl Controller {
                                 "unresolved"
                             } else if self.drained.contains(&(svc.vip, key)) {
                                 "drained"
+                            } else if sorry_serves {
+                                // Healthy, but the sorry server has the table (quorum lost).
+                                "standby"
                             } else {
                                 "up"
                             };
                             RealServerStatus {
                                 address: rs.address.to_string(),
                                 port: rs.port,
-                                weight: weight.unwrap_or(0),
+                                weight: if state == "standby" { 0 } else { weight.unwrap_or(0) },
                                 state: state.to_string(),
                                 mac: mac.as_ref().map(format_mac),
                                 interface: self.iface_of(&rs.interface).to_string(),
@@ -1566,7 +1569,7 @@ mod tests {
             "",
             &[
                 "address = \"10.0.0.11\"\nhealth_check = { kind = \"tcp\", interval = \"1s\", rise = 2, fall = 2 }",
-                "address = \"10.0.0.12\"\nhealth_check = { kind = \"tcp\", interval = \"1s\", rise = 2, fall = 2 }",
+                "address = \"10.0.0.12\"\nmac = \"02:00:00:00:00:0c\"\nhealth_check = { kind = \"tcp\", interval = \"1s\", rise = 2, fall = 2 }",
                 "address = \"10.0.0.13\"\ninhibit_on_failure = true\nhealth_check = { kind = \"tcp\", interval = \"1s\", rise = 2, fall = 2 }",
             ],
         );
@@ -1595,13 +1598,19 @@ mod tests {
         assert!(!st.virtual_servers[0].quorum);
         assert_eq!(st.virtual_servers[0].sorry_server.as_ref().unwrap().state, "serving");
         assert_eq!(st.virtual_servers[0].real_servers[2].state, "inhibited");
+        // Healthy, but out of the table while the sorry server serves.
+        let rs = &st.virtual_servers[0].real_servers[1];
+        assert_eq!((rs.state.as_str(), rs.weight), ("standby", 0));
 
         // Back after `rise` passes: quorum again, the sorry server goes.
         probes.set("10.0.0.11", true);
         let ev = next_event(&mut ctl, &mut rx).await;
         assert_eq!((ev.real_server_key.as_str(), ev.up), ("10.0.0.11:80", true));
         assert_eq!(table(&fake), [("10.0.0.11:80".into(), 1), ("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 0)]);
-        assert_eq!(ctl.status(&DataplaneStats::default()).virtual_servers[0].sorry_server.as_ref().unwrap().state, "standby");
+        let st = ctl.status(&DataplaneStats::default());
+        assert_eq!(st.virtual_servers[0].sorry_server.as_ref().unwrap().state, "standby");
+        let rs = &st.virtual_servers[0].real_servers[1];
+        assert_eq!((rs.state.as_str(), rs.weight), ("up", 1));
     }
 
     /// Events that arrive together are handled as one update of every virtual server they name;
@@ -1714,7 +1723,7 @@ mod tests {
         assert_eq!(table(&fake), [("10.0.0.99:80".into(), 1)]);
         let st = ctl.status(&DataplaneStats::default());
         let states: Vec<&str> = st.virtual_servers[0].real_servers.iter().map(|r| r.state.as_str()).collect();
-        assert_eq!(states, ["down", "drained", "up"]);
+        assert_eq!(states, ["down", "drained", "standby"], "standby: up, but the sorry server serves");
         assert!(!st.virtual_servers[0].quorum);
         assert_eq!(ctl.applied.as_ref(), Some(&ctl.desired()));
     }

@@ -18,7 +18,7 @@ use crate::status::{host_port, RealServerStatus, Status, TrafficStatus, VirtualS
 use crate::vrrp::VrrpState;
 
 /// Real-server states, each one series (1 for the current state, 0 for the others).
-const RS_STATES: [&str; 5] = ["up", "down", "inhibited", "drained", "unresolved"];
+const RS_STATES: [&str; 6] = ["up", "down", "inhibited", "drained", "unresolved", "standby"];
 const VRRP_STATES: [VrrpState; 4] = [VrrpState::Init, VrrpState::Backup, VrrpState::Master, VrrpState::Fault];
 
 /// A series' labels, in order.

@@ -77,7 +77,7 @@ pub struct RealServerStatus {
     pub weight: u32,
     /// "up" (in the table), "down" (failed its check: out of the table), "inhibited" (failed
     /// with `inhibit_on_failure`: weight 0, keeps its flows), "drained" (weight 0 from the CLI),
-    /// "unresolved" (no MAC yet).
+    /// "unresolved" (no MAC yet), "standby" (healthy, but the sorry server serves: quorum lost).
     pub state: String,
     pub mac: Option<String>,
     pub interface: String,
