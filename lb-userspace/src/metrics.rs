@@ -193,10 +193,12 @@ pub fn render(status: &Status) -> String {
     m.out
 }
 
-/// A virtual server's labels: `virtual_server` as `lbd status` prints it ("10.0.0.1:80",
-/// "[fd00::1]:443", "fwmark:5") and `protocol`.
+/// A virtual server's labels: `virtual_server` as the CLI names it ("10.0.0.1:80",
+/// "[fd00::1]:443", "fwmark:5", and "fwmark:5/ipv6" for the IPv6 one of a mark, which IPVS keeps
+/// apart from the IPv4 one) and `protocol`.
 fn vs_labels(vs: &VirtualServerStatus) -> Labels {
     let name = match vs.fwmark {
+        Some(mark) if vs.address.contains(':') => format!("fwmark:{mark}/ipv6"),
         Some(mark) => format!("fwmark:{mark}"),
         None => host_port(&vs.address, vs.port),
     };
@@ -450,5 +452,27 @@ mod tests {
         let mut s = status();
         s.version = "1.0 \"dev\"".into();
         assert!(render(&s).contains("lbd_info{version=\"1.0 \\\"dev\\\"\",dataplane=\"xdp\",interface=\"eth0\"} 1"));
+    }
+
+    /// The IPv4 and the IPv6 virtual server of one firewall mark are two series, not one twice.
+    #[test]
+    fn both_families_of_a_mark_are_told_apart() {
+        let mark = |address: &str| VirtualServerStatus {
+            address: address.into(),
+            fwmark: Some(5),
+            protocol: "TCP".into(),
+            traffic: TrafficStatus { conns: 1, packets: 2, bytes: 3 },
+            ..Default::default()
+        };
+        let text = render(&Status { virtual_servers: vec![mark("0.0.0.0"), mark("::")], ..status() });
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).map(|l| l.rsplit_once(' ').unwrap().0).collect();
+        let unique: std::collections::BTreeSet<&&str> = samples.iter().collect();
+        assert_eq!(unique.len(), samples.len(), "a series appears twice:\n{text}");
+        for line in [
+            "lbd_virtual_server_packets_total{virtual_server=\"fwmark:5\",protocol=\"tcp\"} 2",
+            "lbd_virtual_server_packets_total{virtual_server=\"fwmark:5/ipv6\",protocol=\"tcp\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing line {line:?} in:\n{text}");
+        }
     }
 }
