@@ -218,17 +218,17 @@ impl Scheduler {
                 self.checks.insert(key, old);
                 return;
             }
-            // The same kind of probe: what it found still holds.
+            // The same kind of probe: what it found still holds. A copy, changed for the new
+            // config: the old check's own state stays as it was, for a refused reload to go back
+            // to (`restore`).
             Some(old) if old.config.check.kind() == config.check.kind() => {
-                let state = old.state.clone();
+                let mut st = old.state.lock().expect("check state lock").clone();
                 let timing = config.check.timing;
-                let mut st = state.lock().expect("check state lock");
                 st.set_thresholds(timing.rise, timing.fall);
                 if !dynamic_weight(&config.check) {
                     st.clear_weight();
                 }
-                drop(st);
-                state
+                Arc::new(Mutex::new(st))
             }
             // Another kind (or a new check): the old results say nothing about the new probe.
             _ => fresh_state(&config),
@@ -986,6 +986,15 @@ mod tests {
             (ev.up, ev.weight, ev.reason.as_str()),
             (true, Some(3), "script exit 5 (weight 3)")
         );
+        assert_eq!(s.health(&key(1)), Some((true, Some(3))));
+
+        // A reload turning dynamic_weight off gives the configured weight back; refused, and
+        // set back with the checkpoint restored, the script's weight is there again at once.
+        let checkpoint = s.checkpoint();
+        s.set([config(1, "kind = \"script\"\ncommand = \"x\"", false)]);
+        assert_eq!(s.health(&key(1)), Some((true, None)));
+        s.set([config(1, "kind = \"script\"\ncommand = \"x\"\ndynamic_weight = true", false)]);
+        s.restore(checkpoint);
         assert_eq!(s.health(&key(1)), Some((true, Some(3))));
     }
 
