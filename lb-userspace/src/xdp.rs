@@ -330,6 +330,8 @@ pub struct XdpDataplane {
     /// Last generation handed out per backend id.
     generations: Vec<u32>,
     tx_ifindexes: Vec<u32>,
+    /// The interfaces the current apply has put into `TX_PORTS` (see `ensure_tx_port`).
+    tx_written: Vec<u32>,
     link: Option<(XdpLinkId, String)>,
     /// Attached in native mode (see `prepare_egress`).
     native: bool,
@@ -399,6 +401,7 @@ impl XdpDataplane {
             next_backend_id: 0,
             generations: vec![0; backend_ids(opts.max_backends) as usize],
             tx_ifindexes: Vec::new(),
+            tx_written: Vec::new(),
             link: None,
             native: false,
             egress_pass: Vec::new(),
@@ -652,15 +655,20 @@ impl XdpDataplane {
         self.backends_map.set(id, entry, 0).map_err(Self::map_err(format!("programming {what}")))
     }
 
-    /// Puts `ifindex` into `TX_PORTS`, each time a real server behind it is written: the kernel
-    /// deletes an interface's entry when the interface goes away (or moves to another network
-    /// namespace), and one that comes back with the same index (moved back, `ip link add ...
-    /// index N`) would otherwise never be added again. Its real servers are written again when
-    /// they are resolved again, since the neighbour entries went with the interface.
+    /// Puts `ifindex` into `TX_PORTS` in every apply that writes a real server behind it (once
+    /// per apply: `tx_written`): the kernel deletes an interface's entry when the interface goes
+    /// away (or moves to another network namespace), and one that comes back with the same index
+    /// (moved back, `ip link add ... index N`) would otherwise never be added again. Its real
+    /// servers are written again when they are resolved again, since the neighbour entries went
+    /// with the interface.
     fn ensure_tx_port(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        if self.tx_written.contains(&ifindex) {
+            return Ok(());
+        }
         self.tx_ports
             .insert(ifindex, ifindex, None, 0)
             .map_err(|e| DataplaneError::Other(format!("adding ifindex {ifindex} to TX_PORTS: {e}")))?;
+        self.tx_written.push(ifindex);
         if !self.tx_ifindexes.contains(&ifindex) {
             self.tx_ifindexes.push(ifindex);
             self.prepare_egress(ifindex);
@@ -764,6 +772,7 @@ impl Dataplane for XdpDataplane {
     }
 
     fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
+        self.tx_written.clear();
         // 1. VIPs that are gone stop matching first; their backends die with them.
         let wanted: std::collections::BTreeSet<VipAddr> = services.iter().map(|s| s.vip).collect();
         // New addresses enter the filter before their VIPs do; old ones leave it at the end.
