@@ -326,16 +326,7 @@ mod tests {
         };
         let big = TrafficStatus { conns: 7, packets: 9_000_000_000, bytes: 13_500_000_000_000 };
         let status = Status {
-            version: "0.1.0".into(),
-            pid: 42,
-            config: "rig.toml".into(),
             dataplane: "xdp".into(),
-            description: "native XDP on eth0".into(),
-            interface: "eth0".into(),
-            xdp_mode: "native".into(),
-            uptime_secs: 1,
-            table_size: 65537,
-            conntrack_entries: 0,
             virtual_servers: vec![VirtualServerStatus {
                 address: "2001:db8:85a3:8d3:1319:8a2e:370:7349".into(),
                 port: 443,
@@ -351,8 +342,7 @@ mod tests {
                     rs("10.99.0.12", TrafficStatus { conns: 1, packets: 2, bytes: 3 }),
                 ],
             }],
-            reasons: vec![],
-            vrrp: vec![],
+            ..Default::default()
         };
         let text = render(&status);
         let lines: Vec<&str> = text.lines().collect();
