@@ -486,7 +486,7 @@ fn tls_config(tls: &TlsCheck) -> Result<Arc<rustls::ClientConfig>, String> {
         builder.with_root_certificates(roots).with_no_client_auth()
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    // Every check a full handshake, as in keepalived: a resumed session is not verified again
+    // Every check a full handshake: a resumed session is not verified again
     // (the server sends no certificate), so with resumption a real server whose certificate
     // expired or was replaced by an untrusted one would pass for as long as it took tickets.
     config.resumption = rustls::client::Resumption::disabled();
