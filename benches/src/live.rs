@@ -122,12 +122,21 @@ impl LivePair {
     }
 }
 
-/// One round's ratios: lbd's run and the baseline's, back to back.
+/// One round: lbd's run and the baseline's, back to back, and their ratios.
 #[derive(Clone, Debug, Serialize)]
 pub struct LiveRound {
     pub rate_ratio: f64,
     pub per_core_ratio: f64,
     pub extra_ns_per_packet: f64,
+    pub lbd: LiveRun,
+    pub baseline: LiveRun,
+}
+
+impl LivePair {
+    /// Every run of the pair, lbd's and the baseline's, in every round.
+    pub fn runs(&self) -> impl Iterator<Item = &LiveRun> {
+        self.rounds.iter().flat_map(|r| [&r.lbd, &r.baseline])
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -504,6 +513,8 @@ fn measure_pair(
             rate_ratio: l.mpps() / b.mpps(),
             per_core_ratio: b.ns_per_packet() / l.ns_per_packet(),
             extra_ns_per_packet: l.ns_per_packet() - b.ns_per_packet(),
+            lbd: to_run("lbd", mode, flows, size, l),
+            baseline: to_run(baseline, mode, flows, size, b),
         });
     }
     let [lbd, baseline_runs] = runs;

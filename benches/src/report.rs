@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::{
     control::Control,
     fastpath::{CaseResult, FastPath},
-    live::Live,
+    live::{Live, LivePair},
     plot::{self, Line},
     sys::Machine,
     tcp::Tcp,
@@ -138,20 +138,24 @@ impl Report {
                 .iter()
                 .filter(|p| p.mode == "redirect" && p.size == 64)
                 .collect();
-            if let Some(w) = at64.iter().min_by(|a, b| a.per_core_ratio.total_cmp(&b.per_core_ratio)) {
+            // Met only if both say so: the best runs' ratio and the median of the rounds' own
+            // ratios (each round an lbd run and a baseline run back to back).
+            let judged = |p: &LivePair| p.per_core_ratio.min(p.round_median(|r| r.per_core_ratio));
+            if let Some(w) = at64.iter().min_by(|a, b| judged(a).total_cmp(&judged(b))) {
                 let wall = at64.iter().map(|p| p.rate_ratio).fold(f64::INFINITY, f64::min);
                 goals.push(Goal {
                     goal: "Live path vs redirect-only baseline, 64-byte frames (worst flow count)".into(),
                     target: "≥ 85 % of the baseline's packet rate".into(),
                     measured: format!(
-                        "{} per core ({} flows: {} vs {} ns of CPU per packet); {} by wall-clock rate",
+                        "{} per core ({} flows: {} vs {} ns of CPU per packet; median of the rounds {}); {} by wall-clock rate",
                         pct(w.per_core_ratio),
                         w.flows,
                         f1(w.lbd.ns_per_packet),
                         f1(w.baseline.ns_per_packet),
+                        pct(w.round_median(|r| r.per_core_ratio)),
                         pct(wall)
                     ),
-                    met: w.per_core_ratio >= 0.85,
+                    met: judged(w) >= 0.85,
                 });
             }
         }
@@ -285,7 +289,7 @@ impl Report {
                 let lost: Vec<String> = live
                     .pairs
                     .iter()
-                    .flat_map(|p| [&p.lbd, &p.baseline])
+                    .flat_map(LivePair::runs)
                     .filter(|r| (r.delivered as f64) < 0.98 * r.sent as f64 || r.delivered > r.sent)
                     .map(|r| {
                         format!(
@@ -306,11 +310,13 @@ impl Report {
                 let uncounted: Vec<String> = live
                     .pairs
                     .iter()
-                    .filter(|p| p.lbd.new_flows + p.lbd.conntrack_hits != p.lbd.sent || p.lbd.other_reasons != 0)
-                    .map(|p| {
+                    .flat_map(LivePair::runs)
+                    .filter(|r| r.program == "lbd")
+                    .filter(|r| r.new_flows + r.conntrack_hits != r.sent || r.other_reasons != 0)
+                    .map(|r| {
                         format!(
                             "{} flows {} B: new {} hits {} other {}",
-                            p.flows, p.size, p.lbd.new_flows, p.lbd.conntrack_hits, p.lbd.other_reasons
+                            r.flows, r.size, r.new_flows, r.conntrack_hits, r.other_reasons
                         )
                     })
                     .collect();
@@ -331,16 +337,16 @@ impl Report {
                 let bad: Vec<String> = tcp
                     .runs
                     .iter()
-                    .filter(|r| !(r.requests > 0 && r.requests_per_sec > 0.0 && r.non_2xx == 0))
+                    .filter(|r| !(r.requests > 0 && r.requests_per_sec > 0.0 && r.non_2xx == 0 && r.socket_errors == "none"))
                     .map(|r| {
                         format!(
-                            "{} {}: {} requests, {} non-2xx",
-                            r.path, r.connections, r.requests, r.non_2xx
+                            "{} {}: {} requests, {} non-2xx, socket errors {}",
+                            r.path, r.connections, r.requests, r.non_2xx, r.socket_errors
                         )
                     })
                     .collect();
                 add(
-                    "every wrk run got answers, all 200",
+                    "every wrk run got answers, all 200, without a socket error (connect, read, write, timeout)",
                     bad.is_empty(),
                     if bad.is_empty() {
                         format!("{} runs", tcp.runs.len())
