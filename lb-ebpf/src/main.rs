@@ -8,6 +8,7 @@
 //! the connection insert.
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
 mod conntrack;
 mod maps;

