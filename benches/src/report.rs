@@ -93,6 +93,7 @@ impl Report {
         if let Some(fp) = &self.fastpath {
             for (case, limit, name) in [
                 ("tcp-hit", 3.0, "Connection-table hit"),
+                ("v6-hit", 3.0, "Connection-table hit, IPv6"),
                 ("tcp-new", 7.0, "New flow incl. the connection insert"),
                 ("not-vip", 2.0, "Non-VIP pass"),
             ] {
