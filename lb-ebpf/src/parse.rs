@@ -97,7 +97,7 @@ pub fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
 }
 
 /// The address word at `p` (wire-order bytes in a host u32, as `FlowKey` holds them) in one
-/// 32-bit load, whatever `p`'s alignment (addresses sit at 2 mod 4 after the Ethernet header):
+/// 32-bit load, whatever `p`'s alignment (the addresses start 2 mod 4 bytes into the frame):
 /// the verifier allows misaligned packet reads where the CPU does them efficiently (x86-64,
 /// arm64), but LLVM's BPF target never emits one (`read_unaligned` becomes byte loads), so the
 /// load is written in BPF assembly. It replaced two 16-bit loads, a shift and an or per word:
