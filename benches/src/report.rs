@@ -854,7 +854,7 @@ fn section_live(s: &mut String, live: &Live) {
     for p in &live.pairs {
         let _ = writeln!(
             s,
-            "| {} | {} | {} B | {} | {} | {} | {} | {} | **{}** | {} | {} | {} |",
+            "| {} | {} | {} B | {} | {} | {} | {} | {} | **{}** | {} | {} ({}) | {} |",
             if p.mode == "tx" {
                 "XDP_TX (vs swap-MAC)"
             } else {
@@ -871,7 +871,8 @@ fn section_live(s: &mut String, live: &Live) {
             f1(p.extra_ns_per_packet),
             // The pipeline's core runs generator, director and sink in series; lbd's extra ns per
             // packet are its own share (1 ns per packet = 0.001 cores per Mpps).
-            format!("{} ({})", f3(p.lbd.cpu_per_mpps), f3(p.extra_ns_per_packet / 1000.0)),
+            f3(p.lbd.cpu_per_mpps),
+            f3(p.extra_ns_per_packet / 1000.0),
             p.rounds.iter().map(|r| pct(r.per_core_ratio)).collect::<Vec<_>>().join(" ")
         );
     }

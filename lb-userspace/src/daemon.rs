@@ -250,11 +250,16 @@ impl Controller {
     fn update_quorum(&mut self, i: usize) {
         let vs = &self.config.virtual_servers[i];
         let vip = VipAddr::of(vs);
-        let live = live_weight(self.weights(i).into_iter().map(|(up, w)| (up, w.unwrap_or(0))));
+        let live = self.live_weight(i);
         let quorum = self.quorums.entry(vip).or_insert_with(|| Quorum::new(vs.quorum, vs.hysteresis));
         quorum.set(vs.quorum, vs.hysteresis);
         let Some(change) = quorum.update(live) else { return };
         self.quorum_news(i, change, live);
+    }
+
+    /// Virtual server `i`'s live weight: what its quorum is judged by.
+    fn live_weight(&self, i: usize) -> u64 {
+        live_weight(self.weights(i).into_iter().map(|(up, w)| (up, w.unwrap_or(0))))
     }
 
     /// Queues virtual server `i`'s quorum `change` (at `live` weight) for [`Self::announce_quorums`].
@@ -612,7 +617,7 @@ impl Controller {
                 continue;
             };
             if was != now {
-                let live = live_weight(self.weights(i).into_iter().map(|(up, w)| (up, w.unwrap_or(0))));
+                let live = self.live_weight(i);
                 self.quorum_news(i, if now { QuorumChange::Gained } else { QuorumChange::Lost }, live);
             }
         }
@@ -680,8 +685,8 @@ impl Controller {
                     real_servers: vs
                         .real_servers
                         .iter()
-                        .zip(self.weights(i).into_iter().map(|w| (w, self.serves_sorry(vs))))
-                        .map(|(rs, ((up, weight), sorry_serves))| {
+                        .zip(self.weights(i))
+                        .map(|(rs, (up, weight))| {
                             let key = rs_key(rs);
                             let iface = self.ifaces[self.iface_of(&rs.interface)];
                             let mac = self.mac_of(iface.ifindex, rs);
@@ -698,7 +703,7 @@ impl Controller {
                                 "unresolved"
                             } else if self.drained.contains(&(svc.vip, key)) {
                                 "drained"
-                            } else if sorry_serves {
+                            } else if self.serves_sorry(vs) {
                                 // Healthy, but the sorry server has the table (quorum lost).
                                 "standby"
                             } else {

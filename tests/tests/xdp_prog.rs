@@ -105,6 +105,11 @@ fn load_sized(conntrack_size: u32) -> XdpDataplane {
     .expect("the verifier accepts the program")
 }
 
+/// One VIP and two real servers (four backend ids): the limit tests' dataplane.
+fn load_at_limits() -> anyhow::Result<XdpDataplane> {
+    Ok(XdpDataplane::load(XdpOptions { table_size: 65537, max_vips: 1, max_backends: 2, conntrack_size: 4096, log_level: 0 })?)
+}
+
 /// Runs `test` as root in a namespace of its own, `name` (removed afterwards, also on failure).
 fn in_own_netns(name: &str, test: fn() -> anyhow::Result<()>) -> anyhow::Result<()> {
     require_root()?;
@@ -564,7 +569,7 @@ fn every_real_server_replaced_at_once_at_the_limit() -> anyhow::Result<()> {
 }
 
 fn limit_inner() -> anyhow::Result<()> {
-    let mut dp = XdpDataplane::load(XdpOptions { table_size: 65537, max_vips: 1, max_backends: 2, conntrack_size: 4096, log_level: 0 })?;
+    let mut dp = load_at_limits()?;
     let pair = |a: u8, b: u8| svc(IpAddr::V4(VIP), 80, Protocol::Tcp, vec![backend(a, 80, BE_MAC[0], INGRESS), backend(b, 80, BE_MAC[1], INGRESS)]);
     dp.apply(&[pair(11, 12)])?;
     dp.apply(&[pair(21, 22)]).map_err(|e| anyhow::anyhow!("replacing both real servers: {e}"))?;
@@ -587,7 +592,7 @@ fn a_failed_apply_gives_back_its_new_real_servers_ids() -> anyhow::Result<()> {
 }
 
 fn ids_inner() -> anyhow::Result<()> {
-    let mut dp = XdpDataplane::load(XdpOptions { table_size: 65537, max_vips: 1, max_backends: 2, conntrack_size: 4096, log_level: 0 })?;
+    let mut dp = load_at_limits()?;
     let gone = svc(IpAddr::V4(VIP), 80, Protocol::Tcp, vec![backend(31, 80, BE_MAC[2], 999_999)]);
     for attempt in 0..6 {
         let err = dp.apply(std::slice::from_ref(&gone)).expect_err("an interface that does not exist");
@@ -654,7 +659,7 @@ fn reuse_inner() -> anyhow::Result<()> {
     assert!(ids_a.iter().all(|id| !ids_b.contains(id)), "{ids_a:?} reused for {ids_b:?}");
 
     // One VIP and four backend ids: every id B takes was just released or is the last spare.
-    let mut dp = XdpDataplane::load(XdpOptions { table_size: 65537, max_vips: 1, max_backends: 2, conntrack_size: 4096, log_level: 0 })?;
+    let mut dp = load_at_limits()?;
     for (i, services) in [&a, &b, &a, &b].into_iter().enumerate() {
         dp.apply(std::slice::from_ref(services)).map_err(|e| anyhow::anyhow!("apply {i} at the limits: {e}"))?;
         let dst = if let IpAddr::V4(v) = services.vip.addr { v } else { unreachable!() };
