@@ -28,6 +28,7 @@ use crate::{
         state::{live_weight, table_weight},
         CheckConfig, CheckKey, HealthEvent, ProbeTarget, Quorum, QuorumChange, Scheduler, SchedulerOptions, VipPath,
     },
+    links::{LinkWatcher, Links},
     neigh::{Mac, NeighEvent, NeighKey, Resolver},
     status::{format_mac, HealthStatus, RealServerStatus, ReasonStatus, Status, TrafficStatus, VirtualServerStatus},
     ipvs_dataplane::IpvsDataplane,
@@ -395,6 +396,41 @@ impl Controller {
             // Keep forwarding with the last known MAC; the resolver asks the kernel again.
             NeighEvent::Gone { .. } => false,
         }
+    }
+
+    /// Follows the kernel's interfaces (see [`crate::links`]): the dataplane attaches again to
+    /// an interface that was created again, and the real servers behind an interface whose index
+    /// or MAC changed are programmed with the new ones, keeping the MACs they had until their
+    /// neighbour entries on the new interface say otherwise. An interface the config names that
+    /// is gone keeps its last index until it is back. True if an interface the config names
+    /// changed; call [`Self::set_addresses`] before, and follow [`Self::neigh_keys`] after.
+    pub fn relink(&mut self, links: &Links) -> anyhow::Result<bool> {
+        let mut moved = HashMap::new();
+        for (name, iface) in &mut self.ifaces {
+            let Some(now) = links.get(name).and_then(|l| Some(IfaceInfo { ifindex: l.ifindex, mac: l.mac? })) else {
+                continue;
+            };
+            if now != *iface {
+                info!(interface = %name, ifindex = now.ifindex, mac = %format_mac(&now.mac), "interface changed: its real servers follow it");
+                moved.insert(iface.ifindex, now.ifindex);
+                *iface = now;
+            }
+        }
+        // Before the apply, so that real servers moved to a new interface find its TX_PORTS entry.
+        let followed = self.dataplane.links_changed(links).context("following the interfaces");
+        if moved.is_empty() {
+            return followed.map(|()| false);
+        }
+        let carried: Vec<(NeighKey, Mac)> = self
+            .macs
+            .iter()
+            .filter_map(|(k, mac)| moved.get(&k.ifindex).map(|&ifindex| (NeighKey { ifindex, addr: k.addr }, *mac)))
+            .collect();
+        self.macs.retain(|k, _| !moved.contains_key(&k.ifindex));
+        self.macs.extend(carried);
+        self.sync_checks();
+        let applied = self.apply();
+        followed.and(applied).map(|()| true)
     }
 
     fn mac_of(&self, ifindex: u32, rs: &crate::config::RealServer) -> Option<Mac> {
@@ -970,6 +1006,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // Before the interfaces are looked up: none can be created again unseen after that.
+    let (_links, mut links_rx) = LinkWatcher::start().context("starting the interface watcher")?;
     let ifaces = resolve_ifaces(&config, config_path)?;
     let picked = pick_dataplane(&config)?;
     info!(
@@ -992,6 +1030,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     ctl.apply()?;
     // After the dataplane: until VRRP says otherwise, the VIPs it lists are dropped.
     let mut vrrp = start_vrrp(&ctl.config().vrrp)?;
+    let mut vrrp_ifaces = vrrp_ifindexes(&ctl.config().vrrp);
 
     info!(socket = %d.control_socket.display(), "control socket ready");
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
@@ -1019,6 +1058,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     }
                 }
             }
+            Some(links) = links_rx.recv() => {
+                follow_links(&mut ctl, &resolver, &mut watched, &links);
+                follow_vrrp_links(&mut ctl, &mut vrrp, &mut vrrp_ifaces, &links).await;
+            }
             changed = vrrp_changed(&mut vrrp) => {
                 if changed.is_err() {
                     error!("VRRP stopped unexpectedly; the virtual servers it covers are dropped until lbd restarts");
@@ -1030,6 +1073,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 if let Err(e) = reload_all(&mut ctl, &resolver, &mut watched, &mut vrrp).await {
                     log_reload_failure(&e);
                 }
+                vrrp_ifaces = vrrp_ifindexes(&ctl.config().vrrp);
             }
             Some((req, reply)) = ctl_rx.recv() => {
                 let resp = match req {
@@ -1037,13 +1081,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                         answer_status(&mut ctl, &mut health_rx, vrrp.as_ref(), reply, &scans);
                         continue;
                     }
-                    Request::Reload => match reload_all(&mut ctl, &resolver, &mut watched, &mut vrrp).await {
-                        Ok(()) => Response { ok: true, ..Default::default() },
-                        Err(e) => {
-                            log_reload_failure(&e);
-                            Response::error(format!("{e:#}"))
+                    Request::Reload => {
+                        let done = reload_all(&mut ctl, &resolver, &mut watched, &mut vrrp).await;
+                        vrrp_ifaces = vrrp_ifindexes(&ctl.config().vrrp);
+                        match done {
+                            Ok(()) => Response { ok: true, ..Default::default() },
+                            Err(e) => {
+                                log_reload_failure(&e);
+                                Response::error(format!("{e:#}"))
+                            }
                         }
-                    },
+                    }
                     Request::Drain(sel) => admin(&mut ctl, &sel, true),
                     Request::Enable(sel) => admin(&mut ctl, &sel, false),
                 };
@@ -1129,6 +1177,52 @@ fn check_vrrp_ifaces(spec: &VrrpSpec) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The indexes of the interfaces VRRP's instances use, as they are now (those that exist).
+fn vrrp_ifindexes(spec: &VrrpSpec) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    for inst in &spec.instances {
+        for dev in std::iter::once(&inst.interface).chain(inst.virtual_addresses.iter().filter_map(|a| a.dev.as_ref())) {
+            if let Ok(ifindex) = nix::net::if_::if_nametoindex(dev.as_str()) {
+                out.insert(dev.clone(), ifindex);
+            }
+        }
+    }
+    out
+}
+
+/// The interfaces changed: see [`Controller::relink`].
+fn follow_links(ctl: &mut Controller, resolver: &Resolver, watched: &mut BTreeSet<NeighKeyOrd>, links: &Links) {
+    ctl.set_addresses(interface_addresses());
+    if let Err(e) = ctl.relink(links) {
+        error!("{e:#}");
+    }
+    rewatch(ctl, resolver, watched);
+}
+
+/// VRRP's sockets are bound to its interfaces' indexes: when one of them is created again (its
+/// index changed), VRRP restarts, as a fresh lbd would start it; and VRRP that is not running
+/// (it stopped, or a start failed) is started again then.
+async fn follow_vrrp_links(ctl: &mut Controller, vrrp: &mut Option<Vrrp>, known: &mut BTreeMap<String, u32>, links: &Links) {
+    if ctl.config().vrrp.instances.is_empty() {
+        return;
+    }
+    let now = vrrp_ifindexes(&ctl.config().vrrp);
+    let moved = known.iter().filter(|(name, ifindex)| links.get(*name).is_some_and(|l| l.ifindex != **ifindex));
+    let appeared = now.keys().filter(|name| !known.contains_key(*name));
+    let changed: Vec<&str> = moved.map(|(name, _)| name.as_str()).chain(appeared.map(String::as_str)).collect();
+    if changed.is_empty() {
+        return;
+    }
+    warn!(interfaces = %changed.join(", "), "VRRP's interfaces were created again: restarting VRRP");
+    *known = now;
+    stop_vrrp(ctl, vrrp).await;
+    match start_vrrp(&ctl.config().vrrp) {
+        Ok(v) => *vrrp = v,
+        Err(e) => error!("{e:#}; the virtual servers VRRP covers are dropped until its interfaces change again or lbd restarts"),
+    }
+    sync_vrrp(ctl, vrrp.as_ref());
 }
 
 /// Makes the dataplane carry exactly the virtual servers whose VIPs VRRP owns now (all
@@ -1389,6 +1483,45 @@ mod tests {
         assert!(!ctl.on_neigh(&NeighEvent::Gone { key: key("10.0.0.12") }));
         ctl.apply().unwrap();
         assert_eq!(fake.current().unwrap()[0].backends[1].mac, Some([2, 0, 0, 0, 0, 0xc]));
+    }
+
+    /// An interface deleted and created again (another index, here another MAC too): the real
+    /// servers behind it are programmed with the new ones, keep their resolved MACs, and their
+    /// neighbour entries are followed on the new index. The dataplane hears of every change of
+    /// the interfaces, before the apply that uses the new index.
+    #[test]
+    fn real_servers_follow_an_interface_created_again() {
+        use crate::{dataplane::FakeCall, links::Link};
+        let cfg = config("", &["address = \"10.0.0.11\"", "address = \"10.0.0.12\"\nmac = \"02:00:00:00:00:0c\""]);
+        let (mut ctl, fake) = controller(cfg);
+        let resolved = [2, 0, 0, 0, 0, 0xb];
+        ctl.on_neigh(&NeighEvent::Reachable { key: key("10.0.0.11"), mac: resolved });
+        ctl.apply().unwrap();
+        let links = |ifindex: u32, mac: Mac| {
+            let lo = Link { ifindex: 1, mac: Some([0; 6]), xdp_programs: vec![] };
+            Links::from([("lo".to_string(), lo), ("eth0".to_string(), Link { ifindex, mac: Some(mac), xdp_programs: vec![7] })])
+        };
+
+        // Unchanged, or gone: nothing is programmed again.
+        assert!(!ctl.relink(&links(ETH0.ifindex, ETH0.mac)).unwrap());
+        assert!(!ctl.relink(&Links::new()).unwrap());
+        assert_eq!(fake.applied().len(), 1);
+        assert_eq!(ctl.ifaces["eth0"], ETH0, "a missing interface keeps its last index");
+
+        let new_mac = [2, 0, 0, 0, 0, 0xe];
+        assert!(ctl.relink(&links(9, new_mac)).unwrap());
+        let calls = fake.calls();
+        assert_eq!(calls[calls.len() - 2..], [FakeCall::LinksChanged(links(9, new_mac)), FakeCall::Apply]);
+        let svc = &fake.current().unwrap()[0];
+        for b in &svc.backends {
+            assert_eq!((b.ifindex, b.src_mac), (9, new_mac), "{b:?}");
+        }
+        assert_eq!(svc.backends[0].mac, Some(resolved), "the resolved MAC is kept");
+        let moved = NeighKey { ifindex: 9, addr: "10.0.0.11".parse().unwrap() };
+        assert_eq!(ctl.neigh_keys().into_iter().map(NeighKey::from).collect::<Vec<_>>(), vec![moved]);
+        assert!(!ctl.on_neigh(&NeighEvent::Reachable { key: moved, mac: resolved }), "the same MAC, now on the new index");
+        assert!(ctl.on_neigh(&NeighEvent::Reachable { key: moved, mac: [2, 0, 0, 0, 0, 0xf] }));
+        assert_eq!(fake.calls().iter().filter(|c| matches!(c, FakeCall::LinksChanged(_))).count(), 3);
     }
 
     /// A status whose connection count scans tables is answered off the run loop: the call

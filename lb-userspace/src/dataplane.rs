@@ -170,6 +170,13 @@ pub trait Dataplane: Send {
     fn connection_count(&self) -> Option<ConnectionCount> {
         None
     }
+    /// The kernel's interfaces are now `links` (see [`crate::links::LinkWatcher`]): a
+    /// dataplane attached to interfaces follows one that was deleted and created again. The real
+    /// servers' new interface indexes come with the next [`Self::apply`].
+    fn links_changed(&mut self, links: &crate::links::Links) -> Result<(), DataplaneError> {
+        let _ = links;
+        Ok(())
+    }
 }
 
 /// See [`Dataplane::connection_count`].
@@ -182,6 +189,15 @@ pub struct FakeDataplane {
     applied: Arc<Mutex<Vec<Vec<ServiceSpec>>>>,
     fail: Arc<Mutex<Option<String>>>,
     count: Arc<Mutex<Option<Arc<CountFn>>>>,
+    /// Applies, and the interfaces each `links_changed` was told, in order.
+    log: Arc<Mutex<Vec<FakeCall>>>,
+}
+
+/// A call [`FakeDataplane`] recorded.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FakeCall {
+    Apply,
+    LinksChanged(crate::links::Links),
 }
 
 type CountFn = dyn Fn() -> u64 + Send + Sync;
@@ -208,6 +224,11 @@ impl FakeDataplane {
         *self.fail.lock().expect("fake dataplane lock") = Some(message.to_string());
     }
 
+    /// The applies and `links_changed` calls so far, oldest first.
+    pub fn calls(&self) -> Vec<FakeCall> {
+        self.log.lock().expect("fake dataplane lock").clone()
+    }
+
     /// Makes `connection_count` offer `count` (as an XDP dataplane's table scan).
     pub fn count_connections_with(&self, count: impl Fn() -> u64 + Send + Sync + 'static) {
         *self.count.lock().expect("fake dataplane lock") = Some(Arc::new(count));
@@ -223,6 +244,11 @@ impl Dataplane for FakeDataplane {
             return Err(DataplaneError::Other(message));
         }
         self.applied.lock().expect("fake dataplane lock").push(services.to_vec());
+        self.log.lock().expect("fake dataplane lock").push(FakeCall::Apply);
+        Ok(())
+    }
+    fn links_changed(&mut self, links: &crate::links::Links) -> Result<(), DataplaneError> {
+        self.log.lock().expect("fake dataplane lock").push(FakeCall::LinksChanged(links.clone()));
         Ok(())
     }
     fn stats(&self) -> Result<DataplaneStats, DataplaneError> {

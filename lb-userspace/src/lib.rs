@@ -9,6 +9,7 @@ pub mod duration;
 pub mod ipvs;
 pub mod ipvs_dataplane;
 pub mod health;
+pub mod links;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;

@@ -472,7 +472,7 @@ fn notification(msg: &Nlmsghdr<Rtm, Ndmsg>) -> Option<(NeighKey, Option<Mac>)> {
 }
 
 /// A pollfd waiting for `fd` to become readable.
-fn pollin(fd: &impl AsRawFd) -> libc::pollfd {
+pub(crate) fn pollin(fd: &impl AsRawFd) -> libc::pollfd {
     libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
@@ -480,7 +480,7 @@ fn pollin(fd: &impl AsRawFd) -> libc::pollfd {
     }
 }
 
-fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+pub(crate) fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
     let flags = OFlag::from_bits_retain(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
     fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())

@@ -336,7 +336,27 @@ pub struct XdpDataplane {
     /// Attached in native mode (see `prepare_egress`).
     native: bool,
     /// `xdp_pass` on the other interfaces real servers sit behind, attached while this lives.
-    egress_pass: Vec<Ebpf>,
+    egress_pass: Vec<EgressPass>,
+    /// The kernel's id of the loaded program (to tell whether an interface still runs it).
+    program_id: u32,
+    /// The interface lbd serves, from `attach` to `detach`, whether or not the program is on it
+    /// now (see `follow_links`).
+    serving: Option<String>,
+    /// That interface is gone (warned once; see `follow_links`).
+    link_lost: bool,
+}
+
+/// `xdp_pass` attached to an interface real servers sit behind (see `prepare_egress`).
+struct EgressPass {
+    ifindex: u32,
+    program_id: u32,
+    _ebpf: Ebpf,
+}
+
+/// The kernel's id of program `name` of `ebpf` (0 if it cannot say).
+fn program_id(ebpf: &Ebpf, name: &str) -> u32 {
+    let prog: Option<&Xdp> = ebpf.program(name).and_then(|p| p.try_into().ok());
+    prog.and_then(|p| p.info().ok()).map_or(0, |i| i.id())
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
@@ -375,6 +395,7 @@ impl XdpDataplane {
             .ok_or(LoadError::MissingMap(PROGRAM_NAME))?
             .try_into()?;
         prog.load()?;
+        let program_id = program_id(&ebpf, PROGRAM_NAME);
         Ok(Self {
             vips_map: take(&mut ebpf, map_names::VIPS)?,
             backends_map: take(&mut ebpf, map_names::BACKENDS)?,
@@ -405,6 +426,9 @@ impl XdpDataplane {
             link: None,
             native: false,
             egress_pass: Vec::new(),
+            program_id,
+            serving: None,
+            link_lost: false,
             opts,
         })
     }
@@ -450,15 +474,65 @@ impl XdpDataplane {
             .attach(iface, mode)
             .map_err(|source| LoadError::Attach { iface: iface.to_string(), mode: name, hint, source: Box::new(source) })?;
         self.link = Some((id, iface.to_string()));
+        self.serving = Some(iface.to_string());
         self.native = native;
+        self.link_lost = false;
         for ifindex in self.tx_ifindexes.clone() {
             self.prepare_egress(ifindex);
         }
         Ok(())
     }
 
+    /// Attaches again to the interface, in the same mode, if `links` shows it without the
+    /// program: deleted and created again (the program went with the old device, and the new one
+    /// has another index, or by chance the same). Interfaces real servers sit behind that were
+    /// created again get their `TX_PORTS` entry and, in native mode, `xdp_pass` back.
+    fn follow_links(&mut self, links: &crate::links::Links) -> Result<(), DataplaneError> {
+        // Egress first: once the program is back, its redirects must find their ports.
+        let present = |ifindex: u32| links.values().any(|l| l.ifindex == ifindex);
+        self.egress_pass.retain(|p| links.values().any(|l| l.ifindex == p.ifindex && l.xdp_programs.contains(&p.program_id)));
+        self.tx_ifindexes.retain(|i| present(*i));
+        for ifindex in self.tx_ifindexes.clone() {
+            // Upserts: the kernel dropped the entry of an interface that went away.
+            self.tx_ports
+                .insert(ifindex, ifindex, None, 0)
+                .map_err(|e| DataplaneError::Other(format!("adding ifindex {ifindex} to TX_PORTS: {e}")))?;
+            self.prepare_egress(ifindex);
+        }
+        let Some(name) = self.serving.clone() else { return Ok(()) };
+        match links.get(&name) {
+            None => {
+                if !std::mem::replace(&mut self.link_lost, true) {
+                    tracing::error!(
+                        interface = %name,
+                        "the interface lbd is attached to is gone: its traffic is not balanced until an interface of that \
+                         name is back, and lbd attaches to it again"
+                    );
+                }
+                Ok(())
+            }
+            Some(link) if link.xdp_programs.contains(&self.program_id) => Ok(()),
+            Some(link) => {
+                let (ifindex, native) = (link.ifindex, self.native);
+                if let Some((id, _)) = self.link.take() {
+                    // The old device took the attachment with it; this only lets go of the link.
+                    let _ = self.program().detach(id);
+                }
+                self.attach(&name, native).map_err(|e| {
+                    DataplaneError::Other(format!(
+                        "attaching to {name} again: {e}; its traffic is not balanced until the next change of the \
+                         interfaces or a restart"
+                    ))
+                })?;
+                tracing::warn!(interface = %name, ifindex, "interface created again: XDP attached to it again");
+                Ok(())
+            }
+        }
+    }
+
     /// Detaches from the interface (also happens when the dataplane is dropped).
     pub fn detach(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.serving = None;
         if let Some((id, _)) = self.link.take() {
             self.program().detach(id)?;
         }
@@ -692,13 +766,14 @@ impl XdpDataplane {
             return;
         };
         let name = name.to_string_lossy().into_owned();
-        if name == *attached {
+        if name == *attached || self.egress_pass.iter().any(|p| p.ifindex == ifindex) {
             return;
         }
         match attach_pass(&name) {
             Ok(pass) => {
                 tracing::info!(interface = %name, "xdp_pass attached, so that its driver sends the frames lbd redirects there");
-                self.egress_pass.push(pass);
+                let program_id = program_id(&pass, "xdp_pass");
+                self.egress_pass.push(EgressPass { ifindex, program_id, _ebpf: pass });
             }
             Err(e) => tracing::warn!(
                 interface = %name,
@@ -938,6 +1013,10 @@ impl Dataplane for XdpDataplane {
             out.vips.insert(*vip, traffic(total));
         }
         Ok(out)
+    }
+
+    fn links_changed(&mut self, links: &crate::links::Links) -> Result<(), DataplaneError> {
+        self.follow_links(links)
     }
 
     fn connection_count(&self) -> Option<ConnectionCount> {

@@ -276,3 +276,45 @@ fn drained_backend_keeps_its_connection_and_gets_no_new_ones() -> anyhow::Result
     assert!(err.contains("no real server 10.99.0.99 in virtual server 10.99.0.100:80"), "{err}");
     Ok(())
 }
+
+/// The director's interface deleted and created again (another index, no XDP program): lbd
+/// attaches to the new one and its real servers follow. Without that, the VIP's traffic went to
+/// the director's kernel, which has nothing listening on the VIP's port, until lbd restarted.
+#[test]
+fn an_interface_created_again_is_served_again() -> anyhow::Result<()> {
+    require_root()?;
+    let mut rig = Rig::up("ltea", 3)?;
+    rig.start_lbd()?;
+    assert_spread(&rig.http_batch(IpAddr::V4(VIP_V4), 90)?, 90);
+    let conns = |rig: &Rig, i: usize| -> anyhow::Result<u64> {
+        rig.status()?["virtual_servers"][i]["traffic"]["conns"].as_u64().ok_or_else(|| anyhow::anyhow!("no conns"))
+    };
+    let (old, new) = rig.recreate_director_link()?;
+    assert_ne!(old, new, "the rig must give eth0 another index");
+
+    // lbd's program is on the new eth0 once the interface watcher's dump (50 ms after the last
+    // notification) has been followed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let link = rig.director.ip(&["-d", "link", "show", "dev", "eth0"])?;
+        if link.contains("prog/xdp") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no XDP program on the new eth0 after 5 s:\n{link}\n{}", rig.lbd_log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let log = rig.lbd_log();
+    assert!(log.contains("interface created again: XDP attached to it again"), "{log}");
+
+    // Every request is forwarded by lbd (its counters grow by one connection a request), over
+    // IPv4 and IPv6, whose real servers' MACs were resolved on the old index.
+    let (v4, v6) = (conns(&rig, 0)?, conns(&rig, 2)?);
+    assert_spread(&rig.http_batch(IpAddr::V4(VIP_V4), 90)?, 90);
+    assert_spread(&rig.http_batch(IpAddr::V6(VIP_V6), 90)?, 90);
+    assert_eq!((conns(&rig, 0)? - v4, conns(&rig, 2)? - v6), (90, 90));
+    let st = rig.status()?;
+    for rs in st["virtual_servers"][0]["real_servers"].as_array().unwrap() {
+        assert_eq!(rs["state"], "up", "{rs}");
+    }
+    Ok(())
+}

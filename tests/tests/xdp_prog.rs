@@ -710,6 +710,58 @@ fn an_interface_that_comes_back_is_put_back_into_tx_ports() -> anyhow::Result<()
     Ok(())
 }
 
+/// Interfaces deleted and created again with the same index (so nothing but the missing programs
+/// tells): told the interfaces (`links_changed`, as the daemon's watcher does), the dataplane
+/// attaches lbd's program to its own interface again, and `xdp_pass` and the `TX_PORTS` entry to
+/// the egress interface, without an apply: the real server's redirect works again.
+#[test]
+fn interfaces_created_again_get_their_programs_and_ports_back() -> anyhow::Result<()> {
+    require_root()?;
+    let ns = Netns::new("lbdt-again")?;
+    for (a, b) in [("tc0", "tc1"), ("td0", "td1")] {
+        ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])?;
+        for dev in [a, b] {
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+    }
+    let index = |dev: &str| -> anyhow::Result<u32> { Ok(ns.exec(&["cat", &format!("/sys/class/net/{dev}/ifindex")])?.trim().parse()?) };
+    let xdp_on = |dev: &str| -> anyhow::Result<bool> { Ok(ns.exec(&["ip", "-d", "link", "show", dev])?.contains("prog/xdp")) };
+    let (director, egress) = (index("tc0")?, index("td0")?);
+    let redirect = |dp: &mut XdpDataplane, sport: u16| run(dp, &tcp4_syn(flow(sport, 80))).0;
+    let mut dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
+        let mut dp = load();
+        dp.attach("tc0", true)?;
+        dp.apply(&[svc(IpAddr::V4(VIP), 80, Protocol::Tcp, vec![backend(11, 80, BE_MAC[0], egress)])])?;
+        assert_eq!(redirect(&mut dp, 40000), XDP_REDIRECT);
+        // Told the interfaces as they are, it changes nothing.
+        dp.links_changed(&lb_userspace::links::dump()?)?;
+        Ok(dp)
+    })??;
+    assert!(xdp_on("tc0")? && xdp_on("td0")?);
+
+    for (a, b, ifindex) in [("tc0", "tc1", director), ("td0", "td1", egress)] {
+        ns.ip(&["link", "del", a])?;
+        ns.ip(&["link", "add", a, "index", &ifindex.to_string(), "type", "veth", "peer", "name", b])?;
+        for dev in [a, b] {
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        assert_eq!(index(a)?, ifindex);
+        assert!(!xdp_on(a)?, "{a} was created without programs");
+    }
+    dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
+        assert_eq!(redirect(&mut dp, 40001), XDP_ABORTED, "TX_PORTS lost td0's entry");
+        dp.links_changed(&lb_userspace::links::dump()?)?;
+        let verdict = redirect(&mut dp, 40002);
+        assert_eq!(verdict, XDP_REDIRECT, "redirect-failed: {}", reason_packets(&dp, "redirect-failed"));
+        Ok(dp)
+    })??;
+    assert!(xdp_on("tc0")?, "lbd's program is not on tc0 again");
+    assert!(xdp_on("td0")?, "xdp_pass is not on td0 again");
+    drop(dp);
+    assert!(!xdp_on("tc0")? && !xdp_on("td0")?, "programs outlived lbd");
+    Ok(())
+}
+
 /// In native mode a real server behind another interface gets `xdp_pass` on that interface: many
 /// drivers send redirected XDP frames only while a program is attached there. Gone with lbd.
 #[test]
