@@ -739,7 +739,7 @@ fn interfaces_created_again_get_their_programs_and_ports_back() -> anyhow::Resul
     })??;
     assert!(xdp_on("tc0")? && xdp_on("td0")?);
 
-    for (a, b, ifindex) in [("tc0", "tc1", director), ("td0", "td1", egress)] {
+    let recreate = |a: &str, b: &str, ifindex: u32| -> anyhow::Result<()> {
         ns.ip(&["link", "del", a])?;
         ns.ip(&["link", "add", a, "index", &ifindex.to_string(), "type", "veth", "peer", "name", b])?;
         for dev in [a, b] {
@@ -747,12 +747,22 @@ fn interfaces_created_again_get_their_programs_and_ports_back() -> anyhow::Resul
         }
         assert_eq!(index(a)?, ifindex);
         assert!(!xdp_on(a)?, "{a} was created without programs");
-    }
+        Ok(())
+    };
+    // The egress interface first, then the director's: each is followed on its own.
+    recreate("td0", "td1", egress)?;
     dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
         assert_eq!(redirect(&mut dp, 40001), XDP_ABORTED, "TX_PORTS lost td0's entry");
         dp.links_changed(&lb_userspace::links::dump()?)?;
         let verdict = redirect(&mut dp, 40002);
         assert_eq!(verdict, XDP_REDIRECT, "redirect-failed: {}", reason_packets(&dp, "redirect-failed"));
+        Ok(dp)
+    })??;
+    assert!(xdp_on("td0")?, "xdp_pass is not on td0 again");
+    recreate("tc0", "tc1", director)?;
+    dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
+        dp.links_changed(&lb_userspace::links::dump()?)?;
+        assert_eq!(redirect(&mut dp, 40003), XDP_REDIRECT);
         Ok(dp)
     })??;
     assert!(xdp_on("tc0")?, "lbd's program is not on tc0 again");
