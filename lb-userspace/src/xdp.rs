@@ -487,7 +487,17 @@ impl XdpDataplane {
     /// program: deleted and created again (the program went with the old device, and the new one
     /// has another index, or by chance the same). Interfaces real servers sit behind that were
     /// created again get their `TX_PORTS` entry and, in native mode, `xdp_pass` back.
-    fn follow_links(&mut self, links: &crate::links::Links) -> Result<(), DataplaneError> {
+    fn follow_links(&mut self, told: &crate::links::Links) -> Result<(), DataplaneError> {
+        // `told` may be older than this dataplane's own last attachments (the watcher's first
+        // dump can be taken before `attach`): where it disagrees with them, a dump taken now
+        // decides, so that a stale one never detaches what was attached since.
+        let fresh;
+        let links = if self.agrees(told) {
+            told
+        } else {
+            fresh = crate::links::dump().map_err(|e| DataplaneError::Other(format!("reading the interfaces: {e}")))?;
+            &fresh
+        };
         // Egress first: once the program is back, its redirects must find their ports.
         let present = |ifindex: u32| links.values().any(|l| l.ifindex == ifindex);
         self.egress_pass.retain(|p| links.values().any(|l| l.ifindex == p.ifindex && l.xdp_programs.contains(&p.program_id)));
@@ -528,6 +538,16 @@ impl XdpDataplane {
                 Ok(())
             }
         }
+    }
+
+    /// Whether `links` shows every program this dataplane attached on its interface.
+    fn agrees(&self, links: &crate::links::Links) -> bool {
+        let runs = |ifindex: u32, program: u32| links.values().any(|l| l.ifindex == ifindex && l.xdp_programs.contains(&program));
+        let serving = self.serving.as_ref().is_none_or(|name| {
+            let ifindex = links.get(name).map(|l| l.ifindex);
+            ifindex.is_some_and(|i| runs(i, self.program_id))
+        });
+        serving && self.egress_pass.iter().all(|p| runs(p.ifindex, p.program_id))
     }
 
     /// Detaches from the interface (also happens when the dataplane is dropped).

@@ -174,10 +174,10 @@ impl Rig {
     }
 
     /// Deletes the director's `eth0` (with its bridge port `vd`) and creates it again as
-    /// [`Rig::up`] did, VIPs included: as `ifdown`/`ifup` of a VLAN does, or a container runtime
-    /// re-creating a veth. The new `eth0` has another index and no XDP program. Returns the old
-    /// index and the new one.
-    pub fn recreate_director_link(&mut self) -> Result<(u32, u32)> {
+    /// [`Rig::up`] did, with the VIPs if `vips` ([`Rig::up_pair`]'s directors have none): as
+    /// `ifdown`/`ifup` of a VLAN does, or a container runtime re-creating a veth. The new `eth0`
+    /// has another index and no XDP program. Returns the old index and the new one.
+    pub fn recreate_director_link(&mut self, vips: bool) -> Result<(u32, u32)> {
         let index = |rig: &Rig| -> Result<u32> { Ok(rig.director.exec(&["cat", "/sys/class/net/eth0/ifindex"])?.trim().parse()?) };
         let old = index(self)?;
         self._peer_pass = None;
@@ -185,8 +185,10 @@ impl Rig {
         self.wire(&self.director, "vd", 10)?;
         let pass = self.switch.enter(|| lb_userspace::xdp::attach_pass("vd"))??;
         self._peer_pass = Some(pass);
-        self.director.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "eth0"])?;
-        self.director.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "eth0", "nodad"])?;
+        if vips {
+            self.director.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "eth0"])?;
+            self.director.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "eth0", "nodad"])?;
+        }
         Ok((old, index(self)?))
     }
 

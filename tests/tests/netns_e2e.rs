@@ -289,7 +289,7 @@ fn an_interface_created_again_is_served_again() -> anyhow::Result<()> {
     let conns = |rig: &Rig, i: usize| -> anyhow::Result<u64> {
         rig.status()?["virtual_servers"][i]["traffic"]["conns"].as_u64().ok_or_else(|| anyhow::anyhow!("no conns"))
     };
-    let (old, new) = rig.recreate_director_link()?;
+    let (old, new) = rig.recreate_director_link(true)?;
     assert_ne!(old, new, "the rig must give eth0 another index");
 
     // lbd's program is on the new eth0 once the interface watcher's dump (50 ms after the last

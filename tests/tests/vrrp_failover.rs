@@ -412,3 +412,28 @@ fn interop_keepalived_master_lbd_backup_v3() -> Result<()> {
     only_answers(&p, director_mac(1))?;
     ka.assert_no_complaints()
 }
+
+/// The master's interface deleted and created again (another index): lbd restarts VRRP there, so
+/// the higher-priority director is heard again and takes the VIP back (preempt), answering ARP
+/// and forwarding on the new interface. Before, its VRRP sockets stayed bound to the old index:
+/// it went on calling itself MASTER, sending nothing and answering no ARP, while the backup was
+/// master too.
+#[test]
+fn a_master_whose_interface_is_created_again_takes_the_vip_back() -> Result<()> {
+    require_root()?;
+    let mut p = Pair::up("vf8", PairOptions::default())?;
+    start_pair(&mut p)?;
+    let (old, new) = p.rig.recreate_director_link(false)?;
+    ensure!(old != new, "the rig must give eth0 another index");
+    // A restarted instance starts as BACKUP (and director 1, not hearing director 0 while its
+    // interface was away, may have become master meanwhile): wait for the restart first.
+    wait_for(Duration::from_secs(5), "director 0 to restart VRRP", || {
+        p.log(0).contains("VRRP's interfaces were created again: restarting VRRP").then_some(())
+    })?;
+    p.wait_state(0, Master, Duration::from_secs(5))?;
+    p.wait_state(1, Backup, Duration::from_secs(3))?;
+    only_answers(&p, director_mac(0))?;
+    all_answered(&p, 30)?;
+    ensure!(p.carries(0)? && !p.carries(1)?, "only the master carries the VIP");
+    Ok(())
+}
