@@ -27,6 +27,8 @@ pub const FAMILY_V6: u8 = 6;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Backend id stored in a table slot when the VIP has no usable backend.
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -441,7 +443,11 @@ pub mod reason {
     pub const VIP_DISABLED: u32 = 7;
     /// Aborted: the redirect helper failed (egress interface missing from `TX_PORTS`).
     pub const REDIRECT_FAILED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Forwarded: an ICMP "fragmentation needed" / ICMPv6 "packet too big" about a real
+    /// server's reply, sent to the real server of the flow it quotes (counted here only, not as
+    /// the real server's traffic).
+    pub const ICMP_TOO_BIG: u32 = 9;
+    pub const COUNT: u32 = 10;
     /// The last reason of a forwarded packet: `reason <= FORWARDED` is counted per backend.
     pub const FORWARDED: u32 = NEW_FLOW;
     // `Counters::by_reason` gives these two in this order.
@@ -458,6 +464,7 @@ pub mod reason {
         "fragment",
         "vip-disabled",
         "redirect-failed",
+        "icmp-too-big",
     ];
 }
 

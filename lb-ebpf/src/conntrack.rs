@@ -29,12 +29,17 @@ pub struct Probe<K: CtKey> {
 }
 
 /// Finds `key`'s set (by its hash under `hash_key`, the table's, loaded only here so that its
-/// words are not held across the parsing) and the way holding it. `None` only if the set index is
-/// out of range (never: the loader sizes the array for `CT_SHIFT`).
+/// words are not held across the parsing) and the way holding it. Without a set (only if the set
+/// index is out of range, never: the loader sizes the array for `CT_SHIFT`) it is
+/// [`Probe::none`]. Not an `Option`: LLVM kept the fields of a `None` in registers it then
+/// spilled undefined, which the verifier refuses (`R4 !read_ok`), once the ICMP path changed
+/// the register allocation around it.
 #[inline(always)]
-pub fn probe<K: CtKey>(table: &Array<CtSet<K>>, hash_key: &Global<K::HashKey>, key: &K) -> Option<Probe<K>> {
+pub fn probe<K: CtKey>(table: &Array<CtSet<K>>, hash_key: &Global<K::HashKey>, key: &K) -> Probe<K> {
     let hash = key.ct_hash(&hash_key.load());
-    let set = table.get_ptr_mut(hash >> CT_SHIFT.load())?;
+    let Some(set) = table.get_ptr_mut(hash >> CT_SHIFT.load()) else {
+        return Probe::none();
+    };
     let mut found = CT_WAYS;
     let mut way = 0;
     while way < CT_WAYS {
@@ -45,17 +50,23 @@ pub fn probe<K: CtKey>(table: &Array<CtSet<K>>, hash_key: &Global<K::HashKey>, k
         }
         way += 1;
     }
-    Some(Probe { set, hash, found })
+    Probe { set, hash, found }
 }
 
 impl<K: CtKey> Probe<K> {
+    /// No set: no hit, and an insert does nothing (for packets that get no entry).
+    #[inline(always)]
+    pub fn none() -> Self {
+        Probe { set: core::ptr::null_mut(), hash: 0, found: CT_WAYS }
+    }
+
     /// The flow's entry if it holds one: (backend id, generation). Marks the entry used.
     #[inline(always)]
     pub fn hit(&self) -> Option<(u32, u32)> {
         if self.found >= CT_WAYS {
             return None;
         }
-        // SAFETY: as in `probe`; `found < CT_WAYS`.
+        // SAFETY: as in `probe`; `found < CT_WAYS`, so there is a set.
         let entry = unsafe { &mut (*self.set).ways[self.found] };
         let (backend, generation) = (entry.backend, entry.generation);
         if entry.check != ct_check(self.hash, backend, generation) {
@@ -70,6 +81,9 @@ impl<K: CtKey> Probe<K> {
     /// Records that the flow goes to `backend` (of `generation`).
     #[inline(always)]
     pub fn insert(&self, key: &K, backend: u32, generation: u32) {
+        if self.set.is_null() {
+            return;
+        }
         let way = if self.found < CT_WAYS { self.found } else { self.free().unwrap_or_else(|| self.victim()) };
         // SAFETY: as in `probe`; `way < CT_WAYS`.
         let entry: *mut CtEntry<K> = unsafe { &mut (*self.set).ways[way & (CT_WAYS - 1)] };

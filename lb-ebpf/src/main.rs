@@ -21,7 +21,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::Array, programs::XdpCont
 use aya_log_ebpf::debug;
 use lb_common::{
     addr_filter_bit_v4, addr_filter_bit_v6, flow_hash, flow_hash_v4, reason, CtKey, CtSet, FlowKey,
-    FlowKey4, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_ENABLED,
+    FlowKey4, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, VIP_F_ENABLED,
 };
 use maps::{CONNTRACK4, CONNTRACK6, CT_KEY4, CT_KEY6};
 use parse::Parsed;
@@ -68,6 +68,9 @@ fn v4(ctx: &XdpContext, ip: &parse::Ip4) -> (u32, u32) {
         let probe = conntrack::probe(&CONNTRACK4, &CT_KEY4, &key);
         return with_entry(ctx, probe, &key, (addr, dport, ip.proto, FAMILY_V4), flow_hash_v4);
     }
+    if ip.proto == PROTO_ICMP && !ip.fragment {
+        return icmp4(ctx, ip);
+    }
     let t = parse::Transport { proto: ip.proto, l4: ip.l4, fragment: ip.fragment, later_fragment: ip.later_fragment };
     flow(ctx, &t, addr, FAMILY_V4, (&CONNTRACK4, &CT_KEY4), key, flow_hash_v4)
 }
@@ -80,8 +83,74 @@ fn v6(ctx: &XdpContext, ip: &parse::Ip6) -> (u32, u32) {
     let Some(t) = parse::v6_transport(ctx, ip) else {
         return MALFORMED;
     };
+    if t.proto == PROTO_ICMPV6 && !t.fragment {
+        return icmp6(ctx, ip, &t);
+    }
     let key = |sport, dport| FlowKey { src: ip.src, dst: ip.dst, sport, dport, proto: t.proto, family: FAMILY_V6, _pad: [0; 2] };
     flow(ctx, &t, ip.dst, FAMILY_V6, (&CONNTRACK6, &CT_KEY6), key, flow_hash)
+}
+
+/// ICMP to a VIP address: a "fragmentation needed" about a real server's reply goes to the real
+/// server (see `too_big`); anything else passes, as no VIP is ICMP's. A BPF function of its own,
+/// as is `icmp6`: inlined, LLVM reallocated the hit path's registers around the rare ICMP path,
+/// and spilled one the connection-table miss leaves undefined, which the verifier refuses
+/// (`R4 !read_ok`); the program also grew by a quarter.
+#[inline(never)]
+fn icmp4(ctx: &XdpContext, ip: &parse::Ip4) -> (u32, u32) {
+    let Some(q) = parse::too_big_v4(ctx, ip) else {
+        return NOT_VIP;
+    };
+    let key = FlowKey4 { src: q.client, dst: ip.dst, sport: q.client_port, dport: q.vip_port, proto: q.proto, _pad0: 0, _pad1: 0 };
+    too_big(ctx, &key, ([ip.dst, 0, 0, 0], q.vip_port, q.proto, FAMILY_V4), (&CONNTRACK4, &CT_KEY4), flow_hash_v4)
+}
+
+/// `icmp4` for ICMPv6: a "packet too big" goes to the real server.
+#[inline(never)]
+fn icmp6(ctx: &XdpContext, ip: &parse::Ip6, t: &parse::Transport) -> (u32, u32) {
+    let Some(q) = parse::too_big_v6(ctx, ip, t) else {
+        return NOT_VIP;
+    };
+    let key = FlowKey { src: q.client, dst: ip.dst, sport: q.client_port, dport: q.vip_port, proto: q.proto, family: FAMILY_V6, _pad: [0; 2] };
+    too_big(ctx, &key, (ip.dst, q.vip_port, q.proto, FAMILY_V6), (&CONNTRACK6, &CT_KEY6), flow_hash)
+}
+
+/// An ICMP "fragmentation needed" / ICMPv6 "packet too big" to a VIP: a router on the way to a
+/// client found a real server's reply (sent from the VIP, DSR) too big for its next hop. Only
+/// that real server can use it (its TCP lowers the path MTU and resends; the director's kernel
+/// has no such connection), so it goes where the quoted flow, `key` in the client's direction,
+/// goes: its connection entry's real server, else the lookup table's choice, as IPVS does in
+/// DR mode. Without it, clients behind a link of a smaller MTU hang on large replies (a path
+/// MTU black hole). No connection entry is made; the destination tuple is as in `with_entry`.
+#[inline(always)]
+fn too_big<K: CtKey>(
+    ctx: &XdpContext,
+    key: &K,
+    (addr, dport, proto, family): ([u32; 4], u16, u8, u8),
+    (table, hash_key): (&Array<CtSet<K>>, &Global<K::HashKey>),
+    hash: impl FnOnce(&K) -> u32,
+) -> (u32, u32) {
+    let probe = conntrack::probe(table, hash_key, key);
+    if let Some((backend, generation)) = probe.hit() {
+        if let Some(c) = select::established(backend, generation, addr, dport, proto, family) {
+            return send_too_big(ctx, &c);
+        }
+    }
+    match new_flow(addr, dport, proto, family, false, || hash(key)) {
+        Ok(c) => send_too_big(ctx, &c),
+        Err(verdict) => verdict,
+    }
+}
+
+/// `forward` for `too_big`: counted under its reason, not for the real server.
+#[inline(always)]
+fn send_too_big(ctx: &XdpContext, choice: &Choice) -> (u32, u32) {
+    if !choice.enabled {
+        return (xdp_action::XDP_DROP, reason::VIP_DISABLED);
+    }
+    match rewrite::forward(ctx, choice.backend) {
+        Ok(verdict) => (verdict, reason::ICMP_TOO_BIG),
+        Err(_) => (xdp_action::XDP_ABORTED, reason::REDIRECT_FAILED),
+    }
 }
 
 /// Either family once its transport header is found: ports, the family's connection table
@@ -107,8 +176,8 @@ fn flow<K: CtKey>(
         (0, 0)
     };
     let key = key(sport, dport);
-    let probe = if l4 && !t.fragment { conntrack::probe(table, hash_key, &key) } else { None };
-    if let Some((backend, generation)) = probe.as_ref().and_then(|p| p.hit()) {
+    let probe = if l4 && !t.fragment { conntrack::probe(table, hash_key, &key) } else { conntrack::Probe::none() };
+    if let Some((backend, generation)) = probe.hit() {
         if let Some(c) = select::established(backend, generation, addr, dport, t.proto, family) {
             return forward::<false>(ctx, &c);
         }
@@ -118,9 +187,7 @@ fn flow<K: CtKey>(
         Ok(c) => c,
         Err(verdict) => return verdict,
     };
-    if let Some(p) = probe {
-        p.insert(&key, choice.id, choice.backend.generation);
-    }
+    probe.insert(&key, choice.id, choice.backend.generation);
     forward::<true>(ctx, &choice)
 }
 
@@ -130,12 +197,12 @@ fn flow<K: CtKey>(
 #[inline(always)]
 fn with_entry<K: CtKey>(
     ctx: &XdpContext,
-    probe: Option<conntrack::Probe<K>>,
+    probe: conntrack::Probe<K>,
     key: &K,
     (addr, dport, proto, family): ([u32; 4], u16, u8, u8),
     hash: impl FnOnce(&K) -> u32,
 ) -> (u32, u32) {
-    if let Some((backend, generation)) = probe.as_ref().and_then(|p| p.hit()) {
+    if let Some((backend, generation)) = probe.hit() {
         if let Some(c) = select::established(backend, generation, addr, dport, proto, family) {
             return forward::<false>(ctx, &c);
         }
@@ -144,9 +211,7 @@ fn with_entry<K: CtKey>(
         Ok(c) => c,
         Err(verdict) => return verdict,
     };
-    if let Some(p) = probe {
-        p.insert(key, choice.id, choice.backend.generation);
-    }
+    probe.insert(key, choice.id, choice.backend.generation);
     forward::<true>(ctx, &choice)
 }
 

@@ -19,6 +19,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
+use lb_common::{PROTO_TCP, PROTO_UDP};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -213,6 +214,75 @@ pub fn v6_transport(ctx: &XdpContext, ip: &Ip6) -> Option<Transport> {
         }
     }
     Some(Transport { proto: next, l4, fragment, later_fragment: false })
+}
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+
+/// The flow an ICMP error to a VIP quotes, turned round into the client's direction: the
+/// quoted packet is a real server's reply, from the VIP (and its port) to the client.
+pub struct Quoted<A> {
+    /// The client's address (the quoted destination).
+    pub client: A,
+    /// Both BE, as `ports` gives them: the client's port and the VIP's.
+    pub client_port: u16,
+    pub vip_port: u16,
+    pub proto: u8,
+}
+
+/// An address word from two 16-bit halves as `load` gives them (wire-order bytes in a host u32,
+/// as `word_at` loads it; this path is rare, so the plain loads the verifier always follows).
+#[inline(always)]
+fn word(lo: u16, hi: u16) -> u32 {
+    (lo as u32) | ((hi as u32) << 16)
+}
+
+/// An ICMP "fragmentation needed" (type 3 code 4) at `ip.l4` quoting a TCP or UDP packet sent
+/// from `ip.dst`, the VIP; `None` for any other ICMP message, or a quote too short to hold the
+/// ports, or of a later fragment (which holds none).
+#[inline(always)]
+pub fn too_big_v4(ctx: &XdpContext, ip: &Ip4) -> Option<Quoted<u32>> {
+    let [kind, code] = load::<[u8; 2]>(ctx, ip.l4)?;
+    if kind != ICMP_DEST_UNREACH || code != ICMP_FRAG_NEEDED {
+        return None;
+    }
+    let inner = ip.l4 + 8;
+    let h = load::<[u16; 10]>(ctx, inner)?;
+    let b0 = h[0].to_ne_bytes()[0];
+    let ihl = ((b0 & 0x0f) as usize) * 4;
+    let proto = h[4].to_ne_bytes()[1];
+    if b0 >> 4 != 4 || ihl < 20 || u16::from_be(h[3]) & 0x1fff != 0 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return None;
+    }
+    if word(h[6], h[7]) != ip.dst {
+        return None;
+    }
+    let (vip_port, client_port) = ports(ctx, inner + ihl)?;
+    Some(Quoted { client: word(h[8], h[9]), client_port, vip_port, proto })
+}
+
+/// The same for an ICMPv6 "packet too big" (type 2) at `t.l4` to `ip.dst`, quoting an IPv6
+/// packet whose next header is TCP or UDP (a quote with extension headers is not followed).
+#[inline(always)]
+pub fn too_big_v6(ctx: &XdpContext, ip: &Ip6, t: &Transport) -> Option<Quoted<[u32; 4]>> {
+    let [kind, _] = load::<[u8; 2]>(ctx, t.l4)?;
+    if kind != ICMPV6_PKT_TOOBIG {
+        return None;
+    }
+    let inner = t.l4 + 8;
+    let h = load::<[u16; 20]>(ctx, inner)?;
+    let proto = h[3].to_ne_bytes()[0];
+    if h[0].to_ne_bytes()[0] >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return None;
+    }
+    let src = [word(h[4], h[5]), word(h[6], h[7]), word(h[8], h[9]), word(h[10], h[11])];
+    if src != ip.dst {
+        return None;
+    }
+    let (vip_port, client_port) = ports(ctx, inner + IPV6_HLEN)?;
+    let client = [word(h[12], h[13]), word(h[14], h[15]), word(h[16], h[17]), word(h[18], h[19])];
+    Some(Quoted { client, client_port, vip_port, proto })
 }
 
 /// Source and destination port (both BE) from the first 4 bytes of TCP/UDP at `l4`.

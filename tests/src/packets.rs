@@ -2,7 +2,10 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use etherparse::{IpFragOffset, IpHeaders, Ipv4Header, PacketBuilder, VlanId};
+use etherparse::{
+    icmpv4::DestUnreachableHeader, Icmpv4Type, Icmpv6Type, IpFragOffset, IpHeaders, Ipv4Header, PacketBuilder,
+    VlanId,
+};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x01];
 pub const DIRECTOR_MAC: [u8; 6] = [0x02, 0xdd, 0, 0, 0, 0x01];
@@ -163,7 +166,42 @@ macro_rules! writable {
         }
     )*};
 }
-writable!(etherparse::TcpHeader, etherparse::UdpHeader);
+writable!(etherparse::TcpHeader, etherparse::UdpHeader, etherparse::Icmpv4Header, etherparse::Icmpv6Header);
+
+/// A router's MAC, for ICMP errors it sends.
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
+
+/// An ICMP "fragmentation needed" (MTU 1400) from `router` to `to`, quoting the first 60 bytes of
+/// a reply in `f`'s flow (TCP from `f.dst`:`f.dport` to `f.src`:`f.sport`, 64 bytes of data):
+/// what a router sends the VIP when a real server's reply is too big for its next hop.
+pub fn icmp4_frag_needed(router: Ipv4Addr, to: Ipv4Addr, f: Flow4) -> Vec<u8> {
+    let reply = write(PacketBuilder::ipv4(f.dst.octets(), f.src.octets(), 64).tcp(f.dport, f.sport, 5000, 64240).ack(1001), &[0x42; 64]);
+    let kind = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, DIRECTOR_MAC).ipv4(router.octets(), to.octets(), 64).icmpv4(kind);
+    write(b, &reply[..60])
+}
+
+/// `icmp4_frag_needed` quoting a UDP reply.
+pub fn icmp4_frag_needed_udp(router: Ipv4Addr, to: Ipv4Addr, f: Flow4) -> Vec<u8> {
+    let reply = write(PacketBuilder::ipv4(f.dst.octets(), f.src.octets(), 64).udp(f.dport, f.sport), &[0x42; 64]);
+    let kind = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 });
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, DIRECTOR_MAC).ipv4(router.octets(), to.octets(), 64).icmpv4(kind);
+    write(b, &reply[..60])
+}
+
+/// An ICMP echo request.
+pub fn icmp4_echo(from: Ipv4Addr, to: Ipv4Addr) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, DIRECTOR_MAC).ipv4(from.octets(), to.octets(), 64).icmpv4_echo_request(7, 1);
+    write(b, b"ping")
+}
+
+/// The ICMPv6 "packet too big" (MTU 1280) of `icmp4_frag_needed`: the quote is the first 80
+/// bytes of the reply.
+pub fn icmp6_too_big(router: Ipv6Addr, to: Ipv6Addr, f: Flow6) -> Vec<u8> {
+    let reply = write(PacketBuilder::ipv6(f.dst.octets(), f.src.octets(), 64).tcp(f.dport, f.sport, 5000, 64240).ack(1001), &[0x42; 64]);
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, DIRECTOR_MAC).ipv6(router.octets(), to.octets(), 64).icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 });
+    write(b, &reply[..80])
+}
 
 /// The frame the director should send for `input`: same bytes, new Ethernet addresses.
 pub fn rewritten(input: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {

@@ -31,6 +31,9 @@ const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 30);
 const VIP_REDIRECT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 40);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x1);
+/// A router between the director and the clients, sending ICMP errors.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1);
 
 /// `BPF_PROG_TEST_RUN` runs the program as if it arrived on the namespace's loopback (ifindex 1),
 /// so backends "on" ifindex 1 are answered with XDP_TX.
@@ -172,6 +175,19 @@ fn cases(other_ifindex: u32) -> anyhow::Result<()> {
         unchanged("later fragment to a port-specific VIP: no ports, passed", udp4_fragment(flow(40008, 53), 4, false), XDP_PASS, "not-vip"),
         unchanged("IPv6 first fragment to a VIP: dropped", tcp6_syn_fragment(Flow6 { sport: 40010, ..f6 }, 0, true), XDP_DROP, "fragment"),
         unchanged("later fragment to a port-0 VIP: dropped", udp4_fragment(Flow4 { dst: VIP_ANY_PORT, ..f }, 4, true), XDP_DROP, "fragment"),
+        tx("ICMP fragmentation needed about a TCP VIP's reply: to the flow's real server", icmp4_frag_needed(ROUTER, VIP, f), BE_MAC[0], "icmp-too-big"),
+        tx("ICMP fragmentation needed about a UDP VIP's reply", icmp4_frag_needed_udp(ROUTER, VIP, flow(40002, 53)), BE_MAC[1], "icmp-too-big"),
+        tx("ICMPv6 packet too big about an IPv6 VIP's reply", icmp6_too_big(ROUTER6, VIP6, f6), BE_MAC[1], "icmp-too-big"),
+        unchanged("ICMP echo request to a VIP: passed", icmp4_echo(CLIENT, VIP), XDP_PASS, "not-vip"),
+        unchanged(
+            "ICMP fragmentation needed quoting a packet from another address: passed",
+            icmp4_frag_needed(ROUTER, VIP, Flow4 { dst: Ipv4Addr::new(192, 0, 2, 99), ..f }),
+            XDP_PASS,
+            "not-vip",
+        ),
+        unchanged("ICMP fragmentation needed quoting a port that is no VIP: passed", icmp4_frag_needed(ROUTER, VIP, flow(40006, 22)), XDP_PASS, "not-vip"),
+        unchanged("ICMP fragmentation needed about a VIP without backends: dropped", icmp4_frag_needed(ROUTER, VIP_EMPTY, Flow4 { dst: VIP_EMPTY, ..f }), XDP_DROP, "no-backend"),
+        unchanged("ICMP fragmentation needed quoting too little: passed", icmp4_frag_needed(ROUTER, VIP, f)[..14 + 20 + 8 + 20 + 2].to_vec(), XDP_PASS, "not-vip"),
     ];
 
     let mut failures = Vec::new();
@@ -708,6 +724,51 @@ fn an_interface_that_comes_back_is_put_back_into_tx_ports() -> anyhow::Result<()
         Ok(())
     })??;
     Ok(())
+}
+
+/// An ICMP "fragmentation needed" about a real server's reply goes to that real server: the one
+/// the quoted flow's connection entry names (here a drained one, no longer in the lookup table),
+/// else the lookup table's choice; it makes no connection entry, and is counted as
+/// `icmp-too-big`, not as the real server's traffic.
+#[test]
+fn too_big_goes_to_the_quoted_flows_real_server() -> anyhow::Result<()> {
+    in_own_netns("lbdt-icmp", || {
+        let mut dp = load();
+        let backends = |weights: [u32; 3]| -> Vec<BackendSpec> {
+            (0..3).map(|i| BackendSpec { weight: weights[i], ..backend(11 + i as u8, 80, BE_MAC[i], INGRESS) }).collect()
+        };
+        dp.apply(&[svc(IpAddr::V4(VIP), 80, Protocol::Tcp, backends([1, 1, 1]))])?;
+        let dst_mac = |out: &[u8]| <[u8; 6]>::try_from(&out[..6]).unwrap();
+        let mut owners = Vec::new();
+        for sport in 41000..41030 {
+            let (verdict, out) = run(&mut dp, &tcp4_syn(flow(sport, 80)));
+            assert_eq!(verdict, XDP_TX);
+            owners.push((sport, dst_mac(&out)));
+        }
+        assert!(owners.iter().any(|(_, mac)| *mac == BE_MAC[0]), "no flow went to the first real server: {owners:?}");
+        // Drained: established flows keep it, the table no longer has it.
+        dp.apply(&[svc(IpAddr::V4(VIP), 80, Protocol::Tcp, backends([0, 1, 1]))])?;
+        let forwarded = |dp: &XdpDataplane| dp.stats().expect("stats").vips.values().map(|v| v.packets).sum::<u64>();
+        let (mut entries, packets) = (dp.conntrack_len(), forwarded(&dp));
+        for (sport, owner) in &owners {
+            let input = icmp4_frag_needed(ROUTER, VIP, flow(*sport, 80));
+            let (verdict, out) = run(&mut dp, &input);
+            assert_eq!((verdict, out), (XDP_TX, rewritten(&input, *owner, EGRESS_MAC)), "flow from port {sport}");
+        }
+        // Flows without an entry: where their next packet will go, and no entry is made.
+        for sport in 42000..42010 {
+            let (verdict, out) = run(&mut dp, &icmp4_frag_needed(ROUTER, VIP, flow(sport, 80)));
+            assert_eq!(verdict, XDP_TX);
+            assert_eq!(dp.conntrack_len(), entries, "an ICMP error made a connection entry");
+            let (_, syn) = run(&mut dp, &tcp4_syn(flow(sport, 80)));
+            assert_eq!(dst_mac(&out), dst_mac(&syn), "flow from port {sport}");
+            assert_ne!(dst_mac(&out), BE_MAC[0], "to the drained real server");
+            entries += 1;
+        }
+        assert_eq!(reason_packets(&dp, "icmp-too-big"), 40);
+        assert_eq!(forwarded(&dp) - packets, 10, "only the SYNs count as the VIP's traffic");
+        Ok(())
+    })
 }
 
 /// Interfaces deleted and created again with the same index (so nothing but the missing programs
