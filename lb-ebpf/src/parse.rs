@@ -11,6 +11,8 @@
 //!   fragment (Katran's choice): a first fragment to a VIP is dropped and counted as `fragment`;
 //!   later fragments carry no ports, so they only match port-0 VIPs (dropped the same way) and are
 //!   otherwise passed to the kernel, whose reassembly never completes without the first one.
+//! - ICMP "fragmentation needed" / ICMPv6 "packet too big" to a VIP: the quoted packet's
+//!   addresses and ports are read (`too_big_v4`, `too_big_v6`) to find the flow it is about.
 //! - Anything truncated or inconsistent is `Malformed` and passed to the kernel unchanged.
 //! - Parsing stops at the addresses (`parse`) until the address filter has said the destination
 //!   may be a VIP; only then are IPv6 extension headers walked (`v6_transport`) and ports read

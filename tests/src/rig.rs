@@ -27,6 +27,8 @@ pub const DIRECTOR2_V4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 20);
 pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
 pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x100);
 pub const HTTP_PORT: u16 = 80;
+/// The size of every backend's `/big`.
+pub const BIG_BODY: usize = 64 * 1024;
 pub const UDP_PORT: u16 = 5353;
 
 pub fn backend_v4(i: usize) -> Ipv4Addr {
@@ -248,8 +250,11 @@ impl Rig {
              keepalive_timeout 600s;\n  keepalive_requests 100000;\n\
              server {{\n    listen 80;\n    listen [::]:80;\n\
              location / {{ default_type text/plain; return 200 \"{name}\\n\"; }}\n\
-             location = /healthz {{ default_type text/plain; alias {d}/healthz; }}\n  }}\n}}\n"
+             location = /healthz {{ default_type text/plain; alias {d}/healthz; }}\n\
+             location = /big {{ default_type application/octet-stream; alias {d}/big; }}\n  }}\n}}\n"
         );
+        // /big: BIG_BODY bytes, for replies of full-sized segments.
+        std::fs::write(dir.join("big"), vec![b'x'; BIG_BODY])?;
         // Health checks fetch /healthz: 200 while the file exists, 404 once `set_healthz` removes it.
         std::fs::write(dir.join("healthz"), format!("{name} ok\n"))?;
         let conf_path = dir.join("nginx.conf");

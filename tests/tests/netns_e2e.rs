@@ -318,3 +318,43 @@ fn an_interface_created_again_is_served_again() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Path MTU discovery through the director: a client two hops away, behind a router whose link
+/// towards it has an MTU of 1000 (the client's own is 1500, so it asks for 1460-byte segments).
+/// A real server's full-sized reply makes the router send "fragmentation needed" to the reply's
+/// source, the VIP, which reaches the director; lbd passes it to that real server, whose TCP
+/// then sends smaller segments. Before, the director's kernel dropped it, and the download hung.
+#[test]
+fn path_mtu_discovery_works_through_the_director() -> anyhow::Result<()> {
+    require_root()?;
+    let mut rig = Rig::up("ltei", 3)?;
+    rig.start_lbd()?;
+    let router = Netns::new("ltei-rtr")?;
+    let far = Netns::new("ltei-far")?;
+    rig.switch.ip(&["link", "add", "vr", "type", "veth", "peer", "name", "eth0", "netns", &router.name])?;
+    rig.switch.ip(&["link", "set", "vr", "master", "br0", "up"])?;
+    router.ip(&["link", "add", "rc", "type", "veth", "peer", "name", "eth0", "netns", &far.name])?;
+    router.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"])?;
+    router.ip(&["addr", "add", "10.98.0.1/24", "dev", "rc"])?;
+    router.ip(&["link", "set", "rc", "mtu", "1000"])?;
+    far.ip(&["addr", "add", "10.98.0.2/24", "dev", "eth0"])?;
+    for (ns, dev) in [(&router, "eth0"), (&router, "rc"), (&far, "eth0")] {
+        ns.ip(&["link", "set", dev, "up"])?;
+        ns.exec(&["ethtool", "-K", dev, "tx", "off"])?;
+    }
+    far.ip(&["route", "add", "default", "via", "10.98.0.1"])?;
+    router.sysctl("net.ipv4.ip_forward", "1")?;
+    for be in &rig.backends {
+        be.ip(&["route", "add", "10.98.0.0/24", "via", "10.99.0.1"])?;
+    }
+
+    let too_big = rig.reason_packets("icmp-too-big")?;
+    for _ in 0..3 {
+        let url = format!("http://{VIP_V4}/big");
+        let got = far.exec(&["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{size_download}", &url])?;
+        assert_eq!(got.trim(), rig::BIG_BODY.to_string(), "download through the 1000-byte link");
+    }
+    let passed = rig.reason_packets("icmp-too-big")? - too_big;
+    assert!(passed >= 1, "no ICMP fragmentation-needed went through lbd");
+    Ok(())
+}
