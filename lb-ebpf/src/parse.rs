@@ -264,15 +264,15 @@ pub fn too_big_v4(ctx: &XdpContext, ip: &Ip4) -> Option<Quoted<u32>> {
     Some(Quoted { client: word(h[8], h[9]), client_port, vip_port, proto })
 }
 
-/// The same for an ICMPv6 "packet too big" (type 2) at `t.l4` to `ip.dst`, quoting an IPv6
-/// packet whose next header is TCP or UDP (a quote with extension headers is not followed).
+/// The same for an ICMPv6 "packet too big" (type 2) at `l4` to `ip.dst`, quoting an IPv6 packet
+/// whose next header is TCP or UDP (a quote with extension headers is not followed).
 #[inline(always)]
-pub fn too_big_v6(ctx: &XdpContext, ip: &Ip6, t: &Transport) -> Option<Quoted<[u32; 4]>> {
-    let [kind, _] = load::<[u8; 2]>(ctx, t.l4)?;
+pub fn too_big_v6(ctx: &XdpContext, ip: &Ip6, l4: usize) -> Option<Quoted<[u32; 4]>> {
+    let [kind, _] = load::<[u8; 2]>(ctx, l4)?;
     if kind != ICMPV6_PKT_TOOBIG {
         return None;
     }
-    let inner = t.l4 + 8;
+    let inner = l4 + 8;
     let h = load::<[u16; 20]>(ctx, inner)?;
     let proto = h[3].to_ne_bytes()[0];
     if h[0].to_ne_bytes()[0] >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) {
