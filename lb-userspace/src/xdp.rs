@@ -337,6 +337,8 @@ pub struct XdpDataplane {
     native: bool,
     /// `xdp_pass` on the other interfaces real servers sit behind, attached while this lives.
     egress_pass: Vec<EgressPass>,
+    /// Interfaces whose `xdp_pass` went with them, to attach it again when they are back.
+    egress_lost: Vec<u32>,
     /// The kernel's id of the loaded program (to tell whether an interface still runs it).
     program_id: u32,
     /// The interface lbd serves, from `attach` to `detach`, whether or not the program is on it
@@ -426,6 +428,7 @@ impl XdpDataplane {
             link: None,
             native: false,
             egress_pass: Vec::new(),
+            egress_lost: Vec::new(),
             program_id,
             serving: None,
             link_lost: false,
@@ -499,15 +502,39 @@ impl XdpDataplane {
             &fresh
         };
         // Egress first: once the program is back, its redirects must find their ports.
+        // Only the interfaces real servers use now: an index that comes back may be another
+        // interface's.
+        let in_use: Vec<u32> = self.backends.values().map(|b| b.entry.ifindex).collect();
         let present = |ifindex: u32| links.values().any(|l| l.ifindex == ifindex);
-        self.egress_pass.retain(|p| links.values().any(|l| l.ifindex == p.ifindex && l.xdp_programs.contains(&p.program_id)));
-        self.tx_ifindexes.retain(|i| present(*i));
+        let mut lost = Vec::new();
+        self.egress_pass.retain(|p| {
+            let kept = links.values().any(|l| l.ifindex == p.ifindex && l.xdp_programs.contains(&p.program_id));
+            if !kept {
+                lost.push(p.ifindex);
+            }
+            kept
+        });
+        self.egress_lost.extend(lost);
+        self.egress_lost.retain(|i| in_use.contains(i));
+        self.tx_ifindexes.retain(|i| in_use.contains(i));
         for ifindex in self.tx_ifindexes.clone() {
-            // Upserts: the kernel dropped the entry of an interface that went away.
+            if !present(ifindex) {
+                continue;
+            }
+            // Upserts: the kernel dropped the entry of an interface that went away (deleted and
+            // created again with the same index, or moved to another namespace and back).
             self.tx_ports
                 .insert(ifindex, ifindex, None, 0)
                 .map_err(|e| DataplaneError::Other(format!("adding ifindex {ifindex} to TX_PORTS: {e}")))?;
-            self.prepare_egress(ifindex);
+        }
+        // `xdp_pass` again where it went with its interface, once the interface is back: tried
+        // once, so one that cannot be attached is not tried (and warned about) again at every
+        // change of any interface.
+        for ifindex in self.egress_lost.clone() {
+            if present(ifindex) {
+                self.egress_lost.retain(|i| *i != ifindex);
+                self.prepare_egress(ifindex);
+            }
         }
         let Some(name) = self.serving.clone() else { return Ok(()) };
         match links.get(&name) {

@@ -826,6 +826,26 @@ fn interfaces_created_again_get_their_programs_and_ports_back() -> anyhow::Resul
         assert_eq!(redirect(&mut dp, 40003), XDP_REDIRECT);
         Ok(dp)
     })??;
+    // Away to another namespace, followed while away, and back with its index: no apply (the
+    // real server did not change), yet its port and xdp_pass are back.
+    let away = Netns::new("lbdt-again2")?;
+    ns.ip(&["link", "set", "td0", "netns", &away.name])?;
+    dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
+        dp.links_changed(&lb_userspace::links::dump()?)?;
+        Ok(dp)
+    })??;
+    away.ip(&["link", "set", "td0", "netns", &ns.name])?;
+    ns.ip(&["link", "set", "td0", "up"])?;
+    assert_eq!(index("td0")?, egress);
+    assert!(!xdp_on("td0")?, "td0 came back with its program");
+    dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
+        assert_eq!(redirect(&mut dp, 40004), XDP_ABORTED, "TX_PORTS lost td0's entry");
+        dp.links_changed(&lb_userspace::links::dump()?)?;
+        let verdict = redirect(&mut dp, 40005);
+        assert_eq!(verdict, XDP_REDIRECT, "redirect-failed: {}", reason_packets(&dp, "redirect-failed"));
+        Ok(dp)
+    })??;
+    assert!(xdp_on("td0")?, "xdp_pass is not on td0 again after it came back");
     assert!(xdp_on("tc0")?, "lbd's program is not on tc0 again");
     assert!(xdp_on("td0")?, "xdp_pass is not on td0 again");
     drop(dp);
