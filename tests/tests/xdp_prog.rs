@@ -771,6 +771,22 @@ fn too_big_goes_to_the_quoted_flows_real_server() -> anyhow::Result<()> {
     })
 }
 
+/// Veth pairs in `ns`, both ends up.
+fn veth_pairs(ns: &Netns, pairs: &[(&str, &str)]) -> anyhow::Result<()> {
+    for (a, b) in pairs {
+        ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])?;
+        for dev in [a, b] {
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `dev` in `ns` has an XDP program attached.
+fn xdp_on(ns: &Netns, dev: &str) -> anyhow::Result<bool> {
+    Ok(ns.exec(&["ip", "-d", "link", "show", dev])?.contains("prog/xdp"))
+}
+
 /// Interfaces deleted and created again with the same index (so nothing but the missing programs
 /// tells): told the interfaces (`links_changed`, as the daemon's watcher does), the dataplane
 /// attaches lbd's program to its own interface again, and `xdp_pass` and the `TX_PORTS` entry to
@@ -779,14 +795,9 @@ fn too_big_goes_to_the_quoted_flows_real_server() -> anyhow::Result<()> {
 fn interfaces_created_again_get_their_programs_and_ports_back() -> anyhow::Result<()> {
     require_root()?;
     let ns = Netns::new("lbdt-again")?;
-    for (a, b) in [("tc0", "tc1"), ("td0", "td1")] {
-        ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])?;
-        for dev in [a, b] {
-            ns.ip(&["link", "set", dev, "up"])?;
-        }
-    }
+    veth_pairs(&ns, &[("tc0", "tc1"), ("td0", "td1")])?;
     let index = |dev: &str| -> anyhow::Result<u32> { Ok(ns.exec(&["cat", &format!("/sys/class/net/{dev}/ifindex")])?.trim().parse()?) };
-    let xdp_on = |dev: &str| -> anyhow::Result<bool> { Ok(ns.exec(&["ip", "-d", "link", "show", dev])?.contains("prog/xdp")) };
+    let xdp_on = |dev: &str| xdp_on(&ns, dev);
     let (director, egress) = (index("tc0")?, index("td0")?);
     let redirect = |dp: &mut XdpDataplane, sport: u16| run(dp, &tcp4_syn(flow(sport, 80))).0;
     let mut dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
@@ -847,7 +858,6 @@ fn interfaces_created_again_get_their_programs_and_ports_back() -> anyhow::Resul
     })??;
     assert!(xdp_on("td0")?, "xdp_pass is not on td0 again after it came back");
     assert!(xdp_on("tc0")?, "lbd's program is not on tc0 again");
-    assert!(xdp_on("td0")?, "xdp_pass is not on td0 again");
     drop(dp);
     assert!(!xdp_on("tc0")? && !xdp_on("td0")?, "programs outlived lbd");
     Ok(())
@@ -859,14 +869,9 @@ fn interfaces_created_again_get_their_programs_and_ports_back() -> anyhow::Resul
 fn native_mode_puts_xdp_pass_on_other_egress_interfaces() -> anyhow::Result<()> {
     require_root()?;
     let ns = Netns::new("lbdt-egress")?;
-    for (a, b) in [("te0", "te1"), ("tf0", "tf1")] {
-        ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])?;
-        for dev in [a, b] {
-            ns.ip(&["link", "set", dev, "up"])?;
-        }
-    }
+    veth_pairs(&ns, &[("te0", "te1"), ("tf0", "tf1")])?;
     let egress: u32 = ns.exec(&["cat", "/sys/class/net/tf0/ifindex"])?.trim().parse()?;
-    let xdp_on = |dev: &str| -> anyhow::Result<bool> { Ok(ns.exec(&["ip", "-d", "link", "show", dev])?.contains("prog/xdp")) };
+    let xdp_on = |dev: &str| xdp_on(&ns, dev);
     let dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
         let mut dp = load();
         dp.attach("te0", true)?;
