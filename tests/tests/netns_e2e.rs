@@ -293,18 +293,17 @@ fn an_interface_created_again_is_served_again() -> anyhow::Result<()> {
     assert_ne!(old, new, "the rig must give eth0 another index");
 
     // lbd's program is on the new eth0 once the interface watcher's dump (50 ms after the last
-    // notification) has been followed.
+    // notification) has been followed, and lbd says so (its log line follows the attach).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let link = rig.director.ip(&["-d", "link", "show", "dev", "eth0"])?;
-        if link.contains("prog/xdp") {
+        let log = rig.lbd_log();
+        if link.contains("prog/xdp") && log.contains("interface created again: XDP attached to it again") {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no XDP program on the new eth0 after 5 s:\n{link}\n{}", rig.lbd_log());
+        assert!(std::time::Instant::now() < deadline, "no XDP program on the new eth0, or no log line, after 5 s:\n{link}\n{log}");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let log = rig.lbd_log();
-    assert!(log.contains("interface created again: XDP attached to it again"), "{log}");
 
     // Every request is forwarded by lbd (its counters grow by one connection a request), over
     // IPv4 and IPv6, whose real servers' MACs were resolved on the old index.

@@ -426,9 +426,12 @@ fn a_master_whose_interface_is_created_again_takes_the_vip_back() -> Result<()> 
     let (old, new) = p.rig.recreate_director_link(false)?;
     ensure!(old != new, "the rig must give eth0 another index");
     // A restarted instance starts as BACKUP (and director 1, not hearing director 0 while its
-    // interface was away, may have become master meanwhile): wait for the restart first.
-    wait_for(Duration::from_secs(5), "director 0 to restart VRRP", || {
-        p.log(0).contains("VRRP's interfaces were created again: restarting VRRP").then_some(())
+    // interface was away, may have become master meanwhile): wait until the restarted one is
+    // master (its state before the restart said MASTER too).
+    wait_for(Duration::from_secs(5), "director 0 to restart VRRP and become master", || {
+        let log = p.log(0);
+        let after = log.split("VRRP's interfaces were created again: restarting VRRP").nth(1)?;
+        after.contains("to=MASTER").then_some(())
     })?;
     p.wait_state(0, Master, Duration::from_secs(5))?;
     p.wait_state(1, Backup, Duration::from_secs(3))?;
