@@ -672,6 +672,7 @@ impl Controller {
             interface: d.interface.clone(),
             xdp_mode: self.xdp_mode.to_string(),
             description: self.description.clone(),
+            problem: stats.problem.clone(),
             uptime_secs: self.started.elapsed().as_secs(),
             table_size: d.table_size,
             conntrack_entries: stats.connections,

@@ -133,6 +133,8 @@ pub struct DataplaneStats {
     pub reasons: BTreeMap<String, Traffic>,
     pub vips: BTreeMap<VipAddr, Traffic>,
     pub backends: BTreeMap<(VipAddr, String), BackendStats>,
+    /// Why the dataplane does not forward now, if it knows (XDP: its interface is gone).
+    pub problem: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]

@@ -95,6 +95,8 @@ pub fn render(status: &Status) -> String {
         &[("version", &status.version), ("dataplane", &status.dataplane), ("interface", &status.interface)],
         1,
     );
+    m.family("lbd_dataplane_ok", "gauge", "Whether the dataplane forwards (0: it says it does not, and `lbd status` says why).");
+    m.sample("lbd_dataplane_ok", &[], u64::from(status.problem.is_none()));
     m.family("lbd_uptime_seconds", "gauge", "Seconds since lbd started.");
     m.sample("lbd_uptime_seconds", &[], status.uptime_secs);
     m.family("lbd_conntrack_entries", "gauge", "Flows held in the fast path's connection tables (IPVS: connections).");
@@ -325,6 +327,7 @@ mod tests {
     fn a_scrape_shows_every_server_with_its_counters_and_state() {
         let text = render(&status());
         for line in [
+            "lbd_dataplane_ok 1",
             "lbd_uptime_seconds 42",
             "lbd_conntrack_entries 7",
             "lbd_packets_total{reason=\"conntrack-hit\"} 10",
@@ -354,6 +357,8 @@ mod tests {
             let at = text.find(&format!("# TYPE {name} ")).unwrap_or_else(|| panic!("{name} has no TYPE"));
             assert!(at < text.find(l).unwrap(), "{name}'s sample before its TYPE");
         }
+        let gone = Status { problem: Some("interface eth0 is gone".into()), ..status() };
+        assert!(render(&gone).lines().any(|l| l == "lbd_dataplane_ok 0"));
     }
 
     /// Sends `request` to `addr` and returns the whole answer (the server closes after it).

@@ -19,6 +19,9 @@ pub struct Status {
     pub interface: String,
     /// "native" or "generic" with XDP, "" with IPVS.
     pub xdp_mode: String,
+    /// Why the dataplane does not forward now, if it knows (XDP: its interface is gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
     pub uptime_secs: u64,
     pub table_size: u32,
     pub conntrack_entries: u64,
@@ -157,6 +160,9 @@ pub fn render(status: &Status) -> String {
         human_duration(status.uptime_secs),
         status.config
     );
+    if let Some(problem) = &status.problem {
+        let _ = writeln!(out, "PROBLEM: {problem}");
+    }
     if status.dataplane == "xdp" {
         let _ = writeln!(out, "Lookup table {} slots per VIP, {} tracked connections", status.table_size, status.conntrack_entries);
     } else {
@@ -265,6 +271,7 @@ mod tests {
             description: "native XDP on eth0".into(),
             interface: "eth0".into(),
             xdp_mode: "native".into(),
+            problem: None,
             uptime_secs: 3723,
             table_size: 65537,
             conntrack_entries: 3,
@@ -306,6 +313,11 @@ mod tests {
         assert!(lines[5].contains("02:00:00:00:00:0b") && lines[5].contains("100.0%"), "{}", lines[5]);
         assert_eq!(lines[6], "Fast path packets: new-flow 3");
         assert_eq!(lines.len(), 7, "no VRRP lines without VRRP");
+
+        // A dataplane that says it does not forward: right under the header.
+        let gone = Status { problem: Some("interface eth0 is gone".into()), ..status };
+        let text = render(&gone);
+        assert_eq!(text.lines().nth(1), Some("PROBLEM: interface eth0 is gone"), "{text}");
     }
 
     /// Values wider than their column (a long IPv6 real server, 14-digit byte counts, a disabled

@@ -548,9 +548,13 @@ impl XdpDataplane {
                 }
                 Ok(())
             }
-            Some(link) if link.xdp_programs.contains(&self.program_id) => Ok(()),
+            Some(link) if link.xdp_programs.contains(&self.program_id) => {
+                self.link_lost = false;
+                Ok(())
+            }
             Some(link) => {
                 let (ifindex, native) = (link.ifindex, self.native);
+                self.link_lost = false;
                 if let Some((id, _)) = self.link.take() {
                     // The old device took the attachment with it; this only lets go of the link.
                     let _ = self.program().detach(id);
@@ -1014,6 +1018,13 @@ impl Dataplane for XdpDataplane {
     fn stats(&self) -> Result<DataplaneStats, DataplaneError> {
         // `connections` is `connection_count`'s.
         let mut out = DataplaneStats::default();
+        if let Some(name) = &self.serving {
+            if self.link_lost {
+                out.problem = Some(format!("interface {name} is gone: its traffic is not balanced until it is back"));
+            } else if self.link.is_none() {
+                out.problem = Some(format!("not attached to {name}: attaching again failed (see the log)"));
+            }
+        }
         // Forwarded packets are counted per backend only: every id ever handed out (in use, or
         // freed and not reused yet) plus what reused ids had counted.
         let mut counters = Vec::with_capacity(self.next_backend_id as usize);

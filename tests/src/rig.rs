@@ -180,10 +180,21 @@ impl Rig {
     /// `ifdown`/`ifup` of a VLAN does, or a container runtime re-creating a veth. The new `eth0`
     /// has another index and no XDP program. Returns the old index and the new one.
     pub fn recreate_director_link(&mut self, vips: bool) -> Result<(u32, u32)> {
-        let index = |rig: &Rig| -> Result<u32> { Ok(rig.director.exec(&["cat", "/sys/class/net/eth0/ifindex"])?.trim().parse()?) };
-        let old = index(self)?;
+        let old = self.delete_director_link()?;
+        Ok((old, self.create_director_link(vips)?))
+    }
+
+    /// The first half of [`Rig::recreate_director_link`]: deletes the director's `eth0`;
+    /// returns its index.
+    pub fn delete_director_link(&mut self) -> Result<u32> {
+        let old = self.director.exec(&["cat", "/sys/class/net/eth0/ifindex"])?.trim().parse()?;
         self._peer_pass = None;
         self.switch.ip(&["link", "del", "vd"])?;
+        Ok(old)
+    }
+
+    /// The second half: creates it again; returns its index.
+    pub fn create_director_link(&mut self, vips: bool) -> Result<u32> {
         self.wire(&self.director, "vd", 10)?;
         let pass = self.switch.enter(|| lb_userspace::xdp::attach_pass("vd"))??;
         self._peer_pass = Some(pass);
@@ -191,7 +202,7 @@ impl Rig {
             self.director.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "eth0"])?;
             self.director.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "eth0", "nodad"])?;
         }
-        Ok((old, index(self)?))
+        Ok(self.director.exec(&["cat", "/sys/class/net/eth0/ifindex"])?.trim().parse()?)
     }
 
     /// Connects `ns` to the bridge: `eth0` inside, `peer` on the bridge, host number `host`.

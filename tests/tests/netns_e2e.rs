@@ -289,7 +289,20 @@ fn an_interface_created_again_is_served_again() -> anyhow::Result<()> {
     let conns = |rig: &Rig, i: usize| -> anyhow::Result<u64> {
         rig.status()?["virtual_servers"][i]["traffic"]["conns"].as_u64().ok_or_else(|| anyhow::anyhow!("no conns"))
     };
-    let (old, new) = rig.recreate_director_link(true)?;
+    // While it is gone, status and metrics say so.
+    let old = rig.delete_director_link()?;
+    let gone = "interface eth0 is gone: its traffic is not balanced until it is back";
+    let scrape = |rig: &Rig| rig.director.exec(&["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9180/metrics"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while rig.status()?["problem"] != gone {
+        assert!(std::time::Instant::now() < deadline, "status: {}", rig.status()?);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(scrape(&rig)?.lines().any(|l| l == "lbd_dataplane_ok 0"));
+    let sock = rig.socket.display().to_string();
+    let (_, text, _) = rig.lbd_cli(&["status", "--socket", &sock])?;
+    assert!(text.contains(&format!("PROBLEM: {gone}")), "{text}");
+    let new = rig.create_director_link(true)?;
     assert_ne!(old, new, "the rig must give eth0 another index");
 
     // lbd's program is on the new eth0 once the interface watcher's dump (50 ms after the last
@@ -315,6 +328,8 @@ fn an_interface_created_again_is_served_again() -> anyhow::Result<()> {
     for rs in st["virtual_servers"][0]["real_servers"].as_array().unwrap() {
         assert_eq!(rs["state"], "up", "{rs}");
     }
+    assert!(st.get("problem").is_none(), "{st}");
+    assert!(scrape(&rig)?.lines().any(|l| l == "lbd_dataplane_ok 1"));
     Ok(())
 }
 
