@@ -821,15 +821,20 @@ fn interfaces_created_again_get_their_programs_and_ports_back() -> anyhow::Resul
         assert!(!xdp_on(a)?, "{a} was created without programs");
         Ok(())
     };
+    // td0 without its TX_PORTS entry fails the real server's redirect until the dataplane is told
+    // the interfaces; then it works again.
+    let egress_followed = |mut dp: XdpDataplane, sport: u16| {
+        ns.enter(move || -> anyhow::Result<XdpDataplane> {
+            assert_eq!(redirect(&mut dp, sport), XDP_ABORTED, "TX_PORTS lost td0's entry");
+            dp.links_changed(&lb_userspace::links::dump()?)?;
+            let verdict = redirect(&mut dp, sport + 1);
+            assert_eq!(verdict, XDP_REDIRECT, "redirect-failed: {}", reason_packets(&dp, "redirect-failed"));
+            Ok(dp)
+        })?
+    };
     // The egress interface first, then the director's: each is followed on its own.
     recreate("td0", "td1", egress)?;
-    dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
-        assert_eq!(redirect(&mut dp, 40001), XDP_ABORTED, "TX_PORTS lost td0's entry");
-        dp.links_changed(&lb_userspace::links::dump()?)?;
-        let verdict = redirect(&mut dp, 40002);
-        assert_eq!(verdict, XDP_REDIRECT, "redirect-failed: {}", reason_packets(&dp, "redirect-failed"));
-        Ok(dp)
-    })??;
+    dp = egress_followed(dp, 40001)?;
     assert!(xdp_on("td0")?, "xdp_pass is not on td0 again");
     recreate("tc0", "tc1", director)?;
     dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
@@ -849,13 +854,7 @@ fn interfaces_created_again_get_their_programs_and_ports_back() -> anyhow::Resul
     ns.ip(&["link", "set", "td0", "up"])?;
     assert_eq!(index("td0")?, egress);
     assert!(!xdp_on("td0")?, "td0 came back with its program");
-    dp = ns.enter(move || -> anyhow::Result<XdpDataplane> {
-        assert_eq!(redirect(&mut dp, 40004), XDP_ABORTED, "TX_PORTS lost td0's entry");
-        dp.links_changed(&lb_userspace::links::dump()?)?;
-        let verdict = redirect(&mut dp, 40005);
-        assert_eq!(verdict, XDP_REDIRECT, "redirect-failed: {}", reason_packets(&dp, "redirect-failed"));
-        Ok(dp)
-    })??;
+    dp = egress_followed(dp, 40004)?;
     assert!(xdp_on("td0")?, "xdp_pass is not on td0 again after it came back");
     assert!(xdp_on("tc0")?, "lbd's program is not on tc0 again");
     drop(dp);
