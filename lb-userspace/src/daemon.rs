@@ -1031,7 +1031,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     ctl.apply()?;
     // After the dataplane: until VRRP says otherwise, the VIPs it lists are dropped.
     let mut vrrp = start_vrrp(&ctl.config().vrrp)?;
-    let mut vrrp_ifaces = vrrp_ifindexes(&ctl.config().vrrp);
+    let mut vrrp_ifaces = vrrp_ifindexes_now(&ctl.config().vrrp);
 
     info!(socket = %d.control_socket.display(), "control socket ready");
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
@@ -1074,7 +1074,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 if let Err(e) = reload_all(&mut ctl, &resolver, &mut watched, &mut vrrp).await {
                     log_reload_failure(&e);
                 }
-                vrrp_ifaces = vrrp_ifindexes(&ctl.config().vrrp);
+                vrrp_ifaces = vrrp_ifindexes_now(&ctl.config().vrrp);
             }
             Some((req, reply)) = ctl_rx.recv() => {
                 let resp = match req {
@@ -1084,7 +1084,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                     }
                     Request::Reload => {
                         let done = reload_all(&mut ctl, &resolver, &mut watched, &mut vrrp).await;
-                        vrrp_ifaces = vrrp_ifindexes(&ctl.config().vrrp);
+                        vrrp_ifaces = vrrp_ifindexes_now(&ctl.config().vrrp);
                         match done {
                             Ok(()) => Response { ok: true, ..Default::default() },
                             Err(e) => {
@@ -1180,17 +1180,22 @@ fn check_vrrp_ifaces(spec: &VrrpSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The indexes of the interfaces VRRP's instances use, as they are now (those that exist).
-fn vrrp_ifindexes(spec: &VrrpSpec) -> BTreeMap<String, u32> {
+/// The indexes of the interfaces VRRP's instances use (those `index` finds).
+fn vrrp_ifindexes(spec: &VrrpSpec, index: impl Fn(&str) -> Option<u32>) -> BTreeMap<String, u32> {
     let mut out = BTreeMap::new();
     for inst in &spec.instances {
         for dev in std::iter::once(&inst.interface).chain(inst.virtual_addresses.iter().filter_map(|a| a.dev.as_ref())) {
-            if let Ok(ifindex) = nix::net::if_::if_nametoindex(dev.as_str()) {
+            if let Some(ifindex) = index(dev) {
                 out.insert(dev.clone(), ifindex);
             }
         }
     }
     out
+}
+
+/// [`vrrp_ifindexes`] as the kernel has them now.
+fn vrrp_ifindexes_now(spec: &VrrpSpec) -> BTreeMap<String, u32> {
+    vrrp_ifindexes(spec, |name| nix::net::if_::if_nametoindex(name).ok())
 }
 
 /// The interfaces changed: see [`Controller::relink`].
@@ -1209,10 +1214,9 @@ async fn follow_vrrp_links(ctl: &mut Controller, vrrp: &mut Option<Vrrp>, known:
     if ctl.config().vrrp.instances.is_empty() {
         return;
     }
-    let now = vrrp_ifindexes(&ctl.config().vrrp);
-    let moved = known.iter().filter(|(name, ifindex)| links.get(*name).is_some_and(|l| l.ifindex != **ifindex));
-    let appeared = now.keys().filter(|name| !known.contains_key(*name));
-    let changed: Vec<&str> = moved.map(|(name, _)| name.as_str()).chain(appeared.map(String::as_str)).collect();
+    let now = vrrp_ifindexes(&ctl.config().vrrp, |name| links.get(name).map(|l| l.ifindex));
+    // Moved to another index, or there again after a start that did not find them.
+    let changed: Vec<&str> = now.iter().filter(|(name, ifindex)| known.get(*name) != Some(ifindex)).map(|(name, _)| name.as_str()).collect();
     if changed.is_empty() {
         return;
     }

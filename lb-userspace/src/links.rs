@@ -50,6 +50,11 @@ pub struct Link {
 /// The interfaces of a network namespace, by name.
 pub type Links = BTreeMap<String, Link>;
 
+/// Whether the interface with index `ifindex` is in `links` and runs XDP program `program`.
+pub fn runs(links: &Links, ifindex: u32, program: u32) -> bool {
+    links.values().any(|l| l.ifindex == ifindex && l.xdp_programs.contains(&program))
+}
+
 /// Errors of reading the interfaces.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {

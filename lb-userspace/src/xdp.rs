@@ -508,7 +508,7 @@ impl XdpDataplane {
         let present = |ifindex: u32| links.values().any(|l| l.ifindex == ifindex);
         let mut lost = Vec::new();
         self.egress_pass.retain(|p| {
-            let kept = links.values().any(|l| l.ifindex == p.ifindex && l.xdp_programs.contains(&p.program_id));
+            let kept = crate::links::runs(links, p.ifindex, p.program_id);
             if !kept {
                 lost.push(p.ifindex);
             }
@@ -523,9 +523,7 @@ impl XdpDataplane {
             }
             // Upserts: the kernel dropped the entry of an interface that went away (deleted and
             // created again with the same index, or moved to another namespace and back).
-            self.tx_ports
-                .insert(ifindex, ifindex, None, 0)
-                .map_err(|e| DataplaneError::Other(format!("adding ifindex {ifindex} to TX_PORTS: {e}")))?;
+            self.write_tx_port(ifindex)?;
         }
         // `xdp_pass` again where it went with its interface, once the interface is back: tried
         // once, so one that cannot be attached is not tried (and warned about) again at every
@@ -573,12 +571,8 @@ impl XdpDataplane {
 
     /// Whether `links` shows every program this dataplane attached on its interface.
     fn agrees(&self, links: &crate::links::Links) -> bool {
-        let runs = |ifindex: u32, program: u32| links.values().any(|l| l.ifindex == ifindex && l.xdp_programs.contains(&program));
-        let serving = self.serving.as_ref().is_none_or(|name| {
-            let ifindex = links.get(name).map(|l| l.ifindex);
-            ifindex.is_some_and(|i| runs(i, self.program_id))
-        });
-        serving && self.egress_pass.iter().all(|p| runs(p.ifindex, p.program_id))
+        let serving = self.serving.as_ref().is_none_or(|name| links.get(name).is_some_and(|l| l.xdp_programs.contains(&self.program_id)));
+        serving && self.egress_pass.iter().all(|p| crate::links::runs(links, p.ifindex, p.program_id))
     }
 
     /// Detaches from the interface (also happens when the dataplane is dropped).
@@ -790,15 +784,19 @@ impl XdpDataplane {
         if self.tx_written.contains(&ifindex) {
             return Ok(());
         }
-        self.tx_ports
-            .insert(ifindex, ifindex, None, 0)
-            .map_err(|e| DataplaneError::Other(format!("adding ifindex {ifindex} to TX_PORTS: {e}")))?;
+        self.write_tx_port(ifindex)?;
         self.tx_written.push(ifindex);
         if !self.tx_ifindexes.contains(&ifindex) {
             self.tx_ifindexes.push(ifindex);
             self.prepare_egress(ifindex);
         }
         Ok(())
+    }
+
+    fn write_tx_port(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| DataplaneError::Other(format!("adding ifindex {ifindex} to TX_PORTS: {e}")))
     }
 
     /// In native mode a frame redirected to another interface is sent by that interface's driver
