@@ -118,6 +118,7 @@ pub fn load(n: usize, vips: usize, conntrack: u32) -> Result<XdpDataplane> {
         max_backends: n as u32 * total_vips,
         conntrack_size: conntrack,
         log_level: 0,
+        keep: None,
     })
     .context("loading lbd's XDP program")
 }

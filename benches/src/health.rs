@@ -177,6 +177,7 @@ fn measure(n: usize, p: &Params, ns: &Netns) -> Result<HealthRun> {
         max_backends: d.max_backends,
         conntrack_size: 1024,
         log_level: 0,
+        keep: None,
     })?;
     let ifaces = HashMap::from([("lo".to_string(), IfaceInfo { ifindex: 1, mac: [0; 6] })]);
     let mut ctl = Controller::new(config, "bench.toml".into(), Box::new(dp), ifaces);

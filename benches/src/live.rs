@@ -422,6 +422,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<Live> {
         max_backends: 64,
         conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
         log_level: 0,
+        keep: None,
     })?;
     let services = lbd_services(&topo, 10);
     {

@@ -221,6 +221,11 @@ const _: () = assert!(core::mem::size_of::<FlowValue>() == 8);
 /// Ways (entries) per set of a connection table.
 pub const CT_WAYS: usize = 8;
 
+/// Version of what a connection table's contents mean: the entry layout, the set hash (with its
+/// mixer) and [`ct_check`]. `lbd` keeps its tables across a restart (pinned), and a table is
+/// taken over only by an `lbd` of the same version. Bump it whenever any of them changes.
+pub const CT_FORMAT: u32 = 1;
+
 /// Sets of a connection table meant to hold `entries` flows: `entries / CT_WAYS` rounded up to a
 /// power of two (the set index is the top bits of [`CtKey::ct_hash`]), at least 2.
 pub const fn ct_sets(entries: u32) -> u32 {

@@ -43,18 +43,14 @@ pub struct IfaceInfo {
     pub mac: Mac,
 }
 
-/// Looks an interface up by name (ifindex and MAC from the kernel).
+/// Looks an interface up by name (ifindex and MAC from the kernel, over rtnetlink: `/sys/class/net`
+/// shows the interfaces of the network namespace `/sys` was mounted in, which need not be lbd's,
+/// as under `nsenter --net`).
 pub fn lookup_iface(name: &str) -> anyhow::Result<IfaceInfo> {
-    let ifindex = nix::net::if_::if_nametoindex(name).with_context(|| format!("interface {name} not found"))?;
-    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address"))
-        .with_context(|| format!("reading the MAC address of {name}"))?;
-    let mac = parse_mac(text.trim()).with_context(|| format!("interface {name} has no Ethernet address"))?;
-    Ok(IfaceInfo { ifindex, mac })
-}
-
-fn parse_mac(s: &str) -> Option<Mac> {
-    let parts: Vec<u8> = s.split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>().ok()?;
-    parts.try_into().ok()
+    let links = crate::links::dump().with_context(|| format!("looking up interface {name}"))?;
+    let link = links.get(name).with_context(|| format!("interface {name} not found"))?;
+    let mac = link.mac.with_context(|| format!("interface {name} has no Ethernet address"))?;
+    Ok(IfaceInfo { ifindex: link.ifindex, mac })
 }
 
 pub struct Controller {
@@ -363,6 +359,11 @@ impl Controller {
 
     pub fn dataplane(&self) -> &dyn Dataplane {
         self.dataplane.as_ref()
+    }
+
+    /// See [`Dataplane::go_live`].
+    pub fn go_live(&mut self) -> Result<(), crate::dataplane::DataplaneError> {
+        self.dataplane.go_live()
     }
 
     fn iface_of<'a>(&'a self, rs_iface: &'a Option<String>) -> &'a str {
@@ -909,6 +910,7 @@ fn xdp(config: &Config, native: bool) -> anyhow::Result<Picked> {
         max_backends: d.max_backends,
         conntrack_size: d.conntrack_size,
         log_level: log_level_number(config),
+        keep: Some(crate::keep::Keep::for_socket(&d.control_socket)),
     })?;
     xdp.attach(&d.interface, native)?;
     // The program's own log records (only at debug/trace level), kept alive for the whole run:
@@ -1029,6 +1031,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     ctl.set_addresses(interface_addresses());
     ctl.start_health(Scheduler::new(health_tx, SchedulerOptions::default()));
     ctl.apply()?;
+    ctl.go_live().context("taking over the fast path lbd kept")?;
     // After the dataplane: until VRRP says otherwise, the VIPs it lists are dropped.
     let mut vrrp = start_vrrp(&ctl.config().vrrp)?;
     let mut vrrp_ifaces = vrrp_ifindexes_now(&ctl.config().vrrp);
@@ -1104,8 +1107,16 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     // Before the dataplane goes: masters send priority 0, so the backup takes over at once.
     stop_vrrp(&mut ctl, &mut vrrp).await;
-    info!("shutting down: detaching XDP");
-    drop(ctl); // dropping the dataplane detaches the program
+    let dp = ctl.dataplane();
+    match (dp.stays(), dp.name()) {
+        (true, "xdp") => info!(
+            "shutting down: the fast path stays attached with its last state and connection entries, for the next start \
+             to take over (`lbd detach` removes it)"
+        ),
+        (true, _) => info!("shutting down: the {} services stay in place", dp.name()),
+        (false, _) => info!("shutting down: detaching the {} fast path", dp.name()),
+    }
+    drop(ctl); // a dataplane that does not stay is detached when dropped
     Ok(())
 }
 

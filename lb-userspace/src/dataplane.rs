@@ -11,12 +11,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{Forwarding, Persistence, Protocol};
 
 /// A virtual service: what the fast path matches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct VipAddr {
     /// For a firewall-mark service: the unspecified address of its family.
     pub addr: IpAddr,
@@ -178,6 +178,17 @@ pub trait Dataplane: Send {
     fn links_changed(&mut self, links: &crate::links::Links) -> Result<(), DataplaneError> {
         let _ = links;
         Ok(())
+    }
+    /// Called once, after the first [`Self::apply`] of a start: a dataplane that took over what
+    /// an earlier lbd left in the kernel (see [`crate::keep`]) switches to its own state now that
+    /// it is complete.
+    fn go_live(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    /// Whether what it programmed stays in the kernel, forwarding, when lbd exits (so that a
+    /// restart drops no connection).
+    fn stays(&self) -> bool {
+        false
     }
 }
 

@@ -374,6 +374,10 @@ impl<K: IpvsOps> Dataplane for IpvsDataplane<K> {
         "ipvs"
     }
 
+    fn stays(&self) -> bool {
+        true
+    }
+
     fn needs_macs(&self) -> bool {
         false
     }

@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod duration;
 pub mod ipvs;
 pub mod ipvs_dataplane;
+pub mod keep;
 pub mod health;
 pub mod links;
 pub mod maglev;

@@ -47,6 +47,12 @@ enum Command {
         #[command(subcommand)]
         action: BackendAction,
     },
+    /// Remove the XDP fast path a stopped lbd left serving (kept, with its connection tables, for
+    /// the next start to take over without dropping connections) and its state file.
+    Detach {
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 #[derive(Subcommand)]
@@ -186,6 +192,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Detach { target } => detach(&target),
         Command::Reload { target } => match client(&target, Request::Reload) {
             Ok(_) => {
                 println!("reloaded");
@@ -196,5 +203,39 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// `lbd detach`: refused while an lbd answers on the socket (it would go on using what is
+/// removed, and keeps it again when it stops).
+fn detach(target: &Target) -> ExitCode {
+    let socket = match target.socket() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("lbd detach: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if control::request(&socket, &Request::Status).is_ok() {
+        eprintln!("lbd detach: an lbd is running on {}; stop it first (what it keeps is removed after it stopped)", socket.display());
+        return ExitCode::FAILURE;
+    }
+    let keep = lb_userspace::keep::Keep::for_socket(&socket);
+    match keep.remove() {
+        Ok(removed) if removed.is_empty() => {
+            println!("nothing kept for {}", socket.display());
+            ExitCode::SUCCESS
+        }
+        Ok(removed) => {
+            println!("detached: the fast path kept for {} is gone", socket.display());
+            for path in removed {
+                println!("  removed {}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lbd detach: removing what is kept in {}: {e}", keep.pin_dir.display());
+            ExitCode::FAILURE
+        }
     }
 }

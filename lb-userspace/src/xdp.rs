@@ -17,11 +17,15 @@ use std::{
 
 use aya::{
     maps::{Array, DevMapHash, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
+    programs::{
+        links::{FdLink, LinkType, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        Xdp, XdpMode as AyaXdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    addr_filter_bit, ct_sets, ct_shift, CT_HASH_KEY4, CT_HASH_KEY6, map_names, reason, table_chunks, Backend, Counters, CtKey, CtSet, FlowKey, FlowKey4, ReasonCounter,
+    addr_filter_bit, ct_sets, ct_shift, CT_FORMAT, CT_HASH_KEY4, CT_HASH_KEY6, map_names, reason, table_chunks, Backend, Counters, CtKey, CtSet, FlowKey, FlowKey4, ReasonCounter,
     TableChunk, VipInfo, VipKey, ADDR_FILTER_WORDS, BACKEND_F_ALIVE, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROGRAM_NAME,
     PROTO_TCP, PROTO_UDP, TABLE_CHUNK, VIP_F_ENABLED, BACKEND_F_VIP_ANY_PORT, BACKEND_F_VIP_ENABLED,
 };
@@ -31,6 +35,7 @@ use crate::{
     dataplane::{
         BackendSpec, BackendStats, ConnectionCount, Dataplane, DataplaneError, DataplaneStats, ServiceSpec, Traffic, VipAddr,
     },
+    keep::{Keep, KeptBackend, State, STATE_FORMAT},
     maglev::{Maglev, MaglevBackend},
 };
 
@@ -44,19 +49,43 @@ pub static AUX_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// transmitted by its veth peer are delivered at once. The program stays attached while the
 /// returned object lives.
 pub fn attach_pass(iface: &str) -> Result<Ebpf, LoadError> {
+    attach_pass_link(iface).map(|(ebpf, _)| ebpf)
+}
+
+/// [`attach_pass`], with the id of the link that holds it attached.
+fn attach_pass_link(iface: &str) -> Result<(Ebpf, XdpLinkId), LoadError> {
     if AUX_OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
     let mut ebpf = Ebpf::load(AUX_OBJECT)?;
     let prog: &mut Xdp = ebpf.program_mut("xdp_pass").ok_or(LoadError::MissingMap("xdp_pass"))?.try_into()?;
     prog.load()?;
-    prog.attach(iface, AyaXdpMode::Driver).map_err(|source| LoadError::Attach {
+    let id = prog.attach(iface, AyaXdpMode::Driver).map_err(|source| LoadError::Attach {
         iface: iface.to_string(),
         mode: "native",
         hint: "",
         source: Box::new(source),
     })?;
-    Ok(ebpf)
+    Ok((ebpf, id))
+}
+
+/// Pins link `id` of `prog` at `path` (replacing a stale pin there), so that it stays attached
+/// when this process exits. On failure the link is gone (detached): where the kernel attached
+/// through netlink there is no BPF link to pin. The caller then attaches again, unpinned.
+fn pin_link(prog: &mut Xdp, id: XdpLinkId, path: &std::path::Path) -> Result<PinnedLink, String> {
+    let link = prog.take_link(id).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(path);
+    let fd = FdLink::try_from(link).map_err(|e| format!("the kernel attached it without a BPF link ({e})"))?;
+    fd.pin(path).map_err(|e| format!("pinning it at {}: {e}", path.display()))
+}
+
+/// The program id a pinned link runs (0 if the kernel cannot say), with the link.
+fn pinned_program(path: &std::path::Path) -> Result<(PinnedLink, u32), String> {
+    let info = FdLink::from(PinnedLink::from_pin(path).map_err(|e| e.to_string())?).info().map_err(|e| e.to_string())?;
+    if info.link_type().ok() != Some(LinkType::Xdp) {
+        return Err("not an XDP link".into());
+    }
+    Ok((PinnedLink::from_pin(path).map_err(|e| e.to_string())?, info.program_id()))
 }
 
 /// Time readers get to leave a table buffer after a flip before it is rewritten. XDP programs run
@@ -83,6 +112,9 @@ pub struct XdpOptions {
     /// aya-log level for the program's per-packet logs (0 = off, 1 error .. 5 trace). The
     /// verifier prunes every log statement above it.
     pub log_level: u8,
+    /// Keep the attachment and the connection tables when this dataplane goes, and take over
+    /// what an earlier one kept there (see `crate::keep`). `None`: detach when dropped.
+    pub keep: Option<Keep>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -332,7 +364,19 @@ pub struct XdpDataplane {
     tx_ifindexes: Vec<u32>,
     /// The interfaces the current apply has put into `TX_PORTS` (see `ensure_tx_port`).
     tx_written: Vec<u32>,
-    link: Option<(XdpLinkId, String)>,
+    link: Option<(Attachment, String)>,
+    /// Where the attachment, the connection tables and the state file are kept (see `crate::keep`).
+    keep: Option<Keep>,
+    /// The link an earlier lbd pinned, with the program it runs, the interface and the mode it
+    /// was attached in: `attach` takes it over if they are the ones asked for.
+    adoptable: Option<(PinnedLink, u32, String, bool)>,
+    /// Backend ids of the run before, for the first apply to give the same real servers (their
+    /// connection entries name them): (VIP, backend key) → id.
+    reserved: HashMap<(VipAddr, String), u32>,
+    /// Sets of each connection table.
+    ct_sets: u32,
+    /// The state file no longer says what this dataplane holds.
+    state_dirty: bool,
     /// Attached in native mode (see `prepare_egress`).
     native: bool,
     /// `xdp_pass` on the other interfaces real servers sit behind, attached while this lives.
@@ -352,7 +396,128 @@ pub struct XdpDataplane {
 struct EgressPass {
     ifindex: u32,
     program_id: u32,
-    _ebpf: Ebpf,
+    /// Holds the program (with its link, unless pinned) while this lives; `None` for one an
+    /// earlier lbd left, kept by its pin.
+    _ebpf: Option<Ebpf>,
+    /// Its link pinned at `Keep::pass`: it stays when lbd exits.
+    pin: Option<PinnedLink>,
+}
+
+impl EgressPass {
+    /// Detaches it (pinned: removes the pin, which held it attached).
+    fn release(self) {
+        if let Some(pin) = self.pin {
+            let _ = pin.unpin();
+        }
+    }
+}
+
+/// How the program is attached to the interface lbd serves.
+enum Attachment {
+    /// Held by this process: detached when the dataplane goes.
+    Managed(XdpLinkId),
+    /// A BPF link pinned at `Keep::link`: stays attached when lbd exits.
+    Pinned(PinnedLink),
+    /// The link an earlier lbd pinned, and the program it still runs until `take_over` puts
+    /// this one in.
+    Adopted(PinnedLink, u32),
+}
+
+/// Map flag of an array that can be mapped into memory.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// What an earlier lbd kept (see `crate::keep`), as far as this load takes it over.
+#[derive(Default)]
+struct Kept {
+    /// The state file, if the pinned connection tables it describes are taken over.
+    state: Option<State>,
+    /// Its pinned link: see `XdpDataplane::adoptable`.
+    link: Option<(PinnedLink, u32, String, bool)>,
+}
+
+impl Kept {
+    /// Reads what `keep` holds. Connection tables that cannot be taken over (another size,
+    /// another lbd version, no state file naming their keys) are unpinned, so that the load
+    /// creates new ones; the link is kept for `attach` to decide.
+    fn take(keep: &Keep, ct_sets: u32) -> Kept {
+        let state = keep.read().unwrap_or_else(|e| {
+            tracing::warn!("{e}: ignored");
+            None
+        });
+        let link = match (keep.link().exists(), &state) {
+            (false, _) => None,
+            (true, Some(State { interface: Some(iface), native, .. })) => match pinned_program(&keep.link()) {
+                Ok((link, program)) => Some((link, program, iface.clone(), *native)),
+                Err(e) => {
+                    tracing::warn!("{}: {e}; removed", keep.link().display());
+                    let _ = std::fs::remove_file(keep.link());
+                    None
+                }
+            },
+            (true, _) => {
+                // Without the state file its mode is unknown: it goes (and its program with it).
+                tracing::warn!("{}: no state file beside it; the earlier program is detached", keep.link().display());
+                let _ = std::fs::remove_file(keep.link());
+                None
+            }
+        };
+        let tables = [map_names::CONNTRACK4, map_names::CONNTRACK6].map(|n| keep.map(n));
+        let usable = match &state {
+            Some(s) => Self::tables_usable(keep, s, ct_sets),
+            None => Err("no state file names their hash keys".to_string()),
+        };
+        match usable {
+            Ok(()) => Kept { state, link },
+            Err(why) => {
+                if tables.iter().any(|t| t.exists()) {
+                    tracing::warn!(
+                        "the connection tables lbd kept are not taken over ({why}): established connections go to the \
+                         lookup tables' choice, which is their real server unless the real servers changed"
+                    );
+                }
+                for t in &tables {
+                    let _ = std::fs::remove_file(t);
+                }
+                Kept { state: None, link }
+            }
+        }
+    }
+
+    /// Whether the pinned tables are the ones `state` describes and fit this load.
+    fn tables_usable(keep: &Keep, state: &State, ct_sets: u32) -> Result<(), String> {
+        if state.format != STATE_FORMAT || state.ct_format != CT_FORMAT {
+            return Err("they were written by another version of lbd".into());
+        }
+        if state.ct_sets != ct_sets {
+            return Err(format!(
+                "conntrack_size changed: they hold {} entries each, the config asks for {}",
+                state.ct_sets as usize * lb_common::CT_WAYS,
+                ct_sets as usize * lb_common::CT_WAYS
+            ));
+        }
+        if state.ct_key4.len() != CT_HASH_KEY4 || state.ct_key6.len() != CT_HASH_KEY6 {
+            return Err("the state file's hash keys are of another size".into());
+        }
+        let sizes = [
+            (map_names::CONNTRACK4, std::mem::size_of::<CtSet<FlowKey4>>()),
+            (map_names::CONNTRACK6, std::mem::size_of::<CtSet<FlowKey>>()),
+        ];
+        for (name, value_size) in sizes {
+            let path = keep.map(name);
+            if !path.exists() {
+                return Err(format!("{} is gone", path.display()));
+            }
+            let info = MapData::from_pin(&path).and_then(|m| m.info()).map_err(|e| format!("{}: {e}", path.display()))?;
+            let fits = matches!(info.map_type(), Ok(aya::maps::MapType::Array))
+                && info.value_size() as usize == value_size
+                && info.max_entries() == ct_sets
+                && info.map_flags() & BPF_F_MMAPABLE != 0;
+            if !fits {
+                return Err(format!("{} is not a connection table of this lbd", path.display()));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The kernel's id of program `name` of `ebpf` (0 if it cannot say).
@@ -378,8 +543,28 @@ impl XdpDataplane {
         let maglev = Maglev::new(opts.table_size)?;
         let table_buffers = opts.max_vips * 2;
         let ct_sets = ct_sets(opts.conntrack_size);
-        let ct_keys = (random_key(), random_key());
-        let mut ebpf = EbpfLoader::new()
+        let mut keep = opts.keep.clone();
+        if let Some(k) = &keep {
+            if let Err(why) = k.prepare() {
+                tracing::warn!("{why}: the fast path cannot be kept when lbd stops, so a restart drops connections");
+                keep = None;
+            }
+        }
+        let kept = keep.as_ref().map(|k| Kept::take(k, ct_sets)).unwrap_or_default();
+        let ct_keys = match &kept.state {
+            Some(s) => (
+                s.ct_key4.as_slice().try_into().expect("length checked"),
+                s.ct_key6.as_slice().try_into().expect("length checked"),
+            ),
+            None => (random_key(), random_key()),
+        };
+        let mut loader = EbpfLoader::new();
+        if let Some(k) = &keep {
+            // Created and pinned there, or the kept ones (see `Kept::take`).
+            loader.map_pin_path(map_names::CONNTRACK4, k.map(map_names::CONNTRACK4));
+            loader.map_pin_path(map_names::CONNTRACK6, k.map(map_names::CONNTRACK6));
+        }
+        let mut ebpf = loader
             .override_global("TABLE_SIZE", &opts.table_size, true)
             .override_global("CT_KEY4", &ct_keys.0, true)
             .override_global("CT_KEY6", &ct_keys.1, true)
@@ -398,7 +583,7 @@ impl XdpDataplane {
             .try_into()?;
         prog.load()?;
         let program_id = program_id(&ebpf, PROGRAM_NAME);
-        Ok(Self {
+        let mut dp = Self {
             vips_map: take(&mut ebpf, map_names::VIPS)?,
             backends_map: take(&mut ebpf, map_names::BACKENDS)?,
             tables: MappedTables::new(&mut ebpf, table_buffers, opts.table_size)?,
@@ -432,8 +617,61 @@ impl XdpDataplane {
             program_id,
             serving: None,
             link_lost: false,
+            keep,
+            adoptable: kept.link,
+            reserved: HashMap::new(),
+            ct_sets,
+            state_dirty: true,
             opts,
-        })
+        };
+        if let Some(state) = &kept.state {
+            dp.reserve_ids(state);
+        }
+        Ok(dp)
+    }
+
+    /// Takes the backend ids of `state` (the run before): each id's generation, and the ids in
+    /// use reserved for their real servers (see `reserved`); the others are free.
+    fn reserve_ids(&mut self, state: &State) {
+        let n = state.generations.len().min(self.generations.len());
+        self.generations[..n].copy_from_slice(&state.generations[..n]);
+        self.next_backend_id = n as u32;
+        for b in state.backends.iter().filter(|b| (b.id as usize) < n) {
+            self.reserved.insert((b.vip, b.backend.clone()), b.id);
+        }
+        let taken: std::collections::HashSet<u32> = self.reserved.values().copied().collect();
+        let long_ago = Instant::now() - FLIP_GRACE;
+        self.free_backend_ids.extend((0..n as u32).filter(|id| !taken.contains(id)).map(|id| (id, long_ago)));
+    }
+
+    /// Writes the state file if it is out of date (kept dataplanes only). A failure is logged:
+    /// the next restart then does not keep connections, nothing else changes.
+    fn save_state(&mut self) {
+        let Some(keep) = &self.keep else { return };
+        if !std::mem::take(&mut self.state_dirty) {
+            return;
+        }
+        let in_use = self.backends.iter().map(|((vip, key), b)| (vip, key, b.id));
+        let mut backends: Vec<KeptBackend> = in_use
+            .chain(self.reserved.iter().map(|((vip, key), &id)| (vip, key, id)))
+            .map(|(vip, key, id)| KeptBackend { vip: *vip, backend: key.clone(), id })
+            .collect();
+        backends.sort_by_key(|b| b.id);
+        let state = State {
+            format: STATE_FORMAT,
+            ct_format: CT_FORMAT,
+            ct_sets: self.ct_sets,
+            ct_key4: self.ct_keys.0.to_vec(),
+            ct_key6: self.ct_keys.1.to_vec(),
+            interface: self.serving.clone(),
+            native: self.native,
+            generations: self.generations[..self.next_backend_id as usize].to_vec(),
+            backends,
+        };
+        if let Err(e) = keep.write(&state) {
+            self.state_dirty = true;
+            tracing::warn!("writing {}: {e}; a restart of lbd would not keep connections", keep.state_file.display());
+        }
     }
 
     /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.
@@ -472,18 +710,115 @@ impl XdpDataplane {
         } else {
             (AyaXdpMode::Skb, "generic", "")
         };
-        let id = self
-            .program()
-            .attach(iface, mode)
-            .map_err(|source| LoadError::Attach { iface: iface.to_string(), mode: name, hint, source: Box::new(source) })?;
-        self.link = Some((id, iface.to_string()));
+        let attach_err =
+            |source| LoadError::Attach { iface: iface.to_string(), mode: name, hint, source: Box::new(source) };
+        let attachment = match self.adopt(iface, native) {
+            Some((link, program)) => Attachment::Adopted(link, program),
+            None => {
+                let id = self.program().attach(iface, mode).map_err(attach_err)?;
+                match self.keep.as_ref().map(Keep::link) {
+                    None => Attachment::Managed(id),
+                    Some(path) => match pin_link(self.program(), id, &path) {
+                        Ok(pinned) => Attachment::Pinned(pinned),
+                        Err(e) => {
+                            tracing::warn!(
+                                interface = iface,
+                                "the fast path cannot be kept when lbd stops ({e}), so a restart drops connections"
+                            );
+                            Attachment::Managed(self.program().attach(iface, mode).map_err(attach_err)?)
+                        }
+                    },
+                }
+            }
+        };
+        self.link = Some((attachment, iface.to_string()));
         self.serving = Some(iface.to_string());
         self.native = native;
         self.link_lost = false;
         for ifindex in self.tx_ifindexes.clone() {
             self.prepare_egress(ifindex);
         }
+        self.state_dirty = true;
+        self.save_state();
         Ok(())
+    }
+
+    /// The link an earlier lbd kept, with its program id, if it serves `iface` in this mode: it
+    /// goes on serving until `go_live` puts this program in. Otherwise it is let go (its program
+    /// detached).
+    fn adopt(&mut self, iface: &str, native: bool) -> Option<(PinnedLink, u32)> {
+        let (link, program, old_iface, old_native) = self.adoptable.take()?;
+        let mode = |native| if native { "native" } else { "generic" };
+        let serves = crate::links::dump().ok().and_then(|l| l.get(iface).map(|l| l.xdp_programs.contains(&program)));
+        let why = if old_iface != iface {
+            format!("it serves {old_iface}, the config names {iface}")
+        } else if old_native != native {
+            format!("it is attached in {} mode, this start asks for {}", mode(old_native), mode(native))
+        } else if serves != Some(true) {
+            format!("{iface} no longer runs it")
+        } else {
+            tracing::info!(interface = iface, "the fast path lbd kept serves on until this start has set up its own");
+            return Some((link, program));
+        };
+        tracing::info!(interface = %old_iface, "the fast path lbd kept is detached: {why}");
+        let _ = link.unpin();
+        None
+    }
+
+    /// Puts this program into the link an earlier lbd kept (see `adopt`), now that its maps hold
+    /// the whole config: one atomic replacement, so no packet meets neither program. If that
+    /// fails, the old link goes and the program is attached anew.
+    fn take_over(&mut self) -> Result<(), DataplaneError> {
+        let Some((Attachment::Adopted(..), _)) = &self.link else { return Ok(()) };
+        let Some((Attachment::Adopted(pinned, _), iface)) = self.link.take() else { unreachable!("matched above") };
+        let path = self.keep.as_ref().map(Keep::link).expect("adopted only when kept");
+        let replaced = XdpLink::try_from(FdLink::from(pinned))
+            .map_err(|e| e.to_string())
+            .and_then(|link| self.program().attach_to_link(link).map_err(|e| e.to_string()))
+            .and_then(|id| {
+                // The link stays the same object, held by its pin; this process keeps it through
+                // the pin only.
+                drop(self.program().take_link(id));
+                PinnedLink::from_pin(&path).map_err(|e| e.to_string())
+            });
+        match replaced {
+            Ok(pinned) => {
+                self.link = Some((Attachment::Pinned(pinned), iface.clone()));
+                tracing::info!(
+                    interface = %iface,
+                    connections = self.conntrack_len(),
+                    "took over the fast path lbd kept: this program replaced the earlier one in place, with the \
+                     connection entries"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                tracing::warn!(interface = %iface, "replacing the program lbd kept failed ({e}); attaching anew");
+                self.attach(&iface, self.native).map_err(|e| DataplaneError::Other(e.to_string()))
+            }
+        }
+    }
+
+    /// Lets go of the attachment: the program leaves the interface (a pinned link loses its pin).
+    fn release_link(&mut self) -> Result<(), DataplaneError> {
+        match self.link.take() {
+            None => Ok(()),
+            Some((Attachment::Managed(id), _)) => {
+                self.program().detach(id).map_err(|e| DataplaneError::Other(format!("detaching: {e}")))
+            }
+            Some((Attachment::Pinned(p) | Attachment::Adopted(p, _), _)) => {
+                p.unpin().map(drop).map_err(|e| DataplaneError::Other(format!("removing the pinned link: {e}")))
+            }
+        }
+    }
+
+    /// The program that serves the interface: this one, or the one an adopted link still runs.
+    fn serving_program(&self) -> u32 {
+        match &self.link {
+            Some((Attachment::Adopted(_, program), _)) => *program,
+            _ => self.program_id,
+        }
     }
 
     /// Attaches again to the interface, in the same mode, if `links` shows it without the
@@ -506,15 +841,13 @@ impl XdpDataplane {
         // interface's.
         let in_use: Vec<u32> = self.backends.values().map(|b| b.entry.ifindex).collect();
         let present = |ifindex: u32| links.values().any(|l| l.ifindex == ifindex);
-        let mut lost = Vec::new();
-        self.egress_pass.retain(|p| {
-            let kept = crate::links::runs(links, p.ifindex, p.program_id);
-            if !kept {
-                lost.push(p.ifindex);
-            }
-            kept
-        });
-        self.egress_lost.extend(lost);
+        let (kept, lost): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.egress_pass).into_iter().partition(|p| crate::links::runs(links, p.ifindex, p.program_id));
+        self.egress_pass = kept;
+        for pass in lost {
+            self.egress_lost.push(pass.ifindex);
+            pass.release();
+        }
         self.egress_lost.retain(|i| in_use.contains(i));
         self.tx_ifindexes.retain(|i| in_use.contains(i));
         for ifindex in self.tx_ifindexes.clone() {
@@ -546,17 +879,15 @@ impl XdpDataplane {
                 }
                 Ok(())
             }
-            Some(link) if link.xdp_programs.contains(&self.program_id) => {
+            Some(link) if link.xdp_programs.contains(&self.serving_program()) => {
                 self.link_lost = false;
                 Ok(())
             }
             Some(link) => {
                 let (ifindex, native) = (link.ifindex, self.native);
                 self.link_lost = false;
-                if let Some((id, _)) = self.link.take() {
-                    // The old device took the attachment with it; this only lets go of the link.
-                    let _ = self.program().detach(id);
-                }
+                // The old device took the attachment with it; this only lets go of the link.
+                let _ = self.release_link();
                 self.attach(&name, native).map_err(|e| {
                     DataplaneError::Other(format!(
                         "attaching to {name} again: {e}; its traffic is not balanced until the next change of the \
@@ -571,17 +902,21 @@ impl XdpDataplane {
 
     /// Whether `links` shows every program this dataplane attached on its interface.
     fn agrees(&self, links: &crate::links::Links) -> bool {
-        let serving = self.serving.as_ref().is_none_or(|name| links.get(name).is_some_and(|l| l.xdp_programs.contains(&self.program_id)));
+        let serving =
+            self.serving.as_ref().is_none_or(|name| links.get(name).is_some_and(|l| l.xdp_programs.contains(&self.serving_program())));
         serving && self.egress_pass.iter().all(|p| crate::links::runs(links, p.ifindex, p.program_id))
     }
 
-    /// Detaches from the interface (also happens when the dataplane is dropped).
-    pub fn detach(&mut self) -> Result<(), aya::programs::ProgramError> {
+    /// Detaches from the interface, and `xdp_pass` from the others (also happens when the
+    /// dataplane is dropped, unless it is kept: see `XdpOptions::keep`).
+    pub fn detach(&mut self) -> Result<(), DataplaneError> {
         self.serving = None;
-        if let Some((id, _)) = self.link.take() {
-            self.program().detach(id)?;
+        self.release_link()?;
+        for pass in self.egress_pass.drain(..) {
+            pass.release();
         }
-        self.egress_pass.clear();
+        self.state_dirty = true;
+        self.save_state();
         Ok(())
     }
 
@@ -725,6 +1060,7 @@ impl XdpDataplane {
     /// Frees backend `id` of `vip` (already written dead): what it forwarded becomes the VIP's
     /// `retired`, and the id goes to the free list.
     fn free_backend(&mut self, vip: VipAddr, id: u32) -> Result<(), DataplaneError> {
+        self.state_dirty = true;
         let counted = Self::sum(&self.backend_stats, id, Counters::add)?;
         let serial = match self.vips.get_mut(&vip) {
             Some(slot) => {
@@ -818,17 +1154,54 @@ impl XdpDataplane {
         if name == *attached || self.egress_pass.iter().any(|p| p.ifindex == ifindex) {
             return;
         }
-        match attach_pass(&name) {
+        if let Some(pass) = self.adopt_pass(ifindex) {
+            self.egress_pass.push(pass);
+            return;
+        }
+        match self.pass_on(&name, ifindex) {
             Ok(pass) => {
                 tracing::info!(interface = %name, "xdp_pass attached, so that its driver sends the frames lbd redirects there");
-                let program_id = program_id(&pass, "xdp_pass");
-                self.egress_pass.push(EgressPass { ifindex, program_id, _ebpf: pass });
+                self.egress_pass.push(pass);
             }
             Err(e) => tracing::warn!(
                 interface = %name,
                 "attaching xdp_pass failed ({e}); unless the interface has an XDP program of its own, drivers that send \
                  XDP frames only then drop what lbd redirects there (xdp_mode = \"generic\" avoids that)"
             ),
+        }
+    }
+
+    /// `xdp_pass` attached to `name` (index `ifindex`), its link pinned if this dataplane is kept.
+    fn pass_on(&self, name: &str, ifindex: u32) -> Result<EgressPass, LoadError> {
+        let (mut ebpf, id) = attach_pass_link(name)?;
+        let program_id = program_id(&ebpf, "xdp_pass");
+        let Some(keep) = &self.keep else { return Ok(EgressPass { ifindex, program_id, _ebpf: Some(ebpf), pin: None }) };
+        let prog: &mut Xdp = ebpf.program_mut("xdp_pass").ok_or(LoadError::MissingMap("xdp_pass"))?.try_into()?;
+        match pin_link(prog, id, &keep.pass(ifindex)) {
+            Ok(pin) => Ok(EgressPass { ifindex, program_id, _ebpf: Some(ebpf), pin: Some(pin) }),
+            Err(e) => {
+                tracing::warn!(interface = name, "xdp_pass cannot be kept when lbd stops ({e})");
+                let (ebpf, _) = attach_pass_link(name)?;
+                let again = self::program_id(&ebpf, "xdp_pass");
+                Ok(EgressPass { ifindex, program_id: again, _ebpf: Some(ebpf), pin: None })
+            }
+        }
+    }
+
+    /// The `xdp_pass` an earlier lbd kept on interface `ifindex`, if it is still attached there;
+    /// a stale pin is removed.
+    fn adopt_pass(&self, ifindex: u32) -> Option<EgressPass> {
+        let path = self.keep.as_ref()?.pass(ifindex);
+        if !path.exists() {
+            return None;
+        }
+        let attached = |program| crate::links::dump().is_ok_and(|l| crate::links::runs(&l, ifindex, program));
+        match pinned_program(&path) {
+            Ok((pin, program_id)) if attached(program_id) => Some(EgressPass { ifindex, program_id, _ebpf: None, pin: Some(pin) }),
+            _ => {
+                let _ = std::fs::remove_file(&path);
+                None
+            }
         }
     }
 
@@ -843,6 +1216,17 @@ impl XdpDataplane {
             add(&mut total, v);
         }
         Ok(total)
+    }
+}
+
+impl Drop for XdpDataplane {
+    /// A kept dataplane that is not attached through its pin (its start failed before that, or it
+    /// was detached) leaves nothing behind: its pinned tables and state file would only mislead
+    /// the next start, and hold kernel memory until then.
+    fn drop(&mut self) {
+        if let (Some(keep), None | Some((Attachment::Managed(_), _))) = (&self.keep, &self.link) {
+            let _ = keep.remove();
+        }
     }
 }
 
@@ -896,6 +1280,43 @@ impl Dataplane for XdpDataplane {
     }
 
     fn apply(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
+        let applied = self.apply_services(services);
+        if applied.is_ok() && !self.reserved.is_empty() {
+            // Real servers of the run before that this config does not have: their ids are free
+            // (reused with a new generation, so their connection entries are not honoured).
+            let long_ago = Instant::now() - FLIP_GRACE;
+            self.free_backend_ids.extend(self.reserved.drain().map(|(_, id)| (id, long_ago)));
+            self.state_dirty = true;
+        }
+        self.save_state();
+        applied
+    }
+
+    fn go_live(&mut self) -> Result<(), DataplaneError> {
+        self.take_over()
+    }
+
+    fn stays(&self) -> bool {
+        matches!(self.link, Some((Attachment::Pinned(_), _)))
+    }
+
+    fn stats(&self) -> Result<DataplaneStats, DataplaneError> {
+        self.dataplane_stats()
+    }
+
+    fn links_changed(&mut self, links: &crate::links::Links) -> Result<(), DataplaneError> {
+        self.follow_links(links)
+    }
+
+    fn connection_count(&self) -> Option<ConnectionCount> {
+        let (v4, v6, keys) = (self.conntrack4.clone(), self.conntrack6.clone(), self.ct_keys);
+        Some(Box::new(move || (v4.count(&keys.0) + v6.count(&keys.1)) as u64))
+    }
+}
+
+impl XdpDataplane {
+    /// `Dataplane::apply` without the state file.
+    fn apply_services(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
         self.tx_written.clear();
         // 1. VIPs that are gone stop matching first; their backends die with them.
         let wanted: std::collections::BTreeSet<VipAddr> = services.iter().map(|s| s.vip).collect();
@@ -964,20 +1385,31 @@ impl Dataplane for XdpDataplane {
                     generation: 0,
                     flags: backend_flags(alive, &svc.vip, svc.enabled),
                 };
-                let (id, fresh) = match self.backends.get(&key) {
+                let (id, fresh, kept) = match self.backends.get(&key) {
                     Some(slot) => {
                         entry.generation = slot.entry.generation;
-                        (slot.id, false)
+                        (slot.id, false, false)
                     }
-                    None => {
-                        let id = self.alloc_backend()?;
-                        self.generations[id as usize] = self.generations[id as usize].wrapping_add(1);
-                        entry.generation = self.generations[id as usize];
-                        (id, true)
-                    }
+                    // Its id and generation in the run before: the connection entries that name
+                    // them stay its own.
+                    None => match self.reserved.remove(&key) {
+                        Some(id) => {
+                            entry.generation = self.generations[id as usize];
+                            (id, true, true)
+                        }
+                        None => {
+                            let id = self.alloc_backend()?;
+                            self.generations[id as usize] = self.generations[id as usize].wrapping_add(1);
+                            entry.generation = self.generations[id as usize];
+                            (id, true, false)
+                        }
+                    },
                 };
+                self.state_dirty |= fresh;
                 if let Err(e) = self.program_backend(&key, id, entry, b.ifindex) {
-                    if fresh {
+                    if kept {
+                        self.reserved.insert(key, id);
+                    } else if fresh {
                         // Never written: the id goes back (its counters are zero), reusable at once.
                         self.free_backend_ids.push_front((id, Instant::now() - FLIP_GRACE));
                     }
@@ -1013,7 +1445,7 @@ impl Dataplane for XdpDataplane {
         Ok(())
     }
 
-    fn stats(&self) -> Result<DataplaneStats, DataplaneError> {
+    fn dataplane_stats(&self) -> Result<DataplaneStats, DataplaneError> {
         // `connections` is `connection_count`'s.
         let mut out = DataplaneStats::default();
         if let Some(name) = &self.serving {
@@ -1069,14 +1501,5 @@ impl Dataplane for XdpDataplane {
             out.vips.insert(*vip, traffic(total));
         }
         Ok(out)
-    }
-
-    fn links_changed(&mut self, links: &crate::links::Links) -> Result<(), DataplaneError> {
-        self.follow_links(links)
-    }
-
-    fn connection_count(&self) -> Option<ConnectionCount> {
-        let (v4, v6, keys) = (self.conntrack4.clone(), self.conntrack6.clone(), self.ct_keys);
-        Some(Box::new(move || (v4.count(&keys.0) + v6.count(&keys.1)) as u64))
     }
 }

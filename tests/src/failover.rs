@@ -72,6 +72,8 @@ impl Drop for Lbd {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // What it kept for its next start (see `Rig`'s drop).
+        let _ = lb_userspace::keep::Keep::for_socket(&self.socket).remove();
     }
 }
 
@@ -132,7 +134,7 @@ impl Pair {
         let _ = std::fs::remove_file(&lbd.socket);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&lbd.log)?;
         let config = lbd.config.display().to_string();
-        let child = self.ns(i).spawn_with(&[bin.to_str().expect("UTF-8 path"), "run", "--config", &config], None, |cmd| {
+        let child = self.ns(i).spawn_net_with(&[bin.to_str().expect("UTF-8 path"), "run", "--config", &config], |cmd| {
             if let Ok(f2) = log.try_clone() {
                 cmd.stdout(f2).stderr(log);
             }

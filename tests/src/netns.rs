@@ -84,6 +84,16 @@ impl Netns {
         cmd.spawn().with_context(|| format!("starting {args:?} in {}", self.name))
     }
 
+    /// [`Self::spawn_with`] entering only the network namespace (`nsenter --net`), not a mount
+    /// namespace of its own as `ip netns exec` does, whose fresh `/sys` hides the host's bpffs at
+    /// `/sys/fs/bpf`: for `lbd run`, which keeps its fast path there across a restart.
+    pub fn spawn_net_with(&self, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Result<Child> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", self.name)).arg("--").args(args).stdin(Stdio::null());
+        adjust(&mut cmd);
+        cmd.spawn().with_context(|| format!("starting {args:?} in {}", self.name))
+    }
+
     /// Runs `f` on a thread that has entered this namespace (its sockets live there).
     pub fn enter<F, R>(&self, f: F) -> Result<R>
     where

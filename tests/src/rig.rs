@@ -351,7 +351,7 @@ impl Rig {
         let bin = lbd_binary()?;
         let log = self.work.join("lbd.log");
         let config = self.config.to_str().expect("UTF-8 path").to_string();
-        let child = self.director.spawn_with(&[bin.to_str().expect("UTF-8 path"), "run", "--config", &config], None, |cmd| {
+        let child = self.director.spawn_net_with(&[bin.to_str().expect("UTF-8 path"), "run", "--config", &config], |cmd| {
             if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(&log) {
                 if let Ok(f2) = f.try_clone() {
                     cmd.stdout(f2).stderr(f);
@@ -577,7 +577,7 @@ impl Rig {
     /// Stops lbd with SIGTERM (as an operator would), waiting up to 5 s.
     pub fn stop_lbd(&mut self) {
         if let Some(mut child) = self.lbd.take() {
-            // SIGTERM to `ip netns exec` reaches lbd (exec replaces it), which detaches cleanly.
+            // SIGTERM to `nsenter` reaches lbd (exec replaces it), which stops cleanly.
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
@@ -606,6 +606,9 @@ impl Drop for Rig {
     fn drop(&mut self) {
         self.stop_lbd();
         self.udp.clear();
+        // What the stopped lbd kept for its next start (pinned link, connection tables): the
+        // rig's interfaces go with it, the pins would stay.
+        let _ = lb_userspace::keep::Keep::for_socket(&self.socket).remove();
     }
 }
 

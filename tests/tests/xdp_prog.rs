@@ -104,13 +104,14 @@ fn load_sized(conntrack_size: u32) -> XdpDataplane {
         max_backends: 64,
         conntrack_size,
         log_level: 0,
+        keep: None,
     })
     .expect("the verifier accepts the program")
 }
 
 /// One VIP and two real servers (four backend ids): the limit tests' dataplane.
 fn load_at_limits() -> anyhow::Result<XdpDataplane> {
-    Ok(XdpDataplane::load(XdpOptions { table_size: 65537, max_vips: 1, max_backends: 2, conntrack_size: 4096, log_level: 0 })?)
+    Ok(XdpDataplane::load(XdpOptions { table_size: 65537, max_vips: 1, max_backends: 2, conntrack_size: 4096, log_level: 0, keep: None })?)
 }
 
 /// Runs `test` as root in a namespace of its own, `name` (removed afterwards, also on failure).
