@@ -399,9 +399,13 @@ fn a_restart_drops_no_connection() -> anyhow::Result<()> {
         Ok((c, owner))
     })??;
     let idx = (0..3).find(|&i| backend_name(i) == owner).expect("a backend name");
-    // The config the next start reads: the connection's real server drained (weight 0) in the
-    // HTTP virtual server.
+    // The config the next start reads: the real servers listed in another order (rotated), so
+    // that they would get other backend ids than in this run, and the connection's real server
+    // drained (weight 0) in the HTTP virtual server.
     let text = std::fs::read_to_string(&rig.config)?;
+    let line = |i: usize| format!("address = \"{}\"", backend_v4(i));
+    let text = text.replace(&line(0), "@0").replace(&line(1), "@1").replace(&line(2), "@2");
+    let text = text.replace("@0", &line(1)).replace("@1", &line(2)).replace("@2", &line(0));
     let at = text.find(&format!("address = \"{}\"", backend_v4(idx))).expect("the owner in the config");
     let weight = at + text[at..].find("weight = 1").expect("its weight");
     let drained = format!("{}weight = 0{}", &text[..weight], &text[weight + "weight = 1".len()..]);
