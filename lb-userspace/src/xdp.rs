@@ -1220,11 +1220,13 @@ impl XdpDataplane {
 }
 
 impl Drop for XdpDataplane {
-    /// A kept dataplane that is not attached through its pin (its start failed before that, or it
-    /// was detached) leaves nothing behind: its pinned tables and state file would only mislead
-    /// the next start, and hold kernel memory until then.
+    /// A kept dataplane that is not attached through a pin leaves nothing behind (its start
+    /// failed before it attached, or it was detached): its pinned tables and state file would
+    /// only hold kernel memory until the next start. Unless an earlier lbd's program still serves
+    /// (this start failed before `take_over`): what was kept stays for the next start.
     fn drop(&mut self) {
-        if let (Some(keep), None | Some((Attachment::Managed(_), _))) = (&self.keep, &self.link) {
+        let unattached = matches!(self.link, None | Some((Attachment::Managed(_), _)));
+        if let Some(keep) = self.keep.as_ref().filter(|_| unattached && self.adoptable.is_none()) {
             let _ = keep.remove();
         }
     }

@@ -889,3 +889,119 @@ fn native_mode_puts_xdp_pass_on_other_egress_interfaces() -> anyhow::Result<()> 
     drop(dp);
     Ok(())
 }
+
+/// The id of the XDP program on `dev` in `ns`, if any.
+fn xdp_program(ns: &Netns, dev: &str) -> anyhow::Result<Option<u32>> {
+    let link = ns.exec(&["ip", "-d", "link", "show", dev])?;
+    Ok(link.split_once("prog/xdp id ").and_then(|(_, rest)| rest.split_whitespace().next()).and_then(|id| id.parse().ok()))
+}
+
+/// A kept dataplane (`XdpOptions::keep`, as `lbd run` loads it) that goes while attached leaves
+/// its program on its interface, `xdp_pass` on the egress interface, its connection tables and
+/// its state file; the next load takes them over: the same hash keys and tables, each real server
+/// its old backend id (here listed in another order and drained, so only its connection entry
+/// still sends the flow there), and its program replaces the old one only at `go_live`. A
+/// detached one leaves nothing; so does a load whose tables cannot be taken over (another
+/// `conntrack_size`), which starts with empty ones.
+#[test]
+fn a_kept_dataplane_is_taken_over_with_its_flows() -> anyhow::Result<()> {
+    require_root()?;
+    let ns = Netns::new("lbdt-keep")?;
+    veth_pairs(&ns, &[("tk0", "tk1"), ("tl0", "tl1")])?;
+    let egress: u32 = ns.exec(&["cat", "/sys/class/net/tl0/ifindex"])?.trim().parse()?;
+    let dir = std::env::temp_dir().join("lbd-lbdt-keep");
+    std::fs::create_dir_all(&dir)?;
+    let keep = lb_userspace::keep::Keep::for_socket(&dir.join("lbd.sock"));
+    struct Removed(lb_userspace::keep::Keep);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = self.0.remove();
+        }
+    }
+    let _removed = Removed(keep.clone());
+    keep.remove()?;
+    let opts = move |conntrack_size| XdpOptions {
+        table_size: 65537,
+        max_vips: 16,
+        max_backends: 64,
+        conntrack_size,
+        log_level: 0,
+        keep: Some(keep.clone()),
+    };
+    let load_kept = move |conntrack_size| {
+        let opts = opts.clone();
+        move || XdpDataplane::load(opts(conntrack_size))
+    };
+    let reals = [backend(11, 80, BE_MAC[0], egress), backend(12, 80, BE_MAC[1], egress)];
+    let f = flow(40000, 80);
+    let (load, first_reals) = (load_kept.clone()(4096), reals.to_vec());
+    let first = ns.enter(move || -> anyhow::Result<_> {
+        let mut dp = load()?;
+        dp.attach("tk0", true)?;
+        dp.apply(&[svc(IpAddr::V4(VIP), 80, Protocol::Tcp, first_reals)])?;
+        let (verdict, out) = run(&mut dp, &tcp4_syn(f));
+        assert_eq!(verdict, XDP_REDIRECT, "the flow's SYN");
+        Ok((dp.conntrack_hash_keys(), out[0..6].to_vec(), dp))
+    })??;
+    let (keys, owner, dp) = first;
+    let program = xdp_program(&ns, "tk0")?.expect("the program on tk0");
+    drop(dp);
+    let keep = _removed.0.clone();
+    assert_eq!(xdp_program(&ns, "tk0")?, Some(program), "the program left tk0 with the dataplane");
+    assert!(xdp_on(&ns, "tl0")?, "xdp_pass left the egress interface with the dataplane");
+    for path in [keep.link(), keep.map("CONNTRACK4"), keep.map("CONNTRACK6"), keep.state_file.clone()] {
+        assert!(path.exists(), "{} is not kept", path.display());
+    }
+
+    // The next load: the real servers in the other order, the flow's own drained.
+    let owner_index = BE_MAC.iter().position(|m| m[..] == owner[..]).expect("a real server's MAC");
+    let mut next: Vec<BackendSpec> = reals.iter().rev().cloned().collect();
+    next.iter_mut().filter(|b| b.mac.is_some_and(|m| m == BE_MAC[owner_index])).for_each(|b| b.weight = 0);
+    let services = [svc(IpAddr::V4(VIP), 80, Protocol::Tcp, next)];
+    let load = load_kept.clone()(4096);
+    let mut dp = ns.enter(move || -> anyhow::Result<_> {
+        let mut dp = load()?;
+        dp.attach("tk0", true)?;
+        dp.apply(&services)?;
+        Ok(dp)
+    })??;
+    assert_eq!(xdp_program(&ns, "tk0")?, Some(program), "the kept program serves until go_live");
+    assert_eq!(dp.conntrack_hash_keys(), keys, "the connection tables' hash keys");
+    assert_eq!(dp.conntrack_len(), 1, "the flow's entry");
+    let (verdict, out) = run(&mut dp, &tcp4_ack(f, b"x"));
+    assert_eq!((verdict, &out[0..6]), (XDP_REDIRECT, &owner[..]), "the established flow stays with its drained real server");
+    assert_eq!(reason_packets(&dp, "conntrack-hit"), 1);
+    let (_, out) = run(&mut dp, &tcp4_syn(flow(40001, 80)));
+    assert_ne!(&out[0..6], &owner[..], "a new flow went to the drained real server");
+    dp.go_live()?;
+    let now = xdp_program(&ns, "tk0")?.expect("a program on tk0");
+    assert_ne!(now, program, "go_live did not put the new program in");
+    assert!(xdp_on(&ns, "tl0")?, "xdp_pass on the egress interface");
+
+    // Detached: nothing is left.
+    dp.detach()?;
+    drop(dp);
+    assert!(!xdp_on(&ns, "tk0")? && !xdp_on(&ns, "tl0")?, "programs left after detach");
+    assert!(!keep.exists(), "pins or state file left after detach");
+
+    // Kept again, then loaded with another conntrack_size: new, empty tables and keys.
+    let reals2 = reals.to_vec();
+    let load = load_kept.clone()(4096);
+    let dp = ns.enter(move || -> anyhow::Result<_> {
+        let mut dp = load()?;
+        dp.attach("tk0", true)?;
+        dp.apply(&[svc(IpAddr::V4(VIP), 80, Protocol::Tcp, reals2)])?;
+        run(&mut dp, &tcp4_syn(f));
+        assert_eq!(dp.conntrack_len(), 1);
+        Ok(dp)
+    })??;
+    let keys = dp.conntrack_hash_keys();
+    drop(dp);
+    let dp = ns.enter(load_kept(8192))??;
+    assert_ne!(dp.conntrack_hash_keys(), keys, "keys of tables that were not taken over");
+    assert_eq!(dp.conntrack_len(), 0, "tables of another size were taken over");
+    // Its start fails before it attaches: the kept program still serves, and stays kept.
+    drop(dp);
+    assert!(xdp_on(&ns, "tk0")? && keep.link().exists(), "a failed start took the kept program away");
+    Ok(())
+}
