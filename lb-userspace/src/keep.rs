@@ -94,7 +94,10 @@ impl Keep {
     pub fn prepare(&self) -> Result<(), String> {
         let fs = nix::sys::statfs::statfs(BPFFS).map_err(|e| format!("{BPFFS}: {e}"))?;
         if fs.filesystem_type().0 as u32 != BPF_FS_MAGIC {
-            return Err(format!("{BPFFS} is not a BPF file system (mount -t bpf bpf {BPFFS})"));
+            return Err(format!(
+                "{BPFFS} is not a BPF file system (mount one: mount -t bpf bpf {BPFFS}; `ip netns exec` mounts a /sys of \
+                 its own without one: enter the namespace with `nsenter --net=/var/run/netns/NAME` instead)"
+            ));
         }
         std::fs::create_dir_all(&self.pin_dir).map_err(|e| format!("creating {}: {e}", self.pin_dir.display()))
     }
