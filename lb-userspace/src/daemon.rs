@@ -1113,7 +1113,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             "shutting down: the fast path stays attached with its last state and connection entries, for the next start \
              to take over (`lbd detach` removes it)"
         ),
-        (true, _) => info!("shutting down: the {} services stay in place", dp.name()),
+        (true, _) => info!("shutting down: the {} services lbd created stay in place, but for those VRRP covers", dp.name()),
         (false, _) => info!("shutting down: detaching the {} fast path", dp.name()),
     }
     drop(ctl); // a dataplane that does not stay is detached when dropped

@@ -79,7 +79,7 @@ fn pin_link(prog: &mut Xdp, id: XdpLinkId, path: &std::path::Path) -> Result<Pin
     fd.pin(path).map_err(|e| format!("pinning it at {}: {e}", path.display()))
 }
 
-/// The program id a pinned link runs (0 if the kernel cannot say), with the link.
+/// The pinned XDP link at `path`, with the id of the program it runs.
 fn pinned_program(path: &std::path::Path) -> Result<(PinnedLink, u32), String> {
     let info = FdLink::from(PinnedLink::from_pin(path).map_err(|e| e.to_string())?).info().map_err(|e| e.to_string())?;
     if info.link_type().ok() != Some(LinkType::Xdp) {
