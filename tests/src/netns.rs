@@ -94,6 +94,12 @@ impl Netns {
         cmd.spawn().with_context(|| format!("starting {args:?} in {}", self.name))
     }
 
+    /// The id of the XDP program attached to `dev` here, if any (`ip -d link show`).
+    pub fn xdp_program(&self, dev: &str) -> Result<Option<u32>> {
+        let link = self.exec(&["ip", "-d", "link", "show", dev])?;
+        Ok(link.split_once("prog/xdp id ").and_then(|(_, rest)| rest.split_whitespace().next()).and_then(|id| id.parse().ok()))
+    }
+
     /// Runs `f` on a thread that has entered this namespace (its sockets live there).
     pub fn enter<F, R>(&self, f: F) -> Result<R>
     where

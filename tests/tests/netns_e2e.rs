@@ -373,12 +373,6 @@ fn path_mtu_discovery_works_through_the_director() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The id of the XDP program on the director's `eth0`, if any.
-fn director_xdp_program(rig: &Rig) -> anyhow::Result<Option<u32>> {
-    let link = rig.director.ip(&["-d", "link", "show", "dev", "eth0"])?;
-    Ok(link.split_once("prog/xdp id ").and_then(|(_, rest)| rest.split_whitespace().next()).and_then(|id| id.parse().ok()))
-}
-
 /// A restart of lbd drops no connection, as in IPVS mode: the stopped lbd leaves its program
 /// serving (a pinned BPF link) with its connection tables, and the next start sets up its own
 /// program and maps, then replaces the program in the link in one step, with the same tables and
@@ -413,11 +407,11 @@ fn a_restart_drops_no_connection() -> anyhow::Result<()> {
 
     let clients = rig.client_loop(IpAddr::V4(VIP_V4), 3000)?;
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let before = director_xdp_program(&rig)?.expect("lbd's program on eth0");
+    let before = rig.director.xdp_program("eth0")?.expect("lbd's program on eth0");
     rig.stop_lbd();
     assert!(rig.lbd_log().contains("the fast path stays attached"), "{}", rig.lbd_log());
     // No lbd runs: the program it kept serves on, the connection included.
-    assert_eq!(director_xdp_program(&rig)?, Some(before), "lbd's program left eth0 when lbd stopped");
+    assert_eq!(rig.director.xdp_program("eth0")?, Some(before), "lbd's program left eth0 when lbd stopped");
     let (conn, during) = rig.client.enter(move || -> anyhow::Result<(KeepAlive, String)> {
         let mut conn = conn;
         let got = conn.get()?;
@@ -426,7 +420,7 @@ fn a_restart_drops_no_connection() -> anyhow::Result<()> {
     assert_eq!(during, owner, "while no lbd ran");
     std::thread::sleep(std::time::Duration::from_millis(500));
     rig.start_lbd()?;
-    let after = director_xdp_program(&rig)?.expect("a program on eth0");
+    let after = rig.director.xdp_program("eth0")?.expect("a program on eth0");
     assert_ne!(after, before, "the new lbd's program did not replace the one kept");
     assert!(rig.lbd_log().contains("took over the fast path lbd kept"), "{}", rig.lbd_log());
     let started = std::time::Instant::now();
@@ -458,7 +452,7 @@ fn a_restart_drops_no_connection() -> anyhow::Result<()> {
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with(&format!("detached: the fast path kept for {sock} is gone")), "{out}");
     assert!(out.contains("/link\n") && out.contains("CONNTRACK4") && out.contains("xdp-state.json"), "{out}");
-    assert_eq!(director_xdp_program(&rig)?, None, "a program is left on eth0 after lbd detach");
+    assert_eq!(rig.director.xdp_program("eth0")?, None, "a program is left on eth0 after lbd detach");
     let (code, out, _) = rig.lbd_cli(&["detach", "--socket", &sock])?;
     assert_eq!((code, out.trim()), (0, format!("nothing kept for {sock}").as_str()));
     Ok(())

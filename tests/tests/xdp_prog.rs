@@ -785,7 +785,7 @@ fn veth_pairs(ns: &Netns, pairs: &[(&str, &str)]) -> anyhow::Result<()> {
 
 /// Whether `dev` in `ns` has an XDP program attached.
 fn xdp_on(ns: &Netns, dev: &str) -> anyhow::Result<bool> {
-    Ok(ns.exec(&["ip", "-d", "link", "show", dev])?.contains("prog/xdp"))
+    Ok(ns.xdp_program(dev)?.is_some())
 }
 
 /// Interfaces deleted and created again with the same index (so nothing but the missing programs
@@ -890,12 +890,6 @@ fn native_mode_puts_xdp_pass_on_other_egress_interfaces() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// The id of the XDP program on `dev` in `ns`, if any.
-fn xdp_program(ns: &Netns, dev: &str) -> anyhow::Result<Option<u32>> {
-    let link = ns.exec(&["ip", "-d", "link", "show", dev])?;
-    Ok(link.split_once("prog/xdp id ").and_then(|(_, rest)| rest.split_whitespace().next()).and_then(|id| id.parse().ok()))
-}
-
 /// A kept dataplane (`XdpOptions::keep`, as `lbd run` loads it) that goes while attached leaves
 /// its program on its interface, `xdp_pass` on the egress interface, its connection tables and
 /// its state file; the next load takes them over: the same hash keys and tables, each real server
@@ -944,10 +938,10 @@ fn a_kept_dataplane_is_taken_over_with_its_flows() -> anyhow::Result<()> {
         Ok((dp.conntrack_hash_keys(), out[0..6].to_vec(), dp))
     })??;
     let (keys, owner, dp) = first;
-    let program = xdp_program(&ns, "tk0")?.expect("the program on tk0");
+    let program = ns.xdp_program("tk0")?.expect("the program on tk0");
     drop(dp);
     let keep = _removed.0.clone();
-    assert_eq!(xdp_program(&ns, "tk0")?, Some(program), "the program left tk0 with the dataplane");
+    assert_eq!(ns.xdp_program("tk0")?, Some(program), "the program left tk0 with the dataplane");
     assert!(xdp_on(&ns, "tl0")?, "xdp_pass left the egress interface with the dataplane");
     for path in [keep.link(), keep.map("CONNTRACK4"), keep.map("CONNTRACK6"), keep.state_file.clone()] {
         assert!(path.exists(), "{} is not kept", path.display());
@@ -965,7 +959,7 @@ fn a_kept_dataplane_is_taken_over_with_its_flows() -> anyhow::Result<()> {
         dp.apply(&services)?;
         Ok(dp)
     })??;
-    assert_eq!(xdp_program(&ns, "tk0")?, Some(program), "the kept program serves until go_live");
+    assert_eq!(ns.xdp_program("tk0")?, Some(program), "the kept program serves until go_live");
     assert_eq!(dp.conntrack_hash_keys(), keys, "the connection tables' hash keys");
     assert_eq!(dp.conntrack_len(), 1, "the flow's entry");
     let (verdict, out) = run(&mut dp, &tcp4_ack(f, b"x"));
@@ -974,7 +968,7 @@ fn a_kept_dataplane_is_taken_over_with_its_flows() -> anyhow::Result<()> {
     let (_, out) = run(&mut dp, &tcp4_syn(flow(40001, 80)));
     assert_ne!(&out[0..6], &owner[..], "a new flow went to the drained real server");
     dp.go_live()?;
-    let now = xdp_program(&ns, "tk0")?.expect("a program on tk0");
+    let now = ns.xdp_program("tk0")?.expect("a program on tk0");
     assert_ne!(now, program, "go_live did not put the new program in");
     assert!(xdp_on(&ns, "tl0")?, "xdp_pass on the egress interface");
 
