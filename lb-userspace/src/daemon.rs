@@ -43,11 +43,10 @@ pub struct IfaceInfo {
     pub mac: Mac,
 }
 
-/// Looks an interface up by name (ifindex and MAC from the kernel, over rtnetlink: `/sys/class/net`
-/// shows the interfaces of the network namespace `/sys` was mounted in, which need not be lbd's,
-/// as under `nsenter --net`).
-pub fn lookup_iface(name: &str) -> anyhow::Result<IfaceInfo> {
-    let links = crate::links::dump().with_context(|| format!("looking up interface {name}"))?;
+/// Looks an interface up by name in `links` (ifindex and MAC from rtnetlink, not `/sys/class/net`,
+/// which shows the interfaces of the network namespace `/sys` was mounted in: not lbd's under
+/// `nsenter --net`).
+fn lookup_iface(links: &crate::links::Links, name: &str) -> anyhow::Result<IfaceInfo> {
     let link = links.get(name).with_context(|| format!("interface {name} not found"))?;
     let mac = link.mac.with_context(|| format!("interface {name} has no Ethernet address"))?;
     Ok(IfaceInfo { ifindex: link.ifindex, mac })
@@ -852,12 +851,13 @@ pub fn resolve_ifaces(config: &Config, file: &Path) -> anyhow::Result<HashMap<St
             }
         }
     }
+    let links = crate::links::dump().context("reading the interfaces")?;
     let mut ifaces = HashMap::new();
     for (name, at) in names {
         if ifaces.contains_key(name) {
             continue;
         }
-        let iface = lookup_iface(name).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e:#}", file.display(), at.line, at.col))?;
+        let iface = lookup_iface(&links, name).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e:#}", file.display(), at.line, at.col))?;
         ifaces.insert(name.clone(), iface);
     }
     Ok(ifaces)

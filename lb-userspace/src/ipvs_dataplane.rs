@@ -338,13 +338,8 @@ impl<K: IpvsOps> IpvsDataplane<K> {
     fn save_owned(&self) -> Result<(), DataplaneError> {
         let keys: Vec<OwnedKey> = self.owned.iter().map(OwnedKey::from).collect();
         let text = serde_json::to_string_pretty(&keys).expect("owned keys serialize");
-        let tmp = self.state_file.with_extension("tmp");
-        let io = |e: std::io::Error| DataplaneError::Other(format!("writing {}: {e}", self.state_file.display()));
-        if let Some(dir) = self.state_file.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, &self.state_file).map_err(io)
+        crate::keep::replace_file(&self.state_file, text.as_bytes())
+            .map_err(|e| DataplaneError::Other(format!("writing {}: {e}", self.state_file.display())))
     }
 }
 

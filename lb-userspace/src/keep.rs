@@ -117,11 +117,9 @@ impl Keep {
         serde_json::from_str(&text).map(Some).map_err(|e| format!("{}: {e}", self.state_file.display()))
     }
 
-    /// Writes the state file (whole or not at all: a new file renamed over the old one).
+    /// Writes the state file (see [`replace_file`]).
     pub fn write(&self, state: &State) -> io::Result<()> {
-        let tmp = self.state_file.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(state).map_err(io::Error::other)?)?;
-        std::fs::rename(&tmp, &self.state_file)
+        replace_file(&self.state_file, &serde_json::to_vec(state).map_err(io::Error::other)?)
     }
 
     /// Removes the pins (which detaches what their links kept attached and frees the tables) and
@@ -147,6 +145,18 @@ impl Keep {
         }
         Ok(removed)
     }
+}
+
+/// Writes `bytes` to `path` whole or not at all (a new file renamed over the old one, its
+/// directory created if missing): lbd's state files, which a crash must not leave half written.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

@@ -769,8 +769,13 @@ impl XdpDataplane {
     /// the whole config: one atomic replacement, so no packet meets neither program. If that
     /// fails, the old link goes and the program is attached anew.
     fn take_over(&mut self) -> Result<(), DataplaneError> {
-        let Some((Attachment::Adopted(..), _)) = &self.link else { return Ok(()) };
-        let Some((Attachment::Adopted(pinned, _), iface)) = self.link.take() else { unreachable!("matched above") };
+        let (pinned, iface) = match self.link.take() {
+            Some((Attachment::Adopted(pinned, _), iface)) => (pinned, iface),
+            other => {
+                self.link = other;
+                return Ok(());
+            }
+        };
         let path = self.keep.as_ref().map(Keep::link).expect("adopted only when kept");
         let replaced = XdpLink::try_from(FdLink::from(pinned))
             .map_err(|e| e.to_string())

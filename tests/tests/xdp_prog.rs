@@ -912,7 +912,7 @@ fn a_kept_dataplane_is_taken_over_with_its_flows() -> anyhow::Result<()> {
             let _ = self.0.remove();
         }
     }
-    let _removed = Removed(keep.clone());
+    let removed = Removed(keep.clone());
     keep.remove()?;
     let opts = move |conntrack_size| XdpOptions {
         table_size: 65537,
@@ -940,7 +940,7 @@ fn a_kept_dataplane_is_taken_over_with_its_flows() -> anyhow::Result<()> {
     let (keys, owner, dp) = first;
     let program = ns.xdp_program("tk0")?.expect("the program on tk0");
     drop(dp);
-    let keep = _removed.0.clone();
+    let keep = removed.0.clone();
     assert_eq!(ns.xdp_program("tk0")?, Some(program), "the program left tk0 with the dataplane");
     assert!(xdp_on(&ns, "tl0")?, "xdp_pass left the egress interface with the dataplane");
     for path in [keep.link(), keep.map("CONNTRACK4"), keep.map("CONNTRACK6"), keep.state_file.clone()] {
