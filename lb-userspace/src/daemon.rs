@@ -945,11 +945,12 @@ pub fn pick_dataplane(config: &Config) -> anyhow::Result<Picked> {
         Mode::Ipvs => ipvs(config).context("IPVS mode"),
         Mode::Auto => {
             let mut failed = Vec::new();
-            let tries: [(&str, &dyn Fn() -> anyhow::Result<Picked>); 3] = [
-                ("native XDP", &|| xdp(config, true)),
-                ("generic XDP", &|| xdp(config, false)),
-                ("IPVS", &|| ipvs(config)),
-            ];
+            let native: (&str, &dyn Fn() -> anyhow::Result<Picked>) = ("native XDP", &|| xdp(config, true));
+            let generic: (&str, &dyn Fn() -> anyhow::Result<Picked>) = ("generic XDP", &|| xdp(config, false));
+            let mut tries = [native, generic, ("IPVS", &|| ipvs(config))];
+            if generic_first(config) {
+                tries.swap(0, 1);
+            }
             for (name, attempt) in tries {
                 match attempt() {
                     Ok(picked) => {
@@ -963,6 +964,31 @@ pub fn pick_dataplane(config: &Config) -> anyhow::Result<Picked> {
             anyhow::bail!("mode auto found no working dataplane: {}", failed.join("; "))
         }
     }
+}
+
+/// Whether `mode = "auto"` tries generic XDP before native: when the fast path an earlier lbd
+/// kept (see `crate::keep`) runs in generic mode on the configured interface and the kernel does
+/// not report native XDP support for it. Native first would detach that fast path (the kernel
+/// allows one mode per interface) and, failing as it did before, discard the connection tables
+/// with it: a restart that drops connections. Taking it over in generic mode does not.
+fn generic_first(config: &Config) -> bool {
+    let d = &config.director;
+    match crate::keep::Keep::for_socket(&d.control_socket).attachment() {
+        Some((iface, false)) if iface == d.interface => {}
+        _ => return false,
+    }
+    let ifindex = crate::links::dump().ok().and_then(|l| l.get(&d.interface).map(|l| l.ifindex));
+    let native = ifindex.and_then(crate::links::native_xdp);
+    if native == Some(true) {
+        return false;
+    }
+    let kernel = if native.is_none() { "cannot say whether its driver supports native XDP" } else { "reports no native XDP support for it" };
+    info!(
+        interface = %d.interface,
+        "mode auto: the fast path lbd kept runs in generic mode and the kernel {kernel}: generic XDP is tried first, \
+         to take it over with its connections (run `lbd detach` before a start to have native tried first)"
+    );
+    true
 }
 
 /// A quorum change to log, and its command to run.

@@ -117,6 +117,16 @@ impl Keep {
         serde_json::from_str(&text).map(Some).map_err(|e| format!("{}: {e}", self.state_file.display()))
     }
 
+    /// The interface and mode (`true`: native) of the fast path kept here, if a link is pinned
+    /// and the state file names them.
+    pub fn attachment(&self) -> Option<(String, bool)> {
+        if !self.link().exists() {
+            return None;
+        }
+        let state = self.read().ok()??;
+        Some((state.interface?, state.native))
+    }
+
     /// Writes the state file (see [`replace_file`]).
     pub fn write(&self, state: &State) -> io::Result<()> {
         replace_file(&self.state_file, &serde_json::to_vec(state).map_err(io::Error::other)?)

@@ -80,6 +80,56 @@ const RETRY: Duration = Duration::from_secs(1);
 /// tells the whole state.
 const NOTIFY_RCVBUF: usize = 1 << 20;
 
+/// Whether the driver of interface `ifindex` runs XDP programs itself (native mode), as the
+/// kernel's `netdev` generic netlink family says (`NETDEV_CMD_DEV_GET`, the
+/// `NETDEV_XDP_ACT_BASIC` bit of `NETDEV_A_DEV_XDP_FEATURES`; Linux 6.3 and later). `None` if
+/// the kernel cannot say (no such family, or an error reading it).
+pub fn native_xdp(ifindex: u32) -> Option<bool> {
+    use neli::{
+        genl::{AttrTypeBuilder, Genlmsghdr, GenlmsghdrBuilder, NlattrBuilder},
+        router::synchronous::NlRouter,
+        types::GenlBuffer,
+    };
+    // include/uapi/linux/netdev.h
+    const NETDEV_CMD_DEV_GET: u8 = 1;
+    const NETDEV_A_DEV_IFINDEX: u16 = 1;
+    const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
+    const NETDEV_XDP_ACT_BASIC: u64 = 1;
+    let query = || -> Result<Option<u64>, String> {
+        let (router, _) = NlRouter::connect(NlFamily::Generic, None, Groups::empty()).map_err(|e| e.to_string())?;
+        let family = router.resolve_genl_family("netdev").map_err(|e| e.to_string())?;
+        let attr = NlattrBuilder::default()
+            .nla_type(AttrTypeBuilder::default().nla_type(NETDEV_A_DEV_IFINDEX).build().map_err(|e| e.to_string())?)
+            .nla_payload(ifindex)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let request = GenlmsghdrBuilder::<u8, u16>::default()
+            .cmd(NETDEV_CMD_DEV_GET)
+            .version(1)
+            .attrs(std::iter::once(attr).collect::<GenlBuffer<u16, _>>())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let replies = router
+            .send::<_, _, u16, Genlmsghdr<u8, u16>>(family, NlmF::ACK, NlPayload::Payload(request))
+            .map_err(|e| e.to_string())?;
+        for reply in replies {
+            if let NlPayload::Payload(p) = reply.map_err(|e| e.to_string())?.nl_payload() {
+                if let Ok(features) = p.attrs().get_attr_handle().get_attr_payload_as::<u64>(NETDEV_A_DEV_XDP_FEATURES) {
+                    return Ok(Some(features));
+                }
+            }
+        }
+        Ok(None)
+    };
+    match query() {
+        Ok(features) => features.map(|f| f & NETDEV_XDP_ACT_BASIC != 0),
+        Err(e) => {
+            debug!("reading the XDP features of interface {ifindex}: {e}");
+            None
+        }
+    }
+}
+
 /// Reads every interface of the caller's network namespace.
 pub fn dump() -> Result<Links, LinkError> {
     let socket = NlSocketHandle::connect(NlFamily::Route, None, Groups::empty()).map_err(LinkError::Open)?;

@@ -177,6 +177,94 @@ fn generic_xdp_mode_forwards_too() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mode = "auto"` on an interface whose driver has no native XDP (a bridge) runs generic XDP.
+/// Its restart takes that fast path over, connection tables and all, instead of trying native
+/// first: that would detach it (one XDP mode per interface) and, failing, discard the tables.
+#[test]
+fn auto_mode_restart_takes_over_generic_xdp() -> anyhow::Result<()> {
+    require_root()?;
+    let ns = Netns::new("lte9-dir")?;
+    ns.ip(&["link", "add", "br9", "type", "bridge"])?;
+    ns.ip(&["link", "add", "va", "type", "veth", "peer", "name", "vb"])?;
+    for dev in ["br9", "va", "vb"] {
+        ns.ip(&["link", "set", dev, "up"])?;
+    }
+    let index = |dev: &str| -> anyhow::Result<u32> { Ok(ns.exec(&["cat", &format!("/sys/class/net/{dev}/ifindex")])?.trim().parse()?) };
+    let (bridge, veth) = (index("br9")?, index("va")?);
+    let native = ns.enter(move || (lb_userspace::links::native_xdp(bridge), lb_userspace::links::native_xdp(veth)))?;
+    assert_eq!(native, (Some(false), Some(true)), "the kernel's XDP features of a bridge and a veth");
+
+    let dir = std::env::temp_dir().join("lbd-lte9");
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("lbd.sock");
+    let keep = lb_userspace::keep::Keep::for_socket(&socket);
+    struct Removed(lb_userspace::keep::Keep);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = self.0.remove();
+        }
+    }
+    let _removed = Removed(keep.clone());
+    keep.remove()?;
+    let config = dir.join("auto.toml");
+    let text = rig::custom_config(&socket, "native", &[(IpAddr::V4(VIP_V4), 80, "tcp", vec![])])
+        .replace("interface = \"eth0\"", "interface = \"br9\"")
+        .replace("mode = \"xdp\"\nxdp_mode = \"native\"\n", "mode = \"auto\"\n");
+    std::fs::write(&config, text)?;
+    let log = dir.join("lbd.log");
+    std::fs::write(&log, "")?;
+    let lbd = rig::lbd_binary()?;
+    let sock = socket.display().to_string();
+    let status = || -> anyhow::Result<serde_json::Value> {
+        let out = std::process::Command::new(&lbd).args(["status", "--json", "--socket", &sock]).output()?;
+        anyhow::ensure!(out.status.success(), "lbd status: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    // Stopped (SIGTERM) when dropped, so that a failed assertion leaves no lbd behind.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = self.0.wait();
+        }
+    }
+    let run = || -> anyhow::Result<Running> {
+        let mut child = Running(ns.spawn_net_with(&[lbd.to_str().unwrap(), "run", "--config", config.to_str().unwrap()], |cmd| {
+            let f = std::fs::OpenOptions::new().append(true).open(&log).expect("log file");
+            cmd.stdout(f.try_clone().expect("log file")).stderr(f);
+        })?);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while status().is_err() {
+            if let Some(code) = child.0.try_wait()? {
+                anyhow::bail!("lbd exited ({code}):\n{}", std::fs::read_to_string(&log)?);
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "lbd did not answer:\n{}", std::fs::read_to_string(&log)?);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(child)
+    };
+    let conntrack = || -> anyhow::Result<u32> { Ok(aya::maps::MapData::from_pin(keep.map("CONNTRACK4"))?.info()?.id()) };
+
+    let first = run()?;
+    assert_eq!(status()?["xdp_mode"], "generic");
+    drop(first);
+    let kept = ns.xdp_program("br9")?.expect("the fast path stays on br9 while no lbd runs");
+    let tables = conntrack()?;
+
+    let second = run()?;
+    let text = std::fs::read_to_string(&log)?;
+    assert_eq!(status()?["xdp_mode"], "generic", "{text}");
+    assert!(text.contains("the fast path lbd kept runs in generic mode and the kernel reports no native XDP support"), "{text}");
+    // Only the second start had something to take over.
+    assert!(text.contains("took over the fast path lbd kept"), "{text}");
+    assert!(!text.contains("is detached"), "{text}");
+    assert_eq!(conntrack()?, tables, "the connection tables were made anew: {text}");
+    let now = ns.xdp_program("br9")?.expect("a program on br9");
+    assert_ne!(now, kept, "the new lbd's program did not replace the one kept");
+    drop(second);
+    Ok(())
+}
+
 #[test]
 fn failed_native_attach_says_so_plainly() -> anyhow::Result<()> {
     require_root()?;
