@@ -6,6 +6,8 @@
 //!   whole config into them, and only then replaces the program in the link (`BPF_LINK_UPDATE`,
 //!   atomic): no packet meets a half set-up program, or none;
 //! - the connection tables, pinned: the next lbd's program uses the same ones;
+//! - the counters (`GLOBAL_STATS`, `BACKEND_STATS`), pinned, so that `lbd status` and the
+//!   metrics go on counting from where they were;
 //! - in a state file beside the control socket: the tables' hash keys, and which (virtual server,
 //!   real server) each backend id stood for with its generation, so that the next lbd gives each
 //!   real server its old id and the entries stay valid;
@@ -57,6 +59,19 @@ pub struct State {
     pub generations: Vec<u32>,
     /// The ids in use.
     pub backends: Vec<KeptBackend>,
+    /// What the pinned counters (`GLOBAL_STATS`, `BACKEND_STATS`) no longer hold: see
+    /// [`KeptCounters`]. Absent in files of an lbd that did not keep its counters.
+    #[serde(default)]
+    pub counters: KeptCounters,
+}
+
+/// The part of lbd's figures kept outside the counter maps, as of the last `apply`: what reused
+/// backend ids had counted before they were zeroed, and each virtual server's removed real
+/// servers. Each as `[packets, bytes, new flows, new-flow bytes]` (`lb_common::Counters`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptCounters {
+    pub zeroed: [u64; 4],
+    pub retired: Vec<(VipAddr, [u64; 4])>,
 }
 
 /// A backend id in use: the real server `backend` (`BackendSpec::key`) of `vip`. Its generation
@@ -203,15 +218,24 @@ mod tests {
                 backend: "10.0.0.11:80".into(),
                 id: 1,
             }],
+            counters: KeptCounters {
+                zeroed: [1, 2, 3, 4],
+                retired: vec![(VipAddr::new("10.0.0.100".parse().unwrap(), 80, crate::config::Protocol::Tcp), [5, 6, 7, 8])],
+            },
         };
         k.write(&state).unwrap();
-        assert_eq!(k.read(), Ok(Some(state)));
+        assert_eq!(k.read(), Ok(Some(state.clone())));
         assert!(k.exists());
         let removed = k.remove().unwrap();
         assert_eq!(removed, vec![dir.join("pins/link"), dir.join("lbd.xdp-state.json")]);
         assert!(!k.exists() && !k.pin_dir.exists());
         std::fs::write(&k.state_file, b"{not json").unwrap();
         assert!(k.read().unwrap_err().contains("lbd.xdp-state.json"));
+        // A file of an lbd that did not keep counters reads with none.
+        let mut old = serde_json::to_value(&state).unwrap();
+        old.as_object_mut().unwrap().remove("counters");
+        std::fs::write(&k.state_file, old.to_string()).unwrap();
+        assert_eq!(k.read().unwrap().unwrap().counters, KeptCounters::default());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

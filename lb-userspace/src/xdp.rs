@@ -35,7 +35,7 @@ use crate::{
     dataplane::{
         BackendSpec, BackendStats, ConnectionCount, Dataplane, DataplaneError, DataplaneStats, ServiceSpec, Traffic, VipAddr,
     },
-    keep::{Keep, KeptBackend, State, STATE_FORMAT},
+    keep::{Keep, KeptBackend, KeptCounters, State, STATE_FORMAT},
     maglev::{Maglev, MaglevBackend},
 };
 
@@ -347,8 +347,12 @@ pub struct XdpDataplane {
     /// Freed backend ids not reused yet.
     retired: HashMap<u32, Retired>,
     /// Everything reused backend ids had counted before they were zeroed: with the ids' current
-    /// counters, the forwarded reasons' totals since load.
+    /// counters, the forwarded reasons' totals since load (since the first load, when the
+    /// counters were kept across restarts).
     zeroed: Counters,
+    /// What the removed real servers of each virtual server had forwarded, as the run before
+    /// left it (`KeptCounters::retired`), until the virtual server is set up again.
+    kept_retired: HashMap<VipAddr, Counters>,
     next_vip_serial: u64,
     vips: BTreeMap<VipAddr, VipSlot>,
     /// (VIP, backend key) → id and what is programmed.
@@ -438,8 +442,10 @@ struct Kept {
 impl Kept {
     /// Reads what `keep` holds. Connection tables that cannot be taken over (another size,
     /// another lbd version, no state file naming their keys) are unpinned, so that the load
-    /// creates new ones; the link is kept for `attach` to decide.
-    fn take(keep: &Keep, ct_sets: u32) -> Kept {
+    /// creates new ones, and so are the counters then (their backend ids are not kept), or if
+    /// they are of another size (`max_backends` changed); the link is kept for `attach` to
+    /// decide.
+    fn take(keep: &Keep, ct_sets: u32, backend_ids: u32) -> Kept {
         let state = keep.read().unwrap_or_else(|e| {
             tracing::warn!("{e}: ignored");
             None
@@ -466,6 +472,19 @@ impl Kept {
             Some(s) => Self::tables_usable(keep, s, ct_sets),
             None => Err("no state file names their hash keys".to_string()),
         };
+        let counters = [map_names::GLOBAL_STATS, map_names::BACKEND_STATS].map(|n| keep.map(n));
+        let counters_usable = match (&usable, Self::counters_usable(keep, backend_ids)) {
+            (Err(_), _) => Err("the connection tables are not taken over, nor the backend ids".to_string()),
+            (Ok(()), usable) => usable,
+        };
+        if let Err(why) = counters_usable {
+            if counters.iter().any(|c| c.exists()) {
+                tracing::warn!("the counters lbd kept are not taken over ({why}): they start from zero");
+            }
+            for c in &counters {
+                let _ = std::fs::remove_file(c);
+            }
+        }
         match usable {
             Ok(()) => Kept { state, link },
             Err(why) => {
@@ -481,6 +500,29 @@ impl Kept {
                 Kept { state: None, link }
             }
         }
+    }
+
+    /// Whether the pinned counters (if any) fit this load: per-CPU arrays of lbd's counters with
+    /// `backend_ids` elements for the backends.
+    fn counters_usable(keep: &Keep, backend_ids: u32) -> Result<(), String> {
+        let maps = [
+            (map_names::GLOBAL_STATS, std::mem::size_of::<ReasonCounter>(), reason::COUNT),
+            (map_names::BACKEND_STATS, std::mem::size_of::<Counters>(), backend_ids),
+        ];
+        for (name, value_size, entries) in maps {
+            let path = keep.map(name);
+            if !path.exists() {
+                continue;
+            }
+            let info = MapData::from_pin(&path).and_then(|m| m.info()).map_err(|e| format!("{}: {e}", path.display()))?;
+            let fits = matches!(info.map_type(), Ok(aya::maps::MapType::PerCpuArray))
+                && info.value_size() as usize == value_size
+                && info.max_entries() == entries;
+            if !fits {
+                return Err(format!("{} is of another size (max_backends changed?)", path.display()));
+            }
+        }
+        Ok(())
     }
 
     /// Whether the pinned tables are the ones `state` describes and fit this load.
@@ -550,7 +592,7 @@ impl XdpDataplane {
                 keep = None;
             }
         }
-        let kept = keep.as_ref().map(|k| Kept::take(k, ct_sets)).unwrap_or_default();
+        let kept = keep.as_ref().map(|k| Kept::take(k, ct_sets, backend_ids(opts.max_backends))).unwrap_or_default();
         let ct_keys = match &kept.state {
             Some(s) => (
                 s.ct_key4.as_slice().try_into().expect("length checked"),
@@ -563,6 +605,8 @@ impl XdpDataplane {
             // Created and pinned there, or the kept ones (see `Kept::take`).
             loader.map_pin_path(map_names::CONNTRACK4, k.map(map_names::CONNTRACK4));
             loader.map_pin_path(map_names::CONNTRACK6, k.map(map_names::CONNTRACK6));
+            loader.map_pin_path(map_names::GLOBAL_STATS, k.map(map_names::GLOBAL_STATS));
+            loader.map_pin_path(map_names::BACKEND_STATS, k.map(map_names::BACKEND_STATS));
         }
         let mut ebpf = loader
             .override_global("TABLE_SIZE", &opts.table_size, true)
@@ -598,6 +642,7 @@ impl XdpDataplane {
             backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
             retired: HashMap::new(),
             zeroed: Counters::default(),
+            kept_retired: HashMap::new(),
             next_vip_serial: 0,
             ebpf,
             maglev,
@@ -626,6 +671,8 @@ impl XdpDataplane {
         };
         if let Some(state) = &kept.state {
             dp.reserve_ids(state);
+            dp.zeroed = counters(state.counters.zeroed);
+            dp.kept_retired = state.counters.retired.iter().map(|(vip, c)| (*vip, counters(*c))).collect();
         }
         Ok(dp)
     }
@@ -667,6 +714,10 @@ impl XdpDataplane {
             native: self.native,
             generations: self.generations[..self.next_backend_id as usize].to_vec(),
             backends,
+            counters: KeptCounters {
+                zeroed: words(&self.zeroed),
+                retired: self.vips.iter().map(|(vip, slot)| (*vip, words(&slot.retired))).collect(),
+            },
         };
         if let Err(e) = keep.write(&state) {
             self.state_dirty = true;
@@ -1082,6 +1133,7 @@ impl XdpDataplane {
     /// Zeroes the counters of backend id `id` before it is given to a new backend, keeping their
     /// value in `zeroed`, and what the old backend forwarded after it was freed in its VIP's.
     fn reuse_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.state_dirty = true;
         let now = Self::sum(&self.backend_stats, id, Counters::add)?;
         if let Some(r) = self.retired.remove(&id) {
             if let Some(slot) = self.vips.get_mut(&r.vip).filter(|s| s.serial == r.serial) {
@@ -1277,6 +1329,15 @@ pub fn vip_key(vip: &VipAddr) -> VipKey {
     VipKey { addr, port: vip.port.to_be(), proto, family }
 }
 
+/// `Counters` as the state file holds them (`KeptCounters`), and back.
+fn words(c: &Counters) -> [u64; 4] {
+    [c.packets, c.bytes, c.new_flows, c.new_bytes]
+}
+
+fn counters([packets, bytes, new_flows, new_bytes]: [u64; 4]) -> Counters {
+    Counters { packets, bytes, new_flows, new_bytes }
+}
+
 fn traffic(c: Counters) -> Traffic {
     Traffic { packets: c.packets, bytes: c.bytes, new_flows: c.new_flows }
 }
@@ -1290,10 +1351,17 @@ impl Dataplane for XdpDataplane {
         let applied = self.apply_services(services);
         if applied.is_ok() && !self.reserved.is_empty() {
             // Real servers of the run before that this config does not have: their ids are free
-            // (reused with a new generation, so their connection entries are not honoured).
-            let long_ago = Instant::now() - FLIP_GRACE;
-            self.free_backend_ids.extend(self.reserved.drain().map(|(_, id)| (id, long_ago)));
-            self.state_dirty = true;
+            // (reused with a new generation, so their connection entries are not honoured), and
+            // what they forwarded stays their virtual server's, as after a reload.
+            for ((vip, _), id) in std::mem::take(&mut self.reserved) {
+                if let Err(e) = self.free_backend(vip, id) {
+                    tracing::warn!("freeing backend id {id}: {e}");
+                }
+            }
+        }
+        if applied.is_ok() {
+            // Virtual servers of the run before that this config does not have.
+            self.kept_retired.clear();
         }
         self.save_state();
         applied
@@ -1362,7 +1430,7 @@ impl XdpDataplane {
                     applied: None,
                     members: Vec::new(),
                     backend_keys: Default::default(),
-                    retired: Counters::default(),
+                    retired: self.kept_retired.remove(&svc.vip).unwrap_or_default(),
                     serial: self.next_vip_serial,
                 };
                 self.vips.insert(svc.vip, slot);

@@ -496,6 +496,9 @@ fn a_restart_drops_no_connection() -> anyhow::Result<()> {
     let clients = rig.client_loop(IpAddr::V4(VIP_V4), 3000)?;
     std::thread::sleep(std::time::Duration::from_millis(300));
     let before = rig.director.xdp_program("eth0")?.expect("lbd's program on eth0");
+    let forwarded = |st: &serde_json::Value| st["virtual_servers"][0]["traffic"]["packets"].as_u64().unwrap_or(0);
+    let counted = forwarded(&rig.status()?);
+    assert!(counted > 0, "{}", rig.status()?);
     rig.stop_lbd();
     assert!(rig.lbd_log().contains("the fast path stays attached"), "{}", rig.lbd_log());
     // No lbd runs: the program it kept serves on, the connection included.
@@ -511,6 +514,10 @@ fn a_restart_drops_no_connection() -> anyhow::Result<()> {
     let after = rig.director.xdp_program("eth0")?.expect("a program on eth0");
     assert_ne!(after, before, "the new lbd's program did not replace the one kept");
     assert!(rig.lbd_log().contains("took over the fast path lbd kept"), "{}", rig.lbd_log());
+    // The counters went on: the new lbd counts what the one before had, and what was forwarded
+    // while none ran.
+    let st = rig.status()?;
+    assert!(forwarded(&st) > counted, "{counted} packets forwarded before the restart, {} after: {st}", forwarded(&st));
     let started = std::time::Instant::now();
     std::thread::sleep(std::time::Duration::from_millis(300));
     let answers = clients.stop()?;

@@ -945,7 +945,7 @@ fn a_kept_dataplane_is_taken_over_with_its_flows() -> anyhow::Result<()> {
     let keep = removed.0.clone();
     assert_eq!(ns.xdp_program("tk0")?, Some(program), "the program left tk0 with the dataplane");
     assert!(xdp_on(&ns, "tl0")?, "xdp_pass left the egress interface with the dataplane");
-    for path in [keep.link(), keep.map("CONNTRACK4"), keep.map("CONNTRACK6"), keep.state_file.clone()] {
+    for path in [keep.link(), keep.map("CONNTRACK4"), keep.map("CONNTRACK6"), keep.map("BACKEND_STATS"), keep.state_file.clone()] {
         assert!(path.exists(), "{} is not kept", path.display());
     }
 
@@ -964,6 +964,10 @@ fn a_kept_dataplane_is_taken_over_with_its_flows() -> anyhow::Result<()> {
     assert_eq!(ns.xdp_program("tk0")?, Some(program), "the kept program serves until go_live");
     assert_eq!(dp.conntrack_hash_keys(), keys, "the connection tables' hash keys");
     assert_eq!(dp.conntrack_len(), 1, "the flow's entry");
+    // The counters go on from where they were: the SYN of the run before is counted.
+    let stats = dp.stats()?;
+    assert_eq!(stats.reasons["new-flow"].packets, 1, "the kept new-flow count");
+    assert_eq!(stats.vips.values().map(|v| v.packets).sum::<u64>(), 1, "the virtual server's kept count");
     let (verdict, out) = run(&mut dp, &tcp4_ack(f, b"x"));
     assert_eq!((verdict, &out[0..6]), (XDP_REDIRECT, &owner[..]), "the established flow stays with its drained real server");
     assert_eq!(reason_packets(&dp, "conntrack-hit"), 1);
@@ -996,6 +1000,7 @@ fn a_kept_dataplane_is_taken_over_with_its_flows() -> anyhow::Result<()> {
     let dp = ns.enter(load_kept(8192))??;
     assert_ne!(dp.conntrack_hash_keys(), keys, "keys of tables that were not taken over");
     assert_eq!(dp.conntrack_len(), 0, "tables of another size were taken over");
+    assert_eq!(reason_packets(&dp, "new-flow"), 0, "counters of backend ids that were not taken over");
     // Its start fails before it attaches: the kept program still serves, and stays kept.
     drop(dp);
     assert!(xdp_on(&ns, "tk0")? && keep.link().exists(), "a failed start took the kept program away");
