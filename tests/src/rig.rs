@@ -612,6 +612,25 @@ impl Drop for Rig {
     }
 }
 
+/// What an lbd on a control socket keeps when it stops (`lb_userspace::keep`): removed when made
+/// (a failed run before may have left it) and when dropped, so that a failing test leaves no
+/// pinned program or tables behind.
+pub struct KeptFor(pub lb_userspace::keep::Keep);
+
+impl KeptFor {
+    pub fn fresh(socket: &Path) -> Result<Self> {
+        let keep = lb_userspace::keep::Keep::for_socket(socket);
+        keep.remove()?;
+        Ok(Self(keep))
+    }
+}
+
+impl Drop for KeptFor {
+    fn drop(&mut self) {
+        let _ = self.0.remove();
+    }
+}
+
 /// A config for the rig's director with just the given virtual servers:
 /// `(address, port, protocol, real server addresses)`, with `mode = "xdp"` in `xdp_mode`
 /// ("native" or "generic"), and `config/rig.toml`'s metrics address (a reload from that file to

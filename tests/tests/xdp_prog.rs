@@ -907,15 +907,8 @@ fn a_kept_dataplane_is_taken_over_with_its_flows() -> anyhow::Result<()> {
     let egress: u32 = ns.exec(&["cat", "/sys/class/net/tl0/ifindex"])?.trim().parse()?;
     let dir = std::env::temp_dir().join("lbd-lbdt-keep");
     std::fs::create_dir_all(&dir)?;
-    let keep = lb_userspace::keep::Keep::for_socket(&dir.join("lbd.sock"));
-    struct Removed(lb_userspace::keep::Keep);
-    impl Drop for Removed {
-        fn drop(&mut self) {
-            let _ = self.0.remove();
-        }
-    }
-    let removed = Removed(keep.clone());
-    keep.remove()?;
+    let removed = lb_tests::rig::KeptFor::fresh(&dir.join("lbd.sock"))?;
+    let keep = removed.0.clone();
     let opts = move |conntrack_size| XdpOptions {
         table_size: 65537,
         max_vips: 16,
