@@ -1355,7 +1355,8 @@ impl Dataplane for XdpDataplane {
             // what they forwarded stays their virtual server's, as after a reload.
             for ((vip, _), id) in std::mem::take(&mut self.reserved) {
                 if let Err(e) = self.free_backend(vip, id) {
-                    tracing::warn!("freeing backend id {id}: {e}");
+                    tracing::warn!("reading the counters of backend id {id}: {e}; its figures leave its virtual server's");
+                    self.free_backend_ids.push_back((id, Instant::now()));
                 }
             }
         }
