@@ -197,8 +197,8 @@ fn auto_mode_restart_takes_over_generic_xdp() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join("lbd-lte9");
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("lbd.sock");
-    let kept = rig::KeptFor::fresh(&socket)?;
-    let keep = &kept.0;
+    let guard = rig::KeptFor::fresh(&socket)?;
+    let keep = &guard.0;
     let config = dir.join("auto.toml");
     let text = rig::custom_config(&socket, "native", &[(IpAddr::V4(VIP_V4), 80, "tcp", vec![])])
         .replace("interface = \"eth0\"", "interface = \"br9\"")
