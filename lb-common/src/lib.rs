@@ -120,8 +120,8 @@ pub fn addr_filter_bit_v4(addr: u32) -> u32 {
 
 /// Bit of an IPv6 address (four words as in `FlowKey::dst`) in `ADDR_FILTER`. The words are
 /// folded by XOR alone, which the program does on the two 8-byte halves it loads in three
-/// instructions (rotating three of the words first, as this did before, took 15 more, and IPv6
-/// hits 17 ns against 16); the multiplication then spreads the fold.
+/// instructions (rotating three of the words first, as this did before, took about 20 more, and
+/// IPv6 hits 17 ns against 16); the multiplication then spreads the fold.
 #[inline(always)]
 pub fn addr_filter_bit_v6(addr: &[u32; 4]) -> u32 {
     let folded = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];

@@ -473,9 +473,9 @@ impl Kept {
             None => Err("no state file names their hash keys".to_string()),
         };
         let counters = [map_names::GLOBAL_STATS, map_names::BACKEND_STATS].map(|n| keep.map(n));
-        let counters_usable = match (&usable, Self::counters_usable(keep, backend_ids)) {
-            (Err(_), _) => Err("the connection tables are not taken over, nor the backend ids".to_string()),
-            (Ok(()), usable) => usable,
+        let counters_usable = match &usable {
+            Ok(()) => Self::counters_usable(keep, backend_ids),
+            Err(_) => Err("the connection tables are not taken over, nor the backend ids".to_string()),
         };
         if let Err(why) = counters_usable {
             if counters.iter().any(|c| c.exists()) {
@@ -511,14 +511,7 @@ impl Kept {
         ];
         for (name, value_size, entries) in maps {
             let path = keep.map(name);
-            if !path.exists() {
-                continue;
-            }
-            let info = MapData::from_pin(&path).and_then(|m| m.info()).map_err(|e| format!("{}: {e}", path.display()))?;
-            let fits = matches!(info.map_type(), Ok(aya::maps::MapType::PerCpuArray))
-                && info.value_size() as usize == value_size
-                && info.max_entries() == entries;
-            if !fits {
+            if path.exists() && !pinned_fits(&path, aya::maps::MapType::PerCpuArray, value_size, entries, 0)? {
                 return Err(format!("{} is of another size (max_backends changed?)", path.display()));
             }
         }
@@ -549,17 +542,22 @@ impl Kept {
             if !path.exists() {
                 return Err(format!("{} is gone", path.display()));
             }
-            let info = MapData::from_pin(&path).and_then(|m| m.info()).map_err(|e| format!("{}: {e}", path.display()))?;
-            let fits = matches!(info.map_type(), Ok(aya::maps::MapType::Array))
-                && info.value_size() as usize == value_size
-                && info.max_entries() == ct_sets
-                && info.map_flags() & BPF_F_MMAPABLE != 0;
-            if !fits {
+            if !pinned_fits(&path, aya::maps::MapType::Array, value_size, ct_sets, BPF_F_MMAPABLE)? {
                 return Err(format!("{} is not a connection table of this lbd", path.display()));
             }
         }
         Ok(())
     }
+}
+
+/// Whether the map pinned at `path` is of `map_type` with values of `value_size` bytes,
+/// `max_entries` of them and the `flags` set: aya reuses a pinned map by name without checking.
+fn pinned_fits(path: &std::path::Path, map_type: aya::maps::MapType, value_size: usize, max_entries: u32, flags: u32) -> Result<bool, String> {
+    let info = MapData::from_pin(path).and_then(|m| m.info()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(info.map_type().is_ok_and(|t| t == map_type)
+        && info.value_size() as usize == value_size
+        && info.max_entries() == max_entries
+        && info.map_flags() & flags == flags)
 }
 
 /// The kernel's id of program `name` of `ebpf` (0 if it cannot say).
