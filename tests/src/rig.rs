@@ -677,8 +677,9 @@ pub fn run_interactive(config: &Path, requests: usize, once: bool) -> Result<()>
     let sock = rig.socket.display().to_string();
     let (_, text, _) = rig.lbd_cli(&["status", "--socket", &sock])?;
     println!("\n$ lbd status --socket {sock}\n{text}");
+    let log = rig.work.join("lbd.log");
     if once {
-        println!("rig: --once given, tearing down");
+        println!("rig: --once given, tearing down (lbd's log stays in {} until the next rig)", log.display());
         return Ok(());
     }
     println!("rig: up. Try:");
@@ -688,9 +689,9 @@ pub fn run_interactive(config: &Path, requests: usize, once: bool) -> Result<()>
     if let Some(addr) = metrics {
         println!("  ip netns exec lbdrig-dir curl -s http://{addr}/metrics");
     }
-    println!("  lbd log: {}", rig.work.join("lbd.log").display());
+    println!("  lbd log: {}", log.display());
     println!("rig: Ctrl-C tears it down.");
     signals.wait()?;
-    println!("rig: tearing down");
+    println!("rig: tearing down (lbd's log stays in {} until the next rig)", log.display());
     Ok(())
 }

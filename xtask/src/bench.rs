@@ -3,25 +3,17 @@
 //! (`report.md`, `report.json`, PNG plots); the command fails if the report is missing or the
 //! benchmark found a ratio that is not sane. `--quick` is the one-minute smoke run CI uses.
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-
-/// Where cargo puts its output: `$CARGO_TARGET_DIR` (relative to the workspace root) or `target`.
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => crate::root().join(dir),
-        None => crate::root().join("target"),
-    }
-}
 
 pub fn bench(quick: bool) -> Result<()> {
     crate::require_root("cargo xtask bench")?;
     crate::setup::setup()?;
     // lbd itself too: the TCP part starts it in the rig (found next to lb-bench).
     crate::cargo(&["build", "--release", "-p", "lb-userspace", "-p", "lb-bench"])?;
-    let bin = target_dir().join("release/lb-bench");
-    let out = crate::root().join("target/bench");
+    let bin = crate::target_dir().join("release/lb-bench");
+    let out = crate::target_dir().join("bench");
     for stale in ["report.md", "report.json"] {
         let _ = std::fs::remove_file(out.join(stale));
     }

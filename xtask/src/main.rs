@@ -66,6 +66,15 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
+/// Where cargo puts its output: `$CARGO_TARGET_DIR` (a relative one taken from the workspace
+/// root, where [`cargo`] runs) or `target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root().join(dir),
+        _ => root().join("target"),
+    }
+}
+
 /// Runs cargo with `args` in the workspace root; fails if it fails.
 pub fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -104,7 +113,7 @@ fn build_static() -> Result<()> {
     if !status.success() {
         bail!("the static build failed ({status})");
     }
-    let bin = root().join("target").join(target).join("release/lbd");
+    let bin = target_dir().join(target).join("release/lbd");
     let file = Command::new("file").arg(&bin).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
     let ldd = Command::new("ldd").arg(&bin).output().context("running ldd")?;
     let ldd_text = String::from_utf8_lossy(&ldd.stdout).to_string() + &String::from_utf8_lossy(&ldd.stderr);
@@ -143,7 +152,7 @@ fn main() -> Result<()> {
             require_root("cargo xtask run")?;
             setup::setup()?;
             cargo(&["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"])?;
-            let mut rig = Command::new(root().join("target/debug/lbd-rig"));
+            let mut rig = Command::new(target_dir().join("debug/lbd-rig"));
             rig.arg("--requests").arg(requests.to_string()).arg(root().join("config/rig.toml"));
             if once {
                 rig.arg("--once");

@@ -151,7 +151,7 @@ fn bpf_linker() -> Result<()> {
         .and_then(|v| v.split('.').next())
         .context("cannot read LLVM's major version from its file name")?
         .to_string();
-    let prefix = crate::root().join("target/llvm-prefix");
+    let prefix = crate::target_dir().join("llvm-prefix");
     std::fs::create_dir_all(prefix.join("lib"))?;
     let link = prefix.join("lib/libLLVM.so");
     let _ = std::fs::remove_file(&link);

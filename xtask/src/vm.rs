@@ -704,25 +704,8 @@ fn prune_runs(runs: &Path) {
 // ---------------------------------------------------------------------------------------------
 // Host prerequisites and the cache.
 
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(d) if !d.is_empty() => {
-            let d = PathBuf::from(d);
-            if d.is_absolute() {
-                d
-            } else {
-                std::env::current_dir().unwrap_or_default().join(d)
-            }
-        }
-        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("target"),
-    }
-}
-
 fn vm_dir() -> PathBuf {
-    target_dir().join("vm")
+    crate::target_dir().join("vm")
 }
 
 fn stamp_ok(stamp: &Path, key: &str, artifact: &Path) -> bool {
