@@ -977,7 +977,7 @@ fn generic_first(config: &Config) -> bool {
         Some((iface, false)) if iface == d.interface => {}
         _ => return false,
     }
-    let ifindex = crate::links::dump().ok().and_then(|l| l.get(&d.interface).map(|l| l.ifindex));
+    let ifindex = nix::net::if_::if_nametoindex(d.interface.as_str()).ok();
     let native = ifindex.and_then(crate::links::native_xdp);
     if native == Some(true) {
         return false;
