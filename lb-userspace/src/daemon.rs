@@ -63,6 +63,10 @@ pub struct Controller {
     /// Real servers drained from the CLI: weight 0 until enabled, a restart, or a config change
     /// to them.
     drained: BTreeSet<(VipAddr, String)>,
+    /// Until [`Self::go_live`]: the real servers the fast path an earlier lbd kept serves
+    /// ([`Dataplane::kept_real_servers`]). Their checks start up even with `alpha` (see
+    /// [`Self::check_configs`]).
+    kept_up: HashSet<(VipAddr, String)>,
     started: Instant,
     /// What `lbd status` says about the dataplane ("native XDP on eth0", "IPVS 1.2.1").
     description: String,
@@ -119,6 +123,7 @@ impl Controller {
     /// `ifaces` must hold every interface the config names.
     pub fn new(config: Config, config_path: PathBuf, dataplane: Box<dyn Dataplane>, ifaces: HashMap<String, IfaceInfo>) -> Self {
         Self {
+            kept_up: dataplane.kept_real_servers().into_iter().collect(),
             check_keys: check_keys(&config),
             config,
             config_path,
@@ -201,7 +206,13 @@ impl Controller {
                             dst_mac,
                         }),
                     },
-                    alpha: vs.alpha,
+                    // keepalived's `alpha` keeps an unchecked real server out of a fresh start.
+                    // A take-over is no fresh start: the real servers the kept fast path serves
+                    // (up when it stopped) stay up until a check says otherwise; down, they would
+                    // empty their virtual servers until the first checks, which the warm-up
+                    // spreads over the interval. Not with `inhibit_on_failure`, where the kept
+                    // fast path also had the failed ones (at weight 0).
+                    alpha: vs.alpha && (rs.inhibit_on_failure || !self.kept_up.contains(&(vip, rs_key(rs)))),
                     notify_up: rs.notify_up.clone(),
                     notify_down: rs.notify_down.clone(),
                 });
@@ -362,7 +373,20 @@ impl Controller {
 
     /// See [`Dataplane::go_live`].
     pub fn go_live(&mut self) -> Result<(), crate::dataplane::DataplaneError> {
+        // From now on `alpha` is the config's alone: a real server a reload adds starts down.
+        // (The running checks go on: `alpha` only says how a check starts.)
+        self.kept_up.clear();
         self.dataplane.go_live()
+    }
+
+    /// See [`crate::dataplane::Dataplane::taking_over`].
+    pub fn taking_over(&self) -> bool {
+        self.dataplane.taking_over()
+    }
+
+    /// Real servers (and sorry servers) whose MAC the dataplane needs and lbd does not know yet.
+    pub fn unresolved(&self) -> Vec<NeighKey> {
+        self.neigh_keys().into_iter().map(NeighKey::from).filter(|k| !self.macs.contains_key(k)).collect()
     }
 
     fn iface_of<'a>(&'a self, rs_iface: &'a Option<String>) -> &'a str {
@@ -998,6 +1022,49 @@ struct QuorumNews {
     env: Vec<(String, String)>,
 }
 
+/// [`Controller::on_neigh`], logged.
+fn on_neigh(ctl: &mut Controller, ev: &NeighEvent) -> bool {
+    if let NeighEvent::Reachable { key, mac } = ev {
+        info!(address = %key.addr, mac = %format_mac(mac), "real server MAC resolved");
+    }
+    ctl.on_neigh(ev)
+}
+
+/// How long a start that takes over a kept fast path waits for the real servers' MACs (the
+/// kernel gives up resolving an address after 3 s). The kept program forwards meanwhile.
+const TAKE_OVER_MAC_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Before a take-over: waits until every real server's MAC is known (the resolver reports the
+/// ones the kernel has at once), at most [`TAKE_OVER_MAC_WAIT`]. Going live without them, a real
+/// server would be out of the tables until its MAC came: its connections' packets would be
+/// dropped, or sent to another real server, which resets them, and their entries rewritten.
+async fn await_macs(ctl: &mut Controller, rx: &mut tokio::sync::mpsc::UnboundedReceiver<NeighEvent>) {
+    let deadline = tokio::time::Instant::now() + TAKE_OVER_MAC_WAIT;
+    let mut changed = false;
+    loop {
+        let missing = ctl.unresolved();
+        if missing.is_empty() {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(ev)) => changed |= on_neigh(ctl, &ev),
+            Ok(None) => break,
+            Err(_) => {
+                let list: Vec<String> = missing.iter().map(|k| k.addr.to_string()).collect();
+                warn!(
+                    addresses = %list.join(", "),
+                    "taking over the fast path lbd kept without these MACs after {} s: their real servers get traffic once resolved",
+                    TAKE_OVER_MAC_WAIT.as_secs()
+                );
+                break;
+            }
+        }
+    }
+    if changed {
+        ctl.sync_checks();
+    }
+}
+
 /// Applies `events` and every health event already waiting: several checks changing at once (a
 /// switch port going down) make one update.
 fn apply_health(ctl: &mut Controller, mut events: Vec<HealthEvent>, rx: &mut mpsc::Receiver<HealthEvent>) {
@@ -1056,6 +1123,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let (health_tx, mut health_rx) = mpsc::channel::<HealthEvent>(4096);
     ctl.set_addresses(interface_addresses());
     ctl.start_health(Scheduler::new(health_tx, SchedulerOptions::default()));
+    if ctl.taking_over() {
+        await_macs(&mut ctl, &mut neigh_rx).await;
+    }
     ctl.apply()?;
     ctl.go_live().context("taking over the fast path lbd kept")?;
     // After the dataplane: until VRRP says otherwise, the VIPs it lists are dropped.
@@ -1078,10 +1148,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             biased;
             Some(ev) = health_rx.recv() => apply_health(&mut ctl, vec![ev], &mut health_rx),
             Some(ev) = neigh_rx.recv() => {
-                if let NeighEvent::Reachable { key, mac } = &ev {
-                    info!(address = %key.addr, mac = %format_mac(mac), "real server MAC resolved");
-                }
-                if ctl.on_neigh(&ev) {
+                if on_neigh(&mut ctl, &ev) {
                     ctl.sync_checks();
                     if let Err(e) = ctl.apply() {
                         error!("{e:#}");
@@ -1846,6 +1913,43 @@ mod tests {
         let ev = next_event(&mut ctl, &mut rx).await;
         assert_eq!((ev.real_server_key.as_str(), ev.up), ("10.0.0.13:80", true));
         assert_eq!(table(&fake), [("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 1)]);
+    }
+
+    /// `alpha` at a take-over: the real servers the kept fast path serves start up (their virtual
+    /// server would be empty until the first checks otherwise), the others down; after it, a real
+    /// server a reload adds starts down again, and the running checks go on.
+    #[tokio::test(start_paused = true)]
+    async fn alpha_at_a_take_over_starts_the_kept_real_servers_up() {
+        let hc = "health_check = { kind = \"tcp\", interval = \"1s\", rise = 1, fall = 1 }";
+        let reals = |n: u8| -> Vec<String> { (11..11 + n).map(|i| format!("address = \"10.0.0.{i}\"\nmac = \"02:00:00:00:00:{i:02x}\"\n{hc}")).collect() };
+        let mut cfg = config("", &reals(2).iter().map(String::as_str).collect::<Vec<_>>());
+        cfg.virtual_servers[0].alpha = true;
+        let vip = VipAddr::of(&cfg.virtual_servers[0]);
+        let fake = FakeDataplane::default();
+        fake.keep(vec![(vip, "10.0.0.11:80".into())]);
+        let ifaces = HashMap::from([("eth0".to_string(), ETH0)]);
+        let mut ctl = Controller::new(cfg.clone(), "test.toml".into(), Box::new(fake.clone()), ifaces.clone());
+        let (tx, mut rx) = mpsc::channel(16);
+        let probes = Switchboard::default();
+        ctl.start_health(Scheduler::with_prober(tx, SchedulerOptions::default(), probes.clone()));
+        assert!(ctl.taking_over());
+        ctl.apply().unwrap();
+        assert_eq!(table(&fake), [("10.0.0.11:80".into(), 1)], "the kept real server is up, the other waits for its check");
+        ctl.go_live().unwrap();
+        assert!(!ctl.taking_over());
+
+        // A reload that adds a real server: it starts down (alpha); the running checks go on.
+        let mut new = config("", &reals(3).iter().map(String::as_str).collect::<Vec<_>>());
+        new.virtual_servers[0].alpha = true;
+        ctl.reload(new, ifaces).unwrap();
+        assert_eq!(table(&fake), [("10.0.0.11:80".into(), 1)]);
+        let mut up = BTreeSet::new();
+        while up.len() < 2 {
+            let ev = next_event(&mut ctl, &mut rx).await;
+            assert!(ev.up && ev.real_server_key != "10.0.0.11:80", "{ev:?}");
+            up.insert(ev.real_server_key);
+        }
+        assert_eq!(table(&fake), [("10.0.0.11:80".into(), 1), ("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 1)]);
     }
 
     /// A refused reload leaves the health as it was, also of the checks the new config dropped or

@@ -185,6 +185,16 @@ pub trait Dataplane: Send {
     fn go_live(&mut self) -> Result<(), DataplaneError> {
         Ok(())
     }
+    /// Whether a fast path an earlier lbd kept serves until [`Self::go_live`]: the start can
+    /// take its time to make its own state complete (the real servers' MACs) first.
+    fn taking_over(&self) -> bool {
+        false
+    }
+    /// While [`Self::taking_over`]: the real servers (virtual server, [`BackendSpec::key`]) the
+    /// kept fast path serves.
+    fn kept_real_servers(&self) -> Vec<(VipAddr, String)> {
+        Vec::new()
+    }
     /// Whether what it programmed stays in the kernel, forwarding, when lbd exits (so that a
     /// restart drops no connection).
     fn stays(&self) -> bool {
@@ -204,6 +214,8 @@ pub struct FakeDataplane {
     count: Arc<Mutex<Option<Arc<CountFn>>>>,
     /// Applies, and the interfaces each `links_changed` was told, in order.
     log: Arc<Mutex<Vec<FakeCall>>>,
+    /// Real servers of a kept fast path, until `go_live` (see [`FakeDataplane::keep`]).
+    kept: Arc<Mutex<Vec<(VipAddr, String)>>>,
 }
 
 /// A call [`FakeDataplane`] recorded.
@@ -242,6 +254,12 @@ impl FakeDataplane {
         self.log.lock().expect("fake dataplane lock").clone()
     }
 
+    /// Acts as a dataplane taking over a fast path that serves `real_servers` (virtual server,
+    /// real server key) until `go_live`.
+    pub fn keep(&self, real_servers: Vec<(VipAddr, String)>) {
+        *self.kept.lock().expect("fake dataplane lock") = real_servers;
+    }
+
     /// Makes `connection_count` offer `count` (as an XDP dataplane's table scan).
     pub fn count_connections_with(&self, count: impl Fn() -> u64 + Send + Sync + 'static) {
         *self.count.lock().expect("fake dataplane lock") = Some(Arc::new(count));
@@ -270,5 +288,15 @@ impl Dataplane for FakeDataplane {
     fn connection_count(&self) -> Option<ConnectionCount> {
         let count = self.count.lock().expect("fake dataplane lock").clone()?;
         Some(Box::new(move || count()))
+    }
+    fn taking_over(&self) -> bool {
+        !self.kept.lock().expect("fake dataplane lock").is_empty()
+    }
+    fn kept_real_servers(&self) -> Vec<(VipAddr, String)> {
+        self.kept.lock().expect("fake dataplane lock").clone()
+    }
+    fn go_live(&mut self) -> Result<(), DataplaneError> {
+        self.kept.lock().expect("fake dataplane lock").clear();
+        Ok(())
     }
 }

@@ -1370,6 +1370,17 @@ impl Dataplane for XdpDataplane {
         self.take_over()
     }
 
+    fn taking_over(&self) -> bool {
+        matches!(self.link, Some((Attachment::Adopted(..), _)))
+    }
+
+    fn kept_real_servers(&self) -> Vec<(VipAddr, String)> {
+        if !self.taking_over() {
+            return Vec::new();
+        }
+        self.reserved.keys().cloned().collect()
+    }
+
     fn stays(&self) -> bool {
         matches!(self.link, Some((Attachment::Pinned(_), _)))
     }

@@ -461,6 +461,59 @@ impl Rig {
         Ok(ClientLoop { stop, thread })
     }
 
+    /// Opens `conns` keep-alive HTTP connections to `vip` and then sends requests on them in
+    /// turn, as fast as they are answered, until [`BusyLoop::stop`]: traffic on established
+    /// flows at every moment, as a busy director has. Fails if a connection cannot be opened.
+    pub fn busy_loop(&self, vip: SocketAddr, conns: usize) -> Result<BusyLoop> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let path = format!("/var/run/netns/{}", self.client.name);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let thread = std::thread::spawn(move || -> Result<Vec<BusyConn>> {
+            let opened = (|| -> Result<Vec<(KeepAlive, String)>> {
+                let file = std::fs::File::open(&path)?;
+                nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET)?;
+                (0..conns)
+                    .map(|_| {
+                        let mut c = KeepAlive::connect(vip)?;
+                        let owner = c.get()?;
+                        Ok((c, owner))
+                    })
+                    .collect()
+            })();
+            let mut open = match opened {
+                Ok(open) => {
+                    let _ = ready_tx.send(Ok(()));
+                    open
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!("{e:#}")));
+                    return Err(e);
+                }
+            };
+            let mut out: Vec<BusyConn> = open.iter().map(|(_, owner)| BusyConn { owner: owner.clone(), answers: 0, wrong: Vec::new() }).collect();
+            let mut broken = vec![false; open.len()];
+            while !flag.load(Ordering::Relaxed) {
+                for (i, (conn, owner)) in open.iter_mut().enumerate() {
+                    if broken[i] {
+                        continue;
+                    }
+                    match conn.get() {
+                        Ok(name) if name == *owner => out[i].answers += 1,
+                        Ok(name) => out[i].wrong.push(format!("answered by {name}")),
+                        Err(e) => {
+                            out[i].wrong.push(format!("{e:#}"));
+                            broken[i] = true;
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        });
+        ready_rx.recv().map_err(|_| anyhow::anyhow!("busy loop thread ended early"))??;
+        Ok(BusyLoop { stop, thread })
+    }
+
     /// Sends `n` UDP datagrams from distinct source ports; counts replies by backend and checks
     /// each reply came from the VIP.
     pub fn udp_batch(&self, n: usize) -> Result<BTreeMap<String, usize>> {
@@ -497,6 +550,30 @@ pub struct Answer {
 pub struct ClientLoop {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<Result<Vec<Answer>>>,
+}
+
+/// A connection of a [`BusyLoop`]: the real server that answered its first request, how many
+/// later requests it answered, and what went wrong (another real server answered, or the
+/// connection failed: it is not used again).
+#[derive(Debug, Clone)]
+pub struct BusyConn {
+    pub owner: String,
+    pub answers: usize,
+    pub wrong: Vec<String>,
+}
+
+/// Requests on established connections in the background (see [`Rig::busy_loop`]).
+pub struct BusyLoop {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Vec<BusyConn>>>,
+}
+
+impl BusyLoop {
+    /// Stops the requests and returns each connection's record.
+    pub fn stop(self) -> Result<Vec<BusyConn>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().map_err(|_| anyhow::anyhow!("busy loop panicked"))?
+    }
 }
 
 impl ClientLoop {

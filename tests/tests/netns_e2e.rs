@@ -545,3 +545,57 @@ fn a_restart_drops_no_connection() -> anyhow::Result<()> {
     assert_eq!((code, out.trim()), (0, format!("nothing kept for {sock}").as_str()));
     Ok(())
 }
+
+/// A restart under load: connections that send all the time keep their real servers while the
+/// new lbd takes over. The new lbd must not go live with real servers it has not resolved yet
+/// (it would drop their packets, or send them to the real servers it had, which reset them).
+#[test]
+fn busy_connections_keep_their_real_servers_across_a_restart() -> anyhow::Result<()> {
+    busy_restart("ltel", |text| text)
+}
+
+/// [`busy_connections_keep_their_real_servers_across_a_restart`] with keepalived's `alpha`: the
+/// checked real servers of a fresh start are down until their first check passes, but at a
+/// take-over those the kept fast path served start up, or their virtual servers would have no
+/// real server until the first checks (the warm-up spreads them over the interval).
+#[test]
+fn alpha_checks_do_not_empty_virtual_servers_at_a_restart() -> anyhow::Result<()> {
+    busy_restart("ltem", |text| {
+        // TCP virtual servers: alpha, and a TCP check on each real server.
+        text.split("[[virtual_server]]")
+            .map(|block| {
+                if !block.contains("protocol = \"tcp\"") {
+                    return block.to_string();
+                }
+                block
+                    .replacen("protocol = \"tcp\"\n", "protocol = \"tcp\"\nalpha = true\n", 1)
+                    .replace("weight = 1\n", "weight = 1\nhealth_check = { kind = \"tcp\", interval = \"3s\" }\n")
+            })
+            .collect::<Vec<_>>()
+            .join("[[virtual_server]]")
+    })
+}
+
+/// Busy keep-alive connections to the IPv4 HTTP VIP through a stop and a start of lbd with the
+/// rig's config changed by `config`: none may fail or reach another real server.
+fn busy_restart(prefix: &str, config: impl FnOnce(String) -> String) -> anyhow::Result<()> {
+    require_root()?;
+    let mut rig = Rig::up(prefix, 3)?;
+    let text = config(std::fs::read_to_string(&rig.config)?);
+    std::fs::write(&rig.config, text)?;
+    rig.start_lbd()?;
+    let busy = rig.busy_loop(SocketAddr::new(IpAddr::V4(VIP_V4), rig::HTTP_PORT), 24)?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    rig.stop_lbd();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    rig.start_lbd()?;
+    assert!(rig.lbd_log().contains("took over the fast path lbd kept"), "{}", rig.lbd_log());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let conns = busy.stop()?;
+    let owners: std::collections::BTreeSet<&str> = conns.iter().map(|c| c.owner.as_str()).collect();
+    assert_eq!(owners.len(), 3, "the connections should reach every real server: {conns:?}");
+    let hurt: Vec<_> = conns.iter().filter(|c| !c.wrong.is_empty()).collect();
+    assert!(hurt.is_empty(), "{} of {} busy connections were hurt by the restart: {hurt:?}\n{}", hurt.len(), conns.len(), rig.lbd_log());
+    assert!(conns.iter().all(|c| c.answers >= 10), "too few requests to tell: {conns:?}");
+    Ok(())
+}

@@ -194,6 +194,7 @@ impl Scheduler {
     }
 
     /// Makes `checks` the running set: new ones start, missing ones stop, changed ones restart.
+    /// A change of `alpha` alone is no change: it only says how a new check starts.
     /// A changed check of the same kind keeps its state (health, counters; thresholds updated,
     /// and the weight a script set is dropped once `dynamic_weight` is off); one whose kind
     /// changed starts afresh, as a new check would (up, down with alpha; `none`: up). Unchanged
@@ -214,7 +215,9 @@ impl Scheduler {
     pub fn add(&mut self, config: CheckConfig) {
         let key = config.key.clone();
         let state = match self.checks.remove(&key) {
-            Some(old) if old.config == config => {
+            // `alpha` only says how a check starts: a running one goes on.
+            Some(mut old) if old.config == CheckConfig { alpha: old.config.alpha, ..config.clone() } => {
+                old.config = config;
                 self.checks.insert(key, old);
                 return;
             }
