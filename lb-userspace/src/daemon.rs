@@ -1970,6 +1970,9 @@ mod tests {
         let new = config("", &[&format!("address = \"10.0.0.12\"\n{changed}"), &format!("address = \"10.0.0.13\"\n{hc}")]);
         fake.fail_next("map full");
         let ifaces = HashMap::from([("eth0".to_string(), ETH0)]);
+        // As `reload` does: the interfaces' addresses read again, changed since (the VIP put on
+        // eth0): the checks' source changes, and with it their configs.
+        ctl.set_addresses(HashMap::from([("eth0".to_string(), vec!["10.0.0.100".parse().unwrap(), "10.0.0.5".parse().unwrap()])]));
         assert!(ctl.reload(new, ifaces).is_err());
         assert_eq!(table(&fake), [("10.0.0.13:80".into(), 1)], "the refused reload brought failed real servers back");
         let st = ctl.status(&DataplaneStats::default());

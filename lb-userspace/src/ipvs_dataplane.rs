@@ -282,7 +282,11 @@ impl<K: IpvsOps> IpvsDataplane<K> {
                     // and, reading the file, takes for made by hand (and refuses to start over).
                     let listed = self.owned.insert(key.clone());
                     if listed {
-                        self.save_owned()?;
+                        if let Err(e) = self.save_owned() {
+                            // Not recorded: the next apply must try recording it again first.
+                            self.owned.remove(&key);
+                            return Err(e);
+                        }
                     }
                     if let Err(e) = self.client.add_service(&svc) {
                         if listed {
@@ -503,6 +507,14 @@ mod tests {
         fn get(&mut self, key: &ServiceKey) -> Result<&mut (Service, Vec<Destination>), IpvsError> {
             self.services.get_mut(key).ok_or_else(|| IpvsError::NotFound { what: format!("virtual service {key}") })
         }
+
+        /// As the kernel answers an edit or a removal of a real server the service lacks (ENOENT).
+        fn has_destination(&mut self, key: &ServiceKey, addr: IpAddr, port: u16) -> Result<(), IpvsError> {
+            if self.get(key)?.1.iter().any(|h| h.addr == addr && h.port == port) {
+                return Ok(());
+            }
+            Err(IpvsError::NotFound { what: format!("real server {} of {key}", endpoint_key(addr, port)) })
+        }
     }
 
     impl IpvsOps for FakeKernel {
@@ -536,13 +548,15 @@ mod tests {
             Ok(())
         }
         fn add_destination(&mut self, key: &ServiceKey, d: &Destination) -> Result<(), IpvsError> {
-            self.get(key)?;
+            if self.get(key)?.1.iter().any(|h| h.addr == d.addr && h.port == d.port) {
+                return Err(IpvsError::Exists { what: format!("real server {} of {key}", endpoint_key(d.addr, d.port)) });
+            }
             self.write(format!("-a {key} -r {}", endpoint_key(d.addr, d.port)))?;
             self.get(key)?.1.push(d.clone());
             Ok(())
         }
         fn edit_destination(&mut self, key: &ServiceKey, d: &Destination) -> Result<(), IpvsError> {
-            self.get(key)?;
+            self.has_destination(key, d.addr, d.port)?;
             self.write(format!("-e {key} -r {}", endpoint_key(d.addr, d.port)))?;
             for h in self.get(key)?.1.iter_mut().filter(|h| h.addr == d.addr && h.port == d.port) {
                 *h = d.clone();
@@ -550,7 +564,7 @@ mod tests {
             Ok(())
         }
         fn del_destination(&mut self, key: &ServiceKey, addr: IpAddr, port: u16) -> Result<(), IpvsError> {
-            self.get(key)?;
+            self.has_destination(key, addr, port)?;
             self.write(format!("-d {key} -r {}", endpoint_key(addr, port)))?;
             self.get(key)?.1.retain(|h| !(h.addr == addr && h.port == port));
             Ok(())
@@ -771,6 +785,41 @@ mod tests {
         dp.apply(&config).unwrap();
         let key = service_of(&config[0]).key;
         assert_eq!(dp.client.owned_at_add, vec![BTreeSet::from([key])]);
+    }
+
+    /// A state file that cannot be written refuses the apply before the service is created, and
+    /// the next apply records it first again.
+    #[test]
+    fn a_service_not_recorded_is_recorded_at_the_next_apply() {
+        let dir = StateDir::new("unrecorded");
+        // A file where the state file's directory should be: writing it fails.
+        std::fs::write(&dir.0, b"").unwrap();
+        let config = [vs("10.0.0.1", 80, &["10.0.0.11"])];
+        let mut dp = dir.dataplane(FakeKernel { watch: Some(dir.file()), ..Default::default() });
+        let e = error(dp.apply(&config));
+        assert!(e.starts_with(&format!("writing {}", dir.file().display())), "{e}");
+        assert!(dp.client.services.is_empty(), "created without being recorded");
+        std::fs::remove_file(&dir.0).unwrap();
+        dp.apply(&config).unwrap();
+        let key = service_of(&config[0]).key;
+        assert_eq!(dp.client.owned_at_add, vec![BTreeSet::from([key])]);
+    }
+
+    /// The fake answers as the kernel does a real server added twice, or edited or removed
+    /// without being there.
+    #[test]
+    fn the_fake_kernel_refuses_what_the_kernel_refuses() {
+        let mut k = FakeKernel::default();
+        let config = [vs("10.0.0.1", 80, &["10.0.0.11"])];
+        let svc = service_of(&config[0]);
+        k.add_service(&svc).unwrap();
+        let d = Destination::new("10.0.0.11".parse().unwrap(), 80, ipvs::Forwarding::DirectRoute, 1);
+        assert!(matches!(k.edit_destination(&svc.key, &d), Err(IpvsError::NotFound { .. })));
+        assert!(matches!(k.del_destination(&svc.key, d.addr, d.port), Err(IpvsError::NotFound { .. })));
+        k.add_destination(&svc.key, &d).unwrap();
+        assert!(matches!(k.add_destination(&svc.key, &d), Err(IpvsError::Exists { .. })));
+        k.edit_destination(&svc.key, &d).unwrap();
+        k.del_destination(&svc.key, d.addr, d.port).unwrap();
     }
 
     /// Thresholds set by hand on a real server lbd owns (`ipvsadm -e ... -x 1`) are cleared, like

@@ -260,11 +260,14 @@ impl Scheduler {
 
     /// Gives the checks that were stopped or restarted since `checkpoint` (a reload that was then
     /// refused, and [`Self::set`] back to the old checks) the state they had: a real server that
-    /// was down stays down. A check that ran on throughout keeps its own, newer state.
+    /// was down stays down. A check that ran on throughout keeps its own, newer state. Matched by
+    /// key and kind, not by the whole config: the old checks set back can differ from the
+    /// checkpoint's in what lbd worked out since (the probes' source, when the interface's
+    /// addresses changed).
     pub fn restore(&mut self, checkpoint: Checkpoint) {
         for (key, (config, old)) in checkpoint.0 {
             let Some(running) = self.checks.get(&key) else { continue };
-            if running.config == config && !Arc::ptr_eq(&running.state, &old) {
+            if running.config.check.kind() == config.check.kind() && !Arc::ptr_eq(&running.state, &old) {
                 let state = old.lock().expect("check state lock").clone();
                 *running.state.lock().expect("check state lock") = state;
             }

@@ -1086,6 +1086,7 @@ mod tests {
             e2.receive(c.at(ms(410)), 0, lower_addr, &advert(Version::V3, 100, ms(100))),
             vec![Action::Advert { instance: 0, priority: 100 }, Action::Garp { instance: 0, repeat: 5 }]
         );
+        assert_eq!(e2.state(0), VrrpState::Master);
         assert_eq!(e.state(0), VrrpState::Master);
         // Equal priority from a higher address wins.
         let a = e.receive(c.at(ms(420)), 0, peer(), &advert(Version::V3, 100, ms(100)));

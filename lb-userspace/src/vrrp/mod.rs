@@ -1092,12 +1092,16 @@ async fn watch_interfaces(ctl: sys::IfCtl, mut ifaces: Vec<(String, bool)>, tx: 
 }
 
 /// keepalived's `vrrp_script`: run every interval; `rise` good runs in a row make a failed
-/// script good, `fall` failed runs make a good one failed.
+/// script good, `fall` failed runs make a good one failed. The first run decides at once, as
+/// keepalived's does (its script starts in an "init" state): a script that fails from the start
+/// is failed after one run, not after `fall`, or a director whose check fails would take the
+/// VIPs over for those runs and then give them back.
 async fn run_script(index: usize, s: VrrpScriptSpec, tx: mpsc::Sender<Event>) {
     let interval = s.interval.map_or(spec::DEFAULT_SCRIPT_INTERVAL, |d| d.0);
     let timeout = s.timeout.map_or(interval, |d| d.0);
     let (rise, fall) = (s.rise.unwrap_or(1) as u32, s.fall.unwrap_or(1) as u32);
     let mut ok = !s.init_fail.unwrap_or(false);
+    let mut first = true;
     let (mut good, mut bad) = (0u32, 0u32);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1110,7 +1114,8 @@ async fn run_script(index: usize, s: VrrpScriptSpec, tx: mpsc::Sender<Event>) {
         } else {
             (good, bad) = (0, bad + 1);
         }
-        let now_ok = if ok { bad < fall } else { good >= rise };
+        let now_ok = if ok { bad < fall && (passed || !first) } else { good >= rise };
+        first = false;
         if now_ok != ok {
             ok = now_ok;
             info!(script = %s.name, ok, ?outcome, "VRRP script changed");
@@ -1124,6 +1129,33 @@ async fn run_script(index: usize, s: VrrpScriptSpec, tx: mpsc::Sender<Event>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A script that fails from the start is failed after its first run, whatever its `fall`
+    /// (keepalived's "init" state); later failures need `fall` runs in a row.
+    #[tokio::test]
+    async fn a_script_failing_from_the_start_fails_at_its_first_run() {
+        let dir = std::env::temp_dir().join(format!("lbd-vrrp-script-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let runs = dir.join("runs");
+        let script = VrrpScriptSpec {
+            name: "chk".into(),
+            script: format!("echo run >> {}; exit 1", runs.display()),
+            interval: Some(spec::DurationSpec(Duration::from_secs(30))),
+            timeout: None,
+            weight: None,
+            rise: None,
+            fall: Some(3),
+            init_fail: None,
+        };
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::spawn(run_script(7, script, tx));
+        let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        task.abort();
+        let runs_seen = std::fs::read_to_string(&runs).unwrap_or_default().lines().count();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(ev, Ok(Some(Event::Script { index: 7, ok: false }))), "no failure after the first run ({runs_seen} runs)");
+        assert_eq!(runs_seen, 1);
+    }
 
     fn spec(text: &str) -> VrrpSpec {
         #[derive(Deserialize)]
