@@ -93,6 +93,38 @@ fn pinned_program(path: &std::path::Path) -> Result<(PinnedLink, u32), String> {
 /// as long before they are given out again.
 pub const FLIP_GRACE: Duration = Duration::from_millis(20);
 
+/// How far a take-over moves the generation of every backend id not reserved (see
+/// [`skip_free_generations`]).
+const GENERATION_SKIP: u32 = 1 << 10;
+
+/// Moves the generation of every id not `taken` on by [`GENERATION_SKIP`]. The state file is
+/// written after an apply's map writes: an lbd killed in between, or whose write failed, gave
+/// ids generations the file does not hold, and connection entries name them. Counting on from
+/// the file, this run would give such an id's (id, generation) to another real server, maybe of
+/// another virtual server, and those entries would send their flows there. An apply gives an id
+/// at most one new generation, so the skip covers 1,024 applies whose state was not written.
+fn skip_free_generations(generations: &mut [u32], taken: &std::collections::HashSet<u32>) {
+    for (id, g) in generations.iter_mut().enumerate() {
+        if !taken.contains(&(id as u32)) {
+            *g = g.wrapping_add(GENERATION_SKIP);
+        }
+    }
+}
+
+#[cfg(test)]
+mod generation_tests {
+    use super::*;
+
+    /// Ids reserved for their real servers keep their generation (their connection entries name
+    /// it); every other id, also one past what the state file lists, moves on by the skip.
+    #[test]
+    fn a_take_over_skips_the_generations_of_free_ids() {
+        let mut generations = vec![3, 7, 0, 0];
+        skip_free_generations(&mut generations, &std::collections::HashSet::from([1]));
+        assert_eq!(generations, [3 + GENERATION_SKIP, 7, GENERATION_SKIP, GENERATION_SKIP]);
+    }
+}
+
 /// Backend ids the maps hold for `max_backends` real servers: twice as many. An apply gives new
 /// real servers their ids before the ones they replace give theirs back (only once their VIP's
 /// table no longer names them), so a reload replacing every real server at once needs both.
@@ -685,6 +717,7 @@ impl XdpDataplane {
             self.reserved.insert((b.vip, b.backend.clone()), b.id);
         }
         let taken: std::collections::HashSet<u32> = self.reserved.values().copied().collect();
+        skip_free_generations(&mut self.generations, &taken);
         let long_ago = Instant::now() - FLIP_GRACE;
         self.free_backend_ids.extend((0..n as u32).filter(|id| !taken.contains(id)).map(|id| (id, long_ago)));
     }
