@@ -111,20 +111,6 @@ fn skip_free_generations(generations: &mut [u32], taken: &std::collections::Hash
     }
 }
 
-#[cfg(test)]
-mod generation_tests {
-    use super::*;
-
-    /// Ids reserved for their real servers keep their generation (their connection entries name
-    /// it); every other id, also one past what the state file lists, moves on by the skip.
-    #[test]
-    fn a_take_over_skips_the_generations_of_free_ids() {
-        let mut generations = vec![3, 7, 0, 0];
-        skip_free_generations(&mut generations, &std::collections::HashSet::from([1]));
-        assert_eq!(generations, [3 + GENERATION_SKIP, 7, GENERATION_SKIP, GENERATION_SKIP]);
-    }
-}
-
 /// Backend ids the maps hold for `max_backends` real servers: twice as many. An apply gives new
 /// real servers their ids before the ones they replace give theirs back (only once their VIP's
 /// table no longer names them), so a reload replacing every real server at once needs both.
@@ -1619,5 +1605,19 @@ impl XdpDataplane {
             out.vips.insert(*vip, traffic(total));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ids reserved for their real servers keep their generation (their connection entries name
+    /// it); every other id, also one past what the state file lists, moves on by the skip.
+    #[test]
+    fn a_take_over_skips_the_generations_of_free_ids() {
+        let mut generations = vec![3, 7, 0, 0];
+        skip_free_generations(&mut generations, &std::collections::HashSet::from([1]));
+        assert_eq!(generations, [3 + GENERATION_SKIP, 7, GENERATION_SKIP, GENERATION_SKIP]);
     }
 }
