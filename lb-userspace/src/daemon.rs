@@ -1041,13 +1041,15 @@ const TAKE_OVER_MAC_WAIT: std::time::Duration = std::time::Duration::from_secs(3
 async fn await_macs(ctl: &mut Controller, rx: &mut tokio::sync::mpsc::UnboundedReceiver<NeighEvent>) {
     let deadline = tokio::time::Instant::now() + TAKE_OVER_MAC_WAIT;
     let mut changed = false;
-    loop {
-        let missing = ctl.unresolved();
-        if missing.is_empty() {
-            break;
-        }
+    let mut missing: HashSet<NeighKey> = ctl.unresolved().into_iter().collect();
+    while !missing.is_empty() {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(ev)) => changed |= on_neigh(ctl, &ev),
+            Ok(Some(ev)) => {
+                if let NeighEvent::Reachable { key, .. } = &ev {
+                    missing.remove(key);
+                }
+                changed |= on_neigh(ctl, &ev);
+            }
             Ok(None) => break,
             Err(_) => {
                 let list: Vec<String> = missing.iter().map(|k| k.addr.to_string()).collect();

@@ -508,12 +508,15 @@ mod tests {
             self.services.get_mut(key).ok_or_else(|| IpvsError::NotFound { what: format!("virtual service {key}") })
         }
 
-        /// As the kernel answers an edit or a removal of a real server the service lacks (ENOENT).
-        fn has_destination(&mut self, key: &ServiceKey, addr: IpAddr, port: u16) -> Result<(), IpvsError> {
-            if self.get(key)?.1.iter().any(|h| h.addr == addr && h.port == port) {
-                return Ok(());
-            }
-            Err(IpvsError::NotFound { what: format!("real server {} of {key}", endpoint_key(addr, port)) })
+        /// Whether service `key` has the real server; `Err` as [`Self::get`]. What the kernel
+        /// answers otherwise: EEXIST to adding one it has, ENOENT to editing or removing one it
+        /// lacks.
+        fn holds(&mut self, key: &ServiceKey, addr: IpAddr, port: u16) -> Result<bool, IpvsError> {
+            Ok(self.get(key)?.1.iter().any(|h| h.addr == addr && h.port == port))
+        }
+
+        fn real_server(key: &ServiceKey, addr: IpAddr, port: u16) -> String {
+            format!("real server {} of {key}", endpoint_key(addr, port))
         }
     }
 
@@ -548,15 +551,17 @@ mod tests {
             Ok(())
         }
         fn add_destination(&mut self, key: &ServiceKey, d: &Destination) -> Result<(), IpvsError> {
-            if self.get(key)?.1.iter().any(|h| h.addr == d.addr && h.port == d.port) {
-                return Err(IpvsError::Exists { what: format!("real server {} of {key}", endpoint_key(d.addr, d.port)) });
+            if self.holds(key, d.addr, d.port)? {
+                return Err(IpvsError::Exists { what: Self::real_server(key, d.addr, d.port) });
             }
             self.write(format!("-a {key} -r {}", endpoint_key(d.addr, d.port)))?;
             self.get(key)?.1.push(d.clone());
             Ok(())
         }
         fn edit_destination(&mut self, key: &ServiceKey, d: &Destination) -> Result<(), IpvsError> {
-            self.has_destination(key, d.addr, d.port)?;
+            if !self.holds(key, d.addr, d.port)? {
+                return Err(IpvsError::NotFound { what: Self::real_server(key, d.addr, d.port) });
+            }
             self.write(format!("-e {key} -r {}", endpoint_key(d.addr, d.port)))?;
             for h in self.get(key)?.1.iter_mut().filter(|h| h.addr == d.addr && h.port == d.port) {
                 *h = d.clone();
@@ -564,7 +569,9 @@ mod tests {
             Ok(())
         }
         fn del_destination(&mut self, key: &ServiceKey, addr: IpAddr, port: u16) -> Result<(), IpvsError> {
-            self.has_destination(key, addr, port)?;
+            if !self.holds(key, addr, port)? {
+                return Err(IpvsError::NotFound { what: Self::real_server(key, addr, port) });
+            }
             self.write(format!("-d {key} -r {}", endpoint_key(addr, port)))?;
             self.get(key)?.1.retain(|h| !(h.addr == addr && h.port == port));
             Ok(())

@@ -101,8 +101,9 @@ const GENERATION_SKIP: u32 = 1 << 10;
 /// written after an apply's map writes: an lbd killed in between, or whose write failed, gave
 /// ids generations the file does not hold, and connection entries name them. Counting on from
 /// the file, this run would give such an id's (id, generation) to another real server, maybe of
-/// another virtual server, and those entries would send their flows there. An apply gives an id
-/// at most one new generation, so the skip covers 1,024 applies whose state was not written.
+/// another virtual server, and those entries would send their flows there. An id gets a new
+/// generation only when it is handed out again (freed, and `FLIP_GRACE` gone by): 1,024 is far
+/// more than the applies whose state was not written can have given one id.
 fn skip_free_generations(generations: &mut [u32], taken: &std::collections::HashSet<u32>) {
     for (id, g) in generations.iter_mut().enumerate() {
         if !taken.contains(&(id as u32)) {

@@ -294,10 +294,7 @@ impl ClientLoop {
     pub fn start(client: &Netns) -> Result<ClientLoop> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let path = format!("/var/run/netns/{}", client.name);
-        let thread = std::thread::spawn(move || -> Result<LoopReport> {
-            let file = std::fs::File::open(&path)?;
-            nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let thread = client.spawn_in(move || -> Result<LoopReport> {
             let vip = SocketAddr::new(IpAddr::V4(VIP_V4), HTTP_PORT);
             let mut report = LoopReport { requests: 0, failed: 0, longest_gap: Duration::ZERO, answered_by: Default::default() };
             let mut last_ok = Instant::now();

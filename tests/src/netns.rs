@@ -106,15 +106,23 @@ impl Netns {
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
+        self.spawn_in(move || Ok(f())).join().map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace first, without waiting for it;
+    /// the thread's result is `f`'s, or why it could not enter.
+    pub fn spawn_in<F, R>(&self, f: F) -> std::thread::JoinHandle<Result<R>>
+    where
+        F: FnOnce() -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::spawn(move || -> Result<R> {
             let file = File::open(&path).with_context(|| format!("opening {path}"))?;
             nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                 .with_context(|| format!("entering {path}"))?;
-            Ok(f())
+            f()
         })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
     }
 
     /// Reads an interface's MAC inside the namespace.

@@ -442,10 +442,7 @@ impl Rig {
         let ports = self.ports(max);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let path = format!("/var/run/netns/{}", self.client.name);
-        let thread = std::thread::spawn(move || -> Result<Vec<Answer>> {
-            let file = std::fs::File::open(&path)?;
-            nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let thread = self.client.spawn_in(move || -> Result<Vec<Answer>> {
             let mut answers = Vec::new();
             for port in ports {
                 if flag.load(Ordering::Relaxed) {
@@ -467,50 +464,36 @@ impl Rig {
     pub fn busy_loop(&self, vip: SocketAddr, conns: usize) -> Result<BusyLoop> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let path = format!("/var/run/netns/{}", self.client.name);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
-        let thread = std::thread::spawn(move || -> Result<Vec<BusyConn>> {
-            let opened = (|| -> Result<Vec<(KeepAlive, String)>> {
-                let file = std::fs::File::open(&path)?;
-                nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET)?;
-                (0..conns)
-                    .map(|_| {
-                        let mut c = KeepAlive::connect(vip)?;
-                        let owner = c.get()?;
-                        Ok((c, owner))
-                    })
-                    .collect()
-            })();
-            let mut open = match opened {
-                Ok(open) => {
-                    let _ = ready_tx.send(Ok(()));
-                    open
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(anyhow::anyhow!("{e:#}")));
-                    return Err(e);
-                }
-            };
-            let mut out: Vec<BusyConn> = open.iter().map(|(_, owner)| BusyConn { owner: owner.clone(), answers: 0, wrong: Vec::new() }).collect();
-            let mut broken = vec![false; open.len()];
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let thread = self.client.spawn_in(move || -> Result<Vec<BusyConn>> {
+            let mut open = (0..conns)
+                .map(|_| {
+                    let mut c = KeepAlive::connect(vip)?;
+                    let owner = c.get()?;
+                    Ok((c, owner))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let _ = ready_tx.send(());
+            let mut out: Vec<BusyConn> = open.iter().map(|(_, owner)| BusyConn { owner: owner.clone(), answers: 0, wrong: None }).collect();
             while !flag.load(Ordering::Relaxed) {
-                for (i, (conn, owner)) in open.iter_mut().enumerate() {
-                    if broken[i] {
+                for ((conn, owner), rec) in open.iter_mut().zip(&mut out) {
+                    if rec.wrong.is_some() {
                         continue;
                     }
                     match conn.get() {
-                        Ok(name) if name == *owner => out[i].answers += 1,
-                        Ok(name) => out[i].wrong.push(format!("answered by {name}")),
-                        Err(e) => {
-                            out[i].wrong.push(format!("{e:#}"));
-                            broken[i] = true;
-                        }
+                        Ok(name) if name == *owner => rec.answers += 1,
+                        Ok(name) => rec.wrong = Some(format!("answered by {name}")),
+                        Err(e) => rec.wrong = Some(format!("{e:#}")),
                     }
                 }
             }
             Ok(out)
         });
-        ready_rx.recv().map_err(|_| anyhow::anyhow!("busy loop thread ended early"))??;
+        if ready_rx.recv().is_err() {
+            // The thread ended before its connections were open: its error says why.
+            thread.join().map_err(|_| anyhow::anyhow!("busy loop panicked"))??;
+            bail!("busy loop ended before its connections were open");
+        }
         Ok(BusyLoop { stop, thread })
     }
 
@@ -553,13 +536,13 @@ pub struct ClientLoop {
 }
 
 /// A connection of a [`BusyLoop`]: the real server that answered its first request, how many
-/// later requests it answered, and what went wrong (another real server answered, or the
-/// connection failed: it is not used again).
+/// later requests it answered, and the first thing that went wrong (another real server
+/// answered, or the connection failed), after which it is not used again.
 #[derive(Debug, Clone)]
 pub struct BusyConn {
     pub owner: String,
     pub answers: usize,
-    pub wrong: Vec<String>,
+    pub wrong: Option<String>,
 }
 
 /// Requests on established connections in the background (see [`Rig::busy_loop`]).

@@ -216,7 +216,7 @@ impl Scheduler {
         let key = config.key.clone();
         let state = match self.checks.remove(&key) {
             // `alpha` only says how a check starts: a running one goes on.
-            Some(mut old) if old.config == CheckConfig { alpha: old.config.alpha, ..config.clone() } => {
+            Some(mut old) if same_but_alpha(&old.config, &config) => {
                 old.config = config;
                 self.checks.insert(key, old);
                 return;
@@ -317,6 +317,12 @@ impl Scheduler {
             self.shared.options.notify_timeout,
         );
     }
+}
+
+/// Whether two configs of a check differ in `alpha` at most (every other field compared).
+fn same_but_alpha(a: &CheckConfig, b: &CheckConfig) -> bool {
+    let CheckConfig { key, check, target, alpha: _, notify_up, notify_down } = a;
+    *key == b.key && *check == b.check && *target == b.target && *notify_up == b.notify_up && *notify_down == b.notify_down
 }
 
 /// The state a check starts in: up, or down with `alpha` until its first pass (`none` is always
