@@ -75,6 +75,19 @@ pub struct Config {
     /// VRRP instances that decide whether this director carries a VIP. Empty: no VRRP, every
     /// VIP always carried. See `crate::vrrp::spec` for the keys.
     pub vrrp: VrrpSpec,
+    /// The interfaces the VRRP instances send on and answer for, where the file names them: for
+    /// a FILE:LINE:COL when lbd finds one missing.
+    #[serde(skip)]
+    pub vrrp_interfaces: Vec<VrrpInterfaceUse>,
+}
+
+/// An interface a `[[vrrp_instance]]` names: its `interface`, or a `dev` of its
+/// `virtual_addresses` (positioned at that key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VrrpInterfaceUse {
+    pub instance: String,
+    pub interface: String,
+    pub span: Span,
 }
 
 /// `[director]`: settings of this director host.
@@ -505,6 +518,8 @@ fn table_of(keys: &[&str]) -> Option<&'static str> {
 
 /// What a virtual server hands down to its real servers.
 struct ServerDefaults<'a> {
+    /// The virtual server's address (`None` for a firewall mark).
+    vip: Option<IpAddr>,
     /// `None` when the virtual server's port is itself invalid.
     vip_port: Option<u16>,
     /// True for NAT, the one forwarding method that may change the destination port.
@@ -547,11 +562,30 @@ impl Validator<'_> {
             }
         }
         let vrrp = self.vrrp(raw);
+        let vrrp_interfaces = self.vrrp_interfaces(raw);
         Some(Config {
             director: director?,
             virtual_servers,
             vrrp,
+            vrrp_interfaces,
         })
+    }
+
+    /// See [`Config::vrrp_interfaces`].
+    fn vrrp_interfaces(&self, raw: &RawConfig) -> Vec<VrrpInterfaceUse> {
+        let mut out = Vec::new();
+        for table in &raw.vrrp_instance {
+            let inst = table.get_ref();
+            let at = |key| self.lines.position(locate_key(self.lines.text, table.span(), key));
+            let mut uses = vec![(inst.interface.clone(), at("interface"))];
+            uses.extend(inst.virtual_addresses.iter().filter_map(|a| a.dev.clone()).map(|dev| (dev, at("virtual_addresses"))));
+            for (interface, span) in uses {
+                if !out.iter().any(|u: &VrrpInterfaceUse| u.instance == inst.name && u.interface == interface) {
+                    out.push(VrrpInterfaceUse { instance: inst.name.clone(), interface, span });
+                }
+            }
+        }
+        out
     }
 
     /// The VRRP tables: [`VrrpSpec::validate`]'s problems, each at the key it names (else at
@@ -686,7 +720,7 @@ impl Validator<'_> {
                     self.error(f.span().start, "`family` only goes with `fwmark`; the address gives the family".into());
                 }
                 let address = match &raw.address {
-                    Some(a) => self.check(a, |a| ip_address(a)),
+                    Some(a) => self.check(a, |a| ip_address(a).and_then(|a| unicast(a, "the virtual server's address"))),
                     None => {
                         self.error(start, "missing required key `address` (or `fwmark`) in [[virtual_server]]".into());
                         None
@@ -768,6 +802,7 @@ impl Validator<'_> {
         let hysteresis = self.check_or(&raw.hysteresis, 0, int("hysteresis", 0..=i64::from(u32::MAX)));
         let sorry_server = self.check_optional(&raw.sorry_server, |text| {
             let sorry = socket_address(text, port.unwrap_or(0))?;
+            unicast(sorry.ip(), "the sorry server's address")?;
             if sorry.is_ipv4() != address.is_ipv4() {
                 return Err(format!("sorry server {sorry} is not of the virtual server's address family"));
             }
@@ -780,6 +815,7 @@ impl Validator<'_> {
         let quorum_down = self.check_optional(&raw.quorum_down, |c| c.checked("quorum_down"));
         let alpha = raw.alpha.as_ref().is_some_and(|a| *a.get_ref());
         let defaults = ServerDefaults {
+            vip: raw.fwmark.is_none().then_some(address),
             vip_port: port,
             rewrites_ports,
             ipvs_family,
@@ -867,7 +903,13 @@ impl Validator<'_> {
         let span = self.lines.position(table_at);
         let raw = raw.get_ref();
         let address = self.check(&raw.address, |a| {
-            let address = ip_address(a)?;
+            let address = unicast(ip_address(a)?, "a real server's address")?;
+            if defaults.vip == Some(address) {
+                return Err(format!(
+                    "real server {address} is the virtual server's own address: give the real server's own \
+                     (in DSR it holds the VIP on a loopback interface besides)"
+                ));
+            }
             match defaults.ipvs_family {
                 Some(vip) if vip.is_ipv4() != address.is_ipv4() => {
                     let family = |a: IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
@@ -1088,11 +1130,35 @@ fn listen_address(text: &str) -> Result<SocketAddr, String> {
 fn socket_path(path: &Path) -> Result<PathBuf, String> {
     match path.as_os_str().as_bytes().len() {
         0 => Err("control_socket must not be empty".into()),
+        // lbd's working directory is not the CLI's (systemd starts it in `/`), and what a
+        // restart takes over is found by this path.
+        _ if path.is_relative() => Err(format!(
+            "control_socket `{}` must be an absolute path, e.g. `/run/lbd/lbd.sock`",
+            path.display()
+        )),
         len @ 108.. => Err(format!(
             "control_socket path is {len} bytes long; a Unix socket path may have at most 107"
         )),
         _ => Ok(path.to_owned()),
     }
+}
+
+/// `address` if it can be a host's (a VIP, a real server): not the unspecified, a multicast,
+/// the broadcast or a loopback address, and IPv4 written as IPv4 (an IPv4-mapped IPv6 address
+/// would be a VIP no IPv4 packet matches). `what` names it in the message.
+fn unicast(address: IpAddr, what: &str) -> Result<IpAddr, String> {
+    let problem = match address {
+        a if a.is_unspecified() => "the unspecified address",
+        a if a.is_multicast() => "a multicast address",
+        a if a.is_loopback() => "a loopback address, which never reaches the director's interface",
+        IpAddr::V4(a) if a.is_broadcast() => "the broadcast address",
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => return Err(format!("{what} {a} is an IPv4-mapped IPv6 address: write it as IPv4, {v4}")),
+            None => return Ok(address),
+        },
+        _ => return Ok(address),
+    };
+    Err(format!("{what} {address} is {problem}"))
 }
 
 fn ip_address(text: &str) -> Result<IpAddr, String> {
@@ -1495,6 +1561,7 @@ port = 8080
                 },
             ],
             vrrp: VrrpSpec::default(),
+            vrrp_interfaces: vec![],
         };
         assert_eq!(parse(text).unwrap(), expected);
     }
@@ -1508,6 +1575,7 @@ port = 8080
                 director: default_director("eth0"),
                 virtual_servers: vec![],
                 vrrp: VrrpSpec::default(),
+                vrrp_interfaces: vec![],
             }
         );
 
@@ -1898,6 +1966,10 @@ address = "10.0.0.4"
             ["t.toml:3:18: control_socket must not be empty"]
         );
         assert_eq!(
+            director("control_socket = \"lbd.sock\""),
+            ["t.toml:3:18: control_socket `lbd.sock` must be an absolute path, e.g. `/run/lbd/lbd.sock`"]
+        );
+        assert_eq!(
             director("metrics_listen = \"127.0.0.1\""),
             ["t.toml:3:18: metrics_listen `127.0.0.1` has no port: give `address:port`, e.g. `127.0.0.1:9180`"]
         );
@@ -1933,6 +2005,36 @@ address = "10.0.0.4"
     #[test]
     fn virtual_server_values() {
         let vs = |lines: &str| errors_after(false, &format!("[[virtual_server]]\n{lines}\n"));
+        // Addresses no host can have: refused, not left to match nothing.
+        for (address, problem) in [
+            ("0.0.0.0", "is the unspecified address"),
+            ("::", "is the unspecified address"),
+            ("224.0.0.18", "is a multicast address"),
+            ("ff02::12", "is a multicast address"),
+            ("255.255.255.255", "is the broadcast address"),
+            ("127.0.0.1", "is a loopback address, which never reaches the director's interface"),
+            ("::1", "is a loopback address, which never reaches the director's interface"),
+            ("::ffff:10.0.0.1", "is an IPv4-mapped IPv6 address: write it as IPv4, 10.0.0.1"),
+        ] {
+            assert_eq!(
+                vs(&format!("address = \"{address}\"\nport = 80")),
+                [format!("t.toml:4:11: the virtual server's address {address} {problem}")]
+            );
+        }
+        let table = |address: &str| format!("sorry_server = \"10.0.0.9\"\n[[virtual_server.real_server]]\naddress = \"{address}\"\n");
+        let rs = |address: &str| errors_after(true, &table(address));
+        parse(&format!("{DIRECTOR}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\n{}", table("10.0.0.11"))).unwrap();
+        assert_eq!(rs("0.0.0.0"), ["t.toml:8:11: a real server's address 0.0.0.0 is the unspecified address"]);
+        assert_eq!(rs("127.0.0.2"), ["t.toml:8:11: a real server's address 127.0.0.2 is a loopback address, which never reaches the director's interface"]);
+        assert_eq!(
+            rs("10.0.0.1"),
+            ["t.toml:8:11: real server 10.0.0.1 is the virtual server's own address: give the real server's own (in DSR it \
+              holds the VIP on a loopback interface besides)"]
+        );
+        assert_eq!(
+            errors_after(true, "sorry_server = \"224.0.0.1\"\n"),
+            ["t.toml:6:16: the sorry server's address 224.0.0.1 is a multicast address"]
+        );
         assert_eq!(
             vs("address = \"10.0.0.256\"\nport = 80"),
             ["t.toml:4:11: invalid IP address `10.0.0.256`"]

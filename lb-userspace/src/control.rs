@@ -5,7 +5,10 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::{fs::PermissionsExt, net::UnixStream},
+    os::unix::{
+        fs::{FileTypeExt, PermissionsExt},
+        net::UnixStream,
+    },
     path::Path,
     time::Duration,
 };
@@ -64,6 +67,8 @@ pub enum ControlError {
     Decode { path: String, source: serde_json::Error },
     #[error("another lbd is already listening on {0}")]
     InUse(String),
+    #[error("{0} exists and is not a socket: control_socket must name a path of its own")]
+    NotASocket(String),
 }
 
 /// Sends one request and waits (at most 10 s) for the reply.
@@ -100,13 +105,43 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
         if UnixStream::connect(path).is_ok() {
             return Err(ControlError::InUse(p));
+        }
+        // A stale socket is replaced; anything else at that path is not lbd's to delete.
+        if !meta.file_type().is_socket() {
+            return Err(ControlError::NotASocket(p));
         }
         std::fs::remove_file(path).map_err(io)?;
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stale socket (its lbd gone) is replaced; a file that is not a socket is left alone,
+    /// however `control_socket` came to name it.
+    #[tokio::test]
+    async fn bind_replaces_a_stale_socket_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("lbd-bind-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lbd.toml");
+        std::fs::write(&file, "[director]\n").unwrap();
+        let err = bind(&file).unwrap_err();
+        assert_eq!(err.to_string(), format!("{} exists and is not a socket: control_socket must name a path of its own", file.display()));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "[director]\n");
+
+        let sock = dir.join("lbd.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let listener = bind(&sock).expect("a stale socket is replaced");
+        assert!(matches!(bind(&sock), Err(ControlError::InUse(_))));
+        drop(listener);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -881,11 +881,32 @@ pub fn resolve_ifaces(config: &Config, file: &Path) -> anyhow::Result<HashMap<St
         if ifaces.contains_key(name) {
             continue;
         }
-        let iface = lookup_iface(&links, name).map_err(|e| anyhow::anyhow!("{}:{}:{}: {e:#}", file.display(), at.line, at.col))?;
+        let iface = lookup_iface(&links, name).map_err(|e| ConfigMistake(format!("{}:{}:{}: {e:#}", file.display(), at.line, at.col)))?;
         ifaces.insert(name.clone(), iface);
+    }
+    // VRRP's interfaces before anything is attached: a typo there would otherwise stop lbd only
+    // once its fast path serves (and stays, pinned), or a reload once the dataplane changed.
+    for u in &config.vrrp_interfaces {
+        if !links.contains_key(&u.interface) {
+            let (line, col) = (u.span.line, u.span.col);
+            return Err(ConfigMistake(format!(
+                "{}:{line}:{col}: [[vrrp_instance]] {}: interface {} not found",
+                file.display(),
+                u.instance,
+                u.interface
+            ))
+            .into());
+        }
     }
     Ok(ifaces)
 }
+
+/// A mistake in the config found only when lbd starts (an interface it names is not there):
+/// `lbd run` exits 2 for it, as `lbd check` does for the others, so that systemd does not
+/// restart it only to find the same mistake (`RestartPreventExitStatus=2`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigMistake(pub String);
 
 fn log_level_number(config: &Config) -> u8 {
     use crate::config::LogLevel::*;
@@ -2191,6 +2212,15 @@ mod tests {
         let text = "[director]\ninterface = \"nosuch1\"\n";
         let err = resolve_ifaces(&Config::parse(text, "test.toml").unwrap(), Path::new("test.toml")).unwrap_err();
         assert!(err.to_string().starts_with("test.toml:2:13: interface nosuch1 not found"), "{err}");
+        assert!(err.chain().any(|c| c.is::<ConfigMistake>()), "lbd run exits 2 for it");
+        // VRRP's interfaces too, before anything is attached (lines 11-15 are VI_1's table).
+        let err = resolve_ifaces(&vrrp_config(&VI_1.replace("\"eth0\"", "\"nosuch2\"")), Path::new("test.toml")).unwrap_err();
+        assert_eq!(err.to_string(), "test.toml:13:1: [[vrrp_instance]] VI_1: interface nosuch2 not found");
+        assert!(err.chain().any(|c| c.is::<ConfigMistake>()));
+        let vi = VI_1.replace("[\"10.0.0.100\"]", "[{ address = \"10.0.0.100\", dev = \"nosuch3\" }]");
+        let err = resolve_ifaces(&vrrp_config(&vi), Path::new("test.toml")).unwrap_err();
+        assert_eq!(err.to_string(), "test.toml:15:1: [[vrrp_instance]] VI_1: interface nosuch3 not found");
+        resolve_ifaces(&vrrp_config(VI_1), Path::new("test.toml")).unwrap();
     }
 
     #[test]

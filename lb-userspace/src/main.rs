@@ -155,7 +155,13 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
-                    ExitCode::FAILURE
+                    // A mistake in the config (an interface it names is missing): exit 2, as
+                    // `lbd check` does, which systemd does not restart.
+                    if e.chain().any(|c| c.is::<daemon::ConfigMistake>()) {
+                        ExitCode::from(2)
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
             }
         }
@@ -216,9 +222,19 @@ fn detach(target: &Target) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if control::request(&socket, &Request::Status).is_ok() {
-        eprintln!("lbd detach: an lbd is running on {}; stop it first (what it keeps is removed after it stopped)", socket.display());
-        return ExitCode::FAILURE;
+    match control::request(&socket, &Request::Status) {
+        // Nothing listens there.
+        Err(control::ControlError::Connect { .. }) => {}
+        Ok(_) => {
+            eprintln!("lbd detach: an lbd is running on {}; stop it first (what it keeps is removed after it stopped)", socket.display());
+            return ExitCode::FAILURE;
+        }
+        // Something listens but did not answer: an lbd busy starting or reloading, whose fast
+        // path must not be taken from under it.
+        Err(e) => {
+            eprintln!("lbd detach: {e}; something listens on {}: if it is an lbd, stop it first", socket.display());
+            return ExitCode::FAILURE;
+        }
     }
     let keep = lb_userspace::keep::Keep::for_socket(&socket);
     match keep.remove() {

@@ -1131,10 +1131,12 @@ impl XdpDataplane {
         self.free_backend(vip, id)
     }
 
-    /// Frees backend `id` of `vip` (already written dead): what it forwarded becomes the VIP's
-    /// `retired`, and the id goes to the free list.
+    /// Frees backend `id` of `vip` (already written dead): the id goes to the free list, and what
+    /// it forwarded becomes the VIP's `retired`. The id is freed first: if its counters cannot
+    /// be read, its figures are lost from the VIP's, but the id is not (it was leaked for good).
     fn free_backend(&mut self, vip: VipAddr, id: u32) -> Result<(), DataplaneError> {
         self.state_dirty = true;
+        self.free_backend_ids.push_back((id, Instant::now()));
         let counted = Self::sum(&self.backend_stats, id, Counters::add)?;
         let serial = match self.vips.get_mut(&vip) {
             Some(slot) => {
@@ -1144,7 +1146,6 @@ impl XdpDataplane {
             None => u64::MAX,
         };
         self.retired.insert(id, Retired { vip, serial, counted });
-        self.free_backend_ids.push_back((id, Instant::now()));
         Ok(())
     }
 
@@ -1374,7 +1375,6 @@ impl Dataplane for XdpDataplane {
             for ((vip, _), id) in std::mem::take(&mut self.reserved) {
                 if let Err(e) = self.free_backend(vip, id) {
                     tracing::warn!("reading the counters of backend id {id}: {e}; its figures leave its virtual server's");
-                    self.free_backend_ids.push_back((id, Instant::now()));
                 }
             }
         }

@@ -104,3 +104,22 @@ fn the_shipped_systemd_unit_verifies_and_runs_real_commands() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `lbd detach` removes what a stopped lbd kept, never what a running one uses: one that does
+/// not answer (busy starting or reloading) counts as running. Before, any failed status request
+/// counted as "not running", and a busy lbd's pinned fast path was removed from under it.
+#[test]
+fn detach_leaves_a_socket_that_does_not_answer_alone() {
+    let dir = std::env::temp_dir().join(format!("lbd-cli-detach-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("busy.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    // Takes the request and hangs up without a reply.
+    let busy = std::thread::spawn(move || drop(listener.accept().unwrap()));
+    let (code, out, err) = lbd(&["detach", "--socket", sock.to_str().unwrap()]);
+    busy.join().unwrap();
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains(&format!("something listens on {}: if it is an lbd, stop it first", sock.display())), "{err}");
+    assert_eq!(out, "");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

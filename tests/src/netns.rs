@@ -9,13 +9,22 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-/// Runs a host command; fails with its stderr.
+/// How long a command [`run`] starts may take before it is killed: nothing the tests run takes
+/// more than seconds, so a hang fails its test instead of holding up the whole run.
+pub const COMMAND_LIMIT_SECS: u32 = 120;
+
+/// Runs a host command (killed after [`COMMAND_LIMIT_SECS`]); fails with its stderr.
 pub fn run(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
+    let limit = COMMAND_LIMIT_SECS.to_string();
+    let out = Command::new("timeout")
+        .args(["--kill-after=5", &limit])
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {args:?}"))?;
+    if out.status.code() == Some(124) || out.status.code() == Some(137) {
+        bail!("{args:?} did not finish in {COMMAND_LIMIT_SECS} s (killed): {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
     if !out.status.success() {
         bail!("{args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -35,9 +44,11 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates (or recreates, if a previous run left it) the namespace, with `lo` up.
+    /// Creates (or recreates, if a previous run left it) the namespace, with `lo` up. What an
+    /// interrupted run left in it (Ctrl-C runs no destructor: nginx, lbd) is killed first, or it
+    /// would live on in the deleted namespace.
     pub fn new(name: &str) -> Result<Self> {
-        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+        remove(name);
         run(&["ip", "netns", "add", name])?;
         let ns = Self { name: name.to_string() };
         ns.ip(&["link", "set", "lo", "up"])?;
@@ -141,13 +152,18 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
     bytes.try_into().map_err(|_| anyhow::anyhow!("bad MAC {s:?}"))
 }
 
+/// Kills the processes in namespace `name`, if there is one, and deletes it.
+fn remove(name: &str) {
+    if let Ok(pids) = run(&["ip", "netns", "pids", name]) {
+        for pid in pids.split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Ok(pids) = run(&["ip", "netns", "pids", &self.name]) {
-            for pid in pids.split_whitespace() {
-                let _ = Command::new("kill").args(["-KILL", pid]).status();
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
+        remove(&self.name);
     }
 }

@@ -129,6 +129,8 @@ impl Rig {
             backends.push(Netns::new(&format!("{prefix}-be{}", i + 1))?);
         }
         let socket = work.join("lbd.sock");
+        // What an lbd of an interrupted run kept for its next start (Ctrl-C runs no destructor).
+        lb_userspace::keep::Keep::for_socket(&socket).remove()?;
         let config = work.join("rig.toml");
         std::fs::write(&config, rig_config(&socket))?;
         let mut rig = Rig {

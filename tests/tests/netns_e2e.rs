@@ -280,6 +280,41 @@ fn failed_native_attach_says_so_plainly() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A VRRP instance naming an interface that is not there is a mistake in the config: `lbd run`
+/// says where (FILE:LINE:COL) and exits 2 (which systemd does not restart) before anything is
+/// attached. Before, it was found once the fast path served: lbd exited 1 and left its program
+/// attached and pinned, forwarding with no health checks.
+#[test]
+fn a_missing_vrrp_interface_stops_lbd_before_it_attaches() -> anyhow::Result<()> {
+    require_root()?;
+    let ns = Netns::new("lte8-dir")?;
+    let dir = std::env::temp_dir().join("lbd-lte8");
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("lbd.sock");
+    let _kept = rig::KeptFor::fresh(&socket)?;
+    let config = dir.join("vrrp.toml");
+    let text = rig::custom_config(&socket, "generic", &[(IpAddr::V4(VIP_V4), 80, "tcp", vec![])])
+        .replace("interface = \"eth0\"", "interface = \"lo\"")
+        + "[[vrrp_instance]]\nname = \"VI_1\"\ninterface = \"eht0\"\nvirtual_router_id = 51\nvirtual_addresses = [\"10.99.0.100\"]\n";
+    let line = text.lines().position(|l| l == "interface = \"eht0\"").expect("in the text") + 1;
+    std::fs::write(&config, text)?;
+    let lbd = rig::lbd_binary()?;
+    // `nsenter --net`, as the rig starts lbd: the host's bpffs, where a kept fast path is pinned.
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", ns.name))
+        .args(["--", lbd.to_str().unwrap(), "run", "--config", config.to_str().unwrap()])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let at = format!("{}:{line}:1: [[vrrp_instance]] VI_1: interface eht0 not found", config.display());
+    assert!(err.contains(&at), "{err}");
+    assert_eq!(ns.xdp_program("lo")?, None, "lbd attached before it found the mistake");
+    let keep = lb_userspace::keep::Keep::for_socket(&socket);
+    assert!(!keep.link().exists(), "lbd left a pinned link at {}", keep.link().display());
+    assert!(!socket.exists(), "lbd left its control socket");
+    Ok(())
+}
+
 #[test]
 fn a_second_lbd_run_on_the_same_socket_changes_nothing() -> anyhow::Result<()> {
     require_root()?;

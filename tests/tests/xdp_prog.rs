@@ -146,6 +146,8 @@ fn cases(other_ifindex: u32) -> anyhow::Result<()> {
     let f = flow(40000, 80);
     let f6 = Flow6 { src: CLIENT6, dst: VIP6, sport: 40001, dport: 443 };
     let redirect_in = tcp4_syn(Flow4 { dst: VIP_REDIRECT, ..f });
+    let mut qinq = tcp4_syn_vlan(flow(40013, 80), 42);
+    qinq[12..14].copy_from_slice(&0x88a8u16.to_be_bytes());
     let table = vec![
         tx("TCP SYN to a VIP: new flow, destination MAC rewritten", tcp4_syn(f), BE_MAC[0], "new-flow"),
         tx("TCP ACK of the same flow: connection-table hit", tcp4_ack(f, b"GET / HTTP/1.1\r\n\r\n"), BE_MAC[0], "conntrack-hit"),
@@ -177,6 +179,9 @@ fn cases(other_ifindex: u32) -> anyhow::Result<()> {
         unchanged("first fragment to a VIP: dropped", udp4_fragment(flow(40008, 53), 0, true), XDP_DROP, "fragment"),
         unchanged("later fragment to a port-specific VIP: no ports, passed", udp4_fragment(flow(40008, 53), 4, false), XDP_PASS, "not-vip"),
         unchanged("IPv6 first fragment to a VIP: dropped", tcp6_syn_fragment(Flow6 { sport: 40010, ..f6 }, 0, true), XDP_DROP, "fragment"),
+        unchanged("IPv6 later fragment to a port-specific VIP: no ports, passed", tcp6_syn_fragment(Flow6 { sport: 40012, ..f6 }, 4, true), XDP_PASS, "not-vip"),
+        unchanged("truncated IPv6 extension header", tcp6_syn_hop_by_hop(f6)[..14 + 40 + 4].to_vec(), XDP_PASS, "malformed"),
+        unchanged("802.1ad (QinQ) service tag: not parsed, passed to the kernel", qinq, XDP_PASS, "not-ip"),
         unchanged("later fragment to a port-0 VIP: dropped", udp4_fragment(Flow4 { dst: VIP_ANY_PORT, ..f }, 4, true), XDP_DROP, "fragment"),
         tx("ICMP fragmentation needed about a TCP VIP's reply: to the flow's real server", icmp4_frag_needed(ROUTER, VIP, f), BE_MAC[0], "icmp-too-big"),
         tx("ICMP fragmentation needed about a UDP VIP's reply", icmp4_frag_needed_udp(ROUTER, VIP, flow(40002, 53)), BE_MAC[1], "icmp-too-big"),
@@ -348,6 +353,12 @@ fn established_inner() -> anyhow::Result<()> {
     let (verdict, _) = run(&mut dp, &tcp4_ack(other, b"x"));
     assert_eq!(verdict, XDP_DROP);
     assert_eq!(reason_packets(&dp, "vip-disabled") - before, 1);
+    // So is a new flow, without a connection entry: its next packet, once the VIP is enabled
+    // again, is a new flow (a backup keeps no flows it never forwarded).
+    let fresh = Flow4 { dport: 7070, ..f };
+    let (verdict, _) = run(&mut dp, &tcp4_syn(fresh));
+    assert_eq!(verdict, XDP_DROP, "new flow to a disabled VIP");
+    assert_eq!(reason_packets(&dp, "vip-disabled") - before, 2);
 
     // Enabled again (MASTER), nothing else changed: the established flow is a hit again, on
     // its real server (hits read the VIP's state from the real server's element).
@@ -356,6 +367,10 @@ fn established_inner() -> anyhow::Result<()> {
     let (verdict, out) = run(&mut dp, &tcp4_ack(other, b"x"));
     assert_eq!((verdict, &out[0..6]), (XDP_TX, &BE_MAC[2][..]), "re-enabled VIP forwards its flow");
     assert_eq!(reason_packets(&dp, "conntrack-hit") - before, 1);
+    let before = reason_packets(&dp, "new-flow");
+    let (verdict, out) = run(&mut dp, &tcp4_ack(fresh, b"x"));
+    assert_eq!((verdict, &out[0..6]), (XDP_TX, &BE_MAC[2][..]));
+    assert_eq!(reason_packets(&dp, "new-flow") - before, 1, "the flow dropped while disabled left no entry");
 
     // Removed: the address keeps the port VIP, but port 9090 is no VIP any more.
     dp.apply(&[exact])?;
@@ -436,6 +451,62 @@ fn counts_inner() -> anyhow::Result<()> {
     let s = dp.stats()?;
     assert_eq!(s.vips[&a], Traffic::default(), "A again, with ids of the old A");
     assert_eq!(reasons(&dp)?, [(40, ack_bytes), (41, syn_bytes + syn_b)], "after A's ids were reused");
+    Ok(())
+}
+
+/// A connection entry names a backend id and its generation: once the id is freed and given to
+/// another real server (a new generation), the old entries are not honoured, whether the id went
+/// to another virtual server or to the same one. Their flows are chosen again from their own
+/// virtual server's table, as new flows.
+#[test]
+fn a_reused_backend_id_takes_none_of_the_old_flows() -> anyhow::Result<()> {
+    in_own_netns("lbdt-prog7", reused_inner)
+}
+
+fn reused_inner() -> anyhow::Result<()> {
+    let mut dp = load();
+    let a = VipAddr::new(IpAddr::V4(VIP), 80, Protocol::Tcp);
+    let b = VipAddr::new(IpAddr::V4(VIP_EMPTY), 80, Protocol::Tcp);
+    let two = vec![backend(11, 80, BE_MAC[0], INGRESS), backend(12, 80, BE_MAC[1], INGRESS)];
+    dp.apply(&[ServiceSpec::new(a, two.clone())])?;
+    let (mut on_first, mut on_second) = (Vec::new(), Vec::new());
+    for i in 0..60 {
+        let f = flow(44000 + i, 80);
+        let (verdict, out) = run(&mut dp, &tcp4_syn(f));
+        assert_eq!(verdict, XDP_TX, "SYN {i}");
+        if out[0..6] == BE_MAC[0] { on_first.push(f) } else { on_second.push(f) }
+    }
+    assert!(!on_first.is_empty() && !on_second.is_empty(), "60 flows over two real servers");
+    // A's first real server goes; B's real server (another MAC) gets its id.
+    let before_ids = dp.backend_ids(&a);
+    dp.apply(&[ServiceSpec::new(a, vec![two[1].clone()])])?;
+    let kept = dp.backend_ids(&a);
+    let freed: Vec<u32> = before_ids.iter().copied().filter(|id| !kept.contains(id)).collect();
+    std::thread::sleep(FLIP_GRACE);
+    let third = backend(13, 80, BE_MAC[2], INGRESS);
+    dp.apply(&[ServiceSpec::new(a, vec![two[1].clone()]), ServiceSpec::new(b, vec![third.clone()])])?;
+    assert!(dp.backend_ids(&b).iter().all(|id| freed.contains(id)), "B reuses {freed:?}: {:?}", dp.backend_ids(&b));
+    let before = reason_packets(&dp, "new-flow");
+    for f in &on_first {
+        let (verdict, out) = run(&mut dp, &tcp4_ack(*f, b"x"));
+        assert_eq!((verdict, &out[0..6]), (XDP_TX, &BE_MAC[1][..]), "{f:?}: not to B's real server, to A's");
+    }
+    assert_eq!(reason_packets(&dp, "new-flow") - before, on_first.len() as u64, "chosen again, as new flows");
+
+    // A's second real server goes and a new one of A gets its id: the same virtual server, so
+    // only the generation tells the old entries from the new real server's.
+    dp.apply(&[ServiceSpec::new(b, vec![third.clone()])])?;
+    let freed = kept;
+    std::thread::sleep(FLIP_GRACE);
+    dp.apply(&[ServiceSpec::new(a, vec![backend(14, 80, BE_MAC[0], INGRESS)]), ServiceSpec::new(b, vec![third])])?;
+    assert!(dp.backend_ids(&a).iter().all(|id| freed.contains(id)), "A's new real server reuses {freed:?}: {:?}", dp.backend_ids(&a));
+    let (hits, new) = (reason_packets(&dp, "conntrack-hit"), reason_packets(&dp, "new-flow"));
+    for f in &on_second {
+        let (verdict, out) = run(&mut dp, &tcp4_ack(*f, b"x"));
+        assert_eq!((verdict, &out[0..6]), (XDP_TX, &BE_MAC[0][..]), "{f:?}");
+    }
+    assert_eq!(reason_packets(&dp, "conntrack-hit"), hits, "an old entry was honoured for the id's new real server");
+    assert_eq!(reason_packets(&dp, "new-flow") - new, on_second.len() as u64);
     Ok(())
 }
 

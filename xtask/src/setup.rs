@@ -104,7 +104,10 @@ fn apt() -> Result<()> {
 
 fn nightly_rust_src() -> Result<()> {
     let toolchains = quiet(Command::new("rustup").args(["toolchain", "list"]))?;
-    if !String::from_utf8_lossy(&toolchains.stdout).lines().any(|l| l.starts_with("nightly")) {
+    // The undated nightly (`nightly-x86_64-unknown-linux-gnu`), which `+nightly` names; a dated
+    // one (`nightly-2024-05-01-...`) is another toolchain.
+    let undated = |l: &str| l.strip_prefix("nightly-").is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()));
+    if !String::from_utf8_lossy(&toolchains.stdout).lines().any(undated) {
         report("nightly toolchain", "installing");
         let out = quiet(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
         if !out.status.success() {
@@ -112,6 +115,9 @@ fn nightly_rust_src() -> Result<()> {
         }
     }
     let list = quiet(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    if !list.status.success() {
+        bail!("rustup component list --toolchain nightly failed: {}", String::from_utf8_lossy(&list.stderr));
+    }
     if String::from_utf8_lossy(&list.stdout).lines().any(|l| l.starts_with("rust-src")) {
         report("rust-src (nightly)", "ok");
         return Ok(());
@@ -138,6 +144,9 @@ fn bpf_linker() -> Result<()> {
     // bpf-linker links against LLVM; use the one inside rustc's nightly sysroot so the versions
     // match the bitcode rustc emits. It expects PREFIX/lib/libLLVM.so.
     let sysroot = quiet(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    if !sysroot.status.success() {
+        bail!("rustc +nightly --print sysroot failed: {}", String::from_utf8_lossy(&sysroot.stderr));
+    }
     let lib = std::path::Path::new(String::from_utf8_lossy(&sysroot.stdout).trim()).join("lib");
     let llvm = std::fs::read_dir(&lib)
         .with_context(|| format!("reading {}", lib.display()))?
