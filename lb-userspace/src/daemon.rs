@@ -1294,6 +1294,22 @@ fn start_vrrp(spec: &VrrpSpec) -> anyhow::Result<Option<Vrrp>> {
     Ok(Some(Vrrp { handle, states }))
 }
 
+/// [`start_vrrp`] after a reload, the instances named in `masters` MASTER at once
+/// ([`VrrpHandle::start_resuming`]); waits (at most a second) until they are, so that the
+/// caller's [`sync_vrrp`] finds their addresses owned instead of dropping them for a moment.
+async fn start_vrrp_resuming(spec: &VrrpSpec, masters: &BTreeSet<String>) -> anyhow::Result<Option<Vrrp>> {
+    if spec.instances.is_empty() {
+        return Ok(None);
+    }
+    check_vrrp_ifaces(spec)?;
+    let (handle, mut states) = VrrpHandle::start_resuming(spec.clone(), masters).context("starting VRRP")?;
+    if !masters.is_empty() {
+        let started = states.wait_for(|s| masters.iter().all(|m| s.get(m).is_none_or(|s| *s != VrrpState::Init)));
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), started).await;
+    }
+    Ok(Some(Vrrp { handle, states }))
+}
+
 /// The interfaces instances send adverts on and answer ARP/NDP on must exist (tracked
 /// interfaces may come and go: that is what tracking them is for).
 fn check_vrrp_ifaces(spec: &VrrpSpec) -> anyhow::Result<()> {
@@ -1439,10 +1455,12 @@ fn with_vrrp(mut status: Status, vrrp: Option<&Vrrp>) -> Status {
 }
 
 /// [`reload`], then VRRP restarted if (and only if) its tables changed: the old instances stop
-/// cleanly (a master hands over with priority 0) and the new ones start as a fresh lbd would.
-/// If they cannot start, the previous state is put back as it was before the reload (see
-/// [`Controller::restore`]) and VRRP runs it again; if that fails too, the error is a
-/// [`RollbackFailed`].
+/// without a word and the new ones start, those that were MASTER of the same virtual router
+/// (name, interface and VRID) as MASTER at once, so that the backup does not take over for the
+/// reload (see [`VrrpHandle::start_resuming`]); the others as a fresh lbd would. The virtual
+/// servers VRRP covers are not dropped in between. If the new instances cannot start, the
+/// previous state is put back as it was before the reload (see [`Controller::restore`]) and
+/// VRRP runs it again; if that fails too, the error is a [`RollbackFailed`].
 async fn reload_all(
     ctl: &mut Controller,
     resolver: &Resolver,
@@ -1456,8 +1474,16 @@ async fn reload_all(
         return Ok(());
     }
     info!("VRRP configuration changed: restarting VRRP");
-    stop_vrrp(ctl, vrrp).await;
-    let err = match start_vrrp(&ctl.config().vrrp) {
+    let masters = match vrrp.take() {
+        Some(v) => v.handle.hand_over().await,
+        None => BTreeSet::new(),
+    };
+    let same_router = |spec: &VrrpSpec, name: &String| {
+        let router = |s: &VrrpSpec| s.instances.iter().find(|i| &i.name == name).map(|i| (i.interface.clone(), i.virtual_router_id));
+        router(spec).is_some() && router(spec) == router(&snapshot.config.vrrp)
+    };
+    let carried: BTreeSet<String> = masters.iter().filter(|n| same_router(&ctl.config().vrrp, n)).cloned().collect();
+    let err = match start_vrrp_resuming(&ctl.config().vrrp, &carried).await {
         Ok(v) => {
             *vrrp = v;
             sync_vrrp(ctl, vrrp.as_ref());
@@ -1473,7 +1499,7 @@ async fn reload_all(
         rollback.push(e.context("programming the previous configuration"));
     }
     rewatch(ctl, resolver, watched);
-    match start_vrrp(&ctl.config().vrrp) {
+    match start_vrrp_resuming(&ctl.config().vrrp, &masters).await {
         Ok(v) => *vrrp = v,
         Err(e) => {
             rollback.push(e.context("restarting the previous VRRP instances (the virtual servers they cover stay dropped)"))

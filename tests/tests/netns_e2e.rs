@@ -183,7 +183,7 @@ fn generic_xdp_mode_forwards_too() -> anyhow::Result<()> {
 #[test]
 fn auto_mode_restart_takes_over_generic_xdp() -> anyhow::Result<()> {
     require_root()?;
-    let ns = Netns::new("lte9-dir")?;
+    let ns = Netns::new("lteb-dir")?;
     ns.ip(&["link", "add", "br9", "type", "bridge"])?;
     ns.ip(&["link", "add", "va", "type", "veth", "peer", "name", "vb"])?;
     for dev in ["br9", "va", "vb"] {
@@ -194,7 +194,7 @@ fn auto_mode_restart_takes_over_generic_xdp() -> anyhow::Result<()> {
     let native = ns.enter(move || (lb_userspace::links::native_xdp(bridge), lb_userspace::links::native_xdp(veth)))?;
     assert_eq!(native, (Some(false), Some(true)), "the kernel's XDP features of a bridge and a veth");
 
-    let dir = std::env::temp_dir().join("lbd-lte9");
+    let dir = std::env::temp_dir().join("lbd-lteb");
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("lbd.sock");
     let guard = rig::KeptFor::fresh(&socket)?;
@@ -287,8 +287,8 @@ fn failed_native_attach_says_so_plainly() -> anyhow::Result<()> {
 #[test]
 fn a_missing_vrrp_interface_stops_lbd_before_it_attaches() -> anyhow::Result<()> {
     require_root()?;
-    let ns = Netns::new("lte8-dir")?;
-    let dir = std::env::temp_dir().join("lbd-lte8");
+    let ns = Netns::new("ltec-dir")?;
+    let dir = std::env::temp_dir().join("lbd-ltec");
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("lbd.sock");
     let _kept = rig::KeptFor::fresh(&socket)?;

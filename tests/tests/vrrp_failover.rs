@@ -240,6 +240,41 @@ fn preempt_takes_the_vip_back_and_nopreempt_does_not() -> Result<()> {
     Ok(())
 }
 
+/// A reload that changes the VRRP tables keeps the master MASTER, as keepalived's does: no
+/// priority-0 advert, no takeover by the backup, no request lost, and no notify (its state did
+/// not change). Before, VRRP stopped as at a shutdown: the backup took over, and the master,
+/// starting again as BACKUP, preempted it back.
+#[test]
+fn a_vrrp_reload_keeps_the_master_master() -> Result<()> {
+    require_root()?;
+    let mut p = Pair::up("vf9", PairOptions::default())?;
+    start_pair(&mut p)?;
+    let notified = p.rig.work.join("notified");
+    let script = p.rig.work.join("notify.sh");
+    std::fs::write(&script, format!("#!/bin/sh\necho \"$@\" >> {}\n", notified.display()))?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let client = ClientLoop::start(&p.rig.client)?;
+    std::thread::sleep(ms(500));
+    let text = std::fs::read_to_string(&p.lbd[0].config)?;
+    let changed = text.replace("garp_master_delay = \"1s\"\n", &format!("garp_master_delay = \"2s\"\nnotify = \"{}\"\n", script.display()));
+    ensure!(changed != text, "the VRRP table was not changed");
+    std::fs::write(&p.lbd[0].config, changed)?;
+    p.reload(0)?;
+    // Three Master_Down_Intervals of the backup: time enough to take over had it heard nothing.
+    let (mdi, _) = backup_timers();
+    std::thread::sleep(3 * mdi + ms(500));
+    let report = client.stop()?;
+    let (a, b) = (p.instance(0)?, p.instance(1)?);
+    assert_eq!((a.state, b.state), (Master, Backup), "after the reload");
+    assert_eq!(b.counters.became_master, 0, "the backup took over during the reload");
+    ensure!(p.carries(0)? && !p.carries(1)?, "only the master carries the VIP");
+    assert_eq!(report.failed, 0, "requests lost during the reload: {report:?}");
+    assert!(p.log(0).contains("VRRP instance stays MASTER across the reload"), "{}", p.log(0));
+    assert!(!notified.exists(), "notify ran: {}", std::fs::read_to_string(&notified).unwrap_or_default());
+    only_answers(&p, director_mac(0))?;
+    Ok(())
+}
+
 #[test]
 fn unicast_adverts_work_with_multicast_dropped() -> Result<()> {
     require_root()?;

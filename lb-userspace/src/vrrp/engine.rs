@@ -215,6 +215,9 @@ struct Instance {
     counters: Counters,
     drops_logged: DropLog,
     v3_plain_checksum_logged: bool,
+    /// Was MASTER before a reload restarted VRRP: [`Engine::start`] makes it MASTER at once
+    /// (see [`Engine::resume_master`]).
+    resume: bool,
 }
 
 struct Group {
@@ -347,6 +350,7 @@ impl Engine {
                 counters: Counters::default(),
                 drops_logged: DropLog::default(),
                 v3_plain_checksum_logged: false,
+                resume: false,
             })
             .collect();
         let groups = groups
@@ -433,8 +437,18 @@ impl Engine {
         self.inst.iter().flat_map(|i| [i.adver_at, i.down_at, i.garp_at, i.refresh_at, i.probe_at, i.lower_garp_at]).flatten().min()
     }
 
+    /// Instance `i` was MASTER of the same virtual router before a reload restarted VRRP:
+    /// [`Self::start`] makes it MASTER at once, as keepalived keeps an instance's state across a
+    /// reload. Starting as BACKUP instead would wait a Master_Down_Interval with nobody sending
+    /// adverts; the backup would take over and (with preempt) give the VIPs back later. If the
+    /// new config made it lower than a peer, the peer's adverts make it BACKUP as usual.
+    pub fn resume_master(&mut self, i: usize) {
+        self.inst[i].resume = true;
+    }
+
     /// Leaves INIT: FAULT if a weight-0 tracker fails (for the whole sync group), MASTER for the
-    /// address owner, BACKUP otherwise.
+    /// address owner and for an instance resumed as MASTER ([`Self::resume_master`]), BACKUP
+    /// otherwise.
     pub fn start(&mut self, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
         for i in 0..self.inst.len() {
@@ -444,7 +458,7 @@ impl Engine {
             let group_faulted = self.group_members(i).any(|m| self.inst[m].faulted());
             if group_faulted {
                 self.become_fault(now, i, &mut out);
-            } else if self.inst[i].effective_priority() == 255 {
+            } else if self.inst[i].effective_priority() == 255 || self.inst[i].resume {
                 self.become_master(now, i, &mut out);
                 self.group_follow_master(now, i, &mut out);
             } else {
@@ -1100,6 +1114,22 @@ mod tests {
         // And a backup with equal priority accepts the master whatever the addresses.
         e.receive(c.at(ms(450)), 0, lower_addr, &advert(Version::V3, 100, ms(100)));
         assert_eq!(e.next_timer(), Some(c.at(ms(450 + 360))));
+    }
+
+    /// An instance that was MASTER before a reload starts as MASTER at once, advertising and
+    /// announcing its addresses; a higher-priority peer's advert still makes it BACKUP.
+    #[test]
+    fn an_instance_resumed_as_master_is_master_at_once() {
+        let c = Clock::new();
+        let p = params("VI", Version::V3, 100, ms(100), "10.0.0.2");
+        let mut e = Engine::new(vec![p.clone(), p.clone()], vec![]);
+        e.resume_master(1);
+        let a = e.start(c.now());
+        assert_eq!(states(&a), vec![(0, VrrpState::Backup), (1, VrrpState::Master)]);
+        assert!(a.contains(&Action::Advert { instance: 1, priority: 100 }), "{a:?}");
+        assert_eq!(garps(&a), vec![(1, 5)]);
+        let a = e.receive(c.at(ms(50)), 1, peer(), &advert(Version::V3, 101, ms(100)));
+        assert_eq!(states(&a), vec![(1, VrrpState::Backup)]);
     }
 
     fn garps(actions: &[Action]) -> Vec<(usize, u32)> {

@@ -79,7 +79,7 @@ pub mod spec;
 mod sys;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv6Addr},
     os::fd::OwnedFd,
     sync::{
@@ -252,6 +252,8 @@ pub struct VrrpHandle {
 
 enum Cmd {
     Shutdown(oneshot::Sender<()>),
+    /// Stop without a word (see [`VrrpHandle::hand_over`]).
+    HandOver(oneshot::Sender<()>),
 }
 
 enum Event {
@@ -339,6 +341,17 @@ impl VrrpHandle {
     /// starts the instances as tokio tasks; must be called inside a tokio runtime. The receiver
     /// follows the state of every instance by name (all INIT until the first step runs).
     pub fn start(spec: VrrpSpec) -> Result<(VrrpHandle, watch::Receiver<BTreeMap<String, VrrpState>>), VrrpError> {
+        Self::start_resuming(spec, &BTreeSet::new())
+    }
+
+    /// [`Self::start`] after a reload: the instances named in `masters` (MASTER of the same
+    /// virtual router before, see [`Self::hand_over`]) start as MASTER at once, and their
+    /// `notify_master` does not run again (their state did not change), as keepalived keeps an
+    /// instance's state across a reload.
+    pub fn start_resuming(
+        spec: VrrpSpec,
+        masters: &BTreeSet<String>,
+    ) -> Result<(VrrpHandle, watch::Receiver<BTreeMap<String, VrrpState>>), VrrpError> {
         let errors = spec.validate();
         if !errors.is_empty() {
             return Err(VrrpError::Invalid(errors));
@@ -516,8 +529,13 @@ impl VrrpHandle {
             .collect();
         let notify_limit = notify_cmds.iter().chain(&group_cmds).map(|c| c.timeout).max().unwrap_or_default();
 
+        let mut engine = Engine::new(params, groups);
+        let resumed: Vec<bool> = spec.instances.iter().map(|i| masters.contains(&i.name)).collect();
+        for (i, _) in resumed.iter().enumerate().filter(|(_, r)| **r) {
+            engine.resume_master(i);
+        }
         let shared = Arc::new(Shared {
-            engine: Mutex::new(Engine::new(params, groups)),
+            engine: Mutex::new(engine),
             meta,
             socks,
             responders: resp,
@@ -564,6 +582,7 @@ impl VrrpHandle {
         let ctx = Ctx {
             shared: shared.clone(),
             state_tx,
+            resumed: Mutex::new(resumed),
             notify_tx,
             n_instances: spec.instances.len(),
             iface_targets,
@@ -671,6 +690,29 @@ impl VrrpHandle {
     }
 }
 
+impl VrrpHandle {
+    /// Stops for a restart with a new configuration ([`Self::start_resuming`]): unlike
+    /// [`Self::shutdown`], masters send no priority-0 advert, nothing is notified, and commands
+    /// already queued run on without being waited for. Returns the instances that were MASTER.
+    pub async fn hand_over(mut self) -> BTreeSet<String> {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::HandOver(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        if let Some(main) = self.main.take() {
+            let _ = main.await;
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        // Dropping their handles lets the notify queues finish on their own.
+        drop(std::mem::take(&mut self.notify_tasks));
+        let masters = self.states().into_iter().filter(|(_, s)| *s == VrrpState::Master).map(|(name, _)| name).collect();
+        info!("VRRP stopped for a restart");
+        masters
+    }
+}
+
 impl Drop for VrrpHandle {
     fn drop(&mut self) {
         if let Some(m) = &self.main {
@@ -686,6 +728,8 @@ impl Drop for VrrpHandle {
 struct Ctx {
     shared: Arc<Shared>,
     state_tx: watch::Sender<BTreeMap<String, VrrpState>>,
+    /// Per instance: resumed as MASTER, its first transition (INIT → MASTER) not notified yet.
+    resumed: Mutex<Vec<bool>>,
     /// Per instance, then per sync group.
     notify_tx: Vec<Option<mpsc::UnboundedSender<NotifyMsg>>>,
     n_instances: usize,
@@ -710,6 +754,10 @@ async fn main_loop(ctx: Ctx, mut events: mpsc::Receiver<Event>, mut cmds: mpsc::
         tokio::select! {
             biased;
             cmd = cmds.recv() => {
+                if let Some(Cmd::HandOver(done)) = cmd {
+                    let _ = done.send(());
+                    return;
+                }
                 let mut e = ctx.shared.engine.lock().expect("not poisoned");
                 let acts = e.stop(Instant::now());
                 ctx.perform(&e, acts);
@@ -799,7 +847,10 @@ impl Ctx {
                     self.state_tx.send_modify(|map| {
                         map.insert(m.name.clone(), to);
                     });
-                    if let Some(tx) = &self.notify_tx[instance] {
+                    let resumed = std::mem::take(&mut self.resumed.lock().expect("not poisoned")[instance]);
+                    if resumed && from == VrrpState::Init && to == VrrpState::Master {
+                        info!(instance = %m.name, "VRRP instance stays MASTER across the reload");
+                    } else if let Some(tx) = &self.notify_tx[instance] {
                         let _ = tx.send((to, priority));
                     }
                 }
