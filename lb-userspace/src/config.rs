@@ -520,6 +520,9 @@ fn table_of(keys: &[&str]) -> Option<&'static str> {
 struct ServerDefaults<'a> {
     /// The virtual server's address (`None` for a firewall mark).
     vip: Option<IpAddr>,
+    /// `mode = "ipvs"`: a real server may be this director itself (IPVS's local node: a
+    /// loopback address, or the VIP), which the XDP fast path cannot forward to.
+    local_node: bool,
     /// `None` when the virtual server's port is itself invalid.
     vip_port: Option<u16>,
     /// True for NAT, the one forwarding method that may change the destination port.
@@ -802,7 +805,11 @@ impl Validator<'_> {
         let hysteresis = self.check_or(&raw.hysteresis, 0, int("hysteresis", 0..=i64::from(u32::MAX)));
         let sorry_server = self.check_optional(&raw.sorry_server, |text| {
             let sorry = socket_address(text, port.unwrap_or(0))?;
-            unicast(sorry.ip(), "the sorry server's address")?;
+            // keepalived's `sorry_server 127.0.0.1 80` is IPVS's local node (see `local_node`).
+            let local = mode == Some(Mode::Ipvs) && (sorry.ip().is_loopback() || sorry.ip() == address);
+            if !local {
+                unicast(sorry.ip(), "the sorry server's address")?;
+            }
             if sorry.is_ipv4() != address.is_ipv4() {
                 return Err(format!("sorry server {sorry} is not of the virtual server's address family"));
             }
@@ -816,6 +823,7 @@ impl Validator<'_> {
         let alpha = raw.alpha.as_ref().is_some_and(|a| *a.get_ref());
         let defaults = ServerDefaults {
             vip: raw.fwmark.is_none().then_some(address),
+            local_node: mode == Some(Mode::Ipvs),
             vip_port: port,
             rewrites_ports,
             ipvs_family,
@@ -903,7 +911,11 @@ impl Validator<'_> {
         let span = self.lines.position(table_at);
         let raw = raw.get_ref();
         let address = self.check(&raw.address, |a| {
-            let address = unicast(ip_address(a)?, "a real server's address")?;
+            let address = ip_address(a)?;
+            if defaults.local_node && (address.is_loopback() || defaults.vip == Some(address)) {
+                return Ok(address);
+            }
+            let address = unicast(address, "a real server's address")?;
             if defaults.vip == Some(address) {
                 return Err(format!(
                     "real server {address} is the virtual server's own address: give the real server's own \
@@ -2031,6 +2043,12 @@ address = "10.0.0.4"
             ["t.toml:8:11: real server 10.0.0.1 is the virtual server's own address: give the real server's own (in DSR it \
               holds the VIP on a loopback interface besides)"]
         );
+        // IPVS's local node: the director itself, as a loopback address or the VIP.
+        for local in ["127.0.0.1", "10.0.0.1"] {
+            let text = format!("{DIRECTOR}mode = \"ipvs\"\n[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\n{}", table(local));
+            parse(&text).unwrap();
+            parse(&text.replace("sorry_server = \"10.0.0.9\"", "sorry_server = \"127.0.0.1\"")).unwrap();
+        }
         assert_eq!(
             errors_after(true, "sorry_server = \"224.0.0.1\"\n"),
             ["t.toml:6:16: the sorry server's address 224.0.0.1 is a multicast address"]

@@ -688,9 +688,7 @@ impl VrrpHandle {
         }
         info!("VRRP stopped");
     }
-}
 
-impl VrrpHandle {
     /// Stops for a restart with a new configuration ([`Self::start_resuming`]): unlike
     /// [`Self::shutdown`], masters send no priority-0 advert, nothing is notified, and commands
     /// already queued run on without being waited for. Returns the instances that were MASTER.
