@@ -668,16 +668,7 @@ impl VrrpHandle {
     /// Skew_Time), every address stops being answered, `notify_stop` and `notify ... STOP` run
     /// (waited for, up to their timeout), then every task ends.
     pub async fn shutdown(mut self) {
-        let (tx, rx) = oneshot::channel();
-        if self.cmd.send(Cmd::Shutdown(tx)).is_ok() {
-            let _ = rx.await;
-        }
-        if let Some(main) = self.main.take() {
-            let _ = main.await;
-        }
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.end_main(Cmd::Shutdown).await;
         // The queues end once they have run what the stop queued.
         let deadline = tokio::time::Instant::now() + self.notify_limit * 3 + Duration::from_secs(1);
         for t in std::mem::take(&mut self.notify_tasks) {
@@ -693,8 +684,18 @@ impl VrrpHandle {
     /// [`Self::shutdown`], masters send no priority-0 advert, nothing is notified, and commands
     /// already queued run on without being waited for. Returns the instances that were MASTER.
     pub async fn hand_over(mut self) -> BTreeSet<String> {
+        self.end_main(Cmd::HandOver).await;
+        // Dropping their handles lets the notify queues finish on their own.
+        drop(std::mem::take(&mut self.notify_tasks));
+        let masters = self.states().into_iter().filter(|(_, s)| *s == VrrpState::Master).map(|(name, _)| name).collect();
+        info!("VRRP stopped for a restart");
+        masters
+    }
+
+    /// Has the main task end with `cmd`, waits for it, and ends the readers and responders.
+    async fn end_main(&mut self, cmd: fn(oneshot::Sender<()>) -> Cmd) {
         let (tx, rx) = oneshot::channel();
-        if self.cmd.send(Cmd::HandOver(tx)).is_ok() {
+        if self.cmd.send(cmd(tx)).is_ok() {
             let _ = rx.await;
         }
         if let Some(main) = self.main.take() {
@@ -703,11 +704,6 @@ impl VrrpHandle {
         for t in &self.tasks {
             t.abort();
         }
-        // Dropping their handles lets the notify queues finish on their own.
-        drop(std::mem::take(&mut self.notify_tasks));
-        let masters = self.states().into_iter().filter(|(_, s)| *s == VrrpState::Master).map(|(name, _)| name).collect();
-        info!("VRRP stopped for a restart");
-        masters
     }
 }
 
