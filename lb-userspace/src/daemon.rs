@@ -1478,11 +1478,14 @@ async fn reload_all(
         Some(v) => v.handle.hand_over().await,
         None => BTreeSet::new(),
     };
-    let same_router = |spec: &VrrpSpec, name: &String| {
-        let router = |s: &VrrpSpec| s.instances.iter().find(|i| &i.name == name).map(|i| (i.interface.clone(), i.virtual_router_id));
-        router(spec).is_some() && router(spec) == router(&snapshot.config.vrrp)
+    let router = |spec: &VrrpSpec, name: &String| {
+        spec.instances.iter().find(|i| &i.name == name).map(|i| (i.interface.clone(), i.virtual_router_id))
     };
-    let carried: BTreeSet<String> = masters.iter().filter(|n| same_router(&ctl.config().vrrp, n)).cloned().collect();
+    let carried: BTreeSet<String> = masters
+        .iter()
+        .filter(|n| router(&ctl.config().vrrp, n).is_some_and(|r| Some(r) == router(&snapshot.config.vrrp, n)))
+        .cloned()
+        .collect();
     let err = match start_vrrp_resuming(&ctl.config().vrrp, &carried).await {
         Ok(v) => {
             *vrrp = v;

@@ -258,6 +258,24 @@ fn auto_mode_restart_takes_over_generic_xdp() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `lbd run --config CONFIG` in `ns` until it exits (`nsenter --net`, as the rig starts
+/// lbd: the host's bpffs, where a kept fast path is pinned): its exit code, stdout and stderr.
+fn lbd_run_once(ns: &Netns, config: &std::path::Path) -> anyhow::Result<(Option<i32>, String)> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", ns.name))
+        .arg("--")
+        .arg(rig::lbd_binary()?)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()?;
+    Ok((out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A config with one TCP VIP without real servers, on `lo` (which the netns tests' own
+/// namespaces have), in `xdp_mode`.
+fn lo_config(socket: &std::path::Path, xdp_mode: &str) -> String {
+    rig::custom_config(socket, xdp_mode, &[(IpAddr::V4(VIP_V4), 80, "tcp", vec![])]).replace("interface = \"eth0\"", "interface = \"lo\"")
+}
+
 #[test]
 fn failed_native_attach_says_so_plainly() -> anyhow::Result<()> {
     require_root()?;
@@ -266,15 +284,9 @@ fn failed_native_attach_says_so_plainly() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join("lbd-lte7");
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("lo.toml");
-    let text = rig::custom_config(&dir.join("lbd.sock"), "native", &[(IpAddr::V4(VIP_V4), 80, "tcp", vec![])])
-        .replace("interface = \"eth0\"", "interface = \"lo\"");
-    std::fs::write(&config, text)?;
-    let lbd = rig::lbd_binary()?;
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.name, lbd.to_str().unwrap(), "run", "--config", config.to_str().unwrap()])
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    std::fs::write(&config, lo_config(&dir.join("lbd.sock"), "native"))?;
+    let (code, err) = lbd_run_once(&ns, &config)?;
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("attaching XDP to lo in native mode failed"), "{err}");
     assert!(err.contains("try xdp_mode = \"generic\""), "{err}");
     Ok(())
@@ -293,19 +305,12 @@ fn a_missing_vrrp_interface_stops_lbd_before_it_attaches() -> anyhow::Result<()>
     let socket = dir.join("lbd.sock");
     let _kept = rig::KeptFor::fresh(&socket)?;
     let config = dir.join("vrrp.toml");
-    let text = rig::custom_config(&socket, "generic", &[(IpAddr::V4(VIP_V4), 80, "tcp", vec![])])
-        .replace("interface = \"eth0\"", "interface = \"lo\"")
+    let text = lo_config(&socket, "generic")
         + "[[vrrp_instance]]\nname = \"VI_1\"\ninterface = \"eht0\"\nvirtual_router_id = 51\nvirtual_addresses = [\"10.99.0.100\"]\n";
     let line = text.lines().position(|l| l == "interface = \"eht0\"").expect("in the text") + 1;
     std::fs::write(&config, text)?;
-    let lbd = rig::lbd_binary()?;
-    // `nsenter --net`, as the rig starts lbd: the host's bpffs, where a kept fast path is pinned.
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{}", ns.name))
-        .args(["--", lbd.to_str().unwrap(), "run", "--config", config.to_str().unwrap()])
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = lbd_run_once(&ns, &config)?;
+    assert_eq!(code, Some(2), "{err}");
     let at = format!("{}:{line}:1: [[vrrp_instance]] VI_1: interface eht0 not found", config.display());
     assert!(err.contains(&at), "{err}");
     assert_eq!(ns.xdp_program("lo")?, None, "lbd attached before it found the mistake");
@@ -325,22 +330,15 @@ fn a_second_lbd_run_on_the_same_socket_changes_nothing() -> anyhow::Result<()> {
     let backend = backend_v4(0).to_string();
     let (code, _, err) = rig.lbd_cli(&["backend", "drain", "10.99.0.100:80", &backend, "--socket", &sock])?;
     assert_eq!(code, 0, "{err}");
-    let lbd = rig::lbd_binary()?;
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &rig.director.name, lbd.to_str().unwrap(), "run", "--config", rig.config.to_str().unwrap()])
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = lbd_run_once(&rig.director, &rig.config)?;
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains(&format!("another lbd is already listening on {sock}")), "{err}");
     // Another socket but the same metrics address: refused there, before the dataplane too.
     let other = rig.config.with_file_name("other.toml");
     let other_sock = rig.config.with_file_name("other.sock");
     std::fs::write(&other, rig::rig_config(&other_sock))?;
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &rig.director.name, lbd.to_str().unwrap(), "run", "--config", other.to_str().unwrap()])
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = lbd_run_once(&rig.director, &other)?;
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("[director] metrics_listen 127.0.0.1:9180: cannot listen there"), "{err}");
     assert!(!other_sock.exists(), "the refused lbd left its control socket behind");
     // The first one still answers on its socket, with its drain, and still forwards.
