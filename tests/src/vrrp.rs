@@ -325,6 +325,22 @@ impl InProcess {
         self.handle.as_ref().is_some_and(|h| h.owns(a))
     }
 
+    /// What `lbd reload` does when the VRRP tables changed: the running instances stop without a
+    /// word ([`VrrpHandle::hand_over`]) and `spec` starts with those that were MASTER resumed as
+    /// MASTER (all of them match by name here), in `ns` as [`Self::start`].
+    pub fn reload(&mut self, ns: &Netns, spec: VrrpSpec) -> Result<()> {
+        let handle = self.handle.take().context("VRRP is not running")?;
+        let rt = self.rt.as_ref().context("no runtime")?.handle().clone();
+        let (handle, states) = ns.enter(move || {
+            rt.block_on(async {
+                let masters = handle.hand_over().await;
+                VrrpHandle::start_resuming(spec, &masters)
+            })
+        })??;
+        (self.handle, self.states) = (Some(handle), states);
+        Ok(())
+    }
+
     /// Clean shutdown: priority-0 adverts, notify_stop.
     pub fn stop(&mut self) {
         if let (Some(h), Some(rt)) = (self.handle.take(), self.rt.as_ref()) {

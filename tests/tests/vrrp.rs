@@ -335,6 +335,20 @@ fn tracking_sync_group_and_notify() -> Result<()> {
     lbd.wait_state("VI_A", Master, ms(2000))?;
     lbd.wait_state("VI_B", Master, ms(500))?;
     assert!(lbd.owns(vip_a.into()) && lbd.owns(vip_b.into()));
+    let count = |line: &str| lb_tests::vrrp::lines(&log).iter().filter(|l| *l == line).count();
+    wait_for(ms(2000), "the group's first notify", || (count("GROUP G MASTER 0") == 1).then_some(()))?;
+
+    // A reload that changes the VRRP tables: the instances and their group stay MASTER, and
+    // neither the instances' notify nor the group's runs again (keepalived's behaviour).
+    let changed = text.replace("[[vrrp_sync_group]]", "garp_master_delay = \"2s\"\n\n[[vrrp_sync_group]]");
+    assert_ne!(spec(&changed)?, spec(&text)?, "VI_B's table is changed");
+    lbd.reload(node, spec(&changed)?)?;
+    // MASTER at its first step (no Master_Down_Interval of BACKUP first).
+    lbd.wait_state("VI_A", Master, ms(200))?;
+    lbd.wait_state("VI_B", Master, ms(200))?;
+    std::thread::sleep(ms(500));
+    assert_eq!((count("GROUP G MASTER 0"), count("INSTANCE VI_A MASTER 100"), count("INSTANCE VI_B MASTER 100")), (1, 1, 1));
+    assert_eq!(log_lines(&["VRRP sync group stays MASTER across the reload"]).len(), 1);
 
     // A tracked interface with a weight: the priority drops, the state stays.
     node.ip(&["link", "set", "trk1", "down"])?;

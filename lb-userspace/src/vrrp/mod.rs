@@ -346,8 +346,9 @@ impl VrrpHandle {
 
     /// [`Self::start`] after a reload: the instances named in `masters` (MASTER of the same
     /// virtual router before, see [`Self::hand_over`]) start as MASTER at once, and their
-    /// `notify_master` does not run again (their state did not change), as keepalived keeps an
-    /// instance's state across a reload.
+    /// `notify_master` does not run again (their state did not change), nor that of a sync group
+    /// all of whose members are in `masters`, as keepalived keeps an instance's state across a
+    /// reload.
     pub fn start_resuming(
         spec: VrrpSpec,
         masters: &BTreeSet<String>,
@@ -529,9 +530,13 @@ impl VrrpHandle {
             .collect();
         let notify_limit = notify_cmds.iter().chain(&group_cmds).map(|c| c.timeout).max().unwrap_or_default();
 
+        // Per instance, then per sync group (all of whose members resumed): MASTER before the
+        // reload, so its first MASTER is not notified again.
+        let mut resumed: Vec<bool> = spec.instances.iter().map(|i| masters.contains(&i.name)).collect();
+        let groups_resumed: Vec<bool> = groups.iter().map(|(_, members)| members.iter().all(|&m| resumed[m])).collect();
+        resumed.extend(groups_resumed);
         let mut engine = Engine::new(params, groups);
-        let resumed: Vec<bool> = spec.instances.iter().map(|i| masters.contains(&i.name)).collect();
-        for (i, _) in resumed.iter().enumerate().filter(|(_, r)| **r) {
+        for (i, _) in resumed[..spec.instances.len()].iter().enumerate().filter(|(_, r)| **r) {
             engine.resume_master(i);
         }
         let shared = Arc::new(Shared {
@@ -722,7 +727,8 @@ impl Drop for VrrpHandle {
 struct Ctx {
     shared: Arc<Shared>,
     state_tx: watch::Sender<BTreeMap<String, VrrpState>>,
-    /// Per instance: resumed as MASTER, its first transition (INIT → MASTER) not notified yet.
+    /// Per instance, then per sync group: resumed as MASTER, its first transition (INIT →
+    /// MASTER) not notified yet.
     resumed: Mutex<Vec<bool>>,
     /// Per instance, then per sync group.
     notify_tx: Vec<Option<mpsc::UnboundedSender<NotifyMsg>>>,
@@ -849,6 +855,11 @@ impl Ctx {
                     }
                 }
                 Action::Group { group, state } => {
+                    let resumed = std::mem::take(&mut self.resumed.lock().expect("not poisoned")[self.n_instances + group]);
+                    if resumed && state == VrrpState::Master {
+                        info!(group = e.group_name(group), "VRRP sync group stays MASTER across the reload");
+                        continue;
+                    }
                     info!(group = e.group_name(group), state = %state, "VRRP sync group state");
                     if let Some(tx) = &self.notify_tx[self.n_instances + group] {
                         let _ = tx.send((state, 0));
