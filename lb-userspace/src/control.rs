@@ -1,6 +1,6 @@
 //! The control socket: a Unix stream socket (mode 0600) speaking one JSON object per line.
 //! `{"cmd":"status"}` → `{"ok":true,"status":{...}}`; `{"cmd":"reload"}` → `{"ok":true}` or
-//! `{"ok":false,"error":"..."}`; `{"cmd":"drain","vip":"10.0.0.1:80","backend":"10.0.0.11"}` and
+//! `{"ok":false,"error":"..."}` (with `"config_error":true` when the config file has a mistake); `{"cmd":"drain","vip":"10.0.0.1:80","backend":"10.0.0.11"}` and
 //! `{"cmd":"enable",...}` (optional `"protocol":"tcp"`).
 
 use std::{
@@ -49,6 +49,10 @@ pub struct Response {
     /// What a command did, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// With `ok: false`: the request was refused for a mistake in the config file (`error` says
+    /// where, FILE:LINE:COL), which `lbd reload` reports with exit code 2, as `lbd check` does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub config_error: bool,
 }
 
 impl Response {
@@ -69,6 +73,15 @@ pub enum ControlError {
     InUse(String),
     #[error("{0} exists and is not a socket: control_socket must name a path of its own")]
     NotASocket(String),
+}
+
+impl ControlError {
+    /// Nothing listens at the socket: it does not exist, or its lbd is gone. Not a socket that
+    /// cannot be opened (no permission) or that did not answer (an lbd busy starting).
+    pub fn not_running(&self) -> bool {
+        use std::io::ErrorKind::{ConnectionRefused, NotFound};
+        matches!(self, ControlError::Connect { source, .. } if matches!(source.kind(), NotFound | ConnectionRefused))
+    }
 }
 
 /// Sends one request and waits (at most 10 s) for the reply.
@@ -139,6 +152,9 @@ mod tests {
 
         let sock = dir.join("lbd.sock");
         drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let stale = request(&sock, &Request::Status).unwrap_err();
+        assert!(stale.not_running(), "{stale}");
+        assert!(request(&dir.join("none.sock"), &Request::Status).unwrap_err().not_running());
         let listener = bind(&sock).expect("a stale socket is replaced");
         assert!(matches!(bind(&sock), Err(ControlError::InUse(_))));
         drop(listener);

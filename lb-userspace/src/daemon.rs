@@ -716,9 +716,11 @@ impl Controller {
                     address: vs.address.to_string(),
                     port: vs.port,
                     fwmark: vs.fwmark,
-                    protocol: match vs.protocol {
-                        Protocol::Tcp => "tcp",
-                        Protocol::Udp => "udp",
+                    // A mark selects TCP, UDP and SCTP alike (ipvsadm's `FWM`).
+                    protocol: match (vs.fwmark, vs.protocol) {
+                        (Some(_), _) => "fwmark",
+                        (None, Protocol::Tcp) => "tcp",
+                        (None, Protocol::Udp) => "udp",
                     }
                     .to_string(),
                     scheduler: vs.scheduler.clone(),
@@ -903,7 +905,9 @@ pub fn resolve_ifaces(config: &Config, file: &Path) -> anyhow::Result<HashMap<St
 
 /// A mistake in the config found only when lbd starts (an interface it names is not there):
 /// `lbd run` exits 2 for it, as `lbd check` does for the others, so that systemd does not
-/// restart it only to find the same mistake (`RestartPreventExitStatus=2`).
+/// restart it only to find the same mistake (`RestartPreventExitStatus=2`). A reload refused
+/// for one (or for any mistake `lbd check` finds) answers with `config_error`, and `lbd reload`
+/// exits 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigMistake(pub String);
@@ -1208,7 +1212,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                             Ok(()) => Response { ok: true, ..Default::default() },
                             Err(e) => {
                                 log_reload_failure(&e);
-                                Response::error(format!("{e:#}"))
+                                let config_error = e.chain().any(|c| c.is::<ConfigMistake>());
+                                Response { config_error, ..Response::error(format!("{e:#}")) }
                             }
                         }
                     }
@@ -1261,7 +1266,7 @@ fn admin(ctl: &mut Controller, sel: &BackendSelector, drain: bool) -> Response {
 
 fn reload(ctl: &mut Controller, resolver: &Resolver, watched: &mut BTreeSet<NeighKeyOrd>) -> anyhow::Result<()> {
     let path = ctl.config_path.clone();
-    let new = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let new = Config::load(&path).map_err(|e| ConfigMistake(e.to_string()))?;
     let ifaces = resolve_ifaces(&new, &path)?;
     ctl.set_addresses(interface_addresses());
     check_vrrp_ifaces(&new.vrrp)?;
@@ -1745,6 +1750,8 @@ mod tests {
         ctl.apply().unwrap();
         let st = ctl.status(&DataplaneStats::default());
         assert_eq!(st.virtual_servers.iter().map(|v| v.fwmark).collect::<Vec<_>>(), [Some(5), Some(6)]);
+        // The mark selects any protocol: JSON and metrics say so rather than "tcp".
+        assert!(st.virtual_servers.iter().all(|v| v.protocol == "fwmark"), "{:?}", st.virtual_servers);
         let text = crate::status::render(&st);
         let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("FWM")).collect();
         assert_eq!(rows.len(), 2, "{text}");

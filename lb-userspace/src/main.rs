@@ -114,12 +114,38 @@ fn init_logging(default: &str) {
         .init();
 }
 
-fn client(target: &Target, req: Request) -> Result<control::Response, String> {
-    let socket = target.socket()?;
-    let resp = control::request(&socket, &req).map_err(|e| e.to_string())?;
+/// Exit codes of the commands that talk to a running lbd (`status`, `reload`, `backend`), for
+/// scripts: 1 lbd refused the request or did not answer, 2 a mistake in the config file (`lbd
+/// reload`, as `lbd check`), 3 no lbd runs there (LSB's "program is not running").
+const EXIT_FAILED: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+const EXIT_NOT_RUNNING: u8 = 3;
+
+/// A failed request: what to print and the exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn exit(self, command: &str) -> ExitCode {
+        eprintln!("lbd {command}: {}", self.message);
+        ExitCode::from(self.code)
+    }
+}
+
+fn client(target: &Target, req: Request) -> Result<control::Response, Failure> {
+    let socket = target.socket().map_err(|message| Failure { code: EXIT_CONFIG, message })?;
+    let resp = control::request(&socket, &req).map_err(|e| Failure {
+        code: if e.not_running() { EXIT_NOT_RUNNING } else { EXIT_FAILED },
+        message: e.to_string(),
+    })?;
     match resp.ok {
         true => Ok(resp),
-        false => Err(resp.error.unwrap_or_else(|| "request failed".into())),
+        false => Err(Failure {
+            code: if resp.config_error { EXIT_CONFIG } else { EXIT_FAILED },
+            message: resp.error.unwrap_or_else(|| "request failed".into()),
+        }),
     }
 }
 
@@ -175,10 +201,7 @@ fn main() -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("lbd status: {e}");
-                ExitCode::FAILURE
-            }
+            Err(e) => e.exit("status"),
         },
         Command::Backend { action } => {
             let (args, drain) = match action {
@@ -192,10 +215,7 @@ fn main() -> ExitCode {
                     println!("{}", resp.message.unwrap_or_default());
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("lbd backend: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => e.exit("backend"),
             }
         }
         Command::Detach { target } => detach(&target),
@@ -204,10 +224,7 @@ fn main() -> ExitCode {
                 println!("reloaded");
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("lbd reload: {e}");
-                ExitCode::FAILURE
-            }
+            Err(e) => e.exit("reload"),
         },
     }
 }
@@ -224,7 +241,12 @@ fn detach(target: &Target) -> ExitCode {
     };
     match control::request(&socket, &Request::Status) {
         // Nothing listens there.
-        Err(control::ControlError::Connect { .. }) => {}
+        Err(e) if e.not_running() => {}
+        // Not ours to look at (no permission, ...).
+        Err(e @ control::ControlError::Connect { .. }) => {
+            eprintln!("lbd detach: {e}");
+            return ExitCode::FAILURE;
+        }
         Ok(_) => {
             eprintln!("lbd detach: an lbd is running on {}; stop it first (what it keeps is removed after it stopped)", socket.display());
             return ExitCode::FAILURE;

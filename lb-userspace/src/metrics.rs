@@ -465,7 +465,7 @@ mod tests {
         let mark = |address: &str| VirtualServerStatus {
             address: address.into(),
             fwmark: Some(5),
-            protocol: "TCP".into(),
+            protocol: "fwmark".into(),
             traffic: TrafficStatus { conns: 1, packets: 2, bytes: 3 },
             ..Default::default()
         };
@@ -474,8 +474,8 @@ mod tests {
         let unique: std::collections::BTreeSet<&&str> = samples.iter().collect();
         assert_eq!(unique.len(), samples.len(), "a series appears twice:\n{text}");
         for line in [
-            "lbd_virtual_server_packets_total{virtual_server=\"fwmark:5\",protocol=\"tcp\"} 2",
-            "lbd_virtual_server_packets_total{virtual_server=\"fwmark:5/ipv6\",protocol=\"tcp\"} 2",
+            "lbd_virtual_server_packets_total{virtual_server=\"fwmark:5\",protocol=\"fwmark\"} 2",
+            "lbd_virtual_server_packets_total{virtual_server=\"fwmark:5/ipv6\",protocol=\"fwmark\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "missing line {line:?} in:\n{text}");
         }

@@ -56,6 +56,7 @@ pub struct VirtualServerStatus {
     /// (the family) and `port` 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fwmark: Option<u32>,
+    /// "tcp", "udp", or "fwmark" for a firewall-mark virtual server (the mark selects any).
     pub protocol: String,
     pub scheduler: String,
     pub enabled: bool,
@@ -221,17 +222,20 @@ pub fn render(status: &Status) -> String {
             }
         }
     }
-    let active: Vec<String> = status
-        .reasons
-        .iter()
-        .filter(|r| r.packets > 0)
-        .map(|r| format!("{} {}", r.reason, r.packets))
-        .collect();
-    let _ = writeln!(
-        out,
-        "Fast path packets: {}",
-        if active.is_empty() { "none yet".to_string() } else { active.join(", ") }
-    );
+    // IPVS counts no packets by reason.
+    if status.dataplane == "xdp" {
+        let active: Vec<String> = status
+            .reasons
+            .iter()
+            .filter(|r| r.packets > 0)
+            .map(|r| format!("{} {}", r.reason, r.packets))
+            .collect();
+        let _ = writeln!(
+            out,
+            "Fast path packets: {}",
+            if active.is_empty() { "none yet".to_string() } else { active.join(", ") }
+        );
+    }
     out += &crate::vrrp::render_status(&status.vrrp);
     out
 }
@@ -318,6 +322,14 @@ mod tests {
         let gone = Status { problem: Some("interface eth0 is gone".into()), ..status };
         let text = render(&gone);
         assert_eq!(text.lines().nth(1), Some("PROBLEM: interface eth0 is gone"), "{text}");
+
+        // IPVS: its connections, no lookup table, no fast path line.
+        let ipvs = Status { dataplane: "ipvs".into(), description: "IPVS 1.2.1".into(), problem: None, reasons: vec![], ..gone };
+        let text = render(&ipvs);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "3 connections");
+        assert_eq!(lines.len(), 6, "{text}");
+        assert!(!text.contains("Fast path"), "{text}");
     }
 
     /// Values wider than their column (a long IPv6 real server, 14-digit byte counts, a disabled

@@ -32,12 +32,51 @@ fn check_reports_file_line_col_and_exits_2() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// No lbd runs there: exit 3 (LSB's "program is not running"), for every command that asks one.
 #[test]
 fn status_without_a_daemon_says_what_to_do() {
     let (code, _, err) = lbd(&["status", "--socket", "/nonexistent/lbd.sock"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 3);
     assert!(err.starts_with("lbd status: cannot reach lbd at /nonexistent/lbd.sock"), "{err}");
     assert!(err.contains("is `lbd run` running?"), "{err}");
+    for args in [&["reload"][..], &["backend", "drain", "10.0.0.100:80", "10.0.0.11"]] {
+        let (code, _, err) = lbd(&[args, &["--socket", "/nonexistent/lbd.sock"]].concat());
+        assert_eq!(code, 3, "{args:?}: {err}");
+        assert!(err.starts_with(&format!("lbd {}: cannot reach lbd at /nonexistent/lbd.sock", args[0])), "{err}");
+    }
+}
+
+/// What lbd answers decides the exit code: a reload refused for a mistake in the config exits 2
+/// (as `lbd check`), any other refusal 1; a script tells them apart without parsing messages.
+#[test]
+fn a_refused_request_exits_1_and_a_refused_config_2() {
+    let dir = std::env::temp_dir().join(format!("lbd-cli-refused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("lbd.sock");
+    let cases = [
+        (&["reload"][..], r#"{"ok":false,"error":"lbd.toml:3:1: unknown key `tabel_size` in [director]","config_error":true}"#, 2, "lbd reload: lbd.toml:3:1: unknown key `tabel_size` in [director]"),
+        (&["reload"][..], r#"{"ok":false,"error":"programming the dataplane: out of memory"}"#, 1, "lbd reload: programming the dataplane: out of memory"),
+        (&["backend", "drain", "10.0.0.100:80", "10.0.0.11"][..], r#"{"ok":false,"error":"no real server 10.0.0.11 in 10.0.0.100:80"}"#, 1, "lbd backend: no real server 10.0.0.11 in 10.0.0.100:80"),
+        (&["reload"][..], r#"{"ok":true}"#, 0, ""),
+    ];
+    for (args, reply, want, message) in cases {
+        let _ = std::fs::remove_file(&sock);
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        // One lbd that answers one request with `reply`.
+        let fake = std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = String::new();
+            std::io::BufReader::new(&conn).read_line(&mut request).unwrap();
+            conn.write_all(format!("{reply}\n").as_bytes()).unwrap();
+            request
+        });
+        let (code, _, err) = lbd(&[args, &["--socket", sock.to_str().unwrap()]].concat());
+        let request = fake.join().unwrap();
+        assert_eq!(code, want, "{args:?} answered {reply}: {err}");
+        assert_eq!(err.trim_end(), message, "{args:?}: {request}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `--config` only needs the socket: a config with a mistake elsewhere (being edited while lbd
@@ -54,11 +93,11 @@ fn status_with_a_config_being_edited_still_finds_the_socket() {
     )
     .unwrap();
     let (code, _, err) = lbd(&["status", "--config", path.to_str().unwrap()]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 3);
     assert!(err.starts_with("lbd status: cannot reach lbd at /nonexistent/lbd-edit.sock"), "{err}");
     std::fs::write(&path, "[director\n").unwrap();
     let (code, _, err) = lbd(&["status", "--config", path.to_str().unwrap()]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(err.starts_with(&format!("lbd status: {}:1:", path.display())), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

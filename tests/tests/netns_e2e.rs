@@ -130,7 +130,7 @@ fn bad_reload_is_refused_and_traffic_continues() -> anyhow::Result<()> {
     std::fs::write(&rig.config, "[director]\ninterface = \"eth0\"\ntabel_size = 5\n")?;
     let sock = rig.socket.display().to_string();
     let (code, _, err) = rig.lbd_cli(&["reload", "--socket", &sock])?;
-    assert_ne!(code, 0);
+    assert_eq!(code, 2, "a config refused for a mistake in it: exit 2, as lbd check: {err}");
     let want = format!("{}:3:1: unknown key `tabel_size` in [director]", rig.config.display());
     assert!(err.contains(&want), "reload error should point at the key: {err}");
     assert_eq!(rig.status()?["virtual_servers"].as_array().map(Vec::len), before.as_array().map(Vec::len));
