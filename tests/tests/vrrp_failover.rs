@@ -246,8 +246,34 @@ fn preempt_takes_the_vip_back_and_nopreempt_does_not() -> Result<()> {
 /// starting again as BACKUP, preempted it back.
 #[test]
 fn a_vrrp_reload_keeps_the_master_master() -> Result<()> {
+    reload_keeps_the_master_master("vf9", |_, text| Ok(text.to_string()), None)
+}
+
+/// A reload whose new VRRP instances cannot start (one is on an interface without an IPv4
+/// address to send adverts from: only VRRP's start finds that) is refused and undone, and the
+/// way back keeps the master MASTER too: the previous instances resume as they do after a
+/// reload that went in.
+#[test]
+fn a_vrrp_reload_that_cannot_start_puts_the_master_back_as_master() -> Result<()> {
+    let add = |p: &Pair, text: &str| -> Result<String> {
+        p.ns(0).ip(&["link", "add", "nv0", "type", "veth", "peer", "name", "nv1"])?;
+        p.ns(0).ip(&["link", "set", "nv0", "up"])?;
+        Ok(format!(
+            "{text}\n[[vrrp_instance]]\nname = \"VI_2\"\ninterface = \"nv0\"\nvirtual_router_id = {}\npriority = 100\n\
+             virtual_addresses = [\"10.99.0.222/24\"]\n",
+            VRID + 1
+        ))
+    };
+    reload_keeps_the_master_master("vfa", add, Some("VRRP instance VI_2: nv0 has no IPv4 address to send adverts from"))
+}
+
+/// Director 0's reload changes VI_1 (`garp_master_delay`, and a `notify` that logs), after
+/// `change` changed the config further. It is refused with `refused` (and undone) if that is
+/// given. Either way the backup must never become master, no client request may fail, and
+/// notify must not run.
+fn reload_keeps_the_master_master(prefix: &str, change: impl Fn(&Pair, &str) -> Result<String>, refused: Option<&str>) -> Result<()> {
     require_root()?;
-    let mut p = Pair::up("vf9", PairOptions::default())?;
+    let mut p = Pair::up(prefix, PairOptions::default())?;
     start_pair(&mut p)?;
     let notified = p.rig.work.join("notified");
     let script = p.rig.work.join("notify.sh");
@@ -258,8 +284,16 @@ fn a_vrrp_reload_keeps_the_master_master() -> Result<()> {
     let text = std::fs::read_to_string(&p.lbd[0].config)?;
     let changed = text.replace("garp_master_delay = \"1s\"\n", &format!("garp_master_delay = \"2s\"\nnotify = \"{}\"\n", script.display()));
     ensure!(changed != text, "the VRRP table was not changed");
-    std::fs::write(&p.lbd[0].config, changed)?;
-    p.reload(0)?;
+    std::fs::write(&p.lbd[0].config, change(&p, &changed)?)?;
+    match (p.reload(0), refused) {
+        (Ok(()), None) => {}
+        (Err(e), Some(want)) => {
+            let e = e.to_string();
+            ensure!(e.contains("the new VRRP configuration did not start") && e.contains(want), "{e}");
+            ensure!(!e.contains("going back to the previous configuration failed"), "{e}");
+        }
+        (got, _) => anyhow::bail!("reload: {got:?}, expected it refused with {refused:?}"),
+    }
     // Three Master_Down_Intervals of the backup: time enough to take over had it heard nothing.
     let (mdi, _) = backup_timers();
     std::thread::sleep(3 * mdi + ms(500));
@@ -271,6 +305,8 @@ fn a_vrrp_reload_keeps_the_master_master() -> Result<()> {
     assert_eq!(report.failed, 0, "requests lost during the reload: {report:?}");
     assert!(p.log(0).contains("VRRP instance stays MASTER across the reload"), "{}", p.log(0));
     assert!(!notified.exists(), "notify ran: {}", std::fs::read_to_string(&notified).unwrap_or_default());
+    let names: Vec<String> = p.status(0)?.vrrp.into_iter().map(|i| i.name).collect();
+    assert_eq!(names, ["VI_1"], "the instances running after the reload");
     only_answers(&p, director_mac(0))?;
     Ok(())
 }
