@@ -495,8 +495,16 @@ impl VrrpInstanceSpec {
             if !auth.auth_type.eq_ignore_ascii_case("PASS") {
                 errs.push(("authentication", format!("auth_type `{}` is not supported; only PASS", auth.auth_type)));
             }
-            if auth.auth_pass.is_empty() || auth.auth_pass.len() > 8 {
-                errs.push(("authentication", format!("auth_pass must be 1 to 8 bytes, got {}", auth.auth_pass.len())));
+            if auth.auth_pass.is_empty() {
+                errs.push(("authentication", "auth_pass must be 1 to 8 bytes, got 0".into()));
+            } else if auth.auth_pass.len() > 8 {
+                // keepalived cuts a longer one to 8 bytes with a warning; its peers send those.
+                let cut = auth.auth_pass.char_indices().map(|(i, c)| i + c.len_utf8()).take_while(|&end| end <= 8).last();
+                let hint = match cut {
+                    Some(end) => format!(": keepalived sends only the first 8, so write auth_pass = \"{}\" to speak with it", &auth.auth_pass[..end]),
+                    None => String::new(),
+                };
+                errs.push(("authentication", format!("auth_pass must be 1 to 8 bytes, got {}{hint}", auth.auth_pass.len())));
             }
         }
 
@@ -986,6 +994,10 @@ mod tests {
             "{errs:#?}"
         );
         assert!(errs[3].1.contains("VRRPv2 carries whole seconds"), "{}", errs[3].1);
+        assert_eq!(
+            errs[9].1,
+            "auth_pass must be 1 to 8 bytes, got 9: keepalived sends only the first 8, so write auth_pass = \"12345678\" to speak with it"
+        );
 
         let v3 = "[[vrrp_instance]]\nname = \"a\"\ninterface = \"eth0\"\nvirtual_router_id = 1\nversion = 3\nadvert_interval = \"105ms\"\nvirtual_addresses = [\"10.0.0.1\"]\n";
         assert_eq!(problems(v3), vec!["[[vrrp_instance]] #1 `advert_interval`: VRRPv3 carries centiseconds: advert_interval must be a multiple of 10ms in 10ms..=40.95s, got 105ms"]);
