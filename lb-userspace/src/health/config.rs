@@ -25,8 +25,8 @@
 //! | `port` | tcp http https udp dns | port probed (`connect_port`) | the real server's port (dns: 53 when that is 0) |
 //! | `via` | tcp | `"real"`: to the real server's address; `"vip"`: to the VIP, delivered to the real server's MAC (DSR path; not for `fwmark`, `nat` or `tunnel` virtual servers) | `"real"` |
 //! | `interval` | all | time between checks (`delay_loop`) | `"5s"` |
-//! | `timeout` | all | limit of one attempt: connect, TLS, request and reply, or the script's run (`connect_timeout`, `misc_timeout`) | `"5s"` |
-//! | `retries` | all | further attempts before a check counts as failed (`retry`, `nb_get_retry`) | `1` |
+//! | `timeout` | all | limit of one attempt: connect, TLS, request and reply, or the script's run (`connect_timeout`, `misc_timeout`) | `"5s"`; script: the interval |
+//! | `retries` | all | further attempts before a check counts as failed (`retry`, `nb_get_retry`) | `1`; script: `0` |
 //! | `retry_delay` | all | pause before each retry (`delay_before_retry`) | `"3s"` for http/https, `"1s"` otherwise |
 //! | `rise` | all | consecutive passed checks that bring a down real server up | `2` |
 //! | `fall` | all | consecutive failed checks that take an up real server down | `1` |
@@ -51,7 +51,9 @@
 //! # Defaults, and why
 //!
 //! keepalived's checkers default to `connect_timeout` 5 s, `retry` 1 and `delay_before_retry` 1 s
-//! (3 s for `HTTP_GET`/`SSL_GET`); lbd keeps those. keepalived's `delay_loop` defaults to 60 s,
+//! (3 s for `HTTP_GET`/`SSL_GET`); lbd keeps those. Its `MISC_CHECK` defaults to `retry` 0 and
+//! lets a script run up to `delay_loop` when `misc_timeout` is not given; so do lbd's `script`
+//! checks (a script that takes its time is not killed at 5 s, nor run twice per failure). keepalived's `delay_loop` defaults to 60 s,
 //! which leaves a dead real server in the table for up to a minute: lbd checks every 5 s. keepalived
 //! has no `rise`/`fall`: one failed check (after its retries) removes a real server and one pass
 //! brings it back. lbd keeps `fall = 1` (the retries already absorb a lost packet) but uses
@@ -317,8 +319,9 @@ impl HealthCheck {
             via: Via::Real,
             timing: Timing {
                 interval: DEFAULT_INTERVAL,
-                timeout: DEFAULT_TIMEOUT,
-                retries: DEFAULT_RETRIES,
+                // keepalived's MISC_CHECK: `misc_timeout` is `delay_loop` unless given, `retry` 0.
+                timeout: if kind == CheckKind::Script { DEFAULT_INTERVAL } else { DEFAULT_TIMEOUT },
+                retries: if kind == CheckKind::Script { 0 } else { DEFAULT_RETRIES },
                 retry_delay: default_retry_delay(kind),
                 rise: DEFAULT_RISE,
                 fall: DEFAULT_FALL,
@@ -703,6 +706,9 @@ impl HealthCheckSpec {
         if let Some(d) = interval {
             t.interval = d;
             t.warmup = d;
+            if kind == CheckKind::Script {
+                t.timeout = d;
+            }
         }
         if let Some(d) = v.duration("timeout", &self.timeout, Duration::from_millis(1)) {
             t.timeout = d;
@@ -1288,6 +1294,15 @@ interval = "1s""#);
             (tcp.timing.retry_delay, tcp.timing.warmup),
             (Duration::from_secs(1), Duration::from_secs(1))
         );
+        assert_eq!((tcp.timing.timeout, tcp.timing.retries), (Duration::from_secs(5), 1));
+        // Scripts as keepalived's MISC_CHECK: no retry, and they may run for the whole interval
+        // (a 60 s check script is not killed at 5 s); a `timeout` given still counts.
+        let script = |extra: &str| ok(&format!("kind = \"script\"\ncommand = \"true\"\n{extra}")).timing;
+        assert_eq!((script("").timeout, script("").retries), (DEFAULT_INTERVAL, 0));
+        let slow = script("interval = \"60s\"");
+        assert_eq!((slow.timeout, slow.retries, slow.retry_delay), (Duration::from_secs(60), 0, Duration::from_secs(1)));
+        let given = script("interval = \"60s\"\ntimeout = \"10s\"\nretries = 2");
+        assert_eq!((given.timeout, given.retries), (Duration::from_secs(10), 2));
         let https = ok(r#"kind = "https""#);
         assert_eq!(https.kind(), CheckKind::Https);
         let ProbeKind::Http(h) = &https.probe else {
