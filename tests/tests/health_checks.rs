@@ -277,7 +277,7 @@ fn https_with_a_test_ca() -> Result<()> {
             &format!("kind = \"https\"\npath = \"/ok\"\nhost = \"other.test\"\nca_file = \"{ca_file}\"\nretries = 0"),
             &web,
             false,
-            "TLS: certificate not valid for other.test",
+            "TLS: certificate not valid for other.test; set `host` to a name it holds, or `tls_verify = false`",
         )
         .await;
         // Verification off: any certificate.

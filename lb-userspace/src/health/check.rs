@@ -411,7 +411,9 @@ fn tls_reason(e: &io::Error, name: &str) -> String {
             C::UnknownIssuer => {
                 "TLS: certificate not trusted (unknown issuer); set `ca_file`, or `tls_verify = false`".into()
             }
-            C::NotValidForName | C::NotValidForNameContext { .. } => format!("TLS: certificate not valid for {name}"),
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                format!("TLS: certificate not valid for {name}; set `host` to a name it holds, or `tls_verify = false`")
+            }
             C::Expired | C::ExpiredContext { .. } => "TLS: certificate expired".into(),
             C::NotValidYet | C::NotValidYetContext { .. } => "TLS: certificate not valid yet".into(),
             C::Revoked => "TLS: certificate revoked".into(),
