@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{atomic::AtomicBool, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -148,15 +148,29 @@ struct Shared {
 struct Running {
     config: CheckConfig,
     state: Arc<Mutex<CheckState>>,
+    /// Set (under the state's lock) when the check is replaced or removed; see [`retire`].
+    retired: Arc<AtomicBool>,
     task: Option<JoinHandle<()>>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
+        retire(&self.state, &self.retired);
         if let Some(task) = &self.task {
             task.abort();
         }
     }
+}
+
+/// Ends a check's results and returns its last state. Aborting its task is not enough: on the
+/// multi-thread runtime a task running on another thread, its probe just done, goes on to its
+/// next await. Its result then finds `retired` set under the state's lock and is dropped
+/// ([`report`]): no log line, event or notify for a check that no longer counts, and nothing the
+/// copy taken here misses.
+fn retire(state: &Mutex<CheckState>, retired: &AtomicBool) -> CheckState {
+    let st = state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    retired.store(true, std::sync::atomic::Ordering::Relaxed);
+    st.clone()
 }
 
 /// The checks as [`Scheduler::checkpoint`] found them.
@@ -225,7 +239,7 @@ impl Scheduler {
             // config: the old check's own state stays as it was, for a refused reload to go back
             // to (`restore`).
             Some(old) if old.config.check.kind() == config.check.kind() => {
-                let mut st = old.state.lock().expect("check state lock").clone();
+                let mut st = retire(&old.state, &old.retired);
                 let timing = config.check.timing;
                 st.set_thresholds(timing.rise, timing.fall);
                 if !dynamic_weight(&config.check) {
@@ -236,13 +250,15 @@ impl Scheduler {
             // Another kind (or a new check): the old results say nothing about the new probe.
             _ => fresh_state(&config),
         };
+        let retired = Arc::new(AtomicBool::new(false));
         let task = (config.check.probe != ProbeKind::None)
-            .then(|| tokio::spawn(run(self.shared.clone(), config.clone(), state.clone())));
+            .then(|| tokio::spawn(run(self.shared.clone(), config.clone(), state.clone(), retired.clone())));
         self.checks.insert(
             key,
             Running {
                 config,
                 state,
+                retired,
                 task,
             },
         );
@@ -410,7 +426,7 @@ pub fn spawn_notify(limits: Arc<Notifies>, command: CommandText, env: Vec<(Strin
     });
 }
 
-async fn run(shared: Arc<Shared>, config: CheckConfig, state: Arc<Mutex<CheckState>>) {
+async fn run(shared: Arc<Shared>, config: CheckConfig, state: Arc<Mutex<CheckState>>, retired: Arc<AtomicBool>) {
     let timing = config.check.timing;
     let warmup_nanos = timing.warmup.as_nanos().min(u128::from(u64::MAX)) as u64;
     tokio::time::sleep(Duration::from_nanos(fastrand::u64(0..=warmup_nanos))).await;
@@ -451,73 +467,85 @@ async fn run(shared: Arc<Shared>, config: CheckConfig, state: Arc<Mutex<CheckSta
             })
             .await
         };
-        // The event goes into the controller's channel before the state lock is released: whoever
-        // reads the new state (the controller, for `lbd status` or a table) finds its event
-        // already waiting, and the controller applies waiting events before answering a status.
-        let (unsent, notify, up, reason) = {
-            let mut st = state.lock().expect("check state lock");
-            let transition = st.record(Instant::now(), &result);
-            if !result.ok {
-                debug!(vip = %config.key.vip_key, real_server = %config.key.real_server_key, reason = %result.reason, "check failed");
-            }
-            let Some(transition) = transition else {
-                continue;
-            };
-            let key = &config.key;
-            let event = |up: bool, reason: String, weight: Option<u32>| HealthEvent {
-                vip_key: key.vip_key.clone(),
-                real_server_key: key.real_server_key.clone(),
-                up,
-                reason,
-                weight,
-            };
-            let (event, notify) = match transition {
-                Transition::Down { reason } => {
-                    warn!(vip = %key.vip_key, real_server = %key.real_server_key, %reason, "real server down");
-                    (event(false, reason, None), config.notify_down.as_ref())
-                }
-                Transition::Up { reason, weight } => {
-                    info!(vip = %key.vip_key, real_server = %key.real_server_key, %reason, "real server up");
-                    (event(true, reason, weight), config.notify_up.as_ref())
-                }
-                Transition::Weight { weight, reason } => {
-                    info!(vip = %key.vip_key, real_server = %key.real_server_key, weight, %reason, "real server weight changed");
-                    (event(true, reason, Some(weight)), None)
-                }
-            };
-            let (up, reason) = (event.up, event.reason.clone());
-            let unsent = match shared.events.try_send(event) {
-                Ok(()) => None,
-                // A full channel (thousands of changes at once): wait for room, outside the lock.
-                Err(mpsc::error::TrySendError::Full(event)) => Some(event),
-                Err(mpsc::error::TrySendError::Closed(_)) => return, // the controller is gone
-            };
-            (unsent, notify, up, reason)
-        };
-        let key = &config.key;
-        if let Some(command) = notify {
-            let env = vec![
-                ("LBD_VIP".to_string(), key.vip_key.clone()),
-                ("LBD_RS".to_string(), key.real_server_key.clone()),
-                (
-                    "LBD_STATE".to_string(),
-                    if up { "up" } else { "down" }.to_string(),
-                ),
-                ("LBD_REASON".to_string(), reason),
-            ];
-            spawn_notify(
-                shared.notifies.clone(),
-                command.clone(),
-                env,
-                shared.options.notify_timeout,
-            );
-        }
-        if let Some(event) = unsent {
-            if shared.events.send(event).await.is_err() {
-                return; // the controller is gone
-            }
+        if !report(&shared, &config, &state, &retired, result).await {
+            return;
         }
     }
+}
+
+/// Records a check's result in its state, and for a change logs it, tells the controller and
+/// runs the notify command. False: the check is over (retired, or the controller gone).
+async fn report(shared: &Shared, config: &CheckConfig, state: &Mutex<CheckState>, retired: &AtomicBool, result: ProbeResult) -> bool {
+    // The event goes into the controller's channel before the state lock is released: whoever
+    // reads the new state (the controller, for `lbd status` or a table) finds its event
+    // already waiting, and the controller applies waiting events before answering a status.
+    let (unsent, notify, up, reason) = {
+        let mut st = state.lock().expect("check state lock");
+        if retired.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        let transition = st.record(Instant::now(), &result);
+        if !result.ok {
+            debug!(vip = %config.key.vip_key, real_server = %config.key.real_server_key, reason = %result.reason, "check failed");
+        }
+        let Some(transition) = transition else {
+            return true;
+        };
+        let key = &config.key;
+        let event = |up: bool, reason: String, weight: Option<u32>| HealthEvent {
+            vip_key: key.vip_key.clone(),
+            real_server_key: key.real_server_key.clone(),
+            up,
+            reason,
+            weight,
+        };
+        let (event, notify) = match transition {
+            Transition::Down { reason } => {
+                warn!(vip = %key.vip_key, real_server = %key.real_server_key, %reason, "real server down");
+                (event(false, reason, None), config.notify_down.as_ref())
+            }
+            Transition::Up { reason, weight } => {
+                info!(vip = %key.vip_key, real_server = %key.real_server_key, %reason, "real server up");
+                (event(true, reason, weight), config.notify_up.as_ref())
+            }
+            Transition::Weight { weight, reason } => {
+                info!(vip = %key.vip_key, real_server = %key.real_server_key, weight, %reason, "real server weight changed");
+                (event(true, reason, Some(weight)), None)
+            }
+        };
+        let (up, reason) = (event.up, event.reason.clone());
+        let unsent = match shared.events.try_send(event) {
+            Ok(()) => None,
+            // A full channel (thousands of changes at once): wait for room, outside the lock.
+            Err(mpsc::error::TrySendError::Full(event)) => Some(event),
+            Err(mpsc::error::TrySendError::Closed(_)) => return false, // the controller is gone
+        };
+        (unsent, notify, up, reason)
+    };
+    let key = &config.key;
+    if let Some(command) = notify {
+        let env = vec![
+            ("LBD_VIP".to_string(), key.vip_key.clone()),
+            ("LBD_RS".to_string(), key.real_server_key.clone()),
+            (
+                "LBD_STATE".to_string(),
+                if up { "up" } else { "down" }.to_string(),
+            ),
+            ("LBD_REASON".to_string(), reason),
+        ];
+        spawn_notify(
+            shared.notifies.clone(),
+            command.clone(),
+            env,
+            shared.options.notify_timeout,
+        );
+    }
+    if let Some(event) = unsent {
+        if shared.events.send(event).await.is_err() {
+            return false; // the controller is gone
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -611,6 +639,42 @@ mod tests {
     }
 
     const TCP_1S: &str = "kind = \"tcp\"\ninterval = \"1s\"\nrise = 2\nfall = 2";
+
+    /// A probe that finished while a reload replaced its check (the old task, on another thread,
+    /// past its probe when aborted) changes nothing: no event, no log, no notify, and the new
+    /// check's state does not miss it. The same result for the running check is reported.
+    #[tokio::test(start_paused = true)]
+    async fn a_result_of_a_replaced_check_is_dropped() {
+        let prober = Arc::new(Scripted::default());
+        let (mut s, mut rx) = scheduler(&prober, SchedulerOptions::default());
+        let check = |timeout: &str| config(1, &format!("kind = \"tcp\"\ninterval = \"1h\"\nwarmup = \"1h\"\nfall = 1\ntimeout = \"{timeout}\""), false);
+        let running = |s: &Scheduler| {
+            let r = &s.checks[&key(1)];
+            (r.state.clone(), r.retired.clone())
+        };
+        s.set([check("1s")]);
+        let (old_state, old_retired) = running(&s);
+        // A reload: the same kind of probe with another timeout, so the state is carried over.
+        s.set([check("2s")]);
+        let (new_state, new_retired) = running(&s);
+        assert!(!Arc::ptr_eq(&old_state, &new_state));
+        let failed = ProbeResult {
+            ok: false,
+            reason: "connection refused".into(),
+            weight: None,
+            latency: Duration::ZERO,
+            attempts: 1,
+        };
+        assert!(!report(&s.shared, &check("1s"), &old_state, &old_retired, failed.clone()).await, "the old task ends");
+        assert!(rx.try_recv().is_err(), "an event for the replaced check");
+        assert!(old_state.lock().unwrap().is_up() && new_state.lock().unwrap().is_up());
+
+        assert!(report(&s.shared, &check("2s"), &new_state, &new_retired, failed).await);
+        assert_eq!(rx.try_recv().map(|e| (e.up, e.reason)), Ok((false, "connection refused".to_string())));
+        // Removing a check retires it too.
+        s.set([]);
+        assert!(new_retired.load(Ordering::Relaxed));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn events_follow_rise_and_fall() {
