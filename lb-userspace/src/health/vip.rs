@@ -63,8 +63,27 @@ type TcpKey = (IpAddr, u16, u16);
 struct Waiters {
     /// Probes waiting for the answer to their SYN, which carried the sequence number given.
     tcp: HashMap<TcpKey, (u32, oneshot::Sender<TcpReply>)>,
-    /// ARP watches by (VIP, real server MAC): set when that MAC claims the VIP.
-    arp: HashMap<(Ipv4Addr, [u8; 6]), Arc<std::sync::atomic::AtomicBool>>,
+    /// ARP watches by (VIP, real server MAC): set when that MAC claims the VIP. One per probe:
+    /// two virtual servers of one VIP (ports 80 and 443) can probe one real server at once.
+    arp: HashMap<(Ipv4Addr, [u8; 6]), Vec<ArpWatch>>,
+}
+
+type ArpWatch = Arc<std::sync::atomic::AtomicBool>;
+
+impl Waiters {
+    fn watch_arp(&mut self, key: (Ipv4Addr, [u8; 6]), flag: &ArpWatch) {
+        self.arp.entry(key).or_default().push(flag.clone());
+    }
+
+    /// Removes `flag`'s watch only: another probe's on the same key stays.
+    fn unwatch_arp(&mut self, key: (Ipv4Addr, [u8; 6]), flag: &ArpWatch) {
+        if let Some(flags) = self.arp.get_mut(&key) {
+            flags.retain(|f| !Arc::ptr_eq(f, flag));
+            if flags.is_empty() {
+                self.arp.remove(&key);
+            }
+        }
+    }
 }
 
 /// One `AF_PACKET` socket on one interface of one network namespace.
@@ -242,7 +261,7 @@ fn dispatch(waiters: &Mutex<Waiters>, frame: &[u8]) {
     if ethertype == ETH_P_ARP {
         if let Some((sender_mac, sender_ip)) = arp_sender(&frame[14..]) {
             let w = waiters.lock().expect("waiters lock");
-            if let Some(flag) = w.arp.get(&(sender_ip, sender_mac)) {
+            for flag in w.arp.get(&(sender_ip, sender_mac)).into_iter().flatten() {
                 flag.store(true, std::sync::atomic::Ordering::SeqCst);
             }
         }
@@ -455,15 +474,15 @@ fn reserve_port(addr: IpAddr) -> io::Result<(std::net::TcpListener, u16)> {
 struct Registration<'a> {
     link: &'a Link,
     tcp: TcpKey,
-    arp: Option<(Ipv4Addr, [u8; 6])>,
+    arp: Option<((Ipv4Addr, [u8; 6]), ArpWatch)>,
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
         let mut w = self.link.waiters.lock().expect("waiters lock");
         w.tcp.remove(&self.tcp);
-        if let Some(k) = self.arp {
-            w.arp.remove(&k);
+        if let Some((k, flag)) = &self.arp {
+            w.unwatch_arp(*k, flag);
         }
     }
 }
@@ -546,13 +565,13 @@ pub(super) async fn syn_probe(
         let mut w = link.waiters.lock().expect("waiters lock");
         w.tcp.insert(tcp_key, (seq, tx));
         if let Some(k) = arp_key {
-            w.arp.insert(k, claims_vip.clone());
+            w.watch_arp(k, &claims_vip);
         }
     }
     let _registration = Registration {
         link: &link,
         tcp: tcp_key,
-        arp: arp_key,
+        arp: arp_key.map(|k| (k, claims_vip.clone())),
     };
 
     if let (Some((vip4, _)), IpAddr::V4(src4)) = (arp_key, src_ip) {
@@ -662,5 +681,25 @@ mod tests {
         dispatch(&waiters, &reply(8, false));
         assert_eq!(rx.try_recv().unwrap(), TcpReply::SynAck { ack: 8 });
         assert!(waiters.lock().unwrap().tcp.is_empty());
+    }
+
+    /// Two probes of one real server through one VIP (the VIP's port 80 and 443 virtual servers)
+    /// at once: the one that ends first leaves the other's ARP watch in place, so a real server
+    /// that claims the VIP is caught by both. Before, the second watch replaced the first, and
+    /// the first probe's end removed the second's.
+    #[test]
+    fn overlapping_probes_each_keep_their_arp_watch() {
+        let (vip, rs_mac) = (Ipv4Addr::new(10, 0, 0, 100), [2, 0, 0, 0, 0, 2]);
+        let waiters = Mutex::new(Waiters::default());
+        let (first, second) = (ArpWatch::default(), ArpWatch::default());
+        waiters.lock().unwrap().watch_arp((vip, rs_mac), &first);
+        waiters.lock().unwrap().watch_arp((vip, rs_mac), &second);
+        waiters.lock().unwrap().unwatch_arp((vip, rs_mac), &first);
+        // The real server answers ARP for the VIP (sender = VIP, its own MAC).
+        dispatch(&waiters, &arp_request(rs_mac, [2, 0, 0, 0, 0, 1], vip, Ipv4Addr::new(10, 0, 0, 10)));
+        assert!(second.load(std::sync::atomic::Ordering::SeqCst), "the running probe missed the claim");
+        assert!(!first.load(std::sync::atomic::Ordering::SeqCst));
+        waiters.lock().unwrap().unwatch_arp((vip, rs_mac), &second);
+        assert!(waiters.lock().unwrap().arp.is_empty());
     }
 }
