@@ -164,7 +164,7 @@ pub enum Mode {
 #[serde(rename_all = "lowercase")]
 pub enum Forwarding {
     /// Direct server return (`"dsr"`, IPVS "direct routing", `ipvsadm -g`): only the Ethernet
-    /// destination changes; the real server answers the client directly.
+    /// addresses change; the real server answers the client directly.
     #[default]
     Dsr,
     /// Masquerading (`"nat"`, `ipvsadm -m`, IPVS only): the destination address (and port) are
@@ -1256,6 +1256,44 @@ fn mac_address(text: &str) -> Result<[u8; 6], String> {
 
 // Messages of toml (syntax) and serde (types, keys), reworded for operators, on one line.
 
+/// What lbd calls a keepalived option an operator moving a keepalived.conf over may type, in a
+/// table that accepts `expected`.
+fn keepalived_hint(key: &str, expected: &[&str]) -> Option<&'static str> {
+    Some(match key {
+        "delay_loop" => "is `interval` in `health_check`",
+        "lb_algo" | "lvs_sched" => "is `scheduler`",
+        "lb_kind" | "lvs_method" => "is `forwarding` (\"dsr\", or \"nat\"/\"tunnel\" with IPVS)",
+        "persistence_timeout" => "is `persistence = { timeout = \"360s\" }`",
+        "virtualhost" => "is `host` in `health_check`",
+        "connect_timeout" | "misc_timeout" => "is `timeout` in `health_check`",
+        "retry" | "nb_get_retry" => "is `retries` in `health_check`",
+        "delay_before_retry" => "is `retry_delay` in `health_check`",
+        "connect_port" => "is `port` in `health_check`",
+        "url" => "is `path`, `expect_status` and `digest` in `health_check`",
+        "status_code" => "is `expect_status` in `health_check`",
+        "misc_path" => "is `command` in `health_check = { kind = \"script\" }`",
+        "misc_dynamic" => "is `dynamic_weight` in `health_check`",
+        "TCP_CHECK" => "is `health_check = { kind = \"tcp\" }`",
+        "HTTP_GET" => "is `health_check = { kind = \"http\" }`",
+        "SSL_GET" => "is `health_check = { kind = \"https\" }`",
+        "MISC_CHECK" => "is `health_check = { kind = \"script\" }`",
+        "DNS_CHECK" => "is `health_check = { kind = \"dns\" }`",
+        "UDP_CHECK" => "is `health_check = { kind = \"udp\" }`",
+        "advert_int" => "is `advert_interval`",
+        "virtual_ipaddress" => "is `virtual_addresses`",
+        "unicast_src_ip" => "is `unicast_source`",
+        "unicast_peer" => "is `unicast_peers`",
+        "nopreempt" => "is `preempt = false`",
+        "state" if expected.contains(&"priority") => "is not needed: the priority decides which director is master (255: the address owner)",
+        "omega" => {
+            "is not supported: a stopping lbd leaves its fast path (XDP) or its services (IPVS) serving, so its real \
+             servers do not go down"
+        }
+        "use_vmac" => "is not supported: lbd answers ARP for the VIPs itself, with the interface's MAC",
+        _ => return None,
+    })
+}
+
 fn reword(message: &str) -> String {
     let message = message.trim_end().replace('\n', ": ");
     if let Some(rest) = message.strip_prefix("unknown field ") {
@@ -1263,8 +1301,9 @@ fn reword(message: &str) -> String {
         let names = backticked(rest);
         if let Some((key, expected)) = names.split_first() {
             let place = table_of(expected).map_or(String::new(), |place| format!(" {place}"));
+            let hint = keepalived_hint(key, expected).map_or(String::new(), |hint| format!(": keepalived's `{key}` {hint}"));
             return format!(
-                "unknown key `{key}`{place}; expected one of: {}",
+                "unknown key `{key}`{place}{hint}; expected one of: {}",
                 expected.join(", ")
             );
         }
@@ -1890,6 +1929,20 @@ address = "10.0.0.4"
             inline[0].starts_with("t.toml:1:34: unknown key `modus` in [director]; "),
             "{inline:?}"
         );
+        // keepalived's names say what they are called here.
+        assert_eq!(
+            errors_after(true, "lb_kind = \"DR\"\n"),
+            ["t.toml:6:1: unknown key `lb_kind` in [[virtual_server]]: keepalived's `lb_kind` is `forwarding` (\"dsr\", \
+              or \"nat\"/\"tunnel\" with IPVS); expected one of: address, port, protocol, scheduler, forwarding, \
+              persistence, fwmark, family, mh_fallback, mh_port, health_check, inhibit_on_failure, alpha, quorum, \
+              hysteresis, sorry_server, quorum_up, quorum_down, real_server"]
+        );
+        let misc = errors_after(true, "[[virtual_server.real_server]]\naddress = \"10.0.0.2\"\nhealth_check = { kind = \"script\", misc_path = \"/x\" }\n");
+        assert!(
+            misc[0].starts_with("t.toml:8:35: unknown key `misc_path` in health_check: keepalived's `misc_path` is `command` in \
+                                 `health_check = { kind = \"script\" }`; expected one of: kind, "),
+            "{misc:?}"
+        );
         let dotted = errors(&format!("{DIRECTOR}health.port = 1\n"));
         assert!(
             dotted[0].starts_with("t.toml:3:1: unknown key `health` in [director]; "),
@@ -2485,7 +2538,8 @@ rig.toml:10:7: invalid MAC address `nope`; expected six hex bytes like 02:00:00:
         // Types, syntax, unknown and missing keys come from the parser, at the value.
         assert_eq!(
             vrrp("nopreempt = true\n"),
-            ["t.toml:8:1: unknown key `nopreempt` in [[vrrp_instance]]; expected one of: name, interface, \
+            ["t.toml:8:1: unknown key `nopreempt` in [[vrrp_instance]]: keepalived's `nopreempt` is `preempt = false`; \
+              expected one of: name, interface, \
               virtual_router_id, priority, advert_interval, version, preempt, preempt_delay, virtual_addresses, \
               unicast_peers, unicast_source, authentication, garp_master_delay, garp_master_repeat, \
               garp_master_refresh, garp_master_refresh_repeat, garp_lower_prio_repeat, garp_lower_prio_delay, \
