@@ -24,6 +24,11 @@ use crate::netns::Netns;
 /// What `/hello` answers; its MD5 is [`HELLO_MD5`].
 pub const HELLO: &str = "hello";
 pub const HELLO_MD5: &str = "5d41402abc4b2a76b9719d911017c592";
+
+/// What `/big` answers: 3 MiB, beyond what a check reads for `expect_body`.
+pub fn big_page() -> String {
+    "lbd health check body\n".repeat(3 << 20).chars().take(3 << 20).collect()
+}
 /// How long `/slow` takes to answer.
 pub const SLOW: Duration = Duration::from_secs(3);
 
@@ -124,6 +129,7 @@ async fn respond(
         }
         "/wrong" => (200, "unexpected page\n".into()),
         "/hello" => (200, HELLO.into()),
+        "/big" => (200, big_page()),
         "/host" => {
             let host = req
                 .headers()

@@ -13,7 +13,7 @@ use anyhow::Result;
 use lb_tests::{
     health::{
         dummy_net, run_in, serve_dns, serve_http, serve_udp_echo, serve_udp_silent, test_ca,
-        HELLO_MD5,
+        big_page, HELLO_MD5,
     },
     netns::{require_root, Netns},
 };
@@ -174,6 +174,17 @@ fn tcp_and_http_checks() -> Result<()> {
             ),
         )
         .await;
+        // A digest alone takes a body of any size (as keepalived's); `expect_body` reads 1 MiB.
+        let big_md5 = lb_userspace::health::check::md5_hex(big_page().as_bytes());
+        expect(&format!("kind = \"http\"\npath = \"/big\"\ndigest = \"{big_md5}\""), &web, true, "HTTP 200").await;
+        expect(
+            &format!("kind = \"http\"\npath = \"/big\"\ndigest = \"{HELLO_MD5}\"\nretries = 0"),
+            &web,
+            false,
+            &format!("digest mismatch: body MD5 is {big_md5}"),
+        )
+        .await;
+        expect("kind = \"http\"\npath = \"/big\"\nexpect_body = \"lbd\"\nretries = 0", &web, false, "body larger than 1024 KiB").await;
         expect(
             "kind = \"http\"\npath = \"/host\"\nhost = \"www.example.test\"\nexpect_body = \"www.example.test\"",
             &web,
