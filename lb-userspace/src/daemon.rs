@@ -1228,6 +1228,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     // Before the dataplane goes: masters send priority 0, so the backup takes over at once.
     stop_vrrp(&mut ctl, &mut vrrp).await;
+    // The end of the runtime would kill a `notify_down` or quorum command still running.
+    if let Some(health) = &ctl.health {
+        health.settle_notifies().await;
+    }
     let dp = ctl.dataplane();
     match (dp.stays(), dp.name()) {
         (true, "xdp") => info!(

@@ -323,6 +323,22 @@ impl Scheduler {
             .collect()
     }
 
+    /// Before lbd exits (the runtime's end kills what still runs): waits for the notify commands
+    /// running or queued, at most a notify command's timeout and a second, so that a
+    /// `notify_down` or `quorum_down` started just before a stop is not cut off.
+    pub async fn settle_notifies(&self) {
+        let notifies = &self.shared.notifies;
+        let busy = notifies.busy();
+        if busy == 0 {
+            return;
+        }
+        let limit = self.shared.options.notify_timeout + Duration::from_secs(1);
+        info!(commands = busy, "waiting up to {} for notify commands to finish", format_duration(limit));
+        if !notifies.settle(limit).await {
+            warn!(commands = notifies.busy(), "notify commands still running at exit are killed");
+        }
+    }
+
     /// Runs a command (e.g. a virtual server's quorum up/down command) detached, with the
     /// scheduler's notify limits; see [`spawn_notify`].
     pub fn notify(&self, command: &CommandText, env: Vec<(String, String)>) {
@@ -378,13 +394,28 @@ pub const MAX_WAITING_NOTIFIES: usize = 1024;
 /// The notify commands' limits: `max_notifies` run at once, [`MAX_WAITING_NOTIFIES`] wait.
 pub struct Notifies {
     permits: Semaphore,
+    /// The number of permits: all free = no command running.
+    size: u32,
     waiting: std::sync::atomic::AtomicUsize,
     dropped: std::sync::atomic::AtomicU64,
 }
 
 impl Notifies {
     pub fn new(max_notifies: usize) -> Self {
-        Notifies { permits: Semaphore::new(max_notifies.max(1)), waiting: Default::default(), dropped: Default::default() }
+        let size = max_notifies.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)) as u32;
+        Notifies { permits: Semaphore::new(size as usize), size, waiting: Default::default(), dropped: Default::default() }
+    }
+
+    /// Commands running or waiting to start.
+    fn busy(&self) -> usize {
+        self.size as usize - self.permits.available_permits() + self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits (at most `limit`) until the commands running or waiting now have ended: the
+    /// semaphore is fair, so taking every permit waits behind those queued first. False if some
+    /// had not ended by then.
+    pub async fn settle(&self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.permits.acquire_many(self.size)).await.is_ok_and(|p| p.is_ok())
     }
 }
 
@@ -1087,5 +1118,29 @@ mod tests {
         assert_eq!(limits.waiting.load(Relaxed), MAX_WAITING_NOTIFIES);
         assert_eq!(limits.dropped.load(Relaxed), 10);
         drop(held);
+    }
+
+    /// At exit lbd waits for the notify commands running and queued (they would be killed), up
+    /// to a bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settle_waits_for_running_and_queued_notify_commands() {
+        let dir = std::env::temp_dir().join(format!("lbd-settle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let limits = Arc::new(Notifies::new(1));
+        // One runs, one waits for it: both finish within the bound.
+        for name in ["first", "second"] {
+            let line = format!("sleep 0.2; touch {}", dir.join(name).display());
+            spawn_notify(limits.clone(), CommandText::Shell(line), vec![], Duration::from_secs(5));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(limits.busy(), 2);
+        assert!(limits.settle(Duration::from_secs(5)).await);
+        assert!(dir.join("first").exists() && dir.join("second").exists());
+        assert_eq!(limits.busy(), 0);
+        // One that outlasts the bound: settle gives up.
+        spawn_notify(limits.clone(), CommandText::Shell("sleep 5".into()), vec![], Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!limits.settle(Duration::from_millis(100)).await);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
