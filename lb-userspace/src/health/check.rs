@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use md5::{Digest, Md5};
 use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
@@ -35,7 +35,7 @@ use super::config::{
     ScriptCheck, Timing, TlsCheck, UdpCheck, Via,
 };
 
-/// Largest HTTP body read for `expect_body` (a `digest` alone hashes any size as it arrives).
+/// Largest HTTP body kept for `expect_body` (the `digest` is taken over a body of any size).
 pub const MAX_BODY: usize = 1 << 20;
 /// Largest UDP reply read.
 const MAX_DATAGRAM: usize = 65536;
@@ -334,37 +334,27 @@ where
         if http.expect_body.is_none() && http.digest.is_none() {
             return pass(format!("HTTP {status}"));
         }
-        // A digest alone is taken as the body arrives, whatever its size, as keepalived's
-        // HTTP_GET does: a big page checked by its MD5 must not fail for its size.
-        if let (None, Some(want)) = (&http.expect_body, &http.digest) {
-            let mut body = response.into_body();
-            let mut md5 = Md5::new();
-            while let Some(frame) = body.frame().await {
-                match frame {
-                    Ok(frame) => {
-                        if let Some(data) = frame.data_ref() {
-                            md5.update(data);
-                        }
-                    }
-                    Err(e) => return fail(hyper_reason(&e)),
+        // One pass over the body as it arrives: the digest over all of it, whatever its size, as
+        // keepalived's HTTP_GET does; for `expect_body`, the first MAX_BODY bytes kept.
+        let mut frames = response.into_body();
+        let mut md5 = http.digest.as_ref().map(|_| Md5::new());
+        let mut body = Vec::new();
+        while let Some(frame) = frames.frame().await {
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(e) => return fail(hyper_reason(&e)),
+            };
+            let Some(data) = frame.data_ref() else { continue };
+            if let Some(md5) = &mut md5 {
+                md5.update(data);
+            }
+            if http.expect_body.is_some() {
+                if body.len() + data.len() > MAX_BODY {
+                    return fail(format!("body larger than {} KiB", MAX_BODY / 1024));
                 }
+                body.extend_from_slice(data);
             }
-            let got = hex(&md5.finalize());
-            if &got != want {
-                return fail(format!("digest mismatch: body MD5 is {got}"));
-            }
-            return pass(format!("HTTP {status}"));
         }
-        let body = match Limited::new(response.into_body(), MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return fail(format!("body larger than {} KiB", MAX_BODY / 1024))
-            }
-            Err(e) => match e.downcast_ref::<hyper::Error>() {
-                Some(e) => return fail(hyper_reason(e)),
-                None => return fail(format!("HTTP: reading the body: {e}")),
-            },
-        };
         match &http.expect_body {
             Some(BodyMatch::Contains(text)) if !contains(&body, text.as_bytes()) => {
                 return fail(format!("body mismatch: {text:?} not found"))
@@ -374,8 +364,8 @@ where
             }
             _ => {}
         }
-        if let Some(want) = &http.digest {
-            let got = md5_hex(&body);
+        if let (Some(md5), Some(want)) = (md5, &http.digest) {
+            let got = hex(&md5.finalize());
             if &got != want {
                 return fail(format!("digest mismatch: body MD5 is {got}"));
             }
