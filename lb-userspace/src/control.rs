@@ -9,13 +9,14 @@ use std::{
         fs::{FileTypeExt, PermissionsExt},
         net::UnixStream,
     },
+    net::{IpAddr, SocketAddr},
     path::Path,
     time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::status::Status;
+use crate::{config::Protocol, status::Status};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
@@ -37,6 +38,65 @@ pub struct BackendSelector {
     pub backend: String,
     /// "tcp" or "udp"; both when absent.
     pub protocol: Option<String>,
+}
+
+/// A [`BackendSelector`] read: which virtual servers and real servers it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Selection {
+    pub vip: VsName,
+    /// The real server's address, and its port if given.
+    pub backend: (IpAddr, Option<u16>),
+    /// Only virtual servers of this protocol; any when `None`.
+    pub protocol: Option<Protocol>,
+}
+
+/// How a selector names virtual servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VsName {
+    /// `ADDR:PORT`.
+    Addr(SocketAddr),
+    /// `fwmark:N` (both families of the mark), `fwmark:N/ipv4` or `fwmark:N/ipv6`, as status and
+    /// the metrics' `virtual_server` label name the IPv6 one.
+    Mark { mark: u32, ipv6: Option<bool> },
+}
+
+impl BackendSelector {
+    /// Reads the selector, with an error naming the argument that is not understood. The CLI
+    /// checks it before sending (a usage error), the daemon again when it arrives.
+    pub fn parse(&self) -> Result<Selection, String> {
+        let vip = match self.vip.strip_prefix("fwmark:") {
+            Some(rest) => {
+                let bad = || format!("`{}` is not fwmark:N (N from 1), fwmark:N/ipv4 or fwmark:N/ipv6", self.vip);
+                let (mark, ipv6) = match rest.split_once('/') {
+                    None => (rest, None),
+                    Some((m, "ipv4")) => (m, Some(false)),
+                    Some((m, "ipv6")) => (m, Some(true)),
+                    Some(_) => return Err(bad()),
+                };
+                let mark = mark.parse().ok().filter(|&m: &u32| m > 0).ok_or_else(bad)?;
+                VsName::Mark { mark, ipv6 }
+            }
+            None => VsName::Addr(self.vip.parse().map_err(|_| {
+                format!("`{}` is not ADDR:PORT ([ADDR]:PORT for IPv6) or fwmark:N of a virtual server", self.vip)
+            })?),
+        };
+        let backend = match self.backend.parse::<SocketAddr>() {
+            Ok(sa) => (sa.ip(), Some(sa.port())),
+            Err(_) => (
+                self.backend.parse::<IpAddr>().map_err(|_| {
+                    format!("`{}` is not ADDR or ADDR:PORT ([ADDR]:PORT for IPv6) of a real server", self.backend)
+                })?,
+                None,
+            ),
+        };
+        let protocol = match self.protocol.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None => None,
+            Some("tcp") => Some(Protocol::Tcp),
+            Some("udp") => Some(Protocol::Udp),
+            Some(_) => return Err(format!("unknown protocol `{}`; expected tcp or udp", self.protocol.as_deref().unwrap_or(""))),
+        };
+        Ok(Selection { vip, backend, protocol })
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -65,8 +125,12 @@ impl Response {
 pub enum ControlError {
     #[error("cannot reach lbd at {path}: {source} (is `lbd run` running? pass --socket or --config to name its socket)")]
     Connect { path: String, source: std::io::Error },
+    #[error("cannot open lbd's socket at {path}: {source} (it is mode 0600: run this as the user lbd runs as, usually root)")]
+    Denied { path: String, source: std::io::Error },
     #[error("talking to lbd at {path}: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error("lbd at {path} did not answer within {} s (it may still be working on the request: `lbd status` answers once it is done)", REPLY_TIMEOUT.as_secs())]
+    Timeout { path: String },
     #[error("lbd at {path} sent an unreadable reply: {source}")]
     Decode { path: String, source: serde_json::Error },
     #[error("another lbd is already listening on {0}")]
@@ -84,18 +148,35 @@ impl ControlError {
     }
 }
 
+/// How long a client waits for lbd's reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Sends one request and waits (at most 10 s) for the reply.
 pub fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
+    request_raw(path, req).map(|(resp, _)| resp)
+}
+
+/// [`request`], with the reply also as lbd sent it: `lbd status --json` prints lbd's own
+/// object, so that a field this client does not know is not lost.
+pub fn request_raw(path: &Path, req: &Request) -> Result<(Response, serde_json::Value), ControlError> {
     let p = path.display().to_string();
-    let mut stream = UnixStream::connect(path).map_err(|source| ControlError::Connect { path: p.clone(), source })?;
-    let io = |source| ControlError::Io { path: p.clone(), source };
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    let mut stream = UnixStream::connect(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::PermissionDenied => ControlError::Denied { path: p.clone(), source },
+        _ => ControlError::Connect { path: p.clone(), source },
+    })?;
+    let io = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ControlError::Timeout { path: p.clone() },
+        _ => ControlError::Io { path: p.clone(), source },
+    };
+    stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
     let mut line = serde_json::to_string(req).expect("requests serialize");
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io)?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(io)?;
-    serde_json::from_str(&reply).map_err(|source| ControlError::Decode { path: p, source })
+    let decode = |source| ControlError::Decode { path: p.clone(), source };
+    let raw: serde_json::Value = serde_json::from_str(&reply).map_err(decode)?;
+    Ok((serde_json::from_value(raw.clone()).map_err(decode)?, raw))
 }
 
 /// After a failed `accept` on a listener (the control socket's, the metrics endpoint's): logs it

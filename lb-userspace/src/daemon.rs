@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, Director, Mode, Protocol, XdpMode},
-    control::{self, BackendSelector, Request, Response},
+    control::{self, BackendSelector, Request, Response, Selection, VsName},
     dataplane::{endpoint_key, BackendSpec, Dataplane, DataplaneStats, IpvsParams, ServiceSpec, VipAddr},
     health::{
         config::Via,
@@ -519,31 +519,12 @@ impl Controller {
     /// `["TCP 10.0.0.1:80 -> 10.0.0.11:80"]`. Unknown names are an error listing what exists.
     pub fn set_drained(&mut self, sel: &BackendSelector, drain: bool) -> anyhow::Result<Vec<String>> {
         // `fwmark:N` names a firewall-mark virtual server (ipvsadm's `-f N`), else ADDR:PORT.
-        let vip: Result<std::net::SocketAddr, u32> = match sel.vip.strip_prefix("fwmark:") {
-            Some(mark) => Err(mark.parse().with_context(|| format!("`{}` is not fwmark:N", sel.vip))?),
-            None => Ok(sel
-                .vip
-                .parse()
-                .with_context(|| format!("`{}` is not ADDR:PORT (or fwmark:N) of a virtual server", sel.vip))?),
-        };
-        let (addr, port) = match sel.backend.parse::<std::net::SocketAddr>() {
-            Ok(sa) => (sa.ip(), Some(sa.port())),
-            Err(_) => (
-                sel.backend.parse::<IpAddr>().with_context(|| format!("`{}` is not ADDR or ADDR:PORT of a real server", sel.backend))?,
-                None,
-            ),
-        };
-        let protocol = match sel.protocol.as_deref() {
-            None => None,
-            Some("tcp") => Some(Protocol::Tcp),
-            Some("udp") => Some(Protocol::Udp),
-            Some(other) => anyhow::bail!("unknown protocol `{other}`; expected tcp or udp"),
-        };
+        let Selection { vip, backend: (addr, port), protocol } = sel.parse().map_err(anyhow::Error::msg)?;
         let mut hits = Vec::new();
         let mut known = Vec::new();
         for vs in self.config.virtual_servers.iter().filter(|vs| match vip {
-            Err(mark) => vs.fwmark == Some(mark),
-            Ok(vip) => {
+            VsName::Mark { mark, ipv6 } => vs.fwmark == Some(mark) && ipv6.is_none_or(|v6| v6 == vs.address.is_ipv6()),
+            VsName::Addr(vip) => {
                 vs.fwmark.is_none()
                     && vs.address == vip.ip()
                     && vs.port == vip.port()
@@ -560,7 +541,10 @@ impl Controller {
         }
         if hits.is_empty() {
             if known.is_empty() {
-                anyhow::bail!("no virtual server {}", sel.vip);
+                match protocol {
+                    Some(p) => anyhow::bail!("no {} virtual server {}", p.to_string().to_uppercase(), sel.vip),
+                    None => anyhow::bail!("no virtual server {}", sel.vip),
+                }
             }
             anyhow::bail!("no real server {} in virtual server {} (it has {})", sel.backend, sel.vip, known.join(", "));
         }
@@ -694,7 +678,7 @@ impl Controller {
             config: self.config_path.display().to_string(),
             dataplane: self.dataplane.name().to_string(),
             interface: d.interface.clone(),
-            xdp_mode: self.xdp_mode.to_string(),
+            xdp_mode: (!self.xdp_mode.is_empty()).then(|| self.xdp_mode.to_string()),
             description: self.description.clone(),
             problem: stats.problem.clone(),
             uptime_secs: self.started.elapsed().as_secs(),
@@ -737,6 +721,7 @@ impl Controller {
                             port: sorry.port(),
                             weight: u32::from(serving),
                             state: if serving { "serving" } else { "standby" }.to_string(),
+                            drained: false,
                             mac: self.macs.get(&NeighKey { ifindex: iface.ifindex, addr: sorry.ip() }).map(format_mac),
                             interface: self.config.director.interface.clone(),
                             slots: st.slots,
@@ -758,13 +743,14 @@ impl Controller {
                                 (Some(scheduler), Some(_)) => scheduler.status_of(&check_key(svc.vip, rs)).map(HealthStatus::from),
                                 _ => None,
                             };
+                            let drained = self.drained.contains(&(svc.vip, key.clone()));
                             let state = if !up && weight.is_none() {
                                 "down"
                             } else if !up {
                                 "inhibited"
                             } else if mac.is_none() && self.dataplane.needs_macs() {
                                 "unresolved"
-                            } else if self.drained.contains(&(svc.vip, key)) {
+                            } else if drained {
                                 "drained"
                             } else if self.serves_sorry(vs) {
                                 // Healthy, but the sorry server has the table (quorum lost).
@@ -777,6 +763,7 @@ impl Controller {
                                 port: rs.port,
                                 weight: if state == "standby" { 0 } else { weight.unwrap_or(0) },
                                 state: state.to_string(),
+                                drained,
                                 mac: mac.as_ref().map(format_mac),
                                 interface: self.iface_of(&rs.interface).to_string(),
                                 slots: st.slots,
@@ -1209,7 +1196,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                         let done = reload_all(&mut ctl, &resolver, &mut watched, &mut vrrp).await;
                         vrrp_ifaces = vrrp_ifindexes_now(&ctl.config().vrrp);
                         match done {
-                            Ok(()) => Response { ok: true, ..Default::default() },
+                            Ok(()) => Response {
+                                ok: true,
+                                message: Some(format!("reloaded {}", ctl.config_path.display())),
+                                ..Default::default()
+                            },
                             Err(e) => {
                                 log_reload_failure(&e);
                                 let config_error = e.chain().any(|c| c.is::<ConfigMistake>());
@@ -1749,26 +1740,36 @@ mod tests {
     fn firewall_mark_virtual_servers_are_named_by_their_mark() {
         let text = "[director]\ninterface = \"eth0\"\nmode = \"ipvs\"\n\
                     [[virtual_server]]\nfwmark = 5\n[[virtual_server.real_server]]\naddress = \"10.0.0.11\"\n\
-                    [[virtual_server]]\nfwmark = 6\n[[virtual_server.real_server]]\naddress = \"10.0.0.11\"\n";
+                    [[virtual_server]]\nfwmark = 6\n[[virtual_server.real_server]]\naddress = \"10.0.0.11\"\n\
+                    [[virtual_server]]\nfwmark = 6\nfamily = \"ipv6\"\nforwarding = \"tunnel\"\n[[virtual_server.real_server]]\naddress = \"10.0.0.11\"\n";
         let (mut ctl, fake) = controller(Config::parse(text, "test.toml").expect("valid config"));
         ctl.apply().unwrap();
         let st = ctl.status(&DataplaneStats::default());
-        assert_eq!(st.virtual_servers.iter().map(|v| v.fwmark).collect::<Vec<_>>(), [Some(5), Some(6)]);
+        assert_eq!(st.virtual_servers.iter().map(|v| v.fwmark).collect::<Vec<_>>(), [Some(5), Some(6), Some(6)]);
         // The mark selects any protocol: JSON and metrics say so rather than "tcp".
         assert!(st.virtual_servers.iter().all(|v| v.protocol == "fwmark"), "{:?}", st.virtual_servers);
         let text = crate::status::render(&st);
         let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("FWM")).collect();
-        assert_eq!(rows.len(), 2, "{text}");
-        assert!(rows[0].starts_with("FWM  5 ") && rows[1].starts_with("FWM  6 "), "{text}");
+        assert_eq!(rows.len(), 3, "{text}");
+        assert!(rows[0].starts_with("FWM  5 ") && rows[1].starts_with("FWM  6 ") && rows[2].starts_with("FWM  6 IPv6"), "{text}");
 
         let sel = |vip: &str| BackendSelector { vip: vip.into(), backend: "10.0.0.11".into(), protocol: None };
-        assert_eq!(ctl.set_drained(&sel("fwmark:6"), true).unwrap(), vec!["FWM 6 -> 10.0.0.11:0"]);
-        let weights: Vec<u32> = fake.current().unwrap().iter().map(|s| s.backends[0].weight).collect();
-        assert_eq!(weights, [1, 0]);
+        let weights = || fake.current().unwrap().iter().map(|s| s.backends[0].weight).collect::<Vec<u32>>();
+        // As the metrics' `virtual_server` label names it: the IPv6 one of mark 6 only.
+        assert_eq!(ctl.set_drained(&sel("fwmark:6/ipv6"), true).unwrap(), vec!["FWM 6 IPv6 -> 10.0.0.11:0"]);
+        assert_eq!(weights(), [1, 1, 0]);
+        assert_eq!(ctl.set_drained(&sel("fwmark:6/ipv6"), false).unwrap().len(), 1);
+        assert_eq!(ctl.set_drained(&sel("fwmark:6/ipv4"), true).unwrap(), vec!["FWM 6 -> 10.0.0.11:0"]);
+        assert_eq!(weights(), [1, 0, 1]);
+        // Both families of the mark.
+        assert_eq!(ctl.set_drained(&sel("fwmark:6"), true).unwrap().len(), 2);
+        assert_eq!(weights(), [1, 0, 0]);
         let err = ctl.set_drained(&sel("0.0.0.0:0"), true).unwrap_err();
         assert_eq!(err.to_string(), "no virtual server 0.0.0.0:0");
-        let err = ctl.set_drained(&sel("fwmark:x"), true).unwrap_err();
-        assert_eq!(err.to_string(), "`fwmark:x` is not fwmark:N");
+        for bad in ["fwmark:x", "fwmark:0", "fwmark:6/v6"] {
+            let err = ctl.set_drained(&sel(bad), true).unwrap_err();
+            assert_eq!(err.to_string(), format!("`{bad}` is not fwmark:N (N from 1), fwmark:N/ipv4 or fwmark:N/ipv6"));
+        }
     }
 
     #[test]
@@ -1778,10 +1779,20 @@ mod tests {
         let sel = |b: &str| BackendSelector { vip: "10.0.0.100:80".into(), backend: b.into(), protocol: None };
         assert_eq!(ctl.set_drained(&sel("10.0.0.12"), true).unwrap(), vec!["TCP 10.0.0.100:80 -> 10.0.0.12:80"]);
         assert_eq!(fake.current().unwrap()[0].backends[1].weight, 0);
+        // Status says so whatever the state reads (here "unresolved": the fake has no MACs).
+        let st = ctl.status(&DataplaneStats::default());
+        assert_eq!(st.virtual_servers[0].real_servers.iter().map(|r| r.drained).collect::<Vec<_>>(), [false, true]);
         let err = ctl.set_drained(&sel("10.0.0.13:80"), true).unwrap_err();
         assert_eq!(err.to_string(), "no real server 10.0.0.13:80 in virtual server 10.0.0.100:80 (it has 10.0.0.11:80, 10.0.0.12:80)");
         let err = ctl.set_drained(&BackendSelector { vip: "10.0.0.100:81".into(), ..sel("10.0.0.12") }, true).unwrap_err();
         assert_eq!(err.to_string(), "no virtual server 10.0.0.100:81");
+        // `--protocol` as status writes it, or as the config does; the error names the filter.
+        let proto = |p: &str| BackendSelector { protocol: Some(p.into()), ..sel("10.0.0.12") };
+        assert_eq!(ctl.set_drained(&proto("TCP"), true).unwrap(), vec!["TCP 10.0.0.100:80 -> 10.0.0.12:80"]);
+        let err = ctl.set_drained(&proto("udp"), true).unwrap_err();
+        assert_eq!(err.to_string(), "no UDP virtual server 10.0.0.100:80");
+        let err = ctl.set_drained(&proto("sctp"), true).unwrap_err();
+        assert_eq!(err.to_string(), "unknown protocol `sctp`; expected tcp or udp");
 
         // A reload that leaves the real server alone keeps the drain...
         let ifaces = || HashMap::from([("eth0".to_string(), ETH0)]);

@@ -116,10 +116,13 @@ fn init_logging(default: &str) {
 
 /// Exit codes of the commands that talk to a running lbd (`status`, `reload`, `backend`), for
 /// scripts: 1 lbd refused the request or did not answer, 2 a mistake in the config file (`lbd
-/// reload`, as `lbd check`), 3 no lbd runs there (LSB's "program is not running").
+/// reload`, as `lbd check`), 3 no lbd runs there (LSB's "program is not running"), 64 a
+/// mistake on the command line (sysexits' EX_USAGE, for every command; clap's own 2 would read
+/// as a mistake in the config).
 const EXIT_FAILED: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 const EXIT_NOT_RUNNING: u8 = 3;
+const EXIT_USAGE: u8 = 64;
 
 /// A failed request: what to print and the exit code.
 struct Failure {
@@ -134,14 +137,15 @@ impl Failure {
     }
 }
 
-fn client(target: &Target, req: Request) -> Result<control::Response, Failure> {
+/// Sends `req`; lbd's reply, also as it sent it (for `status --json`).
+fn client(target: &Target, req: Request) -> Result<(control::Response, serde_json::Value), Failure> {
     let socket = target.socket().map_err(|message| Failure { code: EXIT_CONFIG, message })?;
-    let resp = control::request(&socket, &req).map_err(|e| Failure {
+    let (resp, raw) = control::request_raw(&socket, &req).map_err(|e| Failure {
         code: if e.not_running() { EXIT_NOT_RUNNING } else { EXIT_FAILED },
         message: e.to_string(),
     })?;
     match resp.ok {
-        true => Ok(resp),
+        true => Ok((resp, raw)),
         false => Err(Failure {
             code: if resp.config_error { EXIT_CONFIG } else { EXIT_FAILED },
             message: resp.error.unwrap_or_else(|| "request failed".into()),
@@ -149,17 +153,30 @@ fn client(target: &Target, req: Request) -> Result<control::Response, Failure> {
     }
 }
 
+/// `n` things, e.g. "1 real server", "2 real servers".
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version print to stdout and succeed.
+            return if e.use_stderr() { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
+        }
+    };
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 let rs: usize = c.virtual_servers.iter().map(|v| v.real_servers.len()).sum();
                 let vrrp = match c.vrrp.instances.len() {
                     0 => String::new(),
-                    n => format!(", {n} VRRP instances"),
+                    n => format!(", {}", count(n, "VRRP instance")),
                 };
-                println!("{}: OK ({} virtual servers, {} real servers{vrrp})", config.display(), c.virtual_servers.len(), rs);
+                let (vs, rs) = (count(c.virtual_servers.len(), "virtual server"), count(rs, "real server"));
+                println!("{}: OK ({vs}, {rs}{vrrp})", config.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -192,15 +209,16 @@ fn main() -> ExitCode {
             }
         }
         Command::Status { json, target } => match client(&target, Request::Status) {
-            Ok(resp) => {
-                let st = resp.status.unwrap_or_default();
+            Ok((control::Response { status: Some(st), .. }, raw)) => {
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&st).expect("status serializes"));
+                    // lbd's own object: fields this client does not know are kept as sent.
+                    println!("{}", serde_json::to_string_pretty(&raw["status"]).expect("status serializes"));
                 } else {
                     print!("{}", status::render(&st));
                 }
                 ExitCode::SUCCESS
             }
+            Ok(_) => Failure { code: EXIT_FAILED, message: "lbd answered without a status".into() }.exit("status"),
             Err(e) => e.exit("status"),
         },
         Command::Backend { action } => {
@@ -209,9 +227,12 @@ fn main() -> ExitCode {
                 BackendAction::Enable(a) => (a, false),
             };
             let sel = control::BackendSelector { vip: args.vip, backend: args.backend, protocol: args.protocol };
+            if let Err(message) = sel.parse() {
+                return Failure { code: EXIT_USAGE, message }.exit("backend");
+            }
             let req = if drain { Request::Drain(sel) } else { Request::Enable(sel) };
             match client(&args.target, req) {
-                Ok(resp) => {
+                Ok((resp, _)) => {
                     println!("{}", resp.message.unwrap_or_default());
                     ExitCode::SUCCESS
                 }
@@ -220,8 +241,8 @@ fn main() -> ExitCode {
         }
         Command::Detach { target } => detach(&target),
         Command::Reload { target } => match client(&target, Request::Reload) {
-            Ok(_) => {
-                println!("reloaded");
+            Ok((resp, _)) => {
+                println!("{}", resp.message.as_deref().unwrap_or("reloaded"));
                 ExitCode::SUCCESS
             }
             Err(e) => e.exit("reload"),
@@ -230,20 +251,18 @@ fn main() -> ExitCode {
 }
 
 /// `lbd detach`: refused while an lbd answers on the socket (it would go on using what is
-/// removed, and keeps it again when it stops).
+/// removed, and keeps it again when it stops). Exits 0 when nothing is kept (any more), 1 when
+/// refused or removing failed, 2 for a config it cannot read the socket's path from.
 fn detach(target: &Target) -> ExitCode {
     let socket = match target.socket() {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("lbd detach: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(message) => return Failure { code: EXIT_CONFIG, message }.exit("detach"),
     };
     match control::request(&socket, &Request::Status) {
         // Nothing listens there.
         Err(e) if e.not_running() => {}
         // Not ours to look at (no permission, ...).
-        Err(e @ control::ControlError::Connect { .. }) => {
+        Err(e @ (control::ControlError::Connect { .. } | control::ControlError::Denied { .. })) => {
             eprintln!("lbd detach: {e}");
             return ExitCode::FAILURE;
         }
@@ -261,7 +280,10 @@ fn detach(target: &Target) -> ExitCode {
     let keep = lb_userspace::keep::Keep::for_socket(&socket);
     match keep.remove() {
         Ok(removed) if removed.is_empty() => {
-            println!("nothing kept for {}", socket.display());
+            println!(
+                "no XDP fast path kept for {} (lbd detach removes only that; IPVS services stay until ipvsadm removes them)",
+                socket.display()
+            );
             ExitCode::SUCCESS
         }
         Ok(removed) => {

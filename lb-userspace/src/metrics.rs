@@ -132,14 +132,15 @@ pub fn render(status: &Status) -> String {
         })
         .collect();
     traffic(&mut m, "lbd_real_server", "real server", rss.iter().map(|(l, rs, _)| (l.clone(), rs.traffic)));
-    m.family("lbd_real_server_weight", "gauge", "The real server's weight now (0 when drained or inhibited).");
+    m.family("lbd_real_server_weight", "gauge", "The real server's weight now (0 when down, inhibited, drained or standby).");
     for (l, rs, _) in &rss {
         m.sample("lbd_real_server_weight", &refs(l), rs.weight as u64);
     }
     m.family(
         "lbd_real_server_state",
         "gauge",
-        "1 for the real server's state (up, down, inhibited, drained, unresolved; a sorry server: serving, standby).",
+        "1 for the real server's state (up, down, inhibited, drained, unresolved, standby: healthy while the sorry server \
+         serves; a sorry server: serving, standby).",
     );
     for (l, rs, sorry) in &rss {
         let mut states: Vec<&str> = if *sorry {
@@ -155,6 +156,14 @@ pub fn render(status: &Status) -> String {
             labels.push(("state", s));
             m.sample("lbd_real_server_state", &labels, (rs.state == s) as u64);
         }
+    }
+    m.family(
+        "lbd_real_server_drained",
+        "gauge",
+        "1 while `lbd backend drain` holds the real server, whatever its state says (down outranks drained).",
+    );
+    for (l, rs, _) in &rss {
+        m.sample("lbd_real_server_drained", &refs(l), rs.drained as u64);
     }
     m.family("lbd_real_server_slots", "gauge", "Lookup-table slots the real server holds (XDP).");
     for (l, rs, _) in &rss {
@@ -174,8 +183,9 @@ pub fn render(status: &Status) -> String {
         for v in &status.vrrp {
             m.sample("lbd_vrrp_priority", &[("instance", &v.name)], v.effective_priority as u64);
         }
-        let counters: [Field<crate::vrrp::VrrpCounters>; 3] = [
-            ("lbd_vrrp_adverts_sent_total", "Adverts sent.", |c| c.adverts_sent),
+        let counters: [Field<crate::vrrp::VrrpCounters>; 4] = [
+            ("lbd_vrrp_adverts_sent_total", "Adverts sent (queued; failed sends count here and in lbd_vrrp_advert_send_errors_total).", |c| c.adverts_sent),
+            ("lbd_vrrp_advert_send_errors_total", "Adverts the kernel refused to send (a master that cannot send loses its backups to MASTER).", |c| c.advert_send_errors),
             ("lbd_vrrp_adverts_received_total", "Adverts received and accepted.", |c| c.adverts_received),
             ("lbd_vrrp_became_master_total", "Transitions to MASTER.", |c| c.became_master),
         ];
@@ -307,7 +317,7 @@ mod tests {
                     enabled: true,
                     quorum: true,
                     traffic: TrafficStatus { conns: 6, packets: 20, bytes: 1200 },
-                    real_servers: vec![rs("10.0.0.1", "up", 1, 12), rs("10.0.0.2", "down", 0, 8)],
+                    real_servers: vec![rs("10.0.0.1", "up", 1, 12), RealServerStatus { drained: true, ..rs("10.0.0.2", "down", 0, 8) }],
                     sorry_server: Some(RealServerStatus { state: "standby".into(), ..rs("10.0.0.9", "standby", 1, 0) }),
                     ..Default::default()
                 },
@@ -341,6 +351,9 @@ mod tests {
             "lbd_real_server_state{virtual_server=\"[fd00::100]:443\",protocol=\"tcp\",real_server=\"[fd00::1]:80\",state=\"drained\"} 1",
             "lbd_real_server_state{virtual_server=\"10.0.0.100:80\",protocol=\"tcp\",real_server=\"10.0.0.9:80\",sorry=\"true\",state=\"standby\"} 1",
             "lbd_real_server_weight{virtual_server=\"10.0.0.100:80\",protocol=\"tcp\",real_server=\"10.0.0.2:80\"} 0",
+            // Drained and down: the state says down, the drain is not lost.
+            "lbd_real_server_drained{virtual_server=\"10.0.0.100:80\",protocol=\"tcp\",real_server=\"10.0.0.2:80\"} 1",
+            "lbd_real_server_drained{virtual_server=\"10.0.0.100:80\",protocol=\"tcp\",real_server=\"10.0.0.1:80\"} 0",
             "# TYPE lbd_real_server_packets_total counter",
         ] {
             assert!(text.lines().any(|l| l == line), "missing line {line:?} in:\n{text}");
@@ -359,6 +372,35 @@ mod tests {
         }
         let gone = Status { problem: Some("interface eth0 is gone".into()), ..status() };
         assert!(render(&gone).lines().any(|l| l == "lbd_dataplane_ok 0"));
+    }
+
+    /// VRRP's families: one series per instance and state, and the send errors of a master
+    /// whose adverts the kernel refuses.
+    #[test]
+    fn a_scrape_shows_vrrp_instances_and_their_send_errors() {
+        let vrrp: crate::vrrp::VrrpInstanceStatus = serde_json::from_value(serde_json::json!({
+            "name": "VI_1", "interface": "eth0", "virtual_router_id": 51, "version": 3, "state": "MASTER",
+            "priority": 150, "effective_priority": 140, "advert_interval_ms": 1000, "master_advert_interval_ms": 1000,
+            "source": "10.0.0.2", "master": "10.0.0.2", "master_priority": 140, "unicast_peers": [],
+            "sync_group": null, "virtual_addresses": [], "failing": [], "in_state_secs": 3.0,
+            "counters": {"adverts_sent": 30, "adverts_received": 0, "priority_zero_sent": 0, "priority_zero_received": 0,
+                         "became_master": 1, "advert_send_errors": 12, "dropped": {"vrid": 2}},
+            "conflicts": [], "send_error": "sending to 224.0.0.18: Operation not permitted (os error 1)",
+        }))
+        .unwrap();
+        let text = render(&Status { vrrp: vec![vrrp], ..status() });
+        for line in [
+            "lbd_vrrp_state{instance=\"VI_1\",state=\"MASTER\"} 1",
+            "lbd_vrrp_state{instance=\"VI_1\",state=\"BACKUP\"} 0",
+            "lbd_vrrp_priority{instance=\"VI_1\"} 140",
+            "lbd_vrrp_adverts_sent_total{instance=\"VI_1\"} 30",
+            "# TYPE lbd_vrrp_advert_send_errors_total counter",
+            "lbd_vrrp_advert_send_errors_total{instance=\"VI_1\"} 12",
+            "lbd_vrrp_became_master_total{instance=\"VI_1\"} 1",
+            "lbd_vrrp_adverts_dropped_total{instance=\"VI_1\",reason=\"vrid\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing line {line:?} in:\n{text}");
+        }
     }
 
     /// Sends `request` to `addr` and returns the whole answer (the server closes after it).

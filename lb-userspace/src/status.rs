@@ -17,10 +17,11 @@ pub struct Status {
     /// For people: "native XDP on eth0", "IPVS 1.2.1".
     pub description: String,
     pub interface: String,
-    /// "native" or "generic" with XDP, "" with IPVS.
-    pub xdp_mode: String,
-    /// Why the dataplane does not forward now, if it knows (XDP: its interface is gone).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// "native" or "generic" with XDP, null with IPVS.
+    pub xdp_mode: Option<String>,
+    /// Why the dataplane does not forward now, if it knows (XDP: its interface is gone); null
+    /// while it does.
+    #[serde(default)]
     pub problem: Option<String>,
     pub uptime_secs: u64,
     pub table_size: u32,
@@ -52,9 +53,9 @@ pub struct TrafficStatus {
 pub struct VirtualServerStatus {
     pub address: String,
     pub port: u16,
-    /// A firewall-mark virtual server's mark (IPVS mode); `address` is then `0.0.0.0` or `::`
-    /// (the family) and `port` 0.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// A firewall-mark virtual server's mark (IPVS mode; null for others); `address` is then
+    /// `0.0.0.0` or `::` (the family) and `port` 0.
+    #[serde(default)]
     pub fwmark: Option<u32>,
     /// "tcp", "udp", or "fwmark" for a firewall-mark virtual server (the mark selects any).
     pub protocol: String,
@@ -83,6 +84,10 @@ pub struct RealServerStatus {
     /// with `inhibit_on_failure`: weight 0, keeps its flows), "drained" (weight 0 from the CLI),
     /// "unresolved" (no MAC yet), "standby" (healthy, but the sorry server serves: quorum lost).
     pub state: String,
+    /// Held by `lbd backend drain` (until enabled, a restart, or a config change to it), whatever
+    /// `state` says: a drained real server that fails its check reads "down".
+    #[serde(default)]
+    pub drained: bool,
     pub mac: Option<String>,
     pub interface: String,
     /// Lookup-table slots held, and their share of the table in percent.
@@ -274,7 +279,7 @@ mod tests {
             dataplane: "xdp".into(),
             description: "native XDP on eth0".into(),
             interface: "eth0".into(),
-            xdp_mode: "native".into(),
+            xdp_mode: Some("native".into()),
             problem: None,
             uptime_secs: 3723,
             table_size: 65537,
@@ -294,6 +299,7 @@ mod tests {
                     port: 80,
                     weight: 1,
                     state: "up".into(),
+                    drained: false,
                     mac: Some("02:00:00:00:00:0b".into()),
                     interface: "eth0".into(),
                     slots: Some(65537),
@@ -341,6 +347,7 @@ mod tests {
             port: 80,
             weight: 1,
             state: "up".into(),
+            drained: false,
             mac: Some("02:00:00:00:00:0b".into()),
             interface: "eth0".into(),
             slots: None,

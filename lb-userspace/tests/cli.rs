@@ -46,6 +46,24 @@ fn status_without_a_daemon_says_what_to_do() {
     }
 }
 
+/// One lbd on `sock` that answers one request with `reply` (none when `None`: it holds the
+/// connection for `hold`); gives the request it got.
+fn fake_lbd(sock: &std::path::Path, reply: Option<String>, hold: std::time::Duration) -> std::thread::JoinHandle<String> {
+    let _ = std::fs::remove_file(sock);
+    let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = String::new();
+        std::io::BufReader::new(&conn).read_line(&mut request).unwrap();
+        match reply {
+            Some(reply) => conn.write_all(format!("{reply}\n").as_bytes()).unwrap(),
+            None => std::thread::sleep(hold),
+        }
+        request
+    })
+}
+
 /// What lbd answers decides the exit code: a reload refused for a mistake in the config exits 2
 /// (as `lbd check`), any other refusal 1; a script tells them apart without parsing messages.
 #[test]
@@ -58,24 +76,85 @@ fn a_refused_request_exits_1_and_a_refused_config_2() {
         (&["reload"][..], r#"{"ok":false,"error":"programming the dataplane: out of memory"}"#, 1, "lbd reload: programming the dataplane: out of memory"),
         (&["backend", "drain", "10.0.0.100:80", "10.0.0.11"][..], r#"{"ok":false,"error":"no real server 10.0.0.11 in 10.0.0.100:80"}"#, 1, "lbd backend: no real server 10.0.0.11 in 10.0.0.100:80"),
         (&["reload"][..], r#"{"ok":true}"#, 0, ""),
+        (&["status"][..], r#"{"ok":true}"#, 1, "lbd status: lbd answered without a status"),
     ];
     for (args, reply, want, message) in cases {
-        let _ = std::fs::remove_file(&sock);
-        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        // One lbd that answers one request with `reply`.
-        let fake = std::thread::spawn(move || {
-            use std::io::{BufRead, Write};
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut request = String::new();
-            std::io::BufReader::new(&conn).read_line(&mut request).unwrap();
-            conn.write_all(format!("{reply}\n").as_bytes()).unwrap();
-            request
-        });
+        let fake = fake_lbd(&sock, Some(reply.to_string()), Default::default());
         let (code, _, err) = lbd(&[args, &["--socket", sock.to_str().unwrap()]].concat());
         let request = fake.join().unwrap();
         assert_eq!(code, want, "{args:?} answered {reply}: {err}");
         assert_eq!(err.trim_end(), message, "{args:?}: {request}");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A mistake on the command line exits 64 (EX_USAGE), before anything is asked, whether or not
+/// an lbd runs: never 2, which says the config file has a mistake. `--help` exits 0.
+#[test]
+fn a_mistake_on_the_command_line_exits_64() {
+    let sock = "/nonexistent/lbd.sock";
+    let cases: [(&[&str], &str); 6] = [
+        (&["reload", "--sockt", sock], "unexpected argument '--sockt'"),
+        (&["stat"], "unrecognized subcommand 'stat'"),
+        (&["backend", "drain", "10.0.0.100", "10.0.0.11", "--socket", sock], "lbd backend: `10.0.0.100` is not ADDR:PORT ([ADDR]:PORT for IPv6) or fwmark:N of a virtual server"),
+        (&["backend", "enable", "10.0.0.100:80", "10.0.0.11:x", "--socket", sock], "lbd backend: `10.0.0.11:x` is not ADDR or ADDR:PORT ([ADDR]:PORT for IPv6) of a real server"),
+        (&["backend", "drain", "10.0.0.100:80", "10.0.0.11", "--protocol", "sctp", "--socket", sock], "lbd backend: unknown protocol `sctp`; expected tcp or udp"),
+        (&["backend", "drain", "fwmark:5/inet6", "10.0.0.11", "--socket", sock], "lbd backend: `fwmark:5/inet6` is not fwmark:N (N from 1), fwmark:N/ipv4 or fwmark:N/ipv6"),
+    ];
+    for (args, message) in cases {
+        let (code, out, err) = lbd(args);
+        assert_eq!(code, 64, "{args:?}: {err}");
+        assert!(err.contains(message), "{args:?}: {err}");
+        assert_eq!(out, "", "{args:?}");
+    }
+    let (code, out, _) = lbd(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("Usage: lbd"), "{out}");
+}
+
+/// `lbd status --json` prints lbd's object as lbd sent it: a field this client does not know (an
+/// lbd of a newer version, during an upgrade) is not dropped, and none is made up. `lbd reload`
+/// says which file lbd read again.
+#[test]
+fn status_json_is_lbds_own_object_and_reload_names_the_file() {
+    let dir = std::env::temp_dir().join(format!("lbd-cli-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("lbd.sock");
+    let mut status = serde_json::to_value(lb_userspace::status::Status::default()).unwrap();
+    status["added_later"] = serde_json::json!({"x": 1});
+    let reply = serde_json::json!({"ok": true, "status": status}).to_string();
+    let fake = fake_lbd(&sock, Some(reply), Default::default());
+    let (code, out, err) = lbd(&["status", "--json", "--socket", sock.to_str().unwrap()]);
+    fake.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(printed, status);
+
+    let fake = fake_lbd(&sock, Some(r#"{"ok":true,"message":"reloaded /etc/lbd/lbd.toml"}"#.into()), Default::default());
+    let (code, out, err) = lbd(&["reload", "--socket", sock.to_str().unwrap()]);
+    fake.join().unwrap();
+    assert_eq!((code, out.as_str()), (0, "reloaded /etc/lbd/lbd.toml\n"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An lbd that takes the request and does not answer within 10 s: exit 1, saying so (not "os
+/// error 11"), and that the request may still be carried out.
+#[test]
+fn no_answer_within_10_s_says_so() {
+    let dir = std::env::temp_dir().join(format!("lbd-cli-slow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("lbd.sock");
+    let fake = fake_lbd(&sock, None, std::time::Duration::from_secs(12));
+    let (code, _, err) = lbd(&["reload", "--socket", sock.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "lbd reload: lbd at {} did not answer within 10 s (it may still be working on the request: `lbd status` answers once it is done)",
+            sock.display()
+        )
+    );
+    fake.join().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

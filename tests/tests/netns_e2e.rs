@@ -442,7 +442,7 @@ fn an_interface_created_again_is_served_again() -> anyhow::Result<()> {
     for rs in st["virtual_servers"][0]["real_servers"].as_array().unwrap() {
         assert_eq!(rs["state"], "up", "{rs}");
     }
-    assert!(st.get("problem").is_none(), "{st}");
+    assert!(st["problem"].is_null(), "{st}");
     assert!(scrape(&rig)?.lines().any(|l| l == "lbd_dataplane_ok 1"));
     Ok(())
 }
@@ -575,7 +575,8 @@ fn a_restart_drops_no_connection() -> anyhow::Result<()> {
     assert!(out.contains("/link\n") && out.contains("CONNTRACK4") && out.contains("xdp-state.json"), "{out}");
     assert_eq!(rig.director.xdp_program("eth0")?, None, "a program is left on eth0 after lbd detach");
     let (code, out, _) = rig.lbd_cli(&["detach", "--socket", &sock])?;
-    assert_eq!((code, out.trim()), (0, format!("nothing kept for {sock}").as_str()));
+    assert_eq!(code, 0);
+    assert!(out.starts_with(&format!("no XDP fast path kept for {sock} ")), "{out}");
     Ok(())
 }
 

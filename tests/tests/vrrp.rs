@@ -462,3 +462,34 @@ fn split_view_master_hearing_a_lower_priority_master_announces_the_vip_again() -
     ka.assert_no_complaints()?;
     Ok(())
 }
+
+/// A master whose adverts the kernel refuses (nftables dropping VRRP on output, so `sendto`
+/// fails with EPERM) says so: its backups would take over while it stays MASTER. Status shows
+/// the error and a count that grows, and the error clears once adverts go out again.
+#[test]
+fn a_master_that_cannot_send_its_adverts_says_so() -> Result<()> {
+    require_root()?;
+    let seg = Segment::new("vr8", 8, &["lbd"])?;
+    let vip = seg.vip4();
+    let lbd = InProcess::start(&seg.nodes[0], spec(&instance("VI_1", 58, 150, 3, "100ms", "", &vip.to_string()))?)?;
+    lbd.wait_state("VI_1", Master, ms(2000))?;
+    assert_eq!(lbd.status()[0].counters.advert_send_errors, 0);
+    seg.nodes[0].sh(
+        "nft -f - <<'EOF'\ntable ip novrrpout {\n chain out { type filter hook output priority 0; ip protocol vrrp drop; }\n}\nEOF",
+    )?;
+    let (st, _) = wait_for(ms(3000), "failed sends in status", || {
+        let st = lbd.status().remove(0);
+        (st.counters.advert_send_errors >= 3).then_some(st)
+    })?;
+    let error = st.send_error.clone().unwrap_or_default();
+    assert_eq!(error, "sending to 224.0.0.18: Operation not permitted (os error 1)");
+    let text = lb_userspace::vrrp::render_status(&[st]);
+    assert!(text.contains("\n  NOT SENDING ADVERTS: sending to 224.0.0.18: Operation not permitted (os error 1)\n"), "{text}");
+    assert!(text.lines().next().unwrap_or_default().contains(" send-errors "), "{text}");
+
+    seg.nodes[0].sh("nft delete table ip novrrpout")?;
+    wait_for(ms(3000), "the error to clear", || lbd.status()[0].send_error.is_none().then_some(()))?;
+    let after = lbd.status().remove(0);
+    assert!(after.counters.advert_send_errors >= 3 && after.state == Master, "{after:?}");
+    Ok(())
+}

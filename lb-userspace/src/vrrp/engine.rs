@@ -67,7 +67,7 @@ impl VrrpState {
 
 impl std::fmt::Display for VrrpState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 

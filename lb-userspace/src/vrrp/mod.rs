@@ -155,6 +155,9 @@ pub struct VrrpCounters {
     pub priority_zero_sent: u64,
     pub priority_zero_received: u64,
     pub became_master: u64,
+    /// Adverts the kernel refused to send (each destination counts; see `send_error`).
+    #[serde(default)]
+    pub advert_send_errors: u64,
     /// Dropped adverts by reason: ttl, version, vrid, checksum, auth, address_list, interval,
     /// unknown_peer, malformed, own.
     pub dropped: BTreeMap<String, u64>,
@@ -213,11 +216,17 @@ pub fn render_status(instances: &[VrrpInstanceStatus]) -> String {
             s.counters.adverts_sent,
             s.counters.adverts_received
         );
+        if s.counters.advert_send_errors > 0 {
+            out += &format!(" send-errors {}", s.counters.advert_send_errors);
+        }
         let dropped: Vec<String> = s.counters.dropped.iter().map(|(k, v)| format!("{k}={v}")).collect();
         if !dropped.is_empty() {
             out += &format!(" dropped {}", dropped.join(" "));
         }
         out.push('\n');
+        if let Some(e) = &s.send_error {
+            out += &format!("  NOT SENDING ADVERTS: {e}\n");
+        }
         for a in &s.virtual_addresses {
             out += &format!("  -> {} on {}{} arp-replies {}\n", a.address, a.dev, if a.owned { " (answered)" } else { "" }, a.arp_replies);
         }
@@ -314,7 +323,9 @@ struct Shared {
     socks: Vec<VrrpSock>,
     responders: Vec<Arc<Responder>>,
     owned: RwLock<HashSet<IpAddr>>,
-    send_errors: Mutex<HashMap<usize, String>>,
+    /// Per instance: the last error sending an advert (until a send succeeds) and how many
+    /// sends failed.
+    send_errors: Mutex<HashMap<usize, (Option<String>, u64)>>,
 }
 
 fn io_err<'a>(interface: &'a str, what: &'static str) -> impl FnOnce(std::io::Error) -> VrrpError + 'a {
@@ -660,10 +671,11 @@ impl VrrpHandle {
                         priority_zero_sent: c.priority_zero_sent,
                         priority_zero_received: c.priority_zero_received,
                         became_master: c.became_master,
+                        advert_send_errors: errors.get(&i).map_or(0, |e| e.1),
                         dropped: c.dropped.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
                     },
                     conflicts,
-                    send_error: errors.get(&i).cloned(),
+                    send_error: errors.get(&i).and_then(|e| e.0.clone()),
                 }
             })
             .collect()
@@ -890,7 +902,7 @@ impl Ctx {
         } else {
             p.unicast_peers.clone()
         };
-        let mut error = None;
+        let (mut error, mut failed) = (None, 0);
         for dst in dsts {
             let msg = adv.encode(p.source, dst);
             let r = match (p.source, dst) {
@@ -905,18 +917,21 @@ impl Ctx {
             };
             if let Err(err) = r {
                 error = Some(format!("sending to {dst}: {err}"));
+                failed += 1;
             }
         }
         let mut errors = self.shared.send_errors.lock().expect("not poisoned");
+        let (last, count) = errors.entry(i).or_default();
+        *count += failed;
         match error {
             Some(msg) => {
-                if errors.get(&i) != Some(&msg) {
+                if last.as_ref() != Some(&msg) {
                     warn!(instance = %p.name, interface = %sock.ifname, "VRRP advert not sent: {msg}");
                 }
-                errors.insert(i, msg);
+                *last = Some(msg);
             }
             None => {
-                if errors.remove(&i).is_some() {
+                if last.take().is_some() {
                     info!(instance = %p.name, "VRRP adverts are sent again");
                 }
             }
@@ -1304,13 +1319,19 @@ mod tests {
             }],
             failing: vec!["interface eth1".into()],
             in_state_secs: 1.0,
-            counters: VrrpCounters { adverts_sent: 42, dropped: BTreeMap::from([("vrid".to_string(), 3)]), ..Default::default() },
+            counters: VrrpCounters {
+                adverts_sent: 42,
+                advert_send_errors: 2,
+                dropped: BTreeMap::from([("vrid".to_string(), 3)]),
+                ..Default::default()
+            },
             conflicts: vec![ConflictStatus { address: "10.0.0.100".parse().unwrap(), mac: "02:00:00:00:00:0b".into() }],
-            send_error: None,
+            send_error: Some("sending to 224.0.0.18: Network is unreachable (os error 101)".into()),
         };
         assert_eq!(
             render_status(std::slice::from_ref(&st)),
-            "VRRP VI_1 eth0 vrid 51 v3 MASTER priority 130 (150) master 10.0.0.2 adverts sent 42 received 0 dropped vrid=3\n\
+            "VRRP VI_1 eth0 vrid 51 v3 MASTER priority 130 (150) master 10.0.0.2 adverts sent 42 received 0 send-errors 2 dropped vrid=3\n\
+             \x20 NOT SENDING ADVERTS: sending to 224.0.0.18: Network is unreachable (os error 101)\n\
              \x20 -> 10.0.0.100 on eth0 (answered) arp-replies 7\n\
              \x20 failing: interface eth1\n\
              \x20 CONFLICT: 10.0.0.100 also answered by 02:00:00:00:00:0b\n"
