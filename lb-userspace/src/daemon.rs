@@ -1003,28 +1003,48 @@ pub fn pick_dataplane(config: &Config) -> anyhow::Result<Picked> {
 }
 
 /// Whether `mode = "auto"` tries generic XDP before native: when the fast path an earlier lbd
-/// kept (see `crate::keep`) runs in generic mode on the configured interface and the kernel does
-/// not report native XDP support for it. Native first would detach that fast path (the kernel
-/// allows one mode per interface) and, failing as it did before, discard the connection tables
-/// with it: a restart that drops connections. Taking it over in generic mode does not.
+/// kept (see `crate::keep`) runs in generic mode on the configured interface. An earlier start
+/// in this mode picked generic because native failed there (the driver has none, or refuses it:
+/// an MTU too large for native XDP, LRO on): native first would detach the kept fast path (the
+/// kernel allows one mode per interface) and, failing again, discard its connection tables with
+/// it, a restart that drops connections. Also where the kernel reports native support for the
+/// interface, since it did then too. `lbd detach` before a start has native tried first.
 fn generic_first(config: &Config) -> bool {
     let d = &config.director;
     match crate::keep::Keep::for_socket(&d.control_socket).attachment() {
         Some((iface, false)) if iface == d.interface => {}
         _ => return false,
     }
-    let ifindex = nix::net::if_::if_nametoindex(d.interface.as_str()).ok();
-    let native = ifindex.and_then(crate::links::native_xdp);
-    if native == Some(true) {
-        return false;
-    }
-    let kernel = if native.is_none() { "cannot say whether its driver supports native XDP" } else { "reports no native XDP support for it" };
     info!(
         interface = %d.interface,
-        "mode auto: the fast path lbd kept runs in generic mode and the kernel {kernel}: generic XDP is tried first, \
-         to take it over with its connections (run `lbd detach` before a start to have native tried first)"
+        "mode auto: the fast path lbd kept runs in generic mode (native XDP failed when it was attached): generic XDP \
+         is tried first, to take it over with its connections (run `lbd detach` before a start to have native tried first)"
     );
     true
+}
+
+/// An lbd in IPVS mode removes the XDP fast path an earlier lbd with its control socket kept (it
+/// ran `mode = "xdp"`, or `auto` picked XDP then): XDP sees packets before IPVS does, so the kept
+/// program would go on forwarding the VIPs' traffic from its old tables, without health checks,
+/// and drop all of it where VRRP had disabled them at its stop. Done once IPVS serves: the flows
+/// established through the fast path are then IPVS's to place.
+fn retire_kept_xdp(control_socket: &Path) {
+    let keep = crate::keep::Keep::for_socket(control_socket);
+    let on = keep.attachment().map(|(iface, _)| format!(" on {iface}")).unwrap_or_default();
+    match keep.remove() {
+        Ok(removed) if removed.is_empty() => {}
+        Ok(removed) => warn!(
+            "removed the XDP fast path{on} an earlier lbd in XDP mode kept ({} pins and files under {}): it would handle \
+             the VIPs' traffic before IPVS; established flows now go where IPVS sends them",
+            removed.len(),
+            keep.pin_dir.display()
+        ),
+        Err(e) => error!(
+            "the XDP fast path{on} an earlier lbd in XDP mode kept could not be removed ({}: {e}); it handles the VIPs' \
+             traffic before IPVS sees it: stop lbd and run `lbd detach`",
+            keep.pin_dir.display()
+        ),
+    }
 }
 
 /// A quorum change to log, and its command to run.
@@ -1142,6 +1162,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     ctl.apply()?;
     ctl.go_live().context("taking over the fast path lbd kept")?;
+    if ctl.dataplane().name() == "ipvs" {
+        retire_kept_xdp(&ctl.config().director.control_socket);
+    }
     // After the dataplane: until VRRP says otherwise, the VIPs it lists are dropped.
     let mut vrrp = start_vrrp(&ctl.config().vrrp)?;
     let mut vrrp_ifaces = vrrp_ifindexes_now(&ctl.config().vrrp);

@@ -156,6 +156,25 @@ pub enum LoadError {
     Attach { iface: String, mode: &'static str, hint: &'static str, source: Box<aya::programs::ProgramError> },
 }
 
+/// What an attach refused because the interface has an XDP program already says.
+const OCCUPIED_HINT: &str = " (another XDP program is attached there: an lbd whose control_socket was another path keeps its \
+     fast path, which `lbd detach --socket OLD_PATH` removes; `ip link set dev IFACE xdp off` removes another one)";
+
+/// Whether an attach failed because the interface already has an XDP program (the kernel's
+/// EBUSY for a link where one is attached, EEXIST for the other mode than the one attached).
+fn occupied(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EBUSY) | Some(libc::EEXIST)) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// A released VIP id; its buffers keep their known contents.
 struct FreeVip {
     id: u32,
@@ -779,8 +798,11 @@ impl XdpDataplane {
         } else {
             (AyaXdpMode::Skb, "generic", "")
         };
-        let attach_err =
-            |source| LoadError::Attach { iface: iface.to_string(), mode: name, hint, source: Box::new(source) };
+        let attach_err = |source: aya::programs::ProgramError| {
+            // EBUSY/EEXIST: another XDP program holds the interface, not a driver's limit.
+            let hint = if occupied(&source) { OCCUPIED_HINT } else { hint };
+            LoadError::Attach { iface: iface.to_string(), mode: name, hint, source: Box::new(source) }
+        };
         let attachment = match self.adopt(iface, native) {
             Some((link, program)) => Attachment::Adopted(link, program),
             None => {

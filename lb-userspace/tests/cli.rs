@@ -194,6 +194,17 @@ fn the_shipped_systemd_unit_keeps_the_ipvs_state_file_across_restarts() {
     assert_eq!(setting("RuntimeDirectoryPreserve"), Some("yes"), "systemd removes /run/lbd, and the state file, on each stop");
 }
 
+/// The shipped unit stops lbd with SIGTERM to lbd alone (`KillMode=mixed`): lbd waits for the
+/// notify and quorum commands it runs at a stop, which the default, SIGTERM to the whole control
+/// group at once, would cut off.
+#[test]
+fn the_shipped_systemd_unit_leaves_lbds_commands_to_lbd_at_a_stop() {
+    let unit = std::fs::read_to_string(format!("{}/../config/lbd.service", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let setting = |key: &str| unit.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=')).map(str::trim);
+    assert_eq!(setting("KillMode"), Some("mixed"));
+    assert_eq!(setting("KillSignal"), Some("SIGTERM"));
+}
+
 /// `config/lbd.service` parses without a warning (`systemd-analyze verify`, with the unit's
 /// binary path pointed at this build), and every command it runs is one lbd takes.
 #[test]

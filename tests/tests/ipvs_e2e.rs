@@ -89,12 +89,22 @@ fn ipvs_dsr_drain_restart_and_hand_added_services() {
 
 fn dsr_drain_restart() -> Result<()> {
     let mut rig = Rig::up("ipv1", 3)?;
+    // The director ran XDP mode before: the fast path that lbd kept at its stop would see the
+    // VIP's packets before IPVS. The IPVS start removes it once IPVS serves.
+    std::fs::write(&rig.config, config(&rig, "xdp", ""))?;
+    rig.start_lbd()?;
+    assert_eq!(rig.status()?["dataplane"], "xdp");
+    rig.stop_lbd();
+    assert!(rig.director.xdp_program("eth0")?.is_some(), "the XDP fast path is kept at the stop");
     // A service an operator added by hand: lbd must leave it alone.
     rig.director.exec(&["ipvsadm", "-A", "-t", "10.99.0.200:8080", "-s", "rr"])?;
     std::fs::write(&rig.config, config(&rig, "ipvs", "mh_port = true"))?;
     rig.start_lbd()?;
     let st = rig.status()?;
     assert_eq!(st["dataplane"], "ipvs", "{st}");
+    assert_eq!(rig.director.xdp_program("eth0")?, None, "{}", rig.lbd_log());
+    assert!(rig.lbd_log().contains("removed the XDP fast path on eth0 an earlier lbd in XDP mode kept"), "{}", rig.lbd_log());
+    assert!(!lb_userspace::keep::Keep::for_socket(&rig.socket).pin_dir.exists());
 
     let table = ipvsadm(&rig)?;
     assert!(table.contains("TCP 10.99.0.100:80 mh (mh-fallback,mh-port)"), "{table}");

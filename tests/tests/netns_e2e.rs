@@ -182,26 +182,43 @@ fn generic_xdp_mode_forwards_too() -> anyhow::Result<()> {
 /// first: that would detach it (one XDP mode per interface) and, failing, discard the tables.
 #[test]
 fn auto_mode_restart_takes_over_generic_xdp() -> anyhow::Result<()> {
+    auto_mode_restart_in_generic("lteb", "br9", Some(false))
+}
+
+/// The same on a veth whose MTU (9000) is too large for native XDP: the kernel reports native
+/// support, but the attach fails, so auto runs generic. Before, a restart tried native first
+/// because of that report, detached the kept fast path and dropped its connection tables.
+#[test]
+fn auto_mode_restart_takes_over_generic_xdp_where_native_was_refused() -> anyhow::Result<()> {
+    auto_mode_restart_in_generic("lten", "va", Some(true))
+}
+
+/// Two `lbd run` with `mode = "auto"` on interface `dev` (`br9`, a bridge, or `va`, a veth of
+/// MTU 9000), which must run generic XDP: the second takes the first one's fast path over. `native`:
+/// what the kernel reports of `dev`'s native XDP support.
+fn auto_mode_restart_in_generic(prefix: &str, dev: &str, native: Option<bool>) -> anyhow::Result<()> {
     require_root()?;
-    let ns = Netns::new("lteb-dir")?;
+    let ns = Netns::new(&format!("{prefix}-dir"))?;
     ns.ip(&["link", "add", "br9", "type", "bridge"])?;
     ns.ip(&["link", "add", "va", "type", "veth", "peer", "name", "vb"])?;
+    for veth in ["va", "vb"] {
+        ns.ip(&["link", "set", veth, "mtu", "9000"])?;
+    }
     for dev in ["br9", "va", "vb"] {
         ns.ip(&["link", "set", dev, "up"])?;
     }
     let index = |dev: &str| -> anyhow::Result<u32> { Ok(ns.exec(&["cat", &format!("/sys/class/net/{dev}/ifindex")])?.trim().parse()?) };
-    let (bridge, veth) = (index("br9")?, index("va")?);
-    let native = ns.enter(move || (lb_userspace::links::native_xdp(bridge), lb_userspace::links::native_xdp(veth)))?;
-    assert_eq!(native, (Some(false), Some(true)), "the kernel's XDP features of a bridge and a veth");
+    let ifindex = index(dev)?;
+    assert_eq!(ns.enter(move || lb_userspace::links::native_xdp(ifindex))?, native, "the kernel's XDP features of {dev}");
 
-    let dir = std::env::temp_dir().join("lbd-lteb");
+    let dir = std::env::temp_dir().join(format!("lbd-{prefix}"));
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("lbd.sock");
     let guard = rig::KeptFor::fresh(&socket)?;
     let keep = &guard.0;
     let config = dir.join("auto.toml");
     let text = rig::custom_config(&socket, "native", &[(IpAddr::V4(VIP_V4), 80, "tcp", vec![])])
-        .replace("interface = \"eth0\"", "interface = \"br9\"")
+        .replace("interface = \"eth0\"", &format!("interface = \"{dev}\""))
         .replace("mode = \"xdp\"\nxdp_mode = \"native\"\n", "mode = \"auto\"\n");
     std::fs::write(&config, text)?;
     let log = dir.join("lbd.log");
@@ -239,20 +256,20 @@ fn auto_mode_restart_takes_over_generic_xdp() -> anyhow::Result<()> {
     let conntrack = || -> anyhow::Result<u32> { Ok(aya::maps::MapData::from_pin(keep.map("CONNTRACK4"))?.info()?.id()) };
 
     let first = run()?;
-    assert_eq!(status()?["xdp_mode"], "generic");
+    assert_eq!(status()?["xdp_mode"], "generic", "{}", std::fs::read_to_string(&log)?);
     drop(first);
-    let kept = ns.xdp_program("br9")?.expect("the fast path stays on br9 while no lbd runs");
+    let kept = ns.xdp_program(dev)?.unwrap_or_else(|| panic!("the fast path stays on {dev} while no lbd runs"));
     let tables = conntrack()?;
 
     let second = run()?;
     let text = std::fs::read_to_string(&log)?;
     assert_eq!(status()?["xdp_mode"], "generic", "{text}");
-    assert!(text.contains("the fast path lbd kept runs in generic mode and the kernel reports no native XDP support"), "{text}");
+    assert!(text.contains("the fast path lbd kept runs in generic mode (native XDP failed when it was attached)"), "{text}");
     // Only the second start had something to take over.
     assert!(text.contains("took over the fast path lbd kept"), "{text}");
     assert!(!text.contains("is detached"), "{text}");
     assert_eq!(conntrack()?, tables, "the connection tables were made anew: {text}");
-    let now = ns.xdp_program("br9")?.expect("a program on br9");
+    let now = ns.xdp_program(dev)?.unwrap_or_else(|| panic!("a program on {dev}"));
     assert_ne!(now, kept, "the new lbd's program did not replace the one kept");
     drop(second);
     Ok(())
@@ -289,6 +306,49 @@ fn failed_native_attach_says_so_plainly() -> anyhow::Result<()> {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("attaching XDP to lo in native mode failed"), "{err}");
     assert!(err.contains("try xdp_mode = \"generic\""), "{err}");
+    Ok(())
+}
+
+/// An lbd whose `control_socket` moved meets the fast path the lbd before it kept under the old
+/// path, still attached: its start fails saying so and how to remove it (before: "the driver may
+/// not support native XDP"), and `lbd detach --socket OLD` frees the interface.
+#[test]
+fn a_fast_path_kept_under_another_socket_is_named_when_the_attach_fails() -> anyhow::Result<()> {
+    require_root()?;
+    let ns = Netns::new("lteo-dir")?;
+    let dir = std::env::temp_dir().join("lbd-lteo");
+    std::fs::create_dir_all(&dir)?;
+    let (old, new) = (dir.join("old.sock"), dir.join("new.sock"));
+    let _kept = (rig::KeptFor::fresh(&old)?, rig::KeptFor::fresh(&new)?);
+    let config = dir.join("lo.toml");
+    std::fs::write(&config, lo_config(&old, "generic"))?;
+    let lbd = rig::lbd_binary()?;
+    let cli = |args: &[&str]| std::process::Command::new(&lbd).args(args).output();
+    let mut first = ns.spawn_net_with(&[lbd.to_str().unwrap(), "run", "--config", config.to_str().unwrap()], |cmd| {
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    })?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cli(&["status", "--socket", old.to_str().unwrap()])?.status.success() {
+        if std::time::Instant::now() > deadline || first.try_wait()?.is_some() {
+            let _ = first.kill();
+            anyhow::bail!("the first lbd did not answer on {}", old.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+    first.wait()?;
+    let kept = ns.xdp_program("lo")?;
+    assert!(kept.is_some(), "the first lbd's fast path stays on lo");
+
+    std::fs::write(&config, lo_config(&new, "generic"))?;
+    let (code, err) = lbd_run_once(&ns, &config)?;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("attaching XDP to lo in generic mode failed"), "{err}");
+    assert!(err.contains("another XDP program is attached there") && err.contains("`lbd detach --socket OLD_PATH`"), "{err}");
+    assert_eq!(ns.xdp_program("lo")?, kept, "the failed start touched the kept fast path");
+    let out = cli(&["detach", "--socket", old.to_str().unwrap()])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ns.xdp_program("lo")?, None);
     Ok(())
 }
 
