@@ -24,7 +24,7 @@ pub enum Request {
     Status,
     Reload,
     /// Weight 0 for matching real servers (they keep their flows, get no new ones) until
-    /// `Enable`, a restart, or a config change to them.
+    /// `Enable` or a config change to them (a restart keeps them).
     Drain(BackendSelector),
     Enable(BackendSelector),
 }

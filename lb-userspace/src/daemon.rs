@@ -60,7 +60,7 @@ pub struct Controller {
     /// Last known MAC per backend address; kept when the kernel forgets the entry (the XDP path
     /// bypasses the kernel, so its neighbour entries go stale and get collected).
     macs: HashMap<NeighKey, Mac>,
-    /// Real servers drained from the CLI: weight 0 until enabled, a restart, or a config change
+    /// Real servers drained from the CLI: weight 0 until enabled or a config change
     /// to them.
     drained: BTreeSet<(VipAddr, String)>,
     /// Until [`Self::go_live`]: the real servers the fast path an earlier lbd kept serves
@@ -93,6 +93,36 @@ pub struct Controller {
     /// What the last successful [`Self::apply`] programmed (in config order), so that a health
     /// event recomputes only its virtual server; `None` after a failed one.
     applied: Option<Vec<ServiceSpec>>,
+    /// Where the drains and the real servers that are down are kept for the next lbd (see
+    /// [`Held`]), and what was last written there.
+    held_file: Option<(PathBuf, Vec<u8>)>,
+    /// Until the checks start: the checks the state file says were down when lbd stopped.
+    was_down: HashSet<CheckKey>,
+}
+
+/// What a restart must not lose that the dataplane does not keep: the drains (`lbd backend
+/// drain`) and the real servers whose checks had them down. In a file beside the control socket
+/// (`lbd.held.json`), written whenever it changes; `/run` is emptied at boot, and so are they.
+#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Held {
+    /// A drain holds again if its real server's configured weight is the same.
+    drained: Vec<HeldServer>,
+    /// Their checks start down until their first pass.
+    down: Vec<HeldServer>,
+}
+
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct HeldServer {
+    /// As [`VipAddr`] writes it: "TCP 10.0.0.100:80".
+    virtual_server: String,
+    real_server: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weight: Option<u32>,
+}
+
+/// The file [`Held`] is kept in for `control_socket`.
+pub fn held_file_for(control_socket: &Path) -> PathBuf {
+    control_socket.with_extension("held.json")
 }
 
 /// The state a reload replaces: taken by [`Controller::snapshot`], put back by
@@ -137,6 +167,8 @@ impl Controller {
             health: None,
             quorums: HashMap::new(),
             quorum_news: Vec::new(),
+            held_file: None,
+            was_down: HashSet::new(),
             addresses: HashMap::new(),
             vrrp_owned: HashSet::new(),
             applied: None,
@@ -168,6 +200,86 @@ impl Controller {
     pub fn start_health(&mut self, scheduler: Scheduler) {
         self.health = Some(scheduler);
         self.sync_checks();
+        // Those checks started down; from now on the file follows the checks.
+        self.was_down.clear();
+    }
+
+    /// Keeps the drains and the real servers that are down in `path` from now on, taking back
+    /// first what an earlier lbd left there: its drains of real servers the config still has
+    /// with the same weight, and its down real servers, whose checks start down (before
+    /// [`Self::start_health`]). A file that cannot be read is logged and replaced.
+    pub fn hold_state_in(&mut self, path: PathBuf) {
+        let held: Held = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                warn!(file = %path.display(), "the drains and down real servers an earlier lbd kept cannot be read ({e}); starting without them");
+                Held::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Held::default(),
+            Err(e) => {
+                warn!(file = %path.display(), "the drains and down real servers an earlier lbd kept cannot be read ({e}); starting without them");
+                Held::default()
+            }
+        };
+        let mut drained = 0;
+        let mut down = 0;
+        for (i, vs) in self.config.virtual_servers.iter().enumerate() {
+            let vip = VipAddr::of(vs);
+            let name = vip.to_string();
+            for (rs, key) in vs.real_servers.iter().zip(&self.check_keys[i]) {
+                let rs_name = rs_key(rs);
+                let is = |h: &HeldServer| h.virtual_server == name && h.real_server == rs_name;
+                if held.drained.iter().any(|h| is(h) && h.weight == Some(rs.weight)) {
+                    self.drained.insert((vip, rs_name.clone()));
+                    drained += 1;
+                }
+                if let Some(key) = key.as_ref().filter(|_| held.down.iter().any(is)) {
+                    self.was_down.insert(key.clone());
+                    down += 1;
+                }
+            }
+        }
+        if drained + down > 0 {
+            let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+            info!(
+                file = %path.display(),
+                "as the lbd before: {} drained, {} down until its check passes",
+                count(drained, "real server"),
+                count(down, "real server")
+            );
+        }
+        self.held_file = Some((path, Vec::new()));
+    }
+
+    /// Writes [`Held`] if it changed (see [`Self::hold_state_in`]).
+    fn save_held(&mut self) {
+        let Some((path, written)) = &self.held_file else { return };
+        let mut held = Held::default();
+        for (i, vs) in self.config.virtual_servers.iter().enumerate() {
+            let vip = VipAddr::of(vs);
+            for (rs, key) in vs.real_servers.iter().zip(&self.check_keys[i]) {
+                let server = |weight| HeldServer { virtual_server: vip.to_string(), real_server: rs_key(rs), weight };
+                if !self.drained.is_empty() && self.drained.contains(&(vip, rs_key(rs))) {
+                    held.drained.push(server(Some(rs.weight)));
+                }
+                let down = match (&self.health, key) {
+                    (Some(scheduler), Some(key)) => scheduler.health(key).is_some_and(|(up, _)| !up),
+                    (None, Some(key)) => self.was_down.contains(key),
+                    _ => false,
+                };
+                if down {
+                    held.down.push(server(None));
+                }
+            }
+        }
+        let bytes = serde_json::to_vec(&held).expect("serializes");
+        if bytes == *written {
+            return;
+        }
+        let path = path.clone();
+        match crate::keep::replace_file(&path, &bytes) {
+            Ok(()) => self.held_file = Some((path, bytes)),
+            Err(e) => warn!(file = %path.display(), "keeping the drains and down real servers for a restart: {e}"),
+        }
     }
 
     /// Makes the running checks those the config and the resolved MACs call for: new ones
@@ -213,6 +325,7 @@ impl Controller {
                     // spreads over the interval. Not with `inhibit_on_failure`, where the kept
                     // fast path also had the failed ones (at weight 0).
                     alpha: vs.alpha && (rs.inhibit_on_failure || !self.kept_up.contains(&(vip, rs_key(rs)))),
+                    was_down: self.was_down.contains(&check_key(vip, rs)),
                     notify_up: rs.notify_up.clone(),
                     notify_down: rs.notify_down.clone(),
                 });
@@ -328,6 +441,7 @@ impl Controller {
         self.announce_quorums();
         applied?;
         self.applied = Some(desired);
+        self.save_held();
         tracing::debug!(virtual_servers = ?names, "dataplane updated {:?} after the health change", start.elapsed());
         Ok(())
     }
@@ -583,6 +697,7 @@ impl Controller {
         self.applied = None;
         self.dataplane.apply(&desired).context("programming the dataplane")?;
         self.applied = Some(desired);
+        self.save_held();
         Ok(())
     }
 
@@ -1150,6 +1265,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let (resolver, mut neigh_rx) = Resolver::start().context("starting the neighbour resolver")?;
     let mut ctl = Controller::new(config, config_path.to_path_buf(), picked.dataplane, ifaces);
     ctl.describe(picked.description, picked.xdp_mode);
+    ctl.hold_state_in(held_file_for(&d.control_socket));
     let mut watched = ctl.neigh_keys();
     for key in &watched {
         resolver.watch((*key).into());
@@ -1955,6 +2071,65 @@ mod tests {
         assert_eq!(st.virtual_servers[0].sorry_server.as_ref().unwrap().state, "standby");
         let rs = &st.virtual_servers[0].real_servers[1];
         assert_eq!((rs.state.as_str(), rs.weight), ("up", 1));
+    }
+
+    /// A restart takes back what the lbd before it held beyond the dataplane: its drains (of real
+    /// servers with the same configured weight) and its real servers that were down, whose checks
+    /// start down until they pass. Before, a restart put a dead real server back into the table
+    /// until its checks failed again (`fall` of them), and forgot every drain.
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_takes_back_the_drains_and_the_real_servers_that_were_down() {
+        let dir = std::env::temp_dir().join(format!("lbd-held-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lbd.held.json");
+        let _ = std::fs::remove_file(&file);
+        let check = "health_check = { kind = \"tcp\", interval = \"1s\", rise = 2, fall = 2 }";
+        let reals = [format!("address = \"10.0.0.11\"\n{check}"), format!("address = \"10.0.0.12\"\n{check}"), "address = \"10.0.0.13\"\nweight = 2".into()];
+        // An lbd of `reals` whose probes pass but where `failing` says.
+        let start = |reals: &[String], failing: &[&str]| {
+            let (mut ctl, fake) = controller(config("", &reals.iter().map(String::as_str).collect::<Vec<_>>()));
+            ctl.hold_state_in(file.clone());
+            let probes = Switchboard::default();
+            for addr in failing {
+                probes.set(addr, false);
+            }
+            let (tx, rx) = mpsc::channel(16);
+            ctl.start_health(Scheduler::with_prober(tx, SchedulerOptions::default(), probes));
+            ctl.apply().unwrap();
+            (ctl, fake, rx)
+        };
+
+        let (mut ctl, fake, mut rx) = start(&reals, &["10.0.0.11"]);
+        next_event(&mut ctl, &mut rx).await;
+        let sel = BackendSelector { vip: "10.0.0.100:80".into(), backend: "10.0.0.13".into(), protocol: None };
+        ctl.set_drained(&sel, true).unwrap();
+        assert_eq!(table(&fake), [("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 0)]);
+        drop(ctl);
+
+        // The next lbd, same config: its first table is the one the lbd before left.
+        let (mut ctl, fake, mut rx) = start(&reals, &[]);
+        assert_eq!(table(&fake), [("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 0)]);
+        let st = ctl.status(&DataplaneStats::default());
+        let rs = &st.virtual_servers[0].real_servers;
+        let health = rs[0].health.as_ref().unwrap();
+        assert_eq!((rs[0].state.as_str(), health.state.down_reason.as_deref()), ("down", Some("down when lbd stopped: not checked since")));
+        assert!(rs[2].drained, "{rs:?}");
+        // Its check passes now: back after `rise`, and no longer down for the next lbd.
+        let ev = next_event(&mut ctl, &mut rx).await;
+        assert_eq!((ev.real_server_key.as_str(), ev.up), ("10.0.0.11:80", true));
+        assert_eq!(table(&fake), [("10.0.0.11:80".into(), 1), ("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 0)]);
+        drop(ctl);
+
+        // A config that changed the drained real server's weight ends its drain, as a reload does.
+        let changed = [reals[0].clone(), reals[1].clone(), "address = \"10.0.0.13\"\nweight = 3".into()];
+        let (ctl, fake, _) = start(&changed, &[]);
+        assert_eq!(table(&fake), [("10.0.0.11:80".into(), 1), ("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 3)]);
+        drop(ctl);
+        // A file that is not lbd's: logged, and started without it.
+        std::fs::write(&file, "{not json").unwrap();
+        let (_ctl, fake, _) = start(&reals, &[]);
+        assert_eq!(table(&fake), [("10.0.0.11:80".into(), 1), ("10.0.0.12:80".into(), 1), ("10.0.0.13:80".into(), 2)]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Events that arrive together are handled as one update of every virtual server they name;

@@ -42,7 +42,7 @@ enum Command {
         target: Target,
     },
     /// Drain or re-enable a real server (like `ipvsadm -e ... -w 0`): a drained real server keeps
-    /// its connections and gets no new ones, until enabled, a restart, or a config change to it.
+    /// its connections and gets no new ones, until enabled or a config change to it (a restart keeps it).
     Backend {
         #[command(subcommand)]
         action: BackendAction,

@@ -84,7 +84,7 @@ pub struct RealServerStatus {
     /// with `inhibit_on_failure`: weight 0, keeps its flows), "drained" (weight 0 from the CLI),
     /// "unresolved" (no MAC yet), "standby" (healthy, but the sorry server serves: quorum lost).
     pub state: String,
-    /// Held by `lbd backend drain` (until enabled, a restart, or a config change to it), whatever
+    /// Held by `lbd backend drain` (until enabled or a config change to it), whatever
     /// `state` says: a drained real server that fails its check reads "down".
     #[serde(default)]
     pub drained: bool,

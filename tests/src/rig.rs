@@ -366,8 +366,9 @@ impl Rig {
         loop {
             if let Ok(st) = self.status() {
                 let vs = st["virtual_servers"].as_array().cloned().unwrap_or_default();
+                // Resolved and not failed: up, or drained (`lbd backend drain` before a restart).
                 let all_up = vs.iter().all(|v| {
-                    v["real_servers"].as_array().is_some_and(|r| r.iter().all(|r| r["state"] == "up"))
+                    v["real_servers"].as_array().is_some_and(|r| r.iter().all(|r| r["state"] == "up" || r["state"] == "drained"))
                 });
                 if !vs.is_empty() && all_up {
                     return Ok(());

@@ -755,6 +755,7 @@ fn scheduler_reports_changes_and_runs_notify_commands() -> Result<()> {
             ),
             target: target(SERVER, 80),
             alpha: true,
+            was_down: false,
             notify_up: notify("up"),
             notify_down: notify("down"),
         }]);

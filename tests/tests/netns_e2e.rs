@@ -578,6 +578,11 @@ fn a_restart_drops_no_connection() -> anyhow::Result<()> {
     let weight = at + text[at..].find("weight = 1").expect("its weight");
     let drained = format!("{}weight = 0{}", &text[..weight], &text[weight + "weight = 1".len()..]);
     std::fs::write(&rig.config, drained)?;
+    // Another real server drained from the CLI: the restart keeps that drain too.
+    let other = (idx + 1) % 3;
+    let sock = rig.socket.display().to_string();
+    let (code, _, err) = rig.lbd_cli(&["backend", "drain", &vip.to_string(), &backend_v4(other).to_string(), "--socket", &sock])?;
+    assert_eq!(code, 0, "{err}");
 
     let clients = rig.client_loop(IpAddr::V4(VIP_V4), 3000)?;
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -613,6 +618,13 @@ fn a_restart_drops_no_connection() -> anyhow::Result<()> {
     assert!(answers.len() >= 50, "only {} requests across the restart", answers.len());
     let new_owner: Vec<_> = answers.iter().filter(|a| a.sent > started && a.result.as_deref() == Ok(owner.as_str())).collect();
     assert!(new_owner.is_empty(), "{owner} is drained by the new config but got new connections: {new_owner:?}");
+    let to_other: Vec<_> = answers.iter().filter(|a| a.sent > started && a.result.as_deref() == Ok(backend_name(other).as_str())).collect();
+    assert!(to_other.is_empty(), "{} was drained from the CLI before the restart but got new connections: {to_other:?}", backend_name(other));
+    let st = rig.status()?;
+    let rs = st["virtual_servers"][0]["real_servers"].as_array().cloned().unwrap_or_default();
+    let held = rs.iter().find(|r| r["address"] == backend_v4(other).to_string());
+    assert!(held.is_some_and(|r| r["drained"] == true && r["state"] == "drained"), "{st}");
+    assert!(rig.lbd_log().contains("as the lbd before: 1 real server drained, 0 real servers down"), "{}", rig.lbd_log());
     // The connection stays with its drained real server: its entry, and its backend id, came
     // through the restart.
     let still = rig.client.enter(move || -> anyhow::Result<Vec<String>> {
@@ -624,7 +636,6 @@ fn a_restart_drops_no_connection() -> anyhow::Result<()> {
     assert!(st["conntrack_entries"].as_u64() >= Some(1), "{st}");
 
     // `lbd detach` is refused while lbd runs; after it stopped, it removes what was kept.
-    let sock = rig.socket.display().to_string();
     let (code, _, err) = rig.lbd_cli(&["detach", "--socket", &sock])?;
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(&format!("an lbd is running on {sock}; stop it first")), "{err}");

@@ -59,6 +59,9 @@ pub struct CheckConfig {
     pub target: ProbeTarget,
     /// keepalived `alpha`: start down until the first pass.
     pub alpha: bool,
+    /// The real server was down when lbd stopped (the controller's state file): start down until
+    /// the first pass, with or without `alpha`.
+    pub was_down: bool,
     /// Run (detached) when the real server comes up / goes down.
     pub notify_up: Option<CommandText>,
     pub notify_down: Option<CommandText>,
@@ -353,21 +356,21 @@ impl Scheduler {
 
 /// Whether two configs of a check differ in `alpha` at most (every other field compared).
 fn same_but_alpha(a: &CheckConfig, b: &CheckConfig) -> bool {
-    let CheckConfig { key, check, target, alpha: _, notify_up, notify_down } = a;
+    let CheckConfig { key, check, target, alpha: _, was_down: _, notify_up, notify_down } = a;
     *key == b.key && *check == b.check && *target == b.target && *notify_up == b.notify_up && *notify_down == b.notify_down
 }
 
-/// The state a check starts in: up, or down with `alpha` until its first pass (`none` is always
-/// up: alpha has nothing to wait for).
+/// The state a check starts in: up, or down until its first pass with `alpha` or when it was
+/// down as lbd stopped (`none` is always up: it has no pass to wait for).
 fn fresh_state(config: &CheckConfig) -> Arc<Mutex<CheckState>> {
     let timing = config.check.timing;
-    let alpha = config.alpha && config.check.probe != ProbeKind::None;
-    Arc::new(Mutex::new(CheckState::new(
-        timing.rise,
-        timing.fall,
-        alpha,
-        Instant::now(),
-    )))
+    let down = match () {
+        _ if config.check.probe == ProbeKind::None => None,
+        _ if config.was_down => Some("down when lbd stopped: not checked since"),
+        _ if config.alpha => Some("alpha: not checked yet"),
+        _ => None,
+    };
+    Arc::new(Mutex::new(CheckState::starting(timing.rise, timing.fall, down.map(str::to_string), Instant::now())))
 }
 
 /// Whether the check's results set the real server's weight (`script` with `dynamic_weight`).
@@ -649,6 +652,7 @@ mod tests {
                 vip: None,
             },
             alpha,
+            was_down: false,
             notify_up: None,
             notify_down: None,
         }

@@ -99,16 +99,23 @@ pub struct StateSnapshot {
 impl CheckState {
     /// A real server starting to be checked at `now`: up, or down with `alpha`.
     pub fn new(rise: u32, fall: u32, alpha: bool, now: Instant) -> CheckState {
+        Self::starting(rise, fall, alpha.then(|| "alpha: not checked yet".to_string()), now)
+    }
+
+    /// A real server starting to be checked at `now`: up, or down for `down_reason` until its
+    /// first pass (`alpha`, or down when lbd stopped).
+    pub fn starting(rise: u32, fall: u32, down_reason: Option<String>, now: Instant) -> CheckState {
+        let down = down_reason.is_some();
         CheckState {
             rise: rise.max(1),
             fall: fall.max(1),
-            health: if alpha { Health::Down } else { Health::Up },
-            awaiting_first_pass: alpha,
+            health: if down { Health::Down } else { Health::Up },
+            awaiting_first_pass: down,
             passes: 0,
             fails: 0,
             since: now,
             last: None,
-            down_reason: alpha.then(|| "alpha: not checked yet".to_string()),
+            down_reason,
             weight: None,
             checks: 0,
         }
