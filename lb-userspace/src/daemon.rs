@@ -1122,8 +1122,9 @@ pub fn pick_dataplane(config: &Config) -> anyhow::Result<Picked> {
 /// in this mode picked generic because native failed there (the driver has none, or refuses it:
 /// an MTU too large for native XDP, LRO on): native first would detach the kept fast path (the
 /// kernel allows one mode per interface) and, failing again, discard its connection tables with
-/// it, a restart that drops connections. Also where the kernel reports native support for the
-/// interface, since it did then too. `lbd detach` before a start has native tried first.
+/// it, a restart that drops connections. That holds where the kernel reports native support for
+/// the interface too: it reported it when native failed. `lbd detach` before a start has native
+/// tried first.
 fn generic_first(config: &Config) -> bool {
     let d = &config.director;
     match crate::keep::Keep::for_socket(&d.control_socket).attachment() {
