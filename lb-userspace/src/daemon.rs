@@ -209,17 +209,14 @@ impl Controller {
     /// with the same weight, and its down real servers, whose checks start down (before
     /// [`Self::start_health`]). A file that cannot be read is logged and replaced.
     pub fn hold_state_in(&mut self, path: PathBuf) {
-        let held: Held = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                warn!(file = %path.display(), "the drains and down real servers an earlier lbd kept cannot be read ({e}); starting without them");
-                Held::default()
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Held::default(),
-            Err(e) => {
-                warn!(file = %path.display(), "the drains and down real servers an earlier lbd kept cannot be read ({e}); starting without them");
-                Held::default()
-            }
+        let read = match std::fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Held::default()),
+            read => read.map_err(|e| e.to_string()).and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string())),
         };
+        let held = read.unwrap_or_else(|e| {
+            warn!(file = %path.display(), "the drains and down real servers an earlier lbd kept cannot be read ({e}); starting without them");
+            Held::default()
+        });
         let mut drained = 0;
         let mut down = 0;
         for (i, vs) in self.config.virtual_servers.iter().enumerate() {
@@ -239,7 +236,7 @@ impl Controller {
             }
         }
         if drained + down > 0 {
-            let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+            use crate::status::count;
             info!(
                 file = %path.display(),
                 "as the lbd before: {} drained, {} down until its check passes",

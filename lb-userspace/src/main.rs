@@ -6,7 +6,8 @@ use clap::{Parser, Subcommand};
 use lb_userspace::{
     config::Config,
     control::{self, Request},
-    daemon, status,
+    daemon,
+    status::{self, count},
 };
 
 #[derive(Parser)]
@@ -151,11 +152,6 @@ fn client(target: &Target, req: Request) -> Result<(control::Response, serde_jso
             message: resp.error.unwrap_or_else(|| "request failed".into()),
         }),
     }
-}
-
-/// `n` things, e.g. "1 real server", "2 real servers".
-fn count(n: usize, what: &str) -> String {
-    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 fn main() -> ExitCode {

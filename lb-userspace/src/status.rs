@@ -119,6 +119,11 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 }
 
 /// `addr:port`, IPv6 in brackets, as `lbd status` (and the metrics' labels) name endpoints.
+/// `n` things for people: "1 real server", "2 real servers".
+pub fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
 pub fn host_port(addr: &str, port: u16) -> String {
     if addr.contains(':') { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") }
 }

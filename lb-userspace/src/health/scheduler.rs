@@ -364,11 +364,14 @@ fn same_but_alpha(a: &CheckConfig, b: &CheckConfig) -> bool {
 /// down as lbd stopped (`none` is always up: it has no pass to wait for).
 fn fresh_state(config: &CheckConfig) -> Arc<Mutex<CheckState>> {
     let timing = config.check.timing;
-    let down = match () {
-        _ if config.check.probe == ProbeKind::None => None,
-        _ if config.was_down => Some("down when lbd stopped: not checked since"),
-        _ if config.alpha => Some("alpha: not checked yet"),
-        _ => None,
+    let down = if config.check.probe == ProbeKind::None {
+        None
+    } else if config.was_down {
+        Some("down when lbd stopped: not checked since")
+    } else if config.alpha {
+        Some("alpha: not checked yet")
+    } else {
+        None
     };
     Arc::new(Mutex::new(CheckState::starting(timing.rise, timing.fall, down.map(str::to_string), Instant::now())))
 }
