@@ -1,7 +1,7 @@
 //! `cargo xtask bench [--quick]`: set up, build lbd and the benchmark (`benches/`, crate
 //! `lb-bench`) in release mode, and run it as root. The report lands in `target/bench/`
 //! (`report.md`, `report.json`, PNG plots); the command fails if the report is missing or the
-//! benchmark found a ratio that is not sane. `--quick` is the one-minute smoke run CI uses.
+//! benchmark found a ratio that is not sane. `--quick` is the smoke run CI uses (about 30 s of measuring).
 
 use std::process::Command;
 
