@@ -79,6 +79,10 @@ pub struct Config {
     /// a FILE:LINE:COL when lbd finds one missing.
     #[serde(skip)]
     pub vrrp_interfaces: Vec<VrrpInterfaceUse>,
+    /// What is valid but most likely not meant (a VIP no VRRP instance fails over, a quorum no
+    /// weights reach): `lbd check` prints these, `lbd run` logs them at each load.
+    #[serde(skip)]
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// An interface a `[[vrrp_instance]]` names: its `interface`, or a `dev` of its
@@ -378,20 +382,20 @@ impl Config {
     pub fn parse(text: &str, file_name: &str) -> Result<Config, ConfigError> {
         let lines = Lines::new(text);
         let raw: RawConfig = toml::from_str(text).map_err(|error| {
-            let at = error.span().map_or(0, |span| span.start);
-            ConfigError::Invalid(vec![lines.diagnostic(
-                file_name,
-                at,
-                reword(error.message()),
-            )])
+            let (at, message) = reword_at(text, error.span().map_or(0, |span| span.start), error.message());
+            ConfigError::Invalid(vec![lines.diagnostic(file_name, at, message)])
         })?;
         let mut validator = Validator {
             file: file_name,
             lines,
             problems: Vec::new(),
+            macs: HashMap::new(),
         };
         match validator.config(&raw) {
-            Some(config) if validator.problems.is_empty() => Ok(config),
+            Some(mut config) if validator.problems.is_empty() => {
+                config.warnings = validator.warnings(&raw, &config);
+                Ok(config)
+            }
             // Every check that yields `None` has recorded a problem.
             _ => {
                 let mut problems = validator.problems;
@@ -477,7 +481,7 @@ struct RawVirtualServer {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a table")]
 struct RawPersistence {
-    timeout: Spanned<String>,
+    timeout: Spanned<Seconds>,
     netmask: Option<Spanned<String>>,
 }
 
@@ -496,6 +500,23 @@ struct RawRealServer {
 }
 
 /// Where an unknown key was, told apart by the keys its table accepts (see [`reword`]).
+/// A duration written as text (`"300s"`) or, as keepalived writes it, a number of seconds.
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "a duration such as \"300s\" or a number of seconds")]
+enum Seconds {
+    Text(String),
+    Number(i64),
+}
+
+impl Seconds {
+    fn text(&self) -> String {
+        match self {
+            Seconds::Text(t) => t.clone(),
+            Seconds::Number(n) => format!("{n}s"),
+        }
+    }
+}
+
 fn table_of(keys: &[&str]) -> Option<&'static str> {
     [
         ("at the top level", keys_of::<RawConfig>()),
@@ -541,6 +562,8 @@ struct Validator<'a> {
     file: &'a str,
     lines: Lines<'a>,
     problems: Vec<Diagnostic>,
+    /// Each real server address's `mac` and the line it was first given on: one host has one MAC.
+    macs: HashMap<IpAddr, ([u8; 6], usize)>,
 }
 
 impl Validator<'_> {
@@ -571,7 +594,68 @@ impl Validator<'_> {
             virtual_servers,
             vrrp,
             vrrp_interfaces,
+            warnings: Vec::new(),
         })
+    }
+
+    /// See [`Config::warnings`]; for a config without problems.
+    fn warnings(&self, raw: &RawConfig, config: &Config) -> Vec<Diagnostic> {
+        let mut out = Vec::new();
+        let mut warn = |at: usize, message: String| out.push(self.lines.diagnostic(self.file, at, message));
+        let vrrp_addresses: Vec<(IpAddr, &str, usize)> = config
+            .vrrp
+            .instances
+            .iter()
+            .zip(&raw.vrrp_instance)
+            .flat_map(|(inst, table)| {
+                let at = locate_key(self.lines.text, table.span(), "virtual_addresses");
+                inst.virtual_addresses.iter().map(move |a| (a.address, inst.name.as_str(), at))
+            })
+            .collect();
+        let nat = config.virtual_servers.iter().any(|vs| vs.forwarding == Forwarding::Nat);
+        for (vs, raw_vs) in config.virtual_servers.iter().zip(&raw.virtual_server) {
+            let raw_vs = raw_vs.get_ref();
+            let at = raw_vs.address.as_ref().map_or(0, |a| a.span().start);
+            if vs.fwmark.is_none() && !vrrp_addresses.is_empty() && !vrrp_addresses.iter().any(|(a, ..)| *a == vs.address) {
+                warn(
+                    at,
+                    format!(
+                        "warning: virtual server {} is in no [[vrrp_instance]]'s virtual_addresses: this director \
+                         forwards it whatever VRRP decides, on a backup too (list it in an instance to fail it over)",
+                        vs.address
+                    ),
+                );
+            }
+            let total: u64 = vs.real_servers.iter().map(|rs| u64::from(rs.weight)).sum();
+            if let Some(q) = raw_vs.quorum.as_ref().filter(|_| u64::from(vs.quorum) > total) {
+                warn(
+                    q.span().start,
+                    format!(
+                        "warning: quorum {} is more than the real servers' weights add up to ({total}): the virtual \
+                         server never has its quorum{}",
+                        vs.quorum,
+                        if vs.sorry_server.is_some() { " and always sends to its sorry server" } else { "" }
+                    ),
+                );
+            }
+        }
+        // With NAT, a VRRP address is often the real servers' gateway, which has no virtual server.
+        if !nat {
+            for (addr, instance, at) in &vrrp_addresses {
+                if !config.virtual_servers.iter().any(|vs| vs.fwmark.is_none() && vs.address == *addr) {
+                    warn(
+                        *at,
+                        format!(
+                            "warning: {addr}, a virtual address of instance `{instance}`, is no virtual server's address: \
+                             this director answers ARP for it as master but forwards none of its traffic"
+                        ),
+                    );
+                }
+            }
+        }
+        out.sort_by_key(|d| (d.line, d.col));
+        out.dedup();
+        out
     }
 
     /// See [`Config::vrrp_interfaces`].
@@ -623,11 +707,16 @@ impl Validator<'_> {
             self.check_or(&raw.control_socket, DEFAULT_CONTROL_SOCKET.into(), |p| {
                 socket_path(p)
             });
-        let conntrack_size = self.check_or(
-            &raw.conntrack_size,
-            DEFAULT_CONNTRACK_SIZE,
-            int("conntrack_size", 1024..=i64::from(u32::MAX)),
-        );
+        let conntrack_size = self.check_or(&raw.conntrack_size, DEFAULT_CONNTRACK_SIZE, |n| {
+            int("conntrack_size", 1024..=MAX_CONNTRACK_SIZE)(n).map_err(|e| match *n > MAX_CONNTRACK_SIZE {
+                true => format!(
+                    "{e}: the connection tables take 88 bytes an entry (the size rounded up to a power of two), \
+                     {} GiB at the most",
+                    (MAX_CONNTRACK_SIZE * 88) >> 30
+                ),
+                false => e,
+            })
+        });
         let max_vips = self.check_or(&raw.max_vips, DEFAULT_MAX_VIPS, int("max_vips", 1..=1024));
         let max_backends = self.check_or(
             &raw.max_backends,
@@ -814,7 +903,13 @@ impl Validator<'_> {
                 return Err(format!("sorry server {sorry} is not of the virtual server's address family"));
             }
             if !rewrites_ports {
-                dsr_port(sorry.port(), port)?;
+                dsr_port(sorry.port(), port).map_err(|_| {
+                    format!(
+                        "DSR cannot rewrite ports: sorry server port {} differs from virtual server port {}",
+                        sorry.port(),
+                        port.unwrap_or(0)
+                    )
+                })?;
             }
             Ok(sorry)
         });
@@ -854,15 +949,23 @@ impl Validator<'_> {
         }
         let mut seen = HashMap::new();
         let mut real_servers = Vec::new();
+        // Every port (port 0, or a firewall mark) without NAT: packets keep their ports, so a real
+        // server's `port` only names where its checks go, and one address twice is one host twice.
+        let any_port = port == Some(0) && !rewrites_ports;
         for raw_rs in &raw.real_server {
             if let Some(rs) = self.real_server(raw_rs, &defaults) {
-                let what = format!("real server {}", SocketAddr::new(rs.address, rs.port));
-                self.unique(
-                    &mut seen,
-                    (rs.address, rs.port),
-                    raw_rs.get_ref().address.span().start,
-                    what,
-                );
+                let (key, what) = match any_port {
+                    true => (
+                        (rs.address, 0),
+                        format!(
+                            "real server {} (this virtual server takes every port and keeps it, so the real server's \
+                             port does not tell two apart)",
+                            rs.address
+                        ),
+                    ),
+                    false => ((rs.address, rs.port), format!("real server {}", SocketAddr::new(rs.address, rs.port))),
+                };
+                self.unique(&mut seen, key, raw_rs.get_ref().address.span().start, what);
                 real_servers.push(rs);
             }
         }
@@ -889,6 +992,7 @@ impl Validator<'_> {
 
     fn persistence(&mut self, raw: &RawPersistence, vip: IpAddr) -> Option<Option<Persistence>> {
         let timeout_secs = self.check(&raw.timeout, |t| {
+            let t = &t.text();
             let d = parse_duration(t).map_err(|e| e.to_string())?;
             if d.subsec_nanos() != 0 {
                 return Err(format!("persistence timeout must be whole seconds (IPVS counts in seconds), got `{t}`"));
@@ -943,6 +1047,19 @@ impl Validator<'_> {
         };
         let weight = self.check_or(&raw.weight, 1, int("weight", 0..=65535));
         let mac = self.check_optional(&raw.mac, |m| mac_address(m));
+        if let (Some(addr), Some(Some(mac)), Some(at)) = (address, mac, raw.mac.as_ref().map(|m| m.span().start)) {
+            let line = self.lines.position(at).line;
+            match self.macs.entry(addr) {
+                Entry::Occupied(first) if first.get().0 != mac => {
+                    let line = first.get().1;
+                    self.error(at, format!("real server {addr} was given another mac at line {line}: one address, one MAC"));
+                }
+                Entry::Occupied(_) => {}
+                Entry::Vacant(slot) => {
+                    slot.insert((mac, line));
+                }
+            }
+        }
         let interface = self.check_optional(&raw.interface, |name| interface_name(name));
         let own = raw.health_check.as_ref();
         let merged = HealthCheckSpec::merge(defaults.health_check.map(|h| h.get_ref()), own.map(|h| h.get_ref()));
@@ -1085,6 +1202,9 @@ fn int<T: TryFrom<i64>>(
     }
 }
 
+/// The largest `conntrack_size`: 2^27 entries, 11 GiB of connection tables in the kernel.
+const MAX_CONNTRACK_SIZE: i64 = 1 << 27;
+
 fn table_size(value: &i64) -> Result<u32, String> {
     let size = int("table_size", 3..=1_000_003)(value)?;
     if is_prime(size) {
@@ -1130,12 +1250,16 @@ fn interface_name(name: &str) -> Result<String, String> {
 
 /// `metrics_listen`: an `address:port` to listen on.
 fn listen_address(text: &str) -> Result<SocketAddr, String> {
-    text.parse().map_err(|_| match text.parse::<IpAddr>() {
+    let addr: SocketAddr = text.parse().map_err(|_| match text.parse::<IpAddr>() {
         Ok(_) => format!("metrics_listen `{text}` has no port: give `address:port`, e.g. `127.0.0.1:9180`"),
         Err(_) => format!(
             "invalid metrics_listen `{text}`: expected `address:port`, e.g. `127.0.0.1:9180` or `[::1]:9180`"
         ),
-    })
+    })?;
+    match addr.port() {
+        0 => Err(format!("metrics_listen `{text}` has port 0, which would listen on a random port: give one, e.g. 9180")),
+        _ => Ok(addr),
+    }
 }
 
 /// A Unix socket path must fit `sun_path` (108 bytes with its terminating NUL).
@@ -1182,13 +1306,15 @@ fn ip_address(text: &str) -> Result<IpAddr, String> {
 
 fn scheduler(name: &str) -> Result<String, String> {
     if SCHEDULERS.contains(&name) {
-        Ok(name.to_owned())
-    } else {
-        Err(format!(
-            "unknown scheduler `{name}`; expected one of: {}",
-            SCHEDULERS.join(", ")
-        ))
+        return Ok(name.to_owned());
     }
+    let lower = name.to_ascii_lowercase();
+    let hint = match lower.as_str() {
+        "mh" => " (IPVS's `mh`, Maglev hashing, is `maglev` here)".to_owned(),
+        other if SCHEDULERS.contains(&other) => format!(" (write it in lower case, `{other}`)"),
+        _ => String::new(),
+    };
+    Err(format!("unknown scheduler `{name}`{hint}; expected one of: {}", SCHEDULERS.join(", ")))
 }
 
 /// A persistence netmask: an IPv4 mask (`"255.255.255.0"`) or a prefix length (`"24"`, `"/64"`).
@@ -1210,7 +1336,11 @@ fn netmask(text: &str, vip: IpAddr) -> Result<u8, String> {
                 Err(format!("netmask `{text}` is not contiguous"))
             }
         }
-        _ => Err(format!("invalid netmask `{text}`; write a prefix length like \"24\" or an IPv4 mask like \"255.255.255.0\"")),
+        Ok(_) => Err(format!(
+            "netmask `{text}` is an IPv4 mask, and the virtual server is IPv6: write a prefix length like \"64\""
+        )),
+        Err(_) if vip.is_ipv6() => Err(format!("invalid netmask `{text}`; write a prefix length like \"64\"")),
+        Err(_) => Err(format!("invalid netmask `{text}`; write a prefix length like \"24\" or an IPv4 mask like \"255.255.255.0\"")),
     }
 }
 
@@ -1250,6 +1380,12 @@ fn mac_address(text: &str) -> Result<[u8; 6], String> {
     }
     match parts.next() {
         Some(_) => Err(invalid()),
+        None if mac == [0; 6] => Err(format!("MAC address `{text}` is all zeros: give the real server's own")),
+        // The I/G bit: broadcast and multicast frames would go to every port of the segment.
+        None if mac[0] & 1 == 1 => Err(format!(
+            "MAC address `{text}` is a {} address (the first byte is odd): give the real server's own, a unicast one",
+            if mac == [0xff; 6] { "broadcast" } else { "multicast" }
+        )),
         None => Ok(mac),
     }
 }
@@ -1290,7 +1426,79 @@ fn keepalived_hint(key: &str, expected: &[&str]) -> Option<&'static str> {
              servers do not go down"
         }
         "use_vmac" => "is not supported: lbd answers ARP for the VIPs itself, with the interface's MAC",
+        "uthreshold" | "lthreshold" => "is not supported: lbd sets no connection thresholds (IPVS: ipvsadm -x/-y)",
+        "ha_suspend" => "is not needed: a backup's lbd goes on checking, so a new master starts with current states",
+        "PING_CHECK" | "ICMP_CHECK" | "SMTP_CHECK" | "BFD_CHECK" | "FILE_CHECK" => {
+            "has no counterpart: lbd's checks are `kind` = \"tcp\", \"http\", \"https\", \"udp\", \"dns\" or \"script\" (a \
+             script can ping)"
+        }
+        "type" if expected.contains(&"query_type") => "is `query_type` in `health_check = { kind = \"dns\" }`",
+        "name" if expected.contains(&"query_name") => "is `query_name` in `health_check = { kind = \"dns\" }`",
         _ => return None,
+    })
+}
+
+/// [`reword`], with what the text at `at` tells: the key whose value was refused, a value that
+/// needs quotes (then at the value), a sub-table's header without its array's entry.
+fn reword_at(text: &str, at: usize, message: &str) -> (usize, String) {
+    let message = reword(message);
+    let at = at.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |n| n + 1);
+    let line = &text[line_start..text[at..].find('\n').map_or(text.len(), |n| at + n)];
+    if message.starts_with("unknown value") || message.starts_with("invalid type") {
+        if let Some(key) = key_before(&text[..at]) {
+            return (at, format!("`{key}`: {message}"));
+        }
+    }
+    if message.starts_with("expected an array of tables") {
+        // `[[virtual_server.real_server]]` with no `[[virtual_server]]` before it.
+        let header = line.trim().trim_start_matches('[').trim_end_matches(']');
+        if let Some((array, sub)) = header.split_once('.') {
+            let message = format!(
+                "`[{line}]` has no `[[{array}]]` before it to belong to: write the `[[{array}]]` table first, then its \
+                 `[[{array}.{sub}]]` entries",
+                line = line.trim().trim_matches(['[', ']'])
+            );
+            return (at, message);
+        }
+    }
+    if message.starts_with("invalid") || message.starts_with("expected") {
+        // keepalived writes `virtual_server 10.0.0.1 80`: TOML strings need quotes.
+        if let Some((key, after)) = line.split_once('=') {
+            let value = after.split('#').next().unwrap_or("").trim();
+            let bare = !value.is_empty()
+                && !value.starts_with(['"', '\'', '[', '{'])
+                && !matches!(value, "true" | "false")
+                && value.parse::<f64>().is_err();
+            if bare {
+                let value_at = line_start + key.len() + 1 + (after.len() - after.trim_start().len());
+                return (value_at, format!("`{}`: the value `{value}` needs quotes: {} = \"{value}\"", key.trim(), key.trim()));
+            }
+        }
+    }
+    (at, message)
+}
+
+/// The key of the value that ends `before` (the text up to the value): the name before the
+/// last `=`.
+fn key_before(before: &str) -> Option<&str> {
+    let head = before[..before.rfind('=')?].trim_end();
+    let start = head.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-')).map_or(0, |n| n + 1);
+    Some(&head[start..]).filter(|key| !key.is_empty())
+}
+
+/// What keepalived (or another spelling) calls a value lbd spells `expected` lists.
+fn value_hint(value: &str, expected: &[&str]) -> Option<String> {
+    let lower = value.to_ascii_lowercase();
+    let ours = match lower.as_str() {
+        "dr" | "direct" | "route" | "gatewaying" if expected.contains(&"dsr") => "dsr",
+        "tun" | "ipip" if expected.contains(&"tunnel") => "tunnel",
+        "masq" | "masquerading" if expected.contains(&"nat") => "nat",
+        other => expected.iter().find(|e| **e == other)?,
+    };
+    Some(match lower == ours {
+        true => format!("write it in lower case, `{ours}`"),
+        false => format!("`{value}` is `{ours}` here"),
     })
 }
 
@@ -1311,10 +1519,8 @@ fn reword(message: &str) -> String {
     if let Some(rest) = message.strip_prefix("unknown variant ") {
         let names = backticked(rest);
         if let Some((value, expected)) = names.split_first() {
-            return format!(
-                "unknown value `{value}`; expected one of: {}",
-                expected.join(", ")
-            );
+            let hint = value_hint(value, expected).map_or(String::new(), |hint| format!(" ({hint})"));
+            return format!("unknown value `{value}`{hint}; expected one of: {}", expected.join(", "));
         }
     }
     if let Some(key) = message.strip_prefix("missing field ") {
@@ -1613,6 +1819,7 @@ port = 8080
             ],
             vrrp: VrrpSpec::default(),
             vrrp_interfaces: vec![],
+            warnings: vec![],
         };
         assert_eq!(parse(text).unwrap(), expected);
     }
@@ -1627,6 +1834,7 @@ port = 8080
                 virtual_servers: vec![],
                 vrrp: VrrpSpec::default(),
                 vrrp_interfaces: vec![],
+                warnings: vec![],
             }
         );
 
@@ -1889,7 +2097,7 @@ address = "10.0.0.4"
         assert_eq!(
             errors_after(true, "sorry_server = \"10.0.0.9:8080\"\nquorum = 0\nquorum_up = \" \"\n"),
             [
-                "t.toml:6:16: DSR cannot rewrite ports: real server port 8080 differs from virtual server port 80",
+                "t.toml:6:16: DSR cannot rewrite ports: sorry server port 8080 differs from virtual server port 80",
                 "t.toml:7:10: quorum must be between 1 and 4294967295, got 0",
                 "t.toml:8:13: `quorum_up` must not be empty",
             ]
@@ -1966,23 +2174,23 @@ address = "10.0.0.4"
         );
         assert_eq!(
             errors("[director]\ninterface = 5\n"),
-            ["t.toml:2:13: invalid type: integer `5`, expected a string"]
+            ["t.toml:2:13: `interface`: invalid type: integer `5`, expected a string"]
         );
         assert_eq!(
             errors(&format!("{DIRECTOR}table_size = 1.5\n")),
-            ["t.toml:3:14: invalid type: floating point `1.5`, expected an integer"]
+            ["t.toml:3:14: `table_size`: invalid type: floating point `1.5`, expected an integer"]
         );
         assert_eq!(
             errors("director = \"eth0\"\n"),
-            ["t.toml:1:12: invalid type: string \"eth0\", expected a table"]
+            ["t.toml:1:12: `director`: invalid type: string \"eth0\", expected a table"]
         );
         assert_eq!(
             errors(&format!("{DIRECTOR}xdp_mode = \"fast\"\n")),
-            ["t.toml:3:12: unknown value `fast`; expected one of: native, generic"]
+            ["t.toml:3:12: `xdp_mode`: unknown value `fast`; expected one of: native, generic"]
         );
         assert_eq!(
             errors_after(true, "protocol = \"sctp\"\n"),
-            ["t.toml:6:12: unknown value `sctp`; expected one of: tcp, udp"]
+            ["t.toml:6:12: `protocol`: unknown value `sctp`; expected one of: tcp, udp"]
         );
         assert_eq!(errors(""), ["t.toml:1:1: missing required key `director`"]);
         assert_eq!(
@@ -1999,9 +2207,69 @@ address = "10.0.0.4"
         );
     }
 
+    /// What someone used to keepalived.conf (or ipvsadm) writes gets a pointer to lbd's spelling.
+    #[test]
+    fn keepalived_habits_get_a_hint() {
+        assert_eq!(
+            errors_after(true, "protocol = \"TCP\"\n"),
+            ["t.toml:6:12: `protocol`: unknown value `TCP` (write it in lower case, `tcp`); expected one of: tcp, udp"]
+        );
+        assert_eq!(
+            errors_after(true, "forwarding = \"DR\"\n"),
+            ["t.toml:6:14: `forwarding`: unknown value `DR` (`DR` is `dsr` here); expected one of: dsr, nat, tunnel"]
+        );
+        assert_eq!(
+            errors_after(true, "scheduler = \"mh\"\n"),
+            ["t.toml:6:13: unknown scheduler `mh` (IPVS's `mh`, Maglev hashing, is `maglev` here); expected one of: \
+              maglev, rr, wrr, lc, wlc, sh, sed, nq"]
+        );
+        assert_eq!(
+            errors_after(false, "[[virtual_server]]\naddress = 10.0.0.1\nport = 80\n"),
+            ["t.toml:4:11: `address`: the value `10.0.0.1` needs quotes: address = \"10.0.0.1\""]
+        );
+        assert_eq!(
+            errors_after(false, "[[virtual_server.real_server]]\naddress = \"10.0.0.2\"\n"),
+            ["t.toml:3:3: `[virtual_server.real_server]` has no `[[virtual_server]]` before it to belong to: write the \
+              `[[virtual_server]]` table first, then its `[[virtual_server.real_server]]` entries"]
+        );
+        let hint = |key: &str| errors_after(true, &format!("{key} = 1\n"));
+        assert!(hint("uthreshold")[0].contains("keepalived's `uthreshold` is not supported: lbd sets no connection thresholds"));
+        assert!(hint("ha_suspend")[0].contains("keepalived's `ha_suspend` is not needed"));
+        assert!(hint("PING_CHECK")[0].contains("keepalived's `PING_CHECK` has no counterpart"));
+        let dns = errors_after(true, "health_check = { kind = \"dns\", type = \"A\" }\n");
+        assert!(dns[0].contains("keepalived's `type` is `query_type`"), "{dns:?}");
+        // keepalived's persistence_timeout is a number of seconds.
+        let ipvs = |rest: &str| {
+            errors(&format!(
+                "[director]\ninterface = \"eth0\"\nmode = \"ipvs\"\n[[virtual_server]]\naddress = \"fd00::1\"\nport = 80\n\
+                 {rest}[[virtual_server.real_server]]\naddress = \"fd00::2\"\n"
+            ))
+        };
+        let seconds = parse(
+            "[director]\ninterface = \"eth0\"\nmode = \"ipvs\"\n[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\n\
+             persistence = { timeout = 300 }\n",
+        )
+        .unwrap();
+        assert_eq!(seconds.virtual_servers[0].persistence.map(|p| p.timeout_secs), Some(300));
+        assert_eq!(
+            ipvs("persistence = { timeout = 300, netmask = \"255.255.255.0\" }\n"),
+            ["t.toml:7:42: netmask `255.255.255.0` is an IPv4 mask, and the virtual server is IPv6: write a prefix length \
+              like \"64\""]
+        );
+    }
+
     #[test]
     fn director_values() {
         let director = |line: &str| errors(&format!("{DIRECTOR}{line}\n"));
+        assert_eq!(
+            director("conntrack_size = 4294967295"),
+            ["t.toml:3:18: conntrack_size must be between 1024 and 134217728, got 4294967295: the connection tables take \
+              88 bytes an entry (the size rounded up to a power of two), 11 GiB at the most"]
+        );
+        assert_eq!(
+            director("metrics_listen = \"0.0.0.0:0\""),
+            ["t.toml:3:18: metrics_listen `0.0.0.0:0` has port 0, which would listen on a random port: give one, e.g. 9180"]
+        );
         assert_eq!(
             director("table_size = 65536"),
             ["t.toml:3:14: table_size 65536 is not prime; the next prime is 65537"]
@@ -2016,7 +2284,7 @@ address = "10.0.0.4"
         );
         assert_eq!(
             director("conntrack_size = 1000"),
-            ["t.toml:3:18: conntrack_size must be between 1024 and 4294967295, got 1000"]
+            ["t.toml:3:18: conntrack_size must be between 1024 and 134217728, got 1000"]
         );
         assert_eq!(
             director("max_vips = 0"),
@@ -2288,6 +2556,80 @@ port = 0
         );
     }
 
+    /// Valid, but most likely not meant: a VIP VRRP does not fail over (a typo in either list),
+    /// a quorum the weights never reach. The config loads, with a warning at the key.
+    #[test]
+    fn warnings_for_what_is_valid_but_likely_a_mistake() {
+        let text = format!(
+            "{DIRECTOR}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\nquorum = 3\n\
+             [[virtual_server.real_server]]\naddress = \"10.0.0.2\"\nweight = 2\n\
+             [[vrrp_instance]]\nname = \"VI_1\"\ninterface = \"eth0\"\nvirtual_router_id = 51\n\
+             virtual_addresses = [\"10.0.0.10\"]\n"
+        );
+        let warnings: Vec<String> = parse(&text).unwrap().warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            warnings,
+            [
+                "t.toml:4:11: warning: virtual server 10.0.0.1 is in no [[vrrp_instance]]'s virtual_addresses: this \
+                 director forwards it whatever VRRP decides, on a backup too (list it in an instance to fail it over)",
+                "t.toml:6:10: warning: quorum 3 is more than the real servers' weights add up to (2): the virtual server \
+                 never has its quorum",
+                "t.toml:14:1: warning: 10.0.0.10, a virtual address of instance `VI_1`, is no virtual server's address: \
+                 this director answers ARP for it as master but forwards none of its traffic",
+            ]
+        );
+        let fixed = text.replace("10.0.0.10", "10.0.0.1").replace("quorum = 3", "quorum = 2");
+        assert_eq!(parse(&fixed).unwrap().warnings, []);
+        // No VRRP: every VIP is this director's, nothing to warn about.
+        assert_eq!(parse(fixed.split("[[vrrp_instance]]").next().unwrap()).unwrap().warnings, []);
+    }
+
+    #[test]
+    fn macs_are_unicast_and_one_per_address() {
+        let rs = |mac: &str| errors_after(true, &format!("[[virtual_server.real_server]]\naddress = \"10.0.0.2\"\nmac = \"{mac}\"\n"));
+        assert_eq!(
+            rs("ff:ff:ff:ff:ff:ff"),
+            ["t.toml:8:7: MAC address `ff:ff:ff:ff:ff:ff` is a broadcast address (the first byte is odd): give the real \
+              server's own, a unicast one"]
+        );
+        assert!(rs("01:00:5e:00:00:01")[0].contains("is a multicast address"));
+        assert_eq!(rs("00:00:00:00:00:00"), ["t.toml:8:7: MAC address `00:00:00:00:00:00` is all zeros: give the real server's own"]);
+        let two = |second: &str| {
+            format!(
+                "{DIRECTOR}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\n\
+                 [[virtual_server.real_server]]\naddress = \"10.0.0.2\"\nmac = \"02:00:00:00:00:02\"\n\
+                 [[virtual_server]]\naddress = \"10.0.0.1\"\nport = 443\n\
+                 [[virtual_server.real_server]]\naddress = \"10.0.0.2\"\nmac = \"{second}\"\n"
+            )
+        };
+        assert!(parse(&two("02:00:00:00:00:02")).is_ok());
+        assert_eq!(
+            errors(&two("02:00:00:00:00:03")),
+            ["t.toml:14:7: real server 10.0.0.2 was given another mac at line 8: one address, one MAC"]
+        );
+    }
+
+    /// A virtual server of every port keeps the packets' ports: one address twice is one host
+    /// with twice its weight, whatever ports the two entries give (for their checks).
+    #[test]
+    fn every_port_takes_a_real_server_once() {
+        let text = format!(
+            "{DIRECTOR}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 0\n\
+             [[virtual_server.real_server]]\naddress = \"10.0.0.2\"\nport = 80\n\
+             [[virtual_server.real_server]]\naddress = \"10.0.0.2\"\nport = 443\n"
+        );
+        assert_eq!(
+            errors(&text),
+            ["t.toml:10:11: duplicate real server 10.0.0.2 (this virtual server takes every port and keeps it, so the real \
+              server's port does not tell two apart) (first defined at line 7)"]
+        );
+        // With a port, two ports of one address are two real servers only under NAT, and DSR
+        // refuses the second port anyway; with NAT and every port they stay apart.
+        let nat = text.replace("[director]\ninterface = \"eth0\"\n", "[director]\ninterface = \"eth0\"\nmode = \"ipvs\"\n")
+            .replace("port = 0\n", "port = 0\nforwarding = \"nat\"\npersistence = { timeout = \"60s\" }\n");
+        assert_eq!(parse(&nat).unwrap().virtual_servers[0].real_servers.len(), 2);
+    }
+
     #[test]
     fn real_server_values() {
         let rs =
@@ -2455,7 +2797,7 @@ rig.toml:10:7: invalid MAC address `nope`; expected six hex bytes like 02:00:00:
         assert_eq!(
             error.to_string(),
             format!(
-                "{}:2:13: invalid type: integer `1`, expected a string",
+                "{}:2:13: `interface`: invalid type: integer `1`, expected a string",
                 path.display()
             )
         );

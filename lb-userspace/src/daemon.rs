@@ -911,19 +911,33 @@ impl From<NeighKeyOrd> for NeighKey {
     }
 }
 
+/// The `[director]` keys a reload cannot change, each with its old and new value as the file
+/// writes them (`mode ("auto" -> "ipvs")`, `metrics_listen (unset -> "127.0.0.1:9180")`).
 fn restart_only_changes(old: &Director, new: &Director) -> anyhow::Result<()> {
     let mut changed = Vec::new();
+    let shown = |value: serde_json::Value| match value {
+        serde_json::Value::Null => "unset".to_string(),
+        value => value.to_string(),
+    };
     macro_rules! check {
         ($($field:ident),*) => {$(
             if old.$field != new.$field {
-                changed.push(format!("{} ({:?} -> {:?})", stringify!($field), old.$field, new.$field));
+                changed.push(format!(
+                    "{} ({} -> {})",
+                    stringify!($field),
+                    shown(serde_json::json!(old.$field)),
+                    shown(serde_json::json!(new.$field))
+                ));
             }
         )*};
+    }
+    // IPVS does not read xdp_mode.
+    if (old.mode, new.mode) != (Mode::Ipvs, Mode::Ipvs) {
+        check!(xdp_mode);
     }
     check!(
         interface,
         mode,
-        xdp_mode,
         table_size,
         control_socket,
         conntrack_size,
@@ -1226,6 +1240,13 @@ fn apply_health(ctl: &mut Controller, mut events: Vec<HealthEvent>, rx: &mut mps
     }
 }
 
+/// The config's warnings (see [`Config::warnings`]), one log line each.
+fn log_warnings(config: &Config) {
+    for w in &config.warnings {
+        warn!("{w}");
+    }
+}
+
 /// `lbd run`: runs until SIGINT/SIGTERM; SIGHUP (or `{"cmd":"reload"}`) reloads the config.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // Signals first: a SIGHUP or SIGTERM during start-up then waits for the loop (a reload, a
@@ -1234,6 +1255,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    log_warnings(&config);
     let d = config.director.clone();
     // The control socket before anything touches the dataplane: it is how a second `lbd run`
     // finds the one already running, and that one's XDP program, IPVS services and drains must
@@ -1399,6 +1421,7 @@ fn admin(ctl: &mut Controller, sel: &BackendSelector, drain: bool) -> Response {
 fn reload(ctl: &mut Controller, resolver: &Resolver, watched: &mut BTreeSet<NeighKeyOrd>) -> anyhow::Result<()> {
     let path = ctl.config_path.clone();
     let new = Config::load(&path).map_err(|e| ConfigMistake(e.to_string()))?;
+    log_warnings(&new);
     let ifaces = resolve_ifaces(&new, &path)?;
     ctl.set_addresses(interface_addresses());
     check_vrrp_ifaces(&new.vrrp)?;
@@ -1867,6 +1890,14 @@ mod tests {
 
         let err = ctl.reload(config("table_size = 131071", &["address = \"10.0.0.13\""]), ifaces()).unwrap_err();
         assert_eq!(err.to_string(), "[director] table_size (65537 -> 131071) changed; that needs a restart of lbd");
+        let err = ctl
+            .reload(config("mode = \"ipvs\"\nmetrics_listen = \"127.0.0.1:9180\"", &["address = \"10.0.0.13\""]), ifaces())
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "[director] mode (\"auto\" -> \"ipvs\"), metrics_listen (unset -> \"127.0.0.1:9180\") changed; that needs a \
+             restart of lbd"
+        );
         assert_eq!(fake.applied().len(), 2, "nothing was programmed");
         assert_eq!(ctl.config().virtual_servers[0].real_servers[0].address.to_string(), "10.0.0.11");
     }

@@ -172,7 +172,14 @@ fn main() -> ExitCode {
                     n => format!(", {}", count(n, "VRRP instance")),
                 };
                 let (vs, rs) = (count(c.virtual_servers.len(), "virtual server"), count(rs, "real server"));
-                println!("{}: OK ({vs}, {rs}{vrrp})", config.display());
+                for w in &c.warnings {
+                    eprintln!("{w}");
+                }
+                let warnings = match c.warnings.len() {
+                    0 => String::new(),
+                    n => format!("; {}", count(n, "warning")),
+                };
+                println!("{}: OK ({vs}, {rs}{vrrp}){warnings}", config.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {

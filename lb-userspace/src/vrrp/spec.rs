@@ -358,6 +358,19 @@ fn check_duration(field: &'static str, d: &Option<DurationSpec>, max: Duration, 
     }
 }
 
+/// Why `a` cannot be a host's address (a virtual address, a director's), if it cannot: as the
+/// virtual servers' addresses are checked.
+fn not_a_host(a: IpAddr) -> Option<String> {
+    Some(match a {
+        a if a.is_unspecified() => "the unspecified address".into(),
+        a if a.is_multicast() => "a multicast address".into(),
+        a if a.is_loopback() => "a loopback address".into(),
+        IpAddr::V4(v4) if v4.is_broadcast() => "the broadcast address".into(),
+        IpAddr::V6(v6) => format!("an IPv4-mapped IPv6 address (write it as IPv4, {})", v6.to_ipv4_mapped()?),
+        IpAddr::V4(_) => return None,
+    })
+}
+
 fn is_link_local_v6(a: &IpAddr) -> bool {
     matches!(a, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }
@@ -441,12 +454,8 @@ impl VrrpInstanceSpec {
                     ),
                 ));
             }
-            let bad = match a.address {
-                IpAddr::V4(v4) => v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() || v4.is_loopback(),
-                IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast() || v6.is_loopback(),
-            };
-            if bad {
-                errs.push(("virtual_addresses", format!("{} cannot be a virtual address", a.address)));
+            if let Some(problem) = not_a_host(a.address) {
+                errs.push(("virtual_addresses", format!("{} cannot be a virtual address: it is {problem}", a.address)));
             }
             let max = if a.address.is_ipv4() { 32 } else { 128 };
             if a.prefix_len.is_some_and(|p| p > max) {
@@ -468,20 +477,26 @@ impl VrrpInstanceSpec {
             errs.push(("virtual_addresses", format!("an advert carries at most {max} addresses of this family")));
         }
 
-        for p in &self.unicast_peers {
+        for (i, p) in self.unicast_peers.iter().enumerate() {
             if p.is_ipv6() != v6 && !self.virtual_addresses.is_empty() {
                 errs.push(("unicast_peers", format!("unicast peer {p} is not of the virtual addresses' family")));
             }
-            if p.is_unspecified() || p.is_multicast() {
-                errs.push(("unicast_peers", format!("unicast peer {p} must be a unicast address")));
+            if let Some(problem) = not_a_host(*p) {
+                errs.push(("unicast_peers", format!("unicast peer {p} must be another director's address, not {problem}")));
+            }
+            if self.unicast_peers[..i].contains(p) {
+                errs.push(("unicast_peers", format!("unicast peer {p} is listed twice")));
+            }
+            if self.unicast_source == Some(*p) {
+                errs.push(("unicast_peers", format!("unicast peer {p} is this director's own unicast_source")));
             }
         }
         if let Some(src) = &self.unicast_source {
             if src.is_ipv6() != v6 && !self.virtual_addresses.is_empty() {
                 errs.push(("unicast_source", format!("unicast_source {src} is not of the virtual addresses' family")));
             }
-            if src.is_unspecified() || src.is_multicast() {
-                errs.push(("unicast_source", format!("unicast_source {src} must be a unicast address")));
+            if let Some(problem) = not_a_host(*src) {
+                errs.push(("unicast_source", format!("unicast_source {src} must be an address of this director, not {problem}")));
             }
             if v6 && self.unicast_peers.is_empty() && !is_link_local_v6(src) {
                 errs.push(("unicast_source", "multicast IPv6 adverts are sent from a link-local address".into()));
@@ -493,10 +508,10 @@ impl VrrpInstanceSpec {
                 errs.push(("authentication", "authentication exists in VRRPv2 only (RFC 5798 removed it)".into()));
             }
             if !auth.auth_type.eq_ignore_ascii_case("PASS") {
-                errs.push(("authentication", format!("auth_type `{}` is not supported; only PASS", auth.auth_type)));
+                errs.push(("auth_type", format!("auth_type `{}` is not supported; only PASS", auth.auth_type)));
             }
             if auth.auth_pass.is_empty() {
-                errs.push(("authentication", "auth_pass must be 1 to 8 bytes, got 0".into()));
+                errs.push(("auth_pass", "auth_pass must be 1 to 8 bytes, got 0".into()));
             } else if auth.auth_pass.len() > 8 {
                 // keepalived cuts a longer one to 8 bytes with a warning; its peers send those.
                 let cut = auth.auth_pass.char_indices().map(|(i, c)| i + c.len_utf8()).take_while(|&end| end <= 8).last();
@@ -504,7 +519,7 @@ impl VrrpInstanceSpec {
                     Some(end) => format!(": keepalived sends only the first 8, so write auth_pass = \"{}\" to speak with it", &auth.auth_pass[..end]),
                     None => String::new(),
                 };
-                errs.push(("authentication", format!("auth_pass must be 1 to 8 bytes, got {}{hint}", auth.auth_pass.len())));
+                errs.push(("auth_pass", format!("auth_pass must be 1 to 8 bytes, got {}{hint}", auth.auth_pass.len())));
             }
         }
 
@@ -528,8 +543,11 @@ impl VrrpInstanceSpec {
             }
         }
 
-        for t in &self.track_interface {
+        for (i, t) in self.track_interface.iter().enumerate() {
             check_ifname("track_interface", &t.name, &mut errs);
+            if self.track_interface[..i].iter().any(|o| o.name == t.name) {
+                errs.push(("track_interface", format!("interface {} is tracked twice", t.name)));
+            }
             if !WEIGHTS.contains(&t.weight) {
                 errs.push(("track_interface", format!("weight of {} must be -253..=253, got {}", t.name, t.weight)));
             }
@@ -690,23 +708,95 @@ impl VrrpSpec {
 }
 
 /// Where `key` is written inside the table that spans `table` in `text` (byte offsets, as
-/// `toml::Spanned` gives them): the offset of the key, or of the table when it is not there
-/// (defaults, or errors about the table as a whole). Lets the caller turn the key names of
-/// [`VrrpInstanceSpec::validate`] into `FILE:LINE:COL`.
+/// `toml::Spanned` gives them): the offset of the key (`key = ...`, also inside an inline table),
+/// or of a sub-table's header (`[vrrp_instance.key]`), or of the table when it is not there
+/// (defaults, or errors about the table as a whole). Strings and comments are skipped, so a
+/// `priority =` inside a notify command is not taken for the key. Lets the caller turn the key
+/// names of [`VrrpInstanceSpec::validate`] into `FILE:LINE:COL`.
 pub fn locate_key(text: &str, table: std::ops::Range<usize>, key: &str) -> usize {
-    let end = table.end.min(text.len());
-    let body = &text[table.start.min(end)..end];
-    let mut from = 0;
-    while let Some(found) = body[from..].find(key) {
-        let at = from + found;
-        let before = body[..at].trim_end_matches([' ', '\t']).chars().last();
-        let after = body[at + key.len()..].trim_start_matches([' ', '\t']);
-        if matches!(before, None | Some('\n' | '{' | ',')) && after.starts_with('=') {
-            return table.start + at;
+    let start = table.start.min(text.len());
+    let end = with_sub_tables(text, start, table.end.min(text.len()));
+    let body = &text[start..end];
+    let b = body.as_bytes();
+    // `at_key`: only blanks since a newline, `{` or `,` (where a key may begin); `at_line`: since a newline.
+    let (mut i, mut at_key, mut at_line) = (0, true, true);
+    while i < b.len() {
+        match b[i] {
+            q @ (b'"' | b'\'') => {
+                let triple = if q == b'"' { "\"\"\"" } else { "\'\'\'" };
+                if body[i..].starts_with(triple) {
+                    i += 3;
+                    while i < b.len() && !body[i..].starts_with(triple) {
+                        i += if q == b'"' && b[i] == b'\\' { 2 } else { 1 };
+                    }
+                    i += 3;
+                } else {
+                    i += 1;
+                    while i < b.len() && b[i] != q && b[i] != b'\n' {
+                        i += if q == b'"' && b[i] == b'\\' { 2 } else { 1 };
+                    }
+                    i += 1;
+                }
+                (at_key, at_line) = (false, false);
+            }
+            b'#' => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'\n' => {
+                (at_key, at_line) = (true, true);
+                i += 1;
+            }
+            b' ' | b'\t' | b'\r' => i += 1,
+            b'{' | b',' => {
+                (at_key, at_line) = (true, false);
+                i += 1;
+            }
+            b'[' if at_line => {
+                let line_end = body[i..].find('\n').map_or(body.len(), |n| i + n);
+                let header = body[i..line_end].split('#').next().unwrap_or("").trim().trim_matches(['[', ']']);
+                if header.rsplit('.').next().map(str::trim) == Some(key) {
+                    return start + i;
+                }
+                i = line_end;
+            }
+            _ => {
+                let after = body.get(i + key.len()..).unwrap_or("");
+                if at_key && body[i..].starts_with(key) && after.trim_start_matches([' ', '\t']).starts_with('=') {
+                    return start + i;
+                }
+                (at_key, at_line) = (false, false);
+                i += 1;
+            }
         }
-        from = at + key.len();
     }
     table.start
+}
+
+/// The end of the table that starts at `start` (its header) and whose span ends at `end`, with the
+/// sub-tables written after it (`[vrrp_instance.authentication]`), which its span leaves out.
+fn with_sub_tables(text: &str, start: usize, mut end: usize) -> usize {
+    let name = text[start..].trim_start().trim_start_matches('[').split(']').next().unwrap_or("").trim();
+    let is_header = |line: &str| line.trim_start().starts_with('[');
+    let ours = |line: &str| {
+        let header = line.trim_start().trim_start_matches('[').trim_start();
+        header.strip_prefix(name).is_some_and(|rest| rest.trim_start().starts_with('.'))
+    };
+    let mut at = end;
+    let mut sub = false;
+    for line in text[end..].split_inclusive('\n') {
+        if is_header(line) {
+            sub = ours(line);
+        }
+        at += line.len();
+        if sub {
+            end = at;
+        } else if is_header(line) {
+            break;
+        }
+    }
+    end
 }
 
 // --- deserialization of the flexible forms -------------------------------------------------
@@ -987,8 +1077,8 @@ mod tests {
                 "virtual_addresses",
                 "virtual_addresses",
                 "unicast_peers",
-                "authentication",
-                "authentication",
+                "auth_type",
+                "auth_pass",
                 "track_interface",
             ],
             "{errs:#?}"
@@ -1064,15 +1154,51 @@ mod tests {
         let f: F = toml::from_str(&text).unwrap();
         let second = &f.vrrp_instance[1];
         let errs = second.get_ref().validate();
-        assert_eq!(errs[0].0, "authentication");
+        assert_eq!(errs[0].0, "auth_type");
         let at = locate_key(&text, second.span(), errs[0].0);
-        assert!(text[at..].starts_with("authentication = {"), "{}", &text[at..]);
+        assert!(text[at..].starts_with("auth_type = \"AH\""), "{}", &text[at..]);
         // The first table's key, not the second's.
         let at = locate_key(&text, f.vrrp_instance[0].span(), "priority");
         assert!(text[at..].starts_with("priority = 300"));
         // Inside an inline table, and absent keys fall back to the table.
         assert!(text[locate_key(&text, second.span(), "auth_type")..].starts_with("auth_type = \"AH\""));
         assert_eq!(locate_key(&text, second.span(), "preempt"), second.span().start);
+        // Not inside a string or a comment; a sub-table at its header.
+        let text = format!(
+            "{MINIMAL}# priority = 1\nnotify = \"/bin/logger a,priority = 3\"\npriority = 0\n\
+             [vrrp_instance.authentication]\nauth_type = \"PASS\"\nauth_pass = \"x\"\n"
+        );
+        let f: F = toml::from_str(&text).unwrap();
+        let span = f.vrrp_instance[0].span();
+        assert!(text[locate_key(&text, span.clone(), "priority")..].starts_with("priority = 0"));
+        assert!(text[locate_key(&text, span.clone(), "authentication")..].starts_with("[vrrp_instance.authentication]"));
+        assert!(text[locate_key(&text, span, "auth_type")..].starts_with("auth_type = \"PASS\""));
+    }
+
+    #[test]
+    fn addresses_are_hosts_and_lists_hold_each_once() {
+        let errs = spec(&format!(
+            "{}unicast_source = \"10.0.0.2\"\n\
+             unicast_peers = [\"127.0.0.1\", \"255.255.255.255\", \"10.0.0.2\", \"10.0.0.3\", \"10.0.0.3\"]\n\
+             track_interface = [\"eth1\", \"eth1\"]\n",
+            MINIMAL.replace("[\"10.0.0.100\"]", "[\"10.0.0.100\", \"::ffff:10.0.0.101\"]")
+        ))
+        .instances[0]
+            .validate();
+        let messages: Vec<&str> = errs.iter().map(|e| e.1.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "virtual address #2 (::ffff:10.0.0.101) is not of the same family as the first; use one instance per family",
+                "::ffff:10.0.0.101 cannot be a virtual address: it is an IPv4-mapped IPv6 address (write it as IPv4, \
+                 10.0.0.101)",
+                "unicast peer 127.0.0.1 must be another director's address, not a loopback address",
+                "unicast peer 255.255.255.255 must be another director's address, not the broadcast address",
+                "unicast peer 10.0.0.2 is this director's own unicast_source",
+                "unicast peer 10.0.0.3 is listed twice",
+                "interface eth1 is tracked twice",
+            ]
+        );
     }
 
     #[test]
