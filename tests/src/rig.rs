@@ -335,10 +335,23 @@ impl Rig {
     }
 
     /// Uses an existing config file (and the control socket it names) instead of the generated one.
+    /// The lbd it starts is a fresh one: what an lbd with that control socket kept at an unclean
+    /// end (its fast path, connections and counters; its drains) is removed, as [`Rig::up`] does
+    /// for the rig's own socket.
     pub fn use_config(&mut self, path: &Path) -> Result<()> {
         let config = lb_userspace::config::Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let socket = config.director.control_socket;
+        lb_userspace::keep::Keep::for_socket(&socket).remove()?;
+        match std::fs::remove_file(lb_userspace::daemon::held_file_for(&socket)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).context("removing lbd's held state"),
+            _ => {}
+        }
+        if self.config != path && self.config.starts_with(&self.work) {
+            // The rig's own config, not used from now on: not left beside the log to mislead.
+            let _ = std::fs::remove_file(&self.config);
+        }
         self.config = path.to_path_buf();
-        self.socket = config.director.control_socket;
+        self.socket = socket;
         Ok(())
     }
 
@@ -420,15 +433,19 @@ impl Rig {
 
     /// `n` distinct client source ports, never used before by this rig. Chosen rather than
     /// ephemeral, so which backend a request reaches is a function of the test, not of chance.
-    fn ports(&self, n: usize) -> std::ops::Range<u16> {
-        let first = self.next_port.fetch_add(n as u16, Ordering::Relaxed);
-        first..first + n as u16
+    fn ports(&self, n: usize) -> Result<std::ops::Range<u16>> {
+        let n = u16::try_from(n).ok().filter(|&n| n <= MAX_REQUESTS).context("more requests than the rig has source ports")?;
+        let first = self.next_port.fetch_add(n, Ordering::Relaxed);
+        match first.checked_add(n) {
+            Some(end) => Ok(first..end),
+            None => bail!("the rig ran out of client source ports ({n} more wanted after {first})"),
+        }
     }
 
     /// Sends `n` HTTP requests from the client, each on a new connection from its own source port;
     /// counts answers by backend.
     pub fn http_batch(&self, vip: IpAddr, n: usize) -> Result<BTreeMap<String, usize>> {
-        let ports = self.ports(n);
+        let ports = self.ports(n)?;
         self.client.enter(move || -> Result<BTreeMap<String, usize>> {
             let mut counts = BTreeMap::new();
             for port in ports {
@@ -442,7 +459,7 @@ impl Rig {
     /// Starts a client that sends HTTP requests to `vip`, each on a new connection from its own
     /// source port, one after another (at most `max` of them) until [`ClientLoop::stop`].
     pub fn client_loop(&self, vip: IpAddr, max: usize) -> Result<ClientLoop> {
-        let ports = self.ports(max);
+        let ports = self.ports(max)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = self.client.spawn_in(move || -> Result<Vec<Answer>> {
@@ -503,7 +520,7 @@ impl Rig {
     /// Sends `n` UDP datagrams from distinct source ports; counts replies by backend and checks
     /// each reply came from the VIP.
     pub fn udp_batch(&self, n: usize) -> Result<BTreeMap<String, usize>> {
-        let ports = self.ports(n);
+        let ports = self.ports(n)?;
         self.client.enter(move || -> Result<BTreeMap<String, usize>> {
             let mut counts = BTreeMap::new();
             let vip = SocketAddr::new(IpAddr::V4(VIP_V4), UDP_PORT);
@@ -719,24 +736,96 @@ fn summary(label: &str, counts: &BTreeMap<String, usize>) {
     println!("  {label:<34} {total:>4} answered: {}", per.join("   "));
 }
 
+/// The most requests `cargo xtask run --requests` takes: each is a client source port of its own
+/// (from 20000 up), and the UDP and IPv6 batches take a fifth as many again.
+pub const MAX_REQUESTS: u16 = 20_000;
+
+/// Set by SIGINT or SIGTERM in [`run_interactive`].
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`run_interactive`] was stopped by SIGINT or SIGTERM.
+pub fn stopped() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Fails once SIGINT or SIGTERM came, so the rig is torn down without finishing what it was
+/// setting up or sending.
+fn not_stopped() -> Result<()> {
+    match STOP.load(Ordering::SeqCst) {
+        true => bail!("interrupted"),
+        false => Ok(()),
+    }
+}
+
+/// The lock a running rig holds (with its pid inside): a second rig would take over the first
+/// one's namespaces, and the first one's teardown would then delete the second one's.
+fn lock_rig(prefix: &str) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = PathBuf::from(format!("/run/{prefix}.lock"));
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut pid = String::new();
+        let _ = file.read_to_string(&mut pid);
+        bail!(
+            "another rig is up (lbd-rig pid {}, lock {}): stop it first (Ctrl-C where it runs, or kill {})",
+            pid.trim(),
+            path.display(),
+            pid.trim()
+        );
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 /// `cargo xtask run`: the rig with `config`, a batch of requests, a summary, then (unless `once`)
-/// wait for Ctrl-C. Everything is torn down on the way out.
+/// wait for SIGINT or SIGTERM (also sent by `cargo xtask run` when it is stopped, or dies).
+/// Everything is torn down on the way out, also when a signal comes during the set-up or the
+/// batch.
 pub fn run_interactive(config: &Path, requests: usize, once: bool) -> Result<()> {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    // Blocked here so the main thread can wait for them; children get a clean mask from std.
-    signals.thread_block()?;
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    if requests == 0 || requests > usize::from(MAX_REQUESTS) {
+        bail!("--requests must be between 1 and {MAX_REQUESTS}, got {requests}");
+    }
+    // A handler, not a blocked mask: children inherit the mask, and lbd must see its SIGTERM.
+    // Exec resets handlers, so they get the default action.
+    let action = SigAction::new(SigHandler::Handler(on_stop_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(signal, &action) }?;
+    }
+    // The rig goes when `cargo xtask run` goes, even by SIGKILL.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
+        bail!("the process that started the rig is gone");
+    }
+    let _lock = lock_rig("lbd-rig-lbdrig")?;
     println!("rig: namespaces lbdrig-{{sw,client,dir,be1,be2,be3}} on bridge br0, 10.99.0.0/24 and fd00:99::/64");
     let mut rig = Rig::up("lbdrig", 3)?;
+    not_stopped()?;
     rig.use_config(config)?;
     println!("rig: starting lbd run --config {} in lbdrig-dir", config.display());
     rig.start_lbd()?;
+    not_stopped()?;
     println!("rig: requests from the client (10.99.0.2) to the VIPs, each on a new connection:");
     summary(&format!("HTTP {VIP_V4}:{HTTP_PORT}"), &rig.http_batch(IpAddr::V4(VIP_V4), requests)?);
+    not_stopped()?;
     summary(&format!("UDP  {VIP_V4}:{UDP_PORT}"), &rig.udp_batch(requests / 5)?);
+    not_stopped()?;
     summary(&format!("HTTP [{VIP_V6}]:{HTTP_PORT}"), &rig.http_batch(IpAddr::V6(VIP_V6), requests / 5)?);
+    not_stopped()?;
     let sock = rig.socket.display().to_string();
     let (_, text, _) = rig.lbd_cli(&["status", "--socket", &sock])?;
     println!("\n$ lbd status --socket {sock}\n{text}");
@@ -753,8 +842,10 @@ pub fn run_interactive(config: &Path, requests: usize, once: bool) -> Result<()>
         println!("  ip netns exec lbdrig-dir curl -s http://{addr}/metrics");
     }
     println!("  lbd log: {}", log.display());
-    println!("rig: Ctrl-C tears it down.");
-    signals.wait()?;
+    println!("rig: Ctrl-C (or kill {}) tears it down.", std::process::id());
+    while !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     println!("rig: tearing down (lbd's log stays in {} until the next rig)", log.display());
     Ok(())
 }

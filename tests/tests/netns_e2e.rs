@@ -704,3 +704,63 @@ fn busy_restart(prefix: &str, config: impl FnOnce(String) -> String) -> anyhow::
     assert!(conns.iter().all(|c| c.answers >= 10), "too few requests to tell: {conns:?}");
     Ok(())
 }
+
+/// `cargo xtask run`'s rig program: its lbd gets the SIGTERM of the teardown (a signal mask
+/// blocked in the rig was once inherited by every child, and lbd was killed after 5 s instead),
+/// a second rig is refused while one is up, and a SIGTERM tears everything down.
+#[test]
+fn the_rig_stops_its_lbd_cleanly_and_runs_alone() -> anyhow::Result<()> {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    require_root()?;
+    let rig_bin = env!("CARGO_BIN_EXE_lbd-rig");
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/rig.toml");
+    let mut first = Command::new(rig_bin)
+        .args(["--requests", "10"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    // Killed whatever happens below, so a failure tears the rig down too.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = first.stdout.take().expect("piped");
+    let mut first = Reap(first);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while !seen.last().is_some_and(|l: &String| l.contains("tears it down")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => anyhow::bail!("the rig did not come up within 60 s:\n{}", seen.join("\n")),
+        }
+    }
+    let second = Command::new(rig_bin).args(["--once", "--requests", "10"]).arg(&config).output()?;
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second rig ran");
+    assert!(err.contains(&format!("another rig is up (lbd-rig pid {}", first.0.id())), "{err}");
+    let exists = |ns: &str| std::path::Path::new("/run/netns").join(ns).exists();
+    assert!(exists("lbdrig-dir"), "the second rig touched the first one's namespaces");
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.0.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+    let started = std::time::Instant::now();
+    let status = first.0.wait()?;
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string("/tmp/lbd-rig-lbdrig/lbd.log")?;
+    assert!(log.contains("shutting down"), "lbd did not get the teardown's SIGTERM:\n{log}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "teardown took {:?}", started.elapsed());
+    for ns in ["sw", "client", "dir", "be1", "be2", "be3"] {
+        assert!(!exists(&format!("lbdrig-{ns}")), "lbdrig-{ns} is left");
+    }
+    Ok(())
+}

@@ -35,9 +35,9 @@ enum Cmd {
         /// Exit (tearing the rig down) after the batch.
         #[arg(long)]
         once: bool,
-        /// HTTP requests in the batch.
-        #[arg(long, default_value_t = 300)]
-        requests: usize,
+        /// HTTP requests in the batch (1 to 20000; UDP and IPv6 get a fifth as many each).
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u16).range(1..=20000))]
+        requests: u16,
     },
     /// Set up, build and run every test: unit, prog-test-run, netns end-to-end and the IPVS tests
     /// in a VM (needs root).
@@ -135,6 +135,17 @@ fn build_static() -> Result<()> {
     Ok(())
 }
 
+/// The rig's pid, for [`pass_on`].
+static RIG_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn pass_on(signal: libc::c_int) {
+    let pid = RIG_PID.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) on the rig's pid.
+        unsafe { libc::kill(pid, signal) };
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -158,14 +169,20 @@ fn main() -> Result<()> {
                 rig.arg("--once");
             }
             let mut child = rig.spawn().context("starting lbd-rig")?;
-            // Ctrl-C reaches the rig, which tears down; we wait for it instead of dying first.
-            // SAFETY: only changes this process's disposition, after the child was spawned.
-            unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-            let status = child.wait()?;
-            if !status.success() {
-                bail!("the rig failed ({status})");
+            // SIGINT (Ctrl-C, which the terminal sends the rig too) and SIGTERM are passed on to
+            // the rig, which tears down; we wait for it instead of dying first. Killed outright,
+            // we leave the rig its SIGTERM from the kernel (PR_SET_PDEATHSIG).
+            RIG_PID.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
+            for signal in [libc::SIGINT, libc::SIGTERM] {
+                // SAFETY: the handler only calls kill(2), which is async-signal-safe.
+                unsafe { libc::signal(signal, pass_on as extern "C" fn(libc::c_int) as libc::sighandler_t) };
             }
-            Ok(())
+            let status = child.wait()?;
+            match status.code() {
+                Some(0) => Ok(()),
+                Some(130) => Ok(()), // interrupted; the rig said so
+                _ => bail!("the rig failed ({status})"),
+            }
         }
         Cmd::Test { args } => {
             require_root("cargo xtask test")?;
