@@ -38,7 +38,10 @@ use toml::Spanned;
 
 use crate::duration::parse_duration;
 use crate::health::config::{CommandText, HealthCheck, HealthCheckSpec, Via};
-use crate::vrrp::{spec::locate_key, VrrpInstanceSpec, VrrpScriptSpec, VrrpSpec, VrrpSyncGroupSpec};
+use crate::vrrp::{
+    spec::{locate_key, not_a_host},
+    VrrpInstanceSpec, VrrpScriptSpec, VrrpSpec, VrrpSyncGroupSpec,
+};
 
 /// Control socket path used when `[director] control_socket` is not set.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lbd/lbd.sock";
@@ -1279,22 +1282,13 @@ fn socket_path(path: &Path) -> Result<PathBuf, String> {
     }
 }
 
-/// `address` if it can be a host's (a VIP, a real server): not the unspecified, a multicast,
-/// the broadcast or a loopback address, and IPv4 written as IPv4 (an IPv4-mapped IPv6 address
-/// would be a VIP no IPv4 packet matches). `what` names it in the message.
+/// `address` if it can be a host's (a VIP, a real server): see [`not_a_host`]. `what` names it in
+/// the message.
 fn unicast(address: IpAddr, what: &str) -> Result<IpAddr, String> {
-    let problem = match address {
-        a if a.is_unspecified() => "the unspecified address",
-        a if a.is_multicast() => "a multicast address",
-        a if a.is_loopback() => "a loopback address, which never reaches the director's interface",
-        IpAddr::V4(a) if a.is_broadcast() => "the broadcast address",
-        IpAddr::V6(a) => match a.to_ipv4_mapped() {
-            Some(v4) => return Err(format!("{what} {a} is an IPv4-mapped IPv6 address: write it as IPv4, {v4}")),
-            None => return Ok(address),
-        },
-        _ => return Ok(address),
-    };
-    Err(format!("{what} {address} is {problem}"))
+    match not_a_host(address) {
+        Some(problem) => Err(format!("{what} {address} is {problem}")),
+        None => Ok(address),
+    }
 }
 
 fn ip_address(text: &str) -> Result<IpAddr, String> {

@@ -358,15 +358,16 @@ fn check_duration(field: &'static str, d: &Option<DurationSpec>, max: Duration, 
     }
 }
 
-/// Why `a` cannot be a host's address (a virtual address, a director's), if it cannot: as the
-/// virtual servers' addresses are checked.
-fn not_a_host(a: IpAddr) -> Option<String> {
+/// Why `a` cannot be a host's address (a VIP, a real server's, a director's), if it cannot: the
+/// unspecified, a multicast, the broadcast or a loopback address, or IPv4 written as IPv6 (an
+/// IPv4-mapped IPv6 address, which no IPv4 packet matches).
+pub(crate) fn not_a_host(a: IpAddr) -> Option<String> {
     Some(match a {
         a if a.is_unspecified() => "the unspecified address".into(),
         a if a.is_multicast() => "a multicast address".into(),
-        a if a.is_loopback() => "a loopback address".into(),
+        a if a.is_loopback() => "a loopback address, which never reaches the director's interface".into(),
         IpAddr::V4(v4) if v4.is_broadcast() => "the broadcast address".into(),
-        IpAddr::V6(v6) => format!("an IPv4-mapped IPv6 address (write it as IPv4, {})", v6.to_ipv4_mapped()?),
+        IpAddr::V6(v6) => format!("an IPv4-mapped IPv6 address: write it as IPv4, {}", v6.to_ipv4_mapped()?),
         IpAddr::V4(_) => return None,
     })
 }
@@ -1190,9 +1191,10 @@ mod tests {
             messages,
             [
                 "virtual address #2 (::ffff:10.0.0.101) is not of the same family as the first; use one instance per family",
-                "::ffff:10.0.0.101 cannot be a virtual address: it is an IPv4-mapped IPv6 address (write it as IPv4, \
-                 10.0.0.101)",
-                "unicast peer 127.0.0.1 must be another director's address, not a loopback address",
+                "::ffff:10.0.0.101 cannot be a virtual address: it is an IPv4-mapped IPv6 address: write it as IPv4, \
+                 10.0.0.101",
+                "unicast peer 127.0.0.1 must be another director's address, not a loopback address, which never reaches \
+                 the director's interface",
                 "unicast peer 255.255.255.255 must be another director's address, not the broadcast address",
                 "unicast peer 10.0.0.2 is this director's own unicast_source",
                 "unicast peer 10.0.0.3 is listed twice",
