@@ -434,7 +434,7 @@ impl Rig {
     /// `n` distinct client source ports, never used before by this rig. Chosen rather than
     /// ephemeral, so which backend a request reaches is a function of the test, not of chance.
     fn ports(&self, n: usize) -> Result<std::ops::Range<u16>> {
-        let n = u16::try_from(n).ok().filter(|&n| n <= MAX_REQUESTS).context("more requests than the rig has source ports")?;
+        let n = u16::try_from(n).context("more requests than the rig has source ports")?;
         let first = self.next_port.fetch_add(n, Ordering::Relaxed);
         match first.checked_add(n) {
             Some(end) => Ok(first..end),
@@ -755,7 +755,7 @@ pub fn stopped() -> bool {
 /// Fails once SIGINT or SIGTERM came, so the rig is torn down without finishing what it was
 /// setting up or sending.
 fn not_stopped() -> Result<()> {
-    match STOP.load(Ordering::SeqCst) {
+    match stopped() {
         true => bail!("interrupted"),
         false => Ok(()),
     }
@@ -843,7 +843,7 @@ pub fn run_interactive(config: &Path, requests: usize, once: bool) -> Result<()>
     }
     println!("  lbd log: {}", log.display());
     println!("rig: Ctrl-C (or kill {}) tears it down.", std::process::id());
-    while !STOP.load(Ordering::SeqCst) {
+    while !stopped() {
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("rig: tearing down (lbd's log stays in {} until the next rig)", log.display());
