@@ -855,12 +855,13 @@ impl Validator<'_> {
                 }
             },
         };
-        // IPVS only, and for mh only (other schedulers read the same flag bits differently).
+        // IPVS only, and for mh only (other schedulers read the same flag bits differently): a
+        // value other than the default, which is what the XDP fast path does, needs both.
         let other_scheduler = scheduler.as_deref().filter(|&s| s != SCHEDULERS[0]);
-        let mh = |flag: &Option<Spanned<bool>>, name: &str, v: &mut Self| -> Option<bool> {
-            v.check_or(flag, false, |&on| {
-                if on {
-                    ipvs_only(format!("`{name}`"))?;
+        let mh = |flag: &Option<Spanned<bool>>, name: &str, default: bool, v: &mut Self| -> Option<bool> {
+            v.check_or(flag, default, |&on| {
+                if on != default {
+                    ipvs_only(format!("`{name} = {on}`"))?;
                     if let Some(other) = other_scheduler {
                         return Err(format!(
                             "`{name}` is an option of the maglev scheduler (IPVS mh), not of `{other}`; remove it or use \
@@ -873,11 +874,8 @@ impl Validator<'_> {
         };
         // Default on: without it IPVS mh refuses new connections that hash to a drained (weight 0)
         // real server instead of sending them to another, unlike the XDP fast path.
-        let mh_fallback = match &raw.mh_fallback {
-            None => Some(other_scheduler.is_none()),
-            flag => mh(flag, "mh_fallback", self),
-        };
-        let mh_port = mh(&raw.mh_port, "mh_port", self);
+        let mh_fallback = mh(&raw.mh_fallback, "mh_fallback", other_scheduler.is_none(), self);
+        let mh_port = mh(&raw.mh_port, "mh_port", false, self);
         let rewrites_ports = raw.forwarding.as_ref().is_some_and(|f| *f.get_ref() == Forwarding::Nat);
         let tunnels = raw.forwarding.as_ref().is_some_and(|f| *f.get_ref() == Forwarding::Tunnel);
         let ipvs_family = valid_address.filter(|_| mode == Some(Mode::Ipvs) && !tunnels);
@@ -2412,8 +2410,16 @@ address = "10.0.0.4"
                 "t.toml:7:14: forwarding `nat` needs [director] mode = \"ipvs\": the XDP fast path does maglev with DSR only",
                 "t.toml:8:15: persistence needs [director] mode = \"ipvs\": the XDP fast path does maglev with DSR only",
                 "t.toml:13:10: a firewall-mark virtual server needs [director] mode = \"ipvs\": the XDP fast path does maglev with DSR only",
-                "t.toml:15:11: `mh_port` needs [director] mode = \"ipvs\": the XDP fast path does maglev with DSR only",
+                "t.toml:15:11: `mh_port = true` needs [director] mode = \"ipvs\": the XDP fast path does maglev with DSR only",
             ]
+        );
+        // mh_fallback's default is what the fast path does: written out, it is accepted anywhere;
+        // plain mh (no fallback) is IPVS's only.
+        let flag = |value: &str| format!("{DIRECTOR}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\nmh_fallback = {value}\n");
+        assert!(parse(&flag("true")).expect("the default").virtual_servers[0].mh_fallback);
+        assert_eq!(
+            errors(&flag("false")),
+            ["t.toml:6:15: `mh_fallback = false` needs [director] mode = \"ipvs\": the XDP fast path does maglev with DSR only"]
         );
         let bad = format!("{ipvs}[[virtual_server]]\nfwmark = 7\nport = 80\npersistence = {{ timeout = \"soon\" }}\n");
         assert_eq!(

@@ -1174,6 +1174,23 @@ fn retire_kept_xdp(control_socket: &Path) {
     }
 }
 
+/// An lbd in XDP mode deletes the IPVS services an earlier lbd with its control socket created in
+/// IPVS mode (see [`IpvsDataplane::retire`]). Done once XDP serves, as the other way round.
+fn retire_ipvs_services(control_socket: &Path) {
+    let state_file = IpvsDataplane::state_file_for(control_socket);
+    match IpvsDataplane::retire(state_file.clone()) {
+        Ok(deleted) if deleted.is_empty() => {}
+        Ok(deleted) => warn!(
+            "deleted the IPVS services an earlier lbd in IPVS mode created ({}): IPVS would forward what the fast              path passes to the kernel; their connections now go where the fast path sends them",
+            deleted.join(", ")
+        ),
+        Err(e) => error!(
+            "the IPVS services an earlier lbd in IPVS mode created (listed in {}) could not be deleted ({e}); IPVS              would forward what the fast path passes to the kernel: delete them with ipvsadm -D",
+            state_file.display()
+        ),
+    }
+}
+
 /// A quorum change to log, and its command to run.
 struct QuorumNews {
     line: String,
@@ -1298,8 +1315,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     ctl.apply()?;
     ctl.go_live().context("taking over the fast path lbd kept")?;
-    if ctl.dataplane().name() == "ipvs" {
-        retire_kept_xdp(&ctl.config().director.control_socket);
+    match ctl.dataplane().name() {
+        "ipvs" => retire_kept_xdp(&ctl.config().director.control_socket),
+        _ => retire_ipvs_services(&ctl.config().director.control_socket),
     }
     // After the dataplane: until VRRP says otherwise, the VIPs it lists are dropped.
     let mut vrrp = start_vrrp(&ctl.config().vrrp)?;

@@ -221,6 +221,22 @@ impl IpvsDataplane {
         Ok(Self::with_client(IpvsClient::connect()?, state_file))
     }
 
+    /// At a start in XDP mode: deletes the IPVS services an earlier lbd in IPVS mode created
+    /// under `state_file` (the one [`IpvsDataplane::state_file_for`] this control socket), and
+    /// the file. Left in place they would go on forwarding what XDP passes to the kernel: the
+    /// VIPs a VRRP backup's fast path passes, with the old config's real servers, unchecked.
+    /// Loads nothing: a kernel without `ip_vs` loaded holds no services. Returns the services
+    /// deleted, as `ipvsadm -Ln` names them.
+    pub fn retire(state_file: PathBuf) -> Result<Vec<String>, DataplaneError> {
+        if !state_file.exists() {
+            return Ok(Vec::new());
+        }
+        match IpvsClient::connect_if_loaded().map_err(kernel_error)? {
+            Some(client) => Self::with_client(client, state_file).retire_owned(),
+            None => remove_state_file(&state_file).map(|()| Vec::new()),
+        }
+    }
+
     /// The kernel's IPVS version.
     pub fn version(&mut self) -> Result<(u8, u8, u8), IpvsError> {
         self.client.info().map(|i| i.version)
@@ -339,11 +355,30 @@ impl<K: IpvsOps> IpvsDataplane<K> {
         Ok(())
     }
 
+    /// [`IpvsDataplane::retire`] once connected.
+    fn retire_owned(&mut self) -> Result<Vec<String>, DataplaneError> {
+        let kernel = self.client.services().map_err(kernel_error)?;
+        let deleted = kernel.iter().filter(|s| self.owned.contains(&s.key)).map(|s| s.key.to_string().split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        self.apply(&[])?;
+        remove_state_file(&self.state_file)?;
+        Ok(deleted)
+    }
+
     fn save_owned(&self) -> Result<(), DataplaneError> {
         let keys: Vec<OwnedKey> = self.owned.iter().map(OwnedKey::from).collect();
         let text = serde_json::to_string_pretty(&keys).expect("owned keys serialize");
         crate::keep::replace_file(&self.state_file, text.as_bytes())
             .map_err(|e| DataplaneError::Other(format!("writing {}: {e}", self.state_file.display())))
+    }
+}
+
+fn remove_state_file(path: &Path) -> Result<(), DataplaneError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(DataplaneError::Other(format!("removing {}: {e}", path.display())))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -691,6 +726,26 @@ mod tests {
         assert!(dp.client.services.is_empty());
         assert_eq!(dir.owned(), BTreeSet::new());
         assert!(dp.vips.is_empty());
+    }
+
+    #[test]
+    fn retiring_deletes_lbds_services_only_and_the_state_file() {
+        let dir = StateDir::new("retire");
+        let mut dp = dir.dataplane(FakeKernel::default());
+        let mut disabled = vs("10.0.0.3", 80, &["10.0.0.13"]);
+        disabled.enabled = false;
+        dp.apply(&[vs("10.0.0.1", 80, &["10.0.0.11"]), vs("fd00::1", 443, &["fd00::11"]), disabled]).unwrap();
+        let mut kernel = std::mem::take(&mut dp.client);
+        let by_hand = service_of(&vs("10.0.0.2", 80, &[]));
+        kernel.add_service(&by_hand).unwrap();
+        kernel.writes.clear();
+
+        // The next lbd, in XDP mode, knows them from the state file only.
+        let mut dp = dir.dataplane(kernel);
+        assert_eq!(dp.retire_owned().unwrap(), ["TCP 10.0.0.1:80", "TCP [fd00::1]:443"]);
+        assert_eq!(dp.client.writes, ["-D TCP  10.0.0.1:80", "-D TCP  [fd00::1]:443"]);
+        assert_eq!(dp.client.services.keys().collect::<Vec<_>>(), [&by_hand.key], "the hand-made one stays");
+        assert!(!dir.file().exists(), "the state file goes with the services");
     }
 
     #[test]

@@ -14,7 +14,10 @@ use lb_tests::{
     vm::{test_path, vm_test},
     vrrp::{arping, mac_string, wait_for},
 };
-use lb_userspace::vrrp::VrrpState::{Backup, Master};
+use lb_userspace::{
+    ipvs_dataplane::IpvsDataplane,
+    vrrp::VrrpState::{Backup, Master},
+};
 use nix::sys::signal::Signal;
 
 /// A config for the rig's director in `mode` with one TCP VIP on port 80 over the three backends.
@@ -178,6 +181,22 @@ fn dsr_drain_restart() -> Result<()> {
     );
     // Plain mh hashes the client address only: one client lands on one real server.
     assert_eq!(rig.http_batch(IpAddr::V4(VIP_V4), 30)?.values().sum::<usize>(), 30);
+
+    // Back to XDP: lbd's IPVS service goes once the fast path serves (IPVS would forward what the
+    // fast path passes to the kernel, a VRRP backup's VIPs), the hand-made one stays.
+    rig.stop_lbd();
+    std::fs::write(&rig.config, config(&rig, "xdp", ""))?;
+    rig.start_lbd()?;
+    assert_eq!(rig.status()?["dataplane"], "xdp");
+    let table = ipvsadm(&rig)?;
+    assert!(!table.contains("10.99.0.100:80") && table.contains("TCP 10.99.0.200:8080 rr"), "{table}");
+    assert!(
+        rig.lbd_log().contains("deleted the IPVS services an earlier lbd in IPVS mode created (TCP 10.99.0.100:80)"),
+        "{}",
+        rig.lbd_log()
+    );
+    assert!(!IpvsDataplane::state_file_for(&rig.socket).exists());
+    assert_spread(&rig.http_batch(IpAddr::V4(VIP_V4), 150)?, 150);
     Ok(())
 }
 

@@ -501,18 +501,7 @@ impl IpvsClient {
     /// Opens a generic netlink socket and resolves the `IPVS` family. If the family is unknown,
     /// runs `modprobe ip_vs` once (saying so at info level) and tries again.
     pub fn connect() -> Result<IpvsClient, IpvsError> {
-        let open_err = |e: &dyn fmt::Display| IpvsError::Netlink {
-            what: "opening a generic netlink socket".into(),
-            detail: e.to_string(),
-        };
-        let socket = NlSocketHandle::connect(NlFamily::Generic, None, Groups::empty())
-            .map_err(|e| open_err(&e))?;
-        set_recv_timeout(&socket, REPLY_TIMEOUT).map_err(|e| open_err(&e))?;
-        let mut client = IpvsClient {
-            socket,
-            family: 0,
-            seq: 0,
-        };
+        let mut client = Self::open()?;
         let family = match client.resolve_family()? {
             Some(id) => id,
             None => {
@@ -546,6 +535,28 @@ impl IpvsClient {
         debug!(family, "resolved generic netlink family IPVS");
         client.family = family;
         Ok(client)
+    }
+
+    /// Like [`IpvsClient::connect`], but `None` where the kernel has no IPVS loaded (no
+    /// `modprobe`): then it holds no services either.
+    pub fn connect_if_loaded() -> Result<Option<IpvsClient>, IpvsError> {
+        let mut client = Self::open()?;
+        Ok(client.resolve_family()?.map(|family| {
+            client.family = family;
+            client
+        }))
+    }
+
+    /// A generic netlink socket, the family not yet resolved.
+    fn open() -> Result<IpvsClient, IpvsError> {
+        let open_err = |e: &dyn fmt::Display| IpvsError::Netlink {
+            what: "opening a generic netlink socket".into(),
+            detail: e.to_string(),
+        };
+        let socket = NlSocketHandle::connect(NlFamily::Generic, None, Groups::empty())
+            .map_err(|e| open_err(&e))?;
+        set_recv_timeout(&socket, REPLY_TIMEOUT).map_err(|e| open_err(&e))?;
+        Ok(IpvsClient { socket, family: 0, seq: 0 })
     }
 
     /// The generic netlink id of `IPVS`, `None` if the kernel does not know the family.
