@@ -418,6 +418,18 @@ impl Counters {
         self.new_bytes = self.new_bytes.wrapping_add(other.new_bytes);
     }
 
+    /// Adds one CPU's copy of a backend's counters as userspace read it: the program on that CPU
+    /// may have been between `packets` and `new_flows` (a copy then holds a new flow's
+    /// `new_flows` without its `packets`), so a new-flow figure is taken as at most its total.
+    /// Without this, `by_reason`'s connection-table hits could read one below zero, as 2^64 − 1.
+    pub fn add_read(&mut self, cpu: &Counters) {
+        self.add(&Counters {
+            new_flows: cpu.new_flows.min(cpu.packets),
+            new_bytes: cpu.new_bytes.min(cpu.bytes),
+            ..*cpu
+        });
+    }
+
     /// `self - other` field by field (wrapping): what was counted since `other` was read.
     pub fn since(&self, other: &Counters) -> Counters {
         Counters {
@@ -431,7 +443,7 @@ impl Counters {
     /// The packets and bytes of the reasons `conntrack-hit` and `new-flow`, in that order.
     pub fn by_reason(&self) -> [(u64, u64); 2] {
         [
-            (self.packets.wrapping_sub(self.new_flows), self.bytes.wrapping_sub(self.new_bytes)),
+            (self.packets.saturating_sub(self.new_flows), self.bytes.saturating_sub(self.new_bytes)),
             (self.new_flows, self.new_bytes),
         ]
     }
@@ -583,6 +595,19 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A UDP-only director forwards new flows only: a CPU's copy read between the program's
+    /// `packets` and `new_flows` updates must not make the hits 2^64 − 1.
+    #[test]
+    fn hits_of_a_copy_read_mid_update_are_not_below_zero() {
+        let settled = Counters { packets: 5, bytes: 500, new_flows: 5, new_bytes: 500 };
+        let mid_update = Counters { packets: 5, bytes: 500, new_flows: 6, new_bytes: 600 };
+        let mut total = Counters::default();
+        total.add_read(&settled);
+        total.add_read(&mid_update);
+        assert_eq!(total.by_reason(), [(0, 0), (10, 1000)]);
+        assert_eq!(Counters { new_flows: 1, new_bytes: 9, ..Counters::default() }.by_reason()[0], (0, 0));
+    }
 
     #[test]
     fn flow_hash_v4_is_flow_hash_of_the_long_key() {

@@ -163,6 +163,13 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
         }
     };
+    if !matches!(cli.command, Command::Run { .. }) {
+        // The client commands end as other Unix tools do when their reader goes (`lbd status |
+        // head`): Rust ignores SIGPIPE, and `print!` then panics (exit 101). The daemon keeps it
+        // ignored: a client that hangs up is an error on its socket, not the end of lbd.
+        // SAFETY: no other thread runs yet; SIG_DFL is a valid disposition for SIGPIPE.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {

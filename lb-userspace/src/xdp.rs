@@ -388,6 +388,10 @@ pub struct XdpDataplane {
     /// counters, the forwarded reasons' totals since load (since the first load, when the
     /// counters were kept across restarts).
     zeroed: Counters,
+    /// The `conntrack-hit` packets and bytes last reported: derived (`Counters::by_reason`), they
+    /// could go back by a packet when a copy read mid-update put one on the other side; reported
+    /// as at least these, a counter to Prometheus never does.
+    hits_reported: std::sync::Mutex<(u64, u64)>,
     /// What the removed real servers of each virtual server had forwarded, as the run before
     /// left it (`KeptCounters::retired`), until the virtual server is set up again.
     kept_retired: HashMap<VipAddr, Counters>,
@@ -678,6 +682,7 @@ impl XdpDataplane {
             backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
             retired: HashMap::new(),
             zeroed: Counters::default(),
+            hits_reported: Default::default(),
             kept_retired: HashMap::new(),
             next_vip_serial: 0,
             ebpf,
@@ -1159,7 +1164,7 @@ impl XdpDataplane {
     fn free_backend(&mut self, vip: VipAddr, id: u32) -> Result<(), DataplaneError> {
         self.state_dirty = true;
         self.free_backend_ids.push_back((id, Instant::now()));
-        let counted = Self::sum(&self.backend_stats, id, Counters::add)?;
+        let counted = Self::sum(&self.backend_stats, id, Counters::add_read)?;
         let serial = match self.vips.get_mut(&vip) {
             Some(slot) => {
                 slot.retired.add(&counted);
@@ -1175,7 +1180,7 @@ impl XdpDataplane {
     /// value in `zeroed`, and what the old backend forwarded after it was freed in its VIP's.
     fn reuse_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
         self.state_dirty = true;
-        let now = Self::sum(&self.backend_stats, id, Counters::add)?;
+        let now = Self::sum(&self.backend_stats, id, Counters::add_read)?;
         if let Some(r) = self.retired.remove(&id) {
             if let Some(slot) = self.vips.get_mut(&r.vip).filter(|s| s.serial == r.serial) {
                 slot.retired.add(&now.since(&r.counted));
@@ -1587,11 +1592,16 @@ impl XdpDataplane {
         let mut counters = Vec::with_capacity(self.next_backend_id as usize);
         let mut forwarded = self.zeroed;
         for id in 0..self.next_backend_id {
-            let c = Self::sum(&self.backend_stats, id, Counters::add)?;
+            let c = Self::sum(&self.backend_stats, id, Counters::add_read)?;
             forwarded.add(&c);
             counters.push(c);
         }
-        let by_reason = forwarded.by_reason();
+        let mut by_reason = forwarded.by_reason();
+        {
+            let mut last = self.hits_reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            *last = (last.0.max(by_reason[0].0), last.1.max(by_reason[0].1));
+            by_reason[0] = *last;
+        }
         for (i, name) in reason::NAMES.iter().enumerate() {
             let (packets, bytes) = match by_reason.get(i) {
                 Some(&figures) => figures,

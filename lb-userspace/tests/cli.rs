@@ -137,6 +137,34 @@ fn status_json_is_lbds_own_object_and_reload_names_the_file() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `lbd status | head` ends quietly when the reader goes, as ipvsadm does: killed by SIGPIPE, not
+/// a panic with exit 101 ("failed printing to stdout").
+#[test]
+fn status_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = std::env::temp_dir().join(format!("lbd-cli-pipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("lbd.sock");
+    let mut status = serde_json::to_value(lb_userspace::status::Status::default()).unwrap();
+    // More than a pipe holds, so the write meets the closed pipe.
+    status["added_later"] = serde_json::json!("x".repeat(1 << 20));
+    let reply = serde_json::json!({"ok": true, "status": status}).to_string();
+    let fake = fake_lbd(&sock, Some(reply), Default::default());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lbd"))
+        .args(["status", "--json", "--socket", sock.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    fake.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {err}", out.status);
+    assert!(err.is_empty(), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// An lbd that takes the request and does not answer within 10 s: exit 1, saying so (not "os
 /// error 11"), and that the request may still be carried out.
 #[test]

@@ -456,10 +456,16 @@ impl Engine {
                 continue;
             }
             let group_faulted = self.group_members(i).any(|m| self.inst[m].faulted());
+            let resumed = std::mem::take(&mut self.inst[i].resume);
             if group_faulted {
                 self.become_fault(now, i, &mut out);
-            } else if self.inst[i].effective_priority() == 255 || self.inst[i].resume {
+            } else if self.inst[i].effective_priority() == 255 || resumed {
                 self.become_master(now, i, &mut out);
+                if resumed {
+                    // It was MASTER before the reload: not a failover, which the counter counts
+                    // (and alerts are made of).
+                    self.inst[i].counters.became_master -= 1;
+                }
                 self.group_follow_master(now, i, &mut out);
             } else {
                 self.become_backup(now, i, None, &mut out);
@@ -1128,8 +1134,13 @@ mod tests {
         assert_eq!(states(&a), vec![(0, VrrpState::Backup), (1, VrrpState::Master)]);
         assert!(a.contains(&Action::Advert { instance: 1, priority: 100 }), "{a:?}");
         assert_eq!(garps(&a), vec![(1, 5)]);
+        assert_eq!(e.counters(1).became_master, 0, "resuming is not becoming MASTER");
         let a = e.receive(c.at(ms(50)), 1, peer(), &advert(Version::V3, 101, ms(100)));
         assert_eq!(states(&a), vec![(1, VrrpState::Backup)]);
+        // The peer goes silent: MASTER again, and that one counts.
+        let a: Vec<Action> = (1..=10).flat_map(|t| e.tick(c.at(ms(50 + 100 * t)))).collect();
+        assert!(states(&a).contains(&(1, VrrpState::Master)), "{a:?}");
+        assert_eq!(e.counters(1).became_master, 1);
     }
 
     fn garps(actions: &[Action]) -> Vec<(usize, u32)> {
