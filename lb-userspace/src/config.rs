@@ -502,10 +502,9 @@ struct RawRealServer {
     notify_down: Option<Spanned<CommandText>>,
 }
 
-/// Where an unknown key was, told apart by the keys its table accepts (see [`reword`]).
 /// A duration written as text (`"300s"`) or, as keepalived writes it, a number of seconds.
 #[derive(Deserialize)]
-#[serde(untagged, expecting = "a duration such as \"300s\" or a number of seconds")]
+#[serde(untagged, expecting = "invalid persistence timeout: write a duration such as \"300s\" or a whole number of seconds")]
 enum Seconds {
     Text(String),
     Number(i64),
@@ -999,9 +998,13 @@ impl Validator<'_> {
                 return Err(format!("persistence timeout must be whole seconds (IPVS counts in seconds), got `{t}`"));
             }
             u32::try_from(d.as_secs()).ok().filter(|&s| (1..=MAX_PERSISTENCE_SECS).contains(&s)).ok_or_else(|| {
+                let why = match d.is_zero() {
+                    true => "a persistent service keeps a client's real server for at least a second",
+                    false => "the kernel counts it in jiffies in 32 bits, and longer ones wrap",
+                };
                 format!(
                     "persistence timeout must be between 1s and 744h (31 days, {MAX_PERSISTENCE_SECS}s, as ipvsadm -p \
-                     allows): the kernel counts it in jiffies in 32 bits, and longer ones wrap; got `{t}`"
+                     allows): {why}; got `{t}`"
                 )
             })
         });
@@ -1447,7 +1450,7 @@ fn reword_at(text: &str, at: usize, message: &str) -> (usize, String) {
         let header = line.trim().trim_start_matches('[').trim_end_matches(']');
         if let Some((array, sub)) = header.split_once('.') {
             let message = format!(
-                "`[{line}]` has no `[[{array}]]` before it to belong to: write the `[[{array}]]` table first, then its \
+                "`[[{line}]]` has no `[[{array}]]` before it to belong to: write the `[[{array}]]` table first, then its \
                  `[[{array}.{sub}]]` entries",
                 line = line.trim().trim_matches(['[', ']'])
             );
@@ -1485,6 +1488,14 @@ fn value_hint(value: &str, expected: &[&str]) -> Option<String> {
     let ours = match lower.as_str() {
         "dr" | "direct" | "route" | "gatewaying" if expected.contains(&"dsr") => "dsr",
         "tun" | "ipip" if expected.contains(&"tunnel") => "tunnel",
+        // keepalived's checker names, as a `kind`.
+        "tcp_check" if expected.contains(&"tcp") => "tcp",
+        "http_get" if expected.contains(&"http") => "http",
+        "ssl_get" if expected.contains(&"https") => "https",
+        "misc_check" if expected.contains(&"script") => "script",
+        "udp_check" if expected.contains(&"udp") => "udp",
+        "dns_check" if expected.contains(&"dns") => "dns",
+        "warning" if expected.contains(&"warn") => "warn",
         "masq" | "masquerading" if expected.contains(&"nat") => "nat",
         other => expected.iter().find(|e| **e == other)?,
     };
@@ -2070,7 +2081,7 @@ address = "10.0.0.4"
                 "health_check = { kind = \"http\", interval = \"1 sec\" }\n[[virtual_server.real_server]]\naddress = \"10.0.0.2\"\n\
                  [[virtual_server.real_server]]\naddress = \"10.0.0.3\"\n"
             ),
-            ["t.toml:6:44: `interval`: invalid duration \"1 sec\": expected a number and a unit (ms, s, m or h), like \"1s\", \"500ms\" or \"1m30s\""]
+            ["t.toml:6:44: `interval`: invalid duration \"1 sec\": expected a number and a unit (us, ms, s, m or h), like \"1s\", \"500ms\" or \"1m30s\""]
         );
         assert_eq!(
             errors_after(true, "[[virtual_server.real_server]]\naddress = \"10.0.0.2\"\nhealth_check = { path = \"/\" }\n"),
@@ -2221,7 +2232,7 @@ address = "10.0.0.4"
         );
         assert_eq!(
             errors_after(false, "[[virtual_server.real_server]]\naddress = \"10.0.0.2\"\n"),
-            ["t.toml:3:3: `[virtual_server.real_server]` has no `[[virtual_server]]` before it to belong to: write the \
+            ["t.toml:3:3: `[[virtual_server.real_server]]` has no `[[virtual_server]]` before it to belong to: write the \
               `[[virtual_server]]` table first, then its `[[virtual_server.real_server]]` entries"]
         );
         let hint = |key: &str| errors_after(true, &format!("{key} = 1\n"));
@@ -2243,6 +2254,23 @@ address = "10.0.0.4"
         )
         .unwrap();
         assert_eq!(seconds.virtual_servers[0].persistence.map(|p| p.timeout_secs), Some(300));
+        assert_eq!(
+            ipvs("persistence = { timeout = 300.5 }\n"),
+            ["t.toml:7:27: invalid persistence timeout: write a duration such as \"300s\" or a whole number of seconds"]
+        );
+        assert_eq!(
+            ipvs("persistence = { timeout = 0 }\n"),
+            ["t.toml:7:27: persistence timeout must be between 1s and 744h (31 days, 2678400s, as ipvsadm -p allows): a \
+              persistent service keeps a client's real server for at least a second; got `0s`"]
+        );
+        // keepalived's checker and log level names, as values.
+        assert_eq!(
+            errors_after(true, "health_check = { kind = \"TCP_CHECK\" }\n"),
+            ["t.toml:6:25: `kind`: unknown value `TCP_CHECK` (`TCP_CHECK` is `tcp` here); expected one of: tcp, http, \
+              https, script, udp, dns, none"]
+        );
+        let level = errors("[director]\ninterface = \"eth0\"\nlog_level = \"warning\"\n");
+        assert!(level[0].starts_with("t.toml:3:13: `log_level`: unknown value `warning` (`warning` is `warn` here)"), "{level:?}");
         assert_eq!(
             ipvs("persistence = { timeout = 300, netmask = \"255.255.255.0\" }\n"),
             ["t.toml:7:42: netmask `255.255.255.0` is an IPv4 mask, and the virtual server is IPv6: write a prefix length \
@@ -2426,7 +2454,7 @@ address = "10.0.0.4"
             errors(&bad),
             [
                 "t.toml:6:8: `port` does not go with `fwmark`: the mark alone selects the traffic",
-                "t.toml:7:27: invalid duration \"soon\": expected a number and a unit (ms, s, m or h), like \"1s\", \"500ms\" or \"1m30s\"",
+                "t.toml:7:27: invalid duration \"soon\": expected a number and a unit (us, ms, s, m or h), like \"1s\", \"500ms\" or \"1m30s\"",
             ]
         );
         assert_eq!(
@@ -2837,10 +2865,14 @@ rig.toml:10:7: invalid MAC address `nope`; expected six hex bytes like 02:00:00:
     #[test]
     fn vrrp_problems_are_reported_at_their_key() {
         let vrrp = |rest: &str| errors(&format!("{DIRECTOR}{VRRP}{rest}"));
-        assert_eq!(vrrp("priority = 300\n"), ["t.toml:8:1: priority must be 1..=255 (255 = address owner), got 300"]);
+        assert_eq!(vrrp("priority = 300\n"), ["t.toml:8:1: priority must be between 1 and 255 (255 = address owner), got 300"]);
+        assert_eq!(
+            vrrp("track_interface = [\"eth1 weight -20\"]\n"),
+            ["t.toml:8:1: `eth1 weight -20` is keepalived's way to write it: here it is { name = \"eth1\", weight = -20 }"]
+        );
         assert_eq!(
             vrrp("advert_interval = \"100ms\"\n"),
-            ["t.toml:8:1: VRRPv2 carries whole seconds: advert_interval must be 1s..=255s, got 100ms; use version = 3 \
+            ["t.toml:8:1: VRRPv2 carries whole seconds: advert_interval must be between 1s and 255s, got 100ms; use version = 3 \
               for shorter intervals"]
         );
         assert_eq!(
@@ -2855,7 +2887,7 @@ rig.toml:10:7: invalid MAC address `nope`; expected six hex bytes like 02:00:00:
             )),
             [
                 "t.toml:4:1: name `VI 1` must be non-empty, without whitespace",
-                "t.toml:6:3: virtual_router_id must be 1..=255, got 0",
+                "t.toml:6:3: virtual_router_id must be between 1 and 255, got 0",
                 "t.toml:7:1: virtual address #2 (fd00::1) is not of the same family as the first; use one instance per family",
             ]
         );
@@ -2875,7 +2907,7 @@ rig.toml:10:7: invalid MAC address `nope`; expected six hex bytes like 02:00:00:
         );
         assert_eq!(
             vrrp("[[vrrp_script]]\nname = \"chk\"\nscript = \" \"\nfall = 0\n"),
-            ["t.toml:10:1: the command must not be empty", "t.toml:11:1: fall must be 1..=1000, got 0"]
+            ["t.toml:10:1: the command must not be empty", "t.toml:11:1: fall must be between 1 and 1000, got 0"]
         );
         // Types, syntax, unknown and missing keys come from the parser, at the value.
         assert_eq!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 /// Why a duration string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DurationError {
-    #[error("invalid duration {0:?}: expected a number and a unit (ms, s, m or h), like \"1s\", \"500ms\" or \"1m30s\"")]
+    #[error("invalid duration {0:?}: expected a number and a unit (us, ms, s, m or h), like \"1s\", \"500ms\" or \"1m30s\"")]
     Syntax(String),
     #[error("duration {0:?} needs a unit: write \"{0}s\" or \"{0}ms\"")]
     NoUnit(String),
@@ -116,7 +116,7 @@ mod tests {
             assert_eq!(
                 parse_duration(bad).unwrap_err().to_string(),
                 format!(
-                    "invalid duration {bad:?}: expected a number and a unit (ms, s, m or h), like \"1s\", \"500ms\" or \
+                    "invalid duration {bad:?}: expected a number and a unit (us, ms, s, m or h), like \"1s\", \"500ms\" or \
                      \"1m30s\""
                 ),
             );

@@ -1472,7 +1472,7 @@ tls_verify = false"#);
             problems(r#"kind = "tcp", interval = "5", timeout = "1x", rise = 0, retries = -1"#, 80),
             [
                 "26: `interval`: duration \"5\" needs a unit: write \"5s\" or \"5ms\"",
-                "41: `timeout`: invalid duration \"1x\": expected a number and a unit (ms, s, m or h), like \"1s\", \
+                "41: `timeout`: invalid duration \"1x\": expected a number and a unit (us, ms, s, m or h), like \"1s\", \
                  \"500ms\" or \"1m30s\"",
                 "54: `rise` must be between 1 and 1000, got 0",
                 "67: `retries` must be between 0 and 100, got -1",

@@ -1246,7 +1246,7 @@ mod tests {
         assert!(matches!(&err, VrrpError::Invalid(e) if e.len() == 1), "{err}");
         assert_eq!(
             err.to_string(),
-            "invalid VRRP configuration:\n[[vrrp_instance]] #1 `virtual_router_id`: virtual_router_id must be 1..=255, got 0"
+            "invalid VRRP configuration:\n[[vrrp_instance]] #1 `virtual_router_id`: virtual_router_id must be between 1 and 255, got 0"
         );
         assert!(matches!(VrrpHandle::start(spec(ONE)), Err(VrrpError::NoRuntime)));
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

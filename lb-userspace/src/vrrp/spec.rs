@@ -289,7 +289,13 @@ fn check_name(name: &str, errs: &mut Vec<(&'static str, String)>) {
 }
 
 fn check_ifname(field: &'static str, name: &str, errs: &mut Vec<(&'static str, String)>) {
-    if name.is_empty() || name.len() > 15 || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace()) {
+    if let [dev, "weight", weight] = name.split_whitespace().collect::<Vec<_>>()[..] {
+        // keepalived's `track_interface { eth1 weight -20 }`.
+        errs.push((
+            field,
+            format!("`{name}` is keepalived's way to write it: here it is {{ name = \"{dev}\", weight = {weight} }}"),
+        ));
+    } else if name.is_empty() || name.len() > 15 || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace()) {
         errs.push((field, format!("invalid interface name `{name}` (1 to 15 bytes, no `/`, `:` or whitespace)")));
     }
 }
@@ -399,11 +405,11 @@ impl VrrpInstanceSpec {
         check_name(&self.name, &mut errs);
         check_ifname("interface", &self.interface, &mut errs);
         if !(1..=255).contains(&self.virtual_router_id) {
-            errs.push(("virtual_router_id", format!("virtual_router_id must be 1..=255, got {}", self.virtual_router_id)));
+            errs.push(("virtual_router_id", format!("virtual_router_id must be between 1 and 255, got {}", self.virtual_router_id)));
         }
         let priority = self.priority.unwrap_or(DEFAULT_PRIORITY);
         if !(1..=255).contains(&priority) {
-            errs.push(("priority", format!("priority must be 1..=255 (255 = address owner), got {priority}")));
+            errs.push(("priority", format!("priority must be between 1 and 255 (255 = address owner), got {priority}")));
         }
         let version_ok = match self.version {
             None | Some(2) | Some(3) => true,
@@ -420,7 +426,7 @@ impl VrrpInstanceSpec {
                     errs.push((
                         "advert_interval",
                         format!(
-                            "VRRPv2 carries whole seconds: advert_interval must be 1s..=255s, got {}; use version = 3 for shorter intervals",
+                            "VRRPv2 carries whole seconds: advert_interval must be between 1s and 255s, got {}; use version = 3 for shorter intervals",
                             format_duration(interval)
                         ),
                     ));
@@ -432,7 +438,7 @@ impl VrrpInstanceSpec {
                 errs.push((
                     "advert_interval",
                     format!(
-                        "VRRPv3 carries centiseconds: advert_interval must be a multiple of 10ms in 10ms..=40.95s, got {}",
+                        "VRRPv3 carries centiseconds: advert_interval must be a multiple of 10ms between 10ms and 40.95s, got {}",
                         format_duration(interval)
                     ),
                 ));
@@ -539,7 +545,7 @@ impl VrrpInstanceSpec {
         ] {
             if let Some(v) = v {
                 if !(0..=255).contains(&v) {
-                    errs.push((field, format!("{field} must be 0..=255, got {v}")));
+                    errs.push((field, format!("{field} must be between 0 and 255, got {v}")));
                 }
             }
         }
@@ -550,13 +556,13 @@ impl VrrpInstanceSpec {
                 errs.push(("track_interface", format!("interface {} is tracked twice", t.name)));
             }
             if !WEIGHTS.contains(&t.weight) {
-                errs.push(("track_interface", format!("weight of {} must be -253..=253, got {}", t.name, t.weight)));
+                errs.push(("track_interface", format!("weight of {} must be between -253 and 253, got {}", t.name, t.weight)));
             }
         }
         for (i, t) in self.track_script.iter().enumerate() {
             if let Some(w) = t.weight {
                 if !WEIGHTS.contains(&w) {
-                    errs.push(("track_script", format!("weight of {} must be -253..=253, got {w}", t.name)));
+                    errs.push(("track_script", format!("weight of {} must be between -253 and 253, got {w}", t.name)));
                 }
             }
             if self.track_script[..i].iter().any(|o| o.name == t.name) {
@@ -579,19 +585,19 @@ impl VrrpScriptSpec {
         for (field, d) in [("interval", self.interval), ("timeout", self.timeout)] {
             if let Some(DurationSpec(d)) = d {
                 if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
-                    errs.push((field, format!("{field} must be 10ms..=1h, got {}", format_duration(d))));
+                    errs.push((field, format!("{field} must be between 10ms and 1h, got {}", format_duration(d))));
                 }
             }
         }
         if let Some(w) = self.weight {
             if !WEIGHTS.contains(&w) {
-                errs.push(("weight", format!("weight must be -253..=253, got {w}")));
+                errs.push(("weight", format!("weight must be between -253 and 253, got {w}")));
             }
         }
         for (field, v) in [("rise", self.rise), ("fall", self.fall)] {
             if let Some(v) = v {
                 if !(1..=1000).contains(&v) {
-                    errs.push((field, format!("{field} must be 1..=1000, got {v}")));
+                    errs.push((field, format!("{field} must be between 1 and 1000, got {v}")));
                 }
             }
         }
@@ -1091,7 +1097,7 @@ mod tests {
         );
 
         let v3 = "[[vrrp_instance]]\nname = \"a\"\ninterface = \"eth0\"\nvirtual_router_id = 1\nversion = 3\nadvert_interval = \"105ms\"\nvirtual_addresses = [\"10.0.0.1\"]\n";
-        assert_eq!(problems(v3), vec!["[[vrrp_instance]] #1 `advert_interval`: VRRPv3 carries centiseconds: advert_interval must be a multiple of 10ms in 10ms..=40.95s, got 105ms"]);
+        assert_eq!(problems(v3), vec!["[[vrrp_instance]] #1 `advert_interval`: VRRPv3 carries centiseconds: advert_interval must be a multiple of 10ms between 10ms and 40.95s, got 105ms"]);
         let v2v6 = "[[vrrp_instance]]\nname = \"a\"\ninterface = \"eth0\"\nvirtual_router_id = 1\nversion = 2\nvirtual_addresses = [\"fd00::1\"]\n";
         assert_eq!(problems(v2v6), vec!["[[vrrp_instance]] #1 `version`: VRRPv2 is IPv4-only; IPv6 virtual addresses need version = 3"]);
     }
@@ -1106,7 +1112,7 @@ mod tests {
         assert_eq!(
             problems(&text),
             vec![
-                "[[vrrp_script]] #1 `rise`: rise must be 1..=1000, got 0",
+                "[[vrrp_script]] #1 `rise`: rise must be between 1 and 1000, got 0",
                 "[[vrrp_instance]] #1 `track_script`: no [[vrrp_script]] named `missing`",
                 "[[vrrp_instance]] #2 `name`: instance name `VI_1` is already used by [[vrrp_instance]] #1",
                 "[[vrrp_instance]] #2 `virtual_router_id`: virtual_router_id 51 on eth0 is already used by instance `VI_1`",
