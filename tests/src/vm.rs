@@ -70,7 +70,7 @@ pub fn run_test_in_vm(test_name: &str) -> Result<VmRun> {
     let mut cmd = Command::new(&xtask);
     cmd.args(["vm", "--timeout", &VM_TIMEOUT_SECS.to_string()]);
     cmd.args(["--env", "RUST_BACKTRACE=1"]);
-    for var in ["RUST_LOG", "LBD_TEST_VERBOSE"] {
+    for var in ["RUST_LOG", "LBD_TEST_VERBOSE", "LBD_BIN"] {
         if let Ok(v) = std::env::var(var) {
             cmd.args(["--env", &format!("{var}={v}")]);
         }
@@ -79,6 +79,14 @@ pub fn run_test_in_vm(test_name: &str) -> Result<VmRun> {
         .arg(&exe)
         .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
         .stdin(Stdio::null());
+    // Killed, the test takes its VM with it (the runner kills QEMU when it dies).
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     let started = Instant::now();
     let out = cmd
         .output()

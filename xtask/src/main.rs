@@ -4,7 +4,11 @@ mod bench;
 mod setup;
 mod vm;
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    os::unix::process::{CommandExt, ExitStatusExt},
+    path::PathBuf,
+    process::Command,
+};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -135,14 +139,24 @@ fn build_static() -> Result<()> {
     Ok(())
 }
 
-/// The rig's pid, for [`pass_on`].
-static RIG_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// Who [`pass_on`] passes SIGINT/SIGTERM to: the rig's pid, or minus the process group of the
+/// test run.
+static PASS_TO: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 extern "C" fn pass_on(signal: libc::c_int) {
-    let pid = RIG_PID.load(std::sync::atomic::Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill(2) on the rig's pid.
+    let pid = PASS_TO.load(std::sync::atomic::Ordering::SeqCst);
+    if pid != 0 {
+        // SAFETY: kill(2) on the rig's pid or the test run's group.
         unsafe { libc::kill(pid, signal) };
+    }
+}
+
+/// Passes this process's SIGINT and SIGTERM on to `pid` (negative: a process group).
+fn pass_signals_to(pid: i32) {
+    PASS_TO.store(pid, std::sync::atomic::Ordering::SeqCst);
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only calls kill(2), which is async-signal-safe.
+        unsafe { libc::signal(signal, pass_on as extern "C" fn(libc::c_int) as libc::sighandler_t) };
     }
 }
 
@@ -172,11 +186,7 @@ fn main() -> Result<()> {
             // SIGINT (Ctrl-C, which the terminal sends the rig too) and SIGTERM are passed on to
             // the rig, which tears down; we wait for it instead of dying first. Killed outright,
             // we leave the rig its SIGTERM from the kernel (PR_SET_PDEATHSIG).
-            RIG_PID.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
-            for signal in [libc::SIGINT, libc::SIGTERM] {
-                // SAFETY: the handler only calls kill(2), which is async-signal-safe.
-                unsafe { libc::signal(signal, pass_on as extern "C" fn(libc::c_int) as libc::sighandler_t) };
-            }
+            pass_signals_to(child.id() as i32);
             let status = child.wait()?;
             match status.code() {
                 Some(0) => Ok(()),
@@ -195,7 +205,23 @@ fn main() -> Result<()> {
             }
             // Namespace tests share the CPU with lbd and nginx: one at a time keeps them honest.
             test.push("--test-threads=1");
-            cargo(&test)
+            // In a process group of its own, which a SIGINT or SIGTERM to us reaches whole (cargo,
+            // the test binaries, a VM's runner and QEMU), as Ctrl-C in a terminal does: signalled
+            // alone, cargo would die and leave the tests running.
+            let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut child = Command::new(&cargo_bin)
+                .args(&test)
+                .current_dir(root())
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("running cargo {}", test.join(" ")))?;
+            pass_signals_to(-(child.id() as i32));
+            let status = child.wait()?;
+            match (status.success(), status.signal()) {
+                (true, _) => Ok(()),
+                (false, Some(signal)) => bail!("cargo {} ended by signal {signal}", test.join(" ")),
+                (false, None) => bail!("cargo {} failed ({status})", test.join(" ")),
+            }
         }
         Cmd::Bench { quick } => bench::bench(quick),
         Cmd::Vm { args } => vm::main(&args),

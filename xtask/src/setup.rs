@@ -85,11 +85,11 @@ fn apt() -> Result<()> {
     }
     report("debian packages", &format!("installing {}", missing.join(" ")));
     let env = [("DEBIAN_FRONTEND", "noninteractive")];
-    let update = quiet(Command::new("apt-get").arg("update").envs(env))?;
+    let update = quiet(Command::new("apt-get").args(["update", "-o", "DPkg::Lock::Timeout=300"]).envs(env))?;
     if !update.status.success() {
         bail!("apt-get update failed: {}", String::from_utf8_lossy(&update.stderr));
     }
-    let out = quiet(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing).envs(env))?;
+    let out = quiet(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300"]).args(&missing).envs(env))?;
     if !out.status.success() {
         bail!("apt-get install {} failed: {}", missing.join(" "), String::from_utf8_lossy(&out.stderr));
     }

@@ -127,6 +127,10 @@ pub struct VmOutput {
     pub output: String,
     /// Time from starting QEMU until the guest's `/init` launched the command (informational).
     pub boot_time: Option<Duration>,
+    /// The guest kernel console's last lines (an OOM kill or a kernel warning shows there).
+    pub console_tail: String,
+    /// The whole console log (kept for the newest runs).
+    pub console_log: PathBuf,
 }
 
 /// The cached boot artifacts.
@@ -214,6 +218,13 @@ pub fn main(args: &[String]) -> Result<()> {
     let started = Instant::now();
     let out = run_inner(&opts, &cli.command, cli.verbose || verbose_from_env())?;
     std::io::stdout().flush().ok();
+    if out.exit_code != 0 {
+        eprintln!(
+            "vm: the command failed; last console lines:\n{}\n(full console log: {})",
+            out.console_tail,
+            out.console_log.display()
+        );
+    }
     eprintln!(
         "vm: exit code {}; command started {} after QEMU launch; total {:.1} s",
         out.exit_code,
@@ -454,6 +465,10 @@ fn run_inner(opts: &VmOptions, command: &[String], verbose: bool) -> Result<VmOu
         }
         if start.elapsed() > opts.timeout {
             qemu_proc.kill();
+            if status_file.exists() {
+                // The command finished just in time: its own status says more than a timeout.
+                break None;
+            }
             bail!(
                 "VM timed out after {} s; last console lines:\n{}\n(full console log: {})",
                 opts.timeout.as_secs(),
@@ -477,6 +492,8 @@ fn run_inner(opts: &VmOptions, command: &[String], verbose: bool) -> Result<VmOu
                 exit_code,
                 output,
                 boot_time,
+                console_tail: console.last(CONSOLE_TAIL_LINES),
+                console_log,
             })
         }
         Err(_) if panic_seen.is_some() => bail!(
@@ -752,6 +769,9 @@ fn find_kernel() -> Result<Kernel> {
             }
             rel
         }
+        // The kernel Debian's linux-image-amd64 stands for (not a backports, rt or cloud one
+        // installed beside it), else the newest plain -amd64 one.
+        _ if metapackage_kernel().is_some_and(|rel| has_modules(&rel)) => metapackage_kernel().expect("checked"),
         _ => {
             let mut rels: Vec<String> = fs::read_dir("/boot")
                 .map(|rd| {
@@ -766,7 +786,7 @@ fn find_kernel() -> Result<Kernel> {
                         .collect()
                 })
                 .unwrap_or_default();
-            rels.sort_by_key(|r| version_key(r));
+            rels.sort_by_key(|r| (r.ends_with("-amd64") && r.matches('-').count() == 2, version_key(r), r.clone()));
             rels.pop().ok_or_else(|| {
                 anyhow!("no kernel for the VM (need /boot/vmlinuz-<ver> and /lib/modules/<ver>/modules.dep): {HINT}")
             })?
@@ -793,6 +813,23 @@ fn find_kernel() -> Result<Kernel> {
         vmlinuz,
         key,
     })
+}
+
+/// The release `linux-image-amd64` depends on (`linux-image-6.1.0-28-amd64 (= ...)` ->
+/// `6.1.0-28-amd64`), if it is installed and its vmlinuz there.
+fn metapackage_kernel() -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Depends}", "linux-image-amd64"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let depends = String::from_utf8_lossy(&out.stdout).into_owned();
+    depends
+        .split(|c: char| c == ',' || c == '|' || c.is_whitespace())
+        .filter_map(|word| word.strip_prefix("linux-image-"))
+        .map(str::to_string)
+        .find(|rel| Path::new("/boot").join(format!("vmlinuz-{rel}")).is_file())
 }
 
 fn version_key(s: &str) -> Vec<u64> {
@@ -980,11 +1017,24 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
             path.display()
         )
     })?;
-    let tmp = std::env::temp_dir().join(format!("lbd-vm-module-{}.ko", std::process::id()));
-    decompress(&tool_path, args, &data, &tmp)?;
-    let out = fs::read(&tmp)?;
-    let _ = fs::remove_file(&tmp);
-    Ok(out)
+    // Through a pipe: no file to leave behind, or to find planted in a shared directory.
+    let mut child = Command::new(&tool_path)
+        .args(*args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("running {}", tool_path.display()))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data); // EPIPE when the tool stops early is fine
+    });
+    let out = child.wait_with_output()?;
+    let _ = writer.join();
+    if !out.status.success() {
+        bail!("{} {} failed on {}: {}", tool_path.display(), args.join(" "), path.display(), out.status);
+    }
+    Ok(out.stdout)
 }
 
 /// `foo-bar.ko.xz` -> `foo_bar` (module names treat `-` and `_` alike).

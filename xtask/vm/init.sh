@@ -16,6 +16,7 @@ die() {
     echo "lbd-vm: FATAL: $*"
     poweroff -f
     sleep 10
+    exit 1 # PID 1 exiting panics the kernel, which the host reports
 }
 
 mount -t proc proc /proc || die "mount /proc"
@@ -29,9 +30,9 @@ done
 # The 9p transport binds to the virtio-9p PCI devices asynchronously-ish: retry for up to 5 s.
 mount9p() { # tag dir opts
     i=0
-    until mount -t 9p -o "trans=virtio,version=9p2000.L,msize=512000,$3" "$1" "$2" 2>/dev/null; do
+    until err=$(mount -t 9p -o "trans=virtio,version=9p2000.L,msize=512000,$3" "$1" "$2" 2>&1); do
         i=$((i + 1))
-        [ "$i" -ge 50 ] && die "cannot mount 9p tag $1 on $2"
+        [ "$i" -ge 50 ] && die "cannot mount 9p tag $1 on $2: $err"
         sleep 0.1
     done
 }
