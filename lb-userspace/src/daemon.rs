@@ -838,6 +838,8 @@ impl Controller {
                             interface: self.config.director.interface.clone(),
                             slots: st.slots,
                             share_percent: st.slots.map(|s| (s as f64 * 1000.0 / table).round() / 10.0),
+                            active_conns: st.connections.map(|c| c.0),
+                            inactive_conns: st.connections.map(|c| c.1),
                             traffic: traffic(st.traffic),
                             health: None,
                         }
@@ -880,6 +882,8 @@ impl Controller {
                                 interface: self.iface_of(&rs.interface).to_string(),
                                 slots: st.slots,
                                 share_percent: st.slots.map(|s| (s as f64 * 1000.0 / table).round() / 10.0),
+                                active_conns: st.connections.map(|c| c.0),
+                                inactive_conns: st.connections.map(|c| c.1),
                                 traffic: traffic(st.traffic),
                                 health,
                             }

@@ -142,6 +142,9 @@ pub struct BackendStats {
     pub traffic: Traffic,
     /// Lookup-table slots held (XDP); `None` where the dataplane has no table.
     pub slots: Option<u32>,
+    /// IPVS's ActiveConn and InActConn (`ipvsadm -Ln`); `None` with XDP, whose connection table
+    /// keeps no TCP state.
+    pub connections: Option<(u64, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]

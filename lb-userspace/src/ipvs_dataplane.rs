@@ -456,7 +456,13 @@ impl<K: IpvsOps> Dataplane for IpvsDataplane<K> {
                     IpAddr::V4(a) => format!("{a}:{}", d.port),
                     IpAddr::V6(a) => format!("[{a}]:{}", d.port),
                 };
-                out.backends.insert((*vip, key), BackendStats { traffic: traffic(&d.stats), slots: None });
+                out.backends.insert(
+                    (*vip, key),
+                    BackendStats {
+                        traffic: traffic(&d.stats),
+                        slots: None,
+                        connections: Some((u64::from(d.active_conns), u64::from(d.inactive_conns))),
+                    });
             }
         }
         Ok(out)

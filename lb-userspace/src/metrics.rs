@@ -89,10 +89,15 @@ fn plain(code: StatusCode, body: String) -> HttpResponse<Full<Bytes>> {
 /// The metrics of `status`, in the Prometheus text format.
 pub fn render(status: &Status) -> String {
     let mut m = Metrics::default();
-    m.family("lbd_info", "gauge", "lbd's version and dataplane (always 1).");
+    m.family("lbd_info", "gauge", "lbd's version, dataplane and XDP mode (always 1; xdp_mode \"generic\" is the slow one).");
     m.sample(
         "lbd_info",
-        &[("version", &status.version), ("dataplane", &status.dataplane), ("interface", &status.interface)],
+        &[
+            ("version", &status.version),
+            ("dataplane", &status.dataplane),
+            ("interface", &status.interface),
+            ("xdp_mode", status.xdp_mode.as_deref().unwrap_or("")),
+        ],
         1,
     );
     m.family("lbd_dataplane_ok", "gauge", "Whether the dataplane forwards (0: it says it does not, and `lbd status` says why).");
@@ -169,6 +174,18 @@ pub fn render(status: &Status) -> String {
     for (l, rs, _) in &rss {
         if let Some(slots) = rs.slots {
             m.sample("lbd_real_server_slots", &refs(l), slots as u64);
+        }
+    }
+    let ipvs_connections = [
+        ("lbd_real_server_active_connections", "IPVS mode: the real server's active connections (ipvsadm's ActiveConn).", true),
+        ("lbd_real_server_inactive_connections", "IPVS mode: the real server's other connections (ipvsadm's InActConn).", false),
+    ];
+    for (name, help, active) in ipvs_connections {
+        m.family(name, "gauge", help);
+        for (l, rs, _) in &rss {
+            if let Some(n) = if active { rs.active_conns } else { rs.inactive_conns } {
+                m.sample(name, &refs(l), n);
+            }
         }
     }
 
@@ -498,7 +515,24 @@ mod tests {
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
         let mut s = status();
         s.version = "1.0 \"dev\"".into();
-        assert!(render(&s).contains("lbd_info{version=\"1.0 \\\"dev\\\"\",dataplane=\"xdp\",interface=\"eth0\"} 1"));
+        assert!(render(&s).contains("lbd_info{version=\"1.0 \\\"dev\\\"\",dataplane=\"xdp\",interface=\"eth0\",xdp_mode=\"\"} 1"));
+    }
+
+    /// IPVS mode: ipvsadm's ActiveConn and InActConn per real server, and the XDP mode in
+    /// `lbd_info` where there is one.
+    #[test]
+    fn ipvs_connections_and_the_xdp_mode() {
+        let mut s = status();
+        s.xdp_mode = Some("generic".into());
+        assert!(render(&s).contains("dataplane=\"xdp\",interface=\"eth0\",xdp_mode=\"generic\"} 1"));
+        assert!(!render(&s).contains("lbd_real_server_active_connections{"), "no samples in XDP mode");
+        s.dataplane = "ipvs".into();
+        let rs = &mut s.virtual_servers[0].real_servers[0];
+        (rs.active_conns, rs.inactive_conns) = (Some(4), Some(17));
+        let text = render(&s);
+        let label = "{virtual_server=\"10.0.0.100:80\",protocol=\"tcp\",real_server=\"10.0.0.1:80\"}";
+        assert!(text.contains(&format!("lbd_real_server_active_connections{label} 4\n")), "{text}");
+        assert!(text.contains(&format!("lbd_real_server_inactive_connections{label} 17\n")), "{text}");
     }
 
     /// The IPv4 and the IPv6 virtual server of one firewall mark are two series, not one twice.

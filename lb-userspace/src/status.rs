@@ -93,6 +93,11 @@ pub struct RealServerStatus {
     /// Lookup-table slots held, and their share of the table in percent.
     pub slots: Option<u32>,
     pub share_percent: Option<f64>,
+    /// IPVS mode: its ActiveConn and InActConn as `ipvsadm -Ln` shows them (null with XDP).
+    #[serde(default)]
+    pub active_conns: Option<u64>,
+    #[serde(default)]
+    pub inactive_conns: Option<u64>,
     pub traffic: TrafficStatus,
     /// Its health check, if it has one.
     #[serde(default)]
@@ -118,12 +123,12 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-/// `addr:port`, IPv6 in brackets, as `lbd status` (and the metrics' labels) name endpoints.
 /// `n` things for people: "1 real server", "2 real servers".
 pub fn count(n: usize, what: &str) -> String {
     format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
+/// `addr:port`, IPv6 in brackets, as `lbd status` (and the metrics' labels) name endpoints.
 pub fn host_port(addr: &str, port: u16) -> String {
     if addr.contains(':') { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") }
 }
@@ -159,7 +164,10 @@ fn check_line(check: &HealthStatus) -> String {
     line
 }
 
-/// Text for people: one header, then a block per virtual server, like `ipvsadm -Ln --stats`.
+/// Text for people: one header, then a block per virtual server, like `ipvsadm -Ln --stats`:
+/// columns as wide as their widest value (a long IPv6 address moves them all, never one line),
+/// and the virtual servers' counters under the real servers'. In IPVS mode a real server shows
+/// IPVS's ActiveConn and InActConn where XDP shows its MAC and table share.
 pub fn render(status: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -174,66 +182,61 @@ pub fn render(status: &Status) -> String {
     if let Some(problem) = &status.problem {
         let _ = writeln!(out, "PROBLEM: {problem}");
     }
-    if status.dataplane == "xdp" {
+    let xdp = status.dataplane == "xdp";
+    if xdp {
         let _ = writeln!(out, "Lookup table {} slots per VIP, {} tracked connections", status.table_size, status.conntrack_entries);
     } else {
         let _ = writeln!(out, "{} connections", status.conntrack_entries);
     }
-    let _ = writeln!(
-        out,
-        "{:<5}{:<32}{:<11}{:>10}{:>12}{:>14}",
-        "Prot", "LocalAddress:Port", "Scheduler", "Conns", "InPkts", "InBytes"
-    );
-    let _ = writeln!(
-        out,
-        "  -> {:<29}{:<19}{:>7} {:<11}{:>7}{:>10}{:>12}{:>14}",
-        "RemoteAddress:Port", "MAC", "Weight", "State", "Share", "Conns", "InPkts", "InBytes"
+
+    // A real server's middle columns: heading and right alignment.
+    let middle: &[(&str, bool)] = match xdp {
+        true => &[("MAC", false), ("Weight", true), ("State", false), ("Share", true)],
+        false => &[("Weight", true), ("State", false), ("ActiveConn", true), ("InActConn", true)],
+    };
+    let counters = |t: &TrafficStatus| [t.conns.to_string(), t.packets.to_string(), t.bytes.to_string()];
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    let mut table = Table::new(middle);
+    table.head(
+        "Prot LocalAddress:Port",
+        "Scheduler",
+        "  -> RemoteAddress:Port",
+        middle.iter().map(|(h, _)| h.to_string()).collect(),
+        ["Conns", "InPkts", "InBytes"].map(String::from),
     );
     for vs in &status.virtual_servers {
         let sched = if vs.enabled { vs.scheduler.clone() } else { format!("{} (off)", vs.scheduler) };
-        let quorum = if vs.quorum { "" } else { "  quorum lost" };
         // ipvsadm's way: `FWM  5`, `FWM  5 IPv6`.
         let (prot, local) = match vs.fwmark {
             Some(mark) if vs.address.contains(':') => ("FWM".to_string(), format!("{mark} IPv6")),
             Some(mark) => ("FWM".to_string(), mark.to_string()),
             None => (vs.protocol.to_uppercase(), host_port(&vs.address, vs.port)),
         };
-        let _ = writeln!(
-            out,
-            "{}{}{}{}{}{}{quorum}",
-            left(&prot, 5),
-            left(&local, 32),
-            left(&sched, 11),
-            right(vs.traffic.conns, 10),
-            right(vs.traffic.packets, 12),
-            right(vs.traffic.bytes, 14)
-        );
+        let quorum = if vs.quorum { "" } else { "  quorum lost" };
+        table.virtual_server(format!("{prot:<5}{local}"), sched, counters(&vs.traffic), quorum);
         let sorry = vs.sorry_server.iter().map(|s| (s, " (sorry server)"));
         for (rs, note) in vs.real_servers.iter().map(|r| (r, "")).chain(sorry) {
-            let share = rs.share_percent.map_or("-".to_string(), |p| format!("{p:.1}%"));
-            let _ = writeln!(
-                out,
-                "  -> {}{}{} {}{}{}{}{}",
-                left(&host_port(&rs.address, rs.port), 29),
-                left(rs.mac.as_deref().unwrap_or("-"), 19),
-                right(rs.weight, 7),
-                left(&rs.state, 11),
-                right(share, 7),
-                right(rs.traffic.conns, 10),
-                right(rs.traffic.packets, 12),
-                right(rs.traffic.bytes, 14)
-            );
-            if !note.is_empty() {
-                out.truncate(out.trim_end().len());
-                let _ = writeln!(out, "{note}");
-            }
-            if let Some(h) = &rs.health {
-                let _ = writeln!(out, "       {}", check_line(h));
-            }
+            // A drain holds whatever the check says: `down (drained)` comes back drained.
+            let state = match rs.drained && rs.state != "drained" {
+                true => format!("{} (drained)", rs.state),
+                false => rs.state.clone(),
+            };
+            let cells = match xdp {
+                true => vec![
+                    rs.mac.clone().unwrap_or_else(|| "-".into()),
+                    rs.weight.to_string(),
+                    state,
+                    rs.share_percent.map_or("-".to_string(), |p| format!("{p:.1}%")),
+                ],
+                false => vec![rs.weight.to_string(), state, opt(rs.active_conns), opt(rs.inactive_conns)],
+            };
+            let check = rs.health.as_ref().map(check_line);
+            table.real_server(format!("  -> {}", host_port(&rs.address, rs.port)), cells, counters(&rs.traffic), note, check);
         }
     }
+    out += &table.render();
     // IPVS counts no packets by reason.
-    if status.dataplane == "xdp" {
+    if xdp {
         let active: Vec<String> = status
             .reasons
             .iter()
@@ -250,24 +253,102 @@ pub fn render(status: &Status) -> String {
     out
 }
 
-/// `value` left-aligned in a column of `width`, and followed by a space if it fills it: a long
-/// IPv6 address or a long scheduler name must not run into the next column.
-fn left(value: &str, width: usize) -> String {
-    if value.len() >= width {
-        format!("{value} ")
-    } else {
-        format!("{value:<width$}")
-    }
+/// One line of [`Table`].
+enum Row {
+    /// First column, scheduler, counters, note after them.
+    Vs(String, String, [String; 3], &'static str),
+    /// First column, middle cells, counters, note after them, check line under it.
+    Rs(String, Vec<String>, [String; 3], &'static str, Option<String>),
 }
 
-/// `value` right-aligned in a column of `width`, after a space if it fills it (a byte count of
-/// 14 digits must not join the packet count before it).
-fn right(value: impl std::fmt::Display, width: usize) -> String {
-    let value = value.to_string();
-    if value.len() >= width {
-        format!(" {value}")
-    } else {
-        format!("{value:>width$}")
+/// `lbd status`'s virtual and real server lines, laid out once every value is known.
+struct Table {
+    middle: &'static [(&'static str, bool)],
+    rows: Vec<Row>,
+}
+
+impl Table {
+    /// The narrowest the counters are, as `ipvsadm --stats` prints them.
+    const COUNTER_WIDTHS: [usize; 3] = [10, 12, 14];
+    /// The narrowest the first column is: an IPv4 real server with its port fits.
+    const FIRST_WIDTH: usize = 33;
+
+    /// The narrowest a middle column is: what it usually holds fits, so that a state changing
+    /// from `up` to `unresolved` does not move the columns after it between two looks.
+    fn min_width(heading: &str) -> usize {
+        match heading {
+            "MAC" => 17,
+            "State" => 10,
+            "Share" => 6,
+            other => other.len(),
+        }
+    }
+
+    fn new(middle: &'static [(&'static str, bool)]) -> Self {
+        Table { middle, rows: Vec::new() }
+    }
+
+    fn head(&mut self, vs_first: &str, sched: &str, rs_first: &str, middle: Vec<String>, counters: [String; 3]) {
+        self.rows.push(Row::Vs(vs_first.into(), sched.into(), counters.clone(), ""));
+        self.rows.push(Row::Rs(rs_first.into(), middle, counters, "", None));
+    }
+
+    fn virtual_server(&mut self, first: String, sched: String, counters: [String; 3], note: &'static str) {
+        self.rows.push(Row::Vs(first, sched, counters, note));
+    }
+
+    fn real_server(&mut self, first: String, cells: Vec<String>, counters: [String; 3], note: &'static str, check: Option<String>) {
+        self.rows.push(Row::Rs(first, cells, counters, note, check));
+    }
+
+    fn render(&self) -> String {
+        let firsts = self.rows.iter().map(|r| match r {
+            Row::Vs(f, ..) | Row::Rs(f, ..) => f.len(),
+        });
+        let first_width = firsts.max().unwrap_or(0).max(Self::FIRST_WIDTH) + 1;
+        let mut cell_widths: Vec<usize> = self.middle.iter().map(|(h, _)| Self::min_width(h)).collect();
+        let mut counter_widths = Self::COUNTER_WIDTHS;
+        let mut sched_width = 0;
+        for row in &self.rows {
+            let counters = match row {
+                Row::Vs(_, sched, counters, _) => {
+                    sched_width = sched_width.max(sched.len() + 1);
+                    counters
+                }
+                Row::Rs(_, cells, counters, ..) => {
+                    for (w, c) in cell_widths.iter_mut().zip(cells) {
+                        *w = (*w).max(c.len());
+                    }
+                    counters
+                }
+            };
+            for (w, c) in counter_widths.iter_mut().zip(counters) {
+                *w = (*w).max(c.len() + 1);
+            }
+        }
+        let middle_width = (cell_widths.iter().sum::<usize>() + cell_widths.len()).max(sched_width);
+        let mut out = String::new();
+        for row in &self.rows {
+            let (first, middle, counters, note) = match row {
+                Row::Vs(first, sched, counters, note) => (first, sched.clone(), counters, *note),
+                Row::Rs(first, cells, counters, note, _) => {
+                    let cells = cells.iter().zip(&cell_widths).zip(self.middle).map(|((c, &w), (_, right))| match right {
+                        true => format!("{c:>w$}"),
+                        false => format!("{c:<w$}"),
+                    });
+                    (first, cells.collect::<Vec<_>>().join(" "), counters, *note)
+                }
+            };
+            let mut line = format!("{first:<first_width$}{middle:<middle_width$}");
+            for (c, &w) in counters.iter().zip(&counter_widths) {
+                let _ = write!(line, "{c:>w$}");
+            }
+            let _ = writeln!(out, "{}{note}", line.trim_end());
+            if let Row::Rs(.., Some(check)) = row {
+                let _ = writeln!(out, "       {check}");
+            }
+        }
+        out
     }
 }
 
@@ -309,6 +390,8 @@ mod tests {
                     interface: "eth0".into(),
                     slots: Some(65537),
                     share_percent: Some(100.0),
+                    active_conns: None,
+                    inactive_conns: None,
                     traffic: TrafficStatus { conns: 3, packets: 20, bytes: 2000 },
                     health: None,
                 }],
@@ -343,6 +426,47 @@ mod tests {
         assert!(!text.contains("Fast path"), "{text}");
     }
 
+    /// IPVS mode shows ipvsadm's ActiveConn and InActConn where XDP has a MAC and a table share,
+    /// and a drain held under a failed check says so.
+    #[test]
+    fn ipvs_shows_active_and_inactive_connections_and_drains_under_a_failure() {
+        let rs = |address: &str, state: &str, drained: bool, conns: (u64, u64)| RealServerStatus {
+            address: address.into(),
+            port: 80,
+            weight: u32::from(state == "up"),
+            state: state.into(),
+            drained,
+            active_conns: Some(conns.0),
+            inactive_conns: Some(conns.1),
+            ..Default::default()
+        };
+        let status = Status {
+            dataplane: "ipvs".into(),
+            virtual_servers: vec![VirtualServerStatus {
+                address: "10.99.0.100".into(),
+                port: 80,
+                protocol: "tcp".into(),
+                scheduler: "wlc".into(),
+                enabled: true,
+                quorum: true,
+                real_servers: vec![rs("10.99.0.11", "up", false, (12, 340)), rs("10.99.0.12", "down", true, (0, 2))],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = render(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            words(lines[3]),
+            ["->", "RemoteAddress:Port", "Weight", "State", "ActiveConn", "InActConn", "Conns", "InPkts", "InBytes"]
+        );
+        assert_eq!(words(lines[5]), ["->", "10.99.0.11:80", "1", "up", "12", "340", "0", "0", "0"]);
+        assert_eq!(words(lines[6]), ["->", "10.99.0.12:80", "0", "down", "(drained)", "0", "2", "0", "0", "0"]);
+        assert_eq!(lines[3].find("InActConn").map(|i| i + "InActConn".len()), lines[5].find("340").map(|i| i + 3));
+        assert!(!text.contains("Fast path"), "{text}");
+    }
+
     /// Values wider than their column (a long IPv6 real server, 14-digit byte counts, a disabled
     /// service's scheduler) stay apart from the next column, and every other line keeps its layout.
     #[test]
@@ -357,6 +481,8 @@ mod tests {
             interface: "eth0".into(),
             slots: None,
             share_percent: Some(50.0),
+            active_conns: None,
+            inactive_conns: None,
             traffic,
             health: None,
         };
@@ -391,7 +517,10 @@ mod tests {
             words(lines[5]),
             ["->", "[2001:db8:85a3:8d3:1319:8a2e:370:7349]:80", "02:00:00:00:00:0b", "1", "up", "50.0%", "7", "9000000000", "13500000000000"]
         );
-        // A real server that fits keeps the columns of the header.
-        assert_eq!(lines[6], format!("  -> {:<29}{:<19}{:>7} {:<11}{:>7}{:>10}{:>12}{:>14}", "10.99.0.12:80", "02:00:00:00:00:0b", 1, "up", "50.0%", 1, 2, 3));
+        // Every line keeps the same columns: the long address widens the first for all of them.
+        assert!(lines[2..=6].iter().all(|l| l.len() == lines[2].len()), "{text}");
+        assert_eq!(lines[5].find("02:00"), lines[6].find("02:00"), "{text}");
+        assert_eq!(lines[3].find("MAC"), lines[6].find("02:00"), "{text}");
+        assert_eq!(lines[2].find("Scheduler"), lines[4].find("maglev (off)"), "{text}");
     }
 }

@@ -1633,7 +1633,7 @@ impl XdpDataplane {
                 let c = counted(b.id);
                 total.add(&c);
                 let slots = slots.get(b.id as usize).copied().unwrap_or(0);
-                out.backends.insert(key, BackendStats { traffic: traffic(c), slots: Some(slots) });
+                out.backends.insert(key, BackendStats { traffic: traffic(c), slots: Some(slots), connections: None });
             }
             out.vips.insert(*vip, traffic(total));
         }

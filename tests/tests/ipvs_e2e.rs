@@ -120,6 +120,14 @@ fn dsr_drain_restart() -> Result<()> {
     // Drain: weight 0 in IPVS, the open connection stays, new ones avoid the backend.
     let (conn, owner) = open_connection(&rig)?;
     let idx = (0..3).find(|&i| backend_name(i) == owner).context("a backend name")?;
+    // `lbd status` shows IPVS's ActiveConn of the connection's real server, as ipvsadm -Ln does.
+    let st = rig.status()?;
+    let owner_rs = st["virtual_servers"][0]["real_servers"]
+        .as_array()
+        .and_then(|rss| rss.iter().find(|rs| rs["address"] == backend_v4(idx).to_string()))
+        .context("the owner in lbd status")?
+        .clone();
+    assert!(owner_rs["active_conns"].as_u64() >= Some(1), "{owner_rs}");
     let sock = rig.socket.display().to_string();
     let backend = backend_v4(idx).to_string();
     let (code, _, err) = rig.lbd_cli(&["backend", "drain", "10.99.0.100:80", &backend, "--socket", &sock])?;
