@@ -1185,11 +1185,13 @@ fn retire_ipvs_services(control_socket: &Path) {
     match IpvsDataplane::retire(state_file.clone()) {
         Ok(deleted) if deleted.is_empty() => {}
         Ok(deleted) => warn!(
-            "deleted the IPVS services an earlier lbd in IPVS mode created ({}): IPVS would forward what the fast              path passes to the kernel; their connections now go where the fast path sends them",
+            "deleted the IPVS services an earlier lbd in IPVS mode created ({}): IPVS would forward what the fast \
+             path passes to the kernel; their connections now go where the fast path sends them",
             deleted.join(", ")
         ),
         Err(e) => error!(
-            "the IPVS services an earlier lbd in IPVS mode created (listed in {}) could not be deleted ({e}); IPVS              would forward what the fast path passes to the kernel: delete them with ipvsadm -D",
+            "the IPVS services an earlier lbd in IPVS mode created (listed in {}) could not be deleted ({e}); IPVS \
+             would forward what the fast path passes to the kernel: delete them with ipvsadm -D",
             state_file.display()
         ),
     }

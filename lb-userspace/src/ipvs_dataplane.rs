@@ -358,8 +358,9 @@ impl<K: IpvsOps> IpvsDataplane<K> {
     /// [`IpvsDataplane::retire`] once connected.
     fn retire_owned(&mut self) -> Result<Vec<String>, DataplaneError> {
         let kernel = self.client.services().map_err(kernel_error)?;
-        let deleted = kernel.iter().filter(|s| self.owned.contains(&s.key)).map(|s| s.key.to_string().split_whitespace().collect::<Vec<_>>().join(" "))
-            .collect();
+        // `TCP  10.0.0.1:80` as one log line has it: `TCP 10.0.0.1:80`.
+        let name = |key: &ServiceKey| key.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        let deleted = kernel.iter().filter(|s| self.owned.contains(&s.key)).map(|s| name(&s.key)).collect();
         self.apply(&[])?;
         remove_state_file(&self.state_file)?;
         Ok(deleted)
@@ -456,13 +457,8 @@ impl<K: IpvsOps> Dataplane for IpvsDataplane<K> {
                     IpAddr::V4(a) => format!("{a}:{}", d.port),
                     IpAddr::V6(a) => format!("[{a}]:{}", d.port),
                 };
-                out.backends.insert(
-                    (*vip, key),
-                    BackendStats {
-                        traffic: traffic(&d.stats),
-                        slots: None,
-                        connections: Some((u64::from(d.active_conns), u64::from(d.inactive_conns))),
-                    });
+                let connections = Some((u64::from(d.active_conns), u64::from(d.inactive_conns)));
+                out.backends.insert((*vip, key), BackendStats { traffic: traffic(&d.stats), slots: None, connections });
             }
         }
         Ok(out)
