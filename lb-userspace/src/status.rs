@@ -196,7 +196,7 @@ pub fn render(status: &Status) -> String {
     };
     let counters = |t: &TrafficStatus| [t.conns.to_string(), t.packets.to_string(), t.bytes.to_string()];
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-    let mut table = Table::new(middle);
+    let mut table = Table { middle, rows: Vec::new() };
     table.head(
         "Prot LocalAddress:Port",
         "Scheduler",
@@ -213,7 +213,7 @@ pub fn render(status: &Status) -> String {
             None => (vs.protocol.to_uppercase(), host_port(&vs.address, vs.port)),
         };
         let quorum = if vs.quorum { "" } else { "  quorum lost" };
-        table.virtual_server(format!("{prot:<5}{local}"), sched, counters(&vs.traffic), quorum);
+        table.rows.push(Row::Vs(format!("{prot:<5}{local}"), sched, counters(&vs.traffic), quorum));
         let sorry = vs.sorry_server.iter().map(|s| (s, " (sorry server)"));
         for (rs, note) in vs.real_servers.iter().map(|r| (r, "")).chain(sorry) {
             // A drain holds whatever the check says: `down (drained)` comes back drained.
@@ -231,7 +231,8 @@ pub fn render(status: &Status) -> String {
                 false => vec![rs.weight.to_string(), state, opt(rs.active_conns), opt(rs.inactive_conns)],
             };
             let check = rs.health.as_ref().map(check_line);
-            table.real_server(format!("  -> {}", host_port(&rs.address, rs.port)), cells, counters(&rs.traffic), note, check);
+            let first = format!("  -> {}", host_port(&rs.address, rs.port));
+            table.rows.push(Row::Rs(first, cells, counters(&rs.traffic), note, check));
         }
     }
     out += &table.render();
@@ -284,21 +285,9 @@ impl Table {
         }
     }
 
-    fn new(middle: &'static [(&'static str, bool)]) -> Self {
-        Table { middle, rows: Vec::new() }
-    }
-
     fn head(&mut self, vs_first: &str, sched: &str, rs_first: &str, middle: Vec<String>, counters: [String; 3]) {
         self.rows.push(Row::Vs(vs_first.into(), sched.into(), counters.clone(), ""));
         self.rows.push(Row::Rs(rs_first.into(), middle, counters, "", None));
-    }
-
-    fn virtual_server(&mut self, first: String, sched: String, counters: [String; 3], note: &'static str) {
-        self.rows.push(Row::Vs(first, sched, counters, note));
-    }
-
-    fn real_server(&mut self, first: String, cells: Vec<String>, counters: [String; 3], note: &'static str, check: Option<String>) {
-        self.rows.push(Row::Rs(first, cells, counters, note, check));
     }
 
     fn render(&self) -> String {
@@ -476,15 +465,11 @@ mod tests {
             port: 80,
             weight: 1,
             state: "up".into(),
-            drained: false,
             mac: Some("02:00:00:00:00:0b".into()),
             interface: "eth0".into(),
-            slots: None,
             share_percent: Some(50.0),
-            active_conns: None,
-            inactive_conns: None,
             traffic,
-            health: None,
+            ..Default::default()
         };
         let big = TrafficStatus { conns: 7, packets: 9_000_000_000, bytes: 13_500_000_000_000 };
         let status = Status {

@@ -762,6 +762,9 @@ fn find_kernel() -> Result<Kernel> {
             .join("modules.dep")
             .is_file()
     };
+    // The kernel Debian's linux-image-amd64 stands for (not a backports, rt or cloud one
+    // installed beside it), else the newest plain -amd64 one.
+    let metapackage = metapackage_kernel().filter(|rel| has_modules(rel));
     let release = match std::env::var("LBD_VM_KERNEL") {
         Ok(rel) if !rel.is_empty() => {
             if !Path::new("/boot").join(format!("vmlinuz-{rel}")).is_file() || !has_modules(&rel) {
@@ -769,9 +772,7 @@ fn find_kernel() -> Result<Kernel> {
             }
             rel
         }
-        // The kernel Debian's linux-image-amd64 stands for (not a backports, rt or cloud one
-        // installed beside it), else the newest plain -amd64 one.
-        _ if metapackage_kernel().is_some_and(|rel| has_modules(&rel)) => metapackage_kernel().expect("checked"),
+        _ if metapackage.is_some() => metapackage.expect("checked"),
         _ => {
             let mut rels: Vec<String> = fs::read_dir("/boot")
                 .map(|rd| {
