@@ -97,7 +97,7 @@ pub fn builds(p: &Params, progress: &mut Progress) -> Result<Vec<BuildTime>> {
     for &m in &p.sizes {
         let maglev = Maglev::new(m).with_context(|| format!("table size {m}"))?;
         for &n in &p.backends {
-            progress.step(&format!("control: Maglev build, M = {m}, N = {n} (weighted)"));
+            progress.step(&format!("control: Maglev build, M = {m}, N = {n} (weighted)"))?;
             let backends = members(n);
             let rounds = if m > 100_000 { p.rounds_big } else { p.rounds };
             // One untimed build first (page faults of the first allocation of this size).
@@ -165,7 +165,7 @@ pub fn paper_builds(p: &Params, m: u32, progress: &mut Progress) -> Result<Vec<P
     let one_thread = maglev.clone().with_threads(1);
     let mut out = Vec::new();
     for &n in &p.backends {
-        progress.step(&format!("control: Maglev build against the paper's loop, M = {m}, N = {n}"));
+        progress.step(&format!("control: Maglev build against the paper's loop, M = {m}, N = {n}"))?;
         let backends: Vec<MaglevBackend> =
             members(n).into_iter().map(|b| MaglevBackend { weight: 1, ..b }).collect();
         let keys: Vec<String> = backends.iter().map(|b| b.key.clone()).collect();
@@ -241,7 +241,7 @@ pub fn applies(p: &Params, progress: &mut Progress) -> Result<Vec<ApplyTime>> {
     for &vips in &p.apply_vips {
         progress.step(&format!(
             "control: apply, {vips} VIPs × {n} backends, first install and backend changes"
-        ));
+        ))?;
         let mut dp = fastpath::load(n, vips, 65536)?;
         let full = fastpath::tcp_services(n, vips);
         let t = Instant::now();

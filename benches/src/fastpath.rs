@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use anyhow::{bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::reason;
-use lb_tests::packets::{tcp4_ack, tcp4_syn, tcp6_syn, udp4, Flow4, Flow6};
+use lb_tests::packets::{tcp4_ack, tcp4_syn, tcp6_ack, tcp6_syn, udp4, Flow4, Flow6};
 use lb_userspace::{
     config::Protocol,
     dataplane::{BackendSpec, Dataplane, ServiceSpec, VipAddr},
@@ -155,7 +155,39 @@ pub struct CaseResult {
     pub ns: Summary,
     /// Median `XDP_TX` floor of the same setup.
     pub floor_ns: f64,
+    /// The `XDP_TX` floor of each round, measured beside the case: `floor_ns` is their median.
+    pub floor_rounds_ns: Vec<f64>,
+    /// Varied cases, each round: the wrapper → lbd call and the wrapper → `XDP_TX` call beside it
+    /// (ns per packet, as test_run gave them); `ns` is the round's floor + (raw − wrapper floor).
+    /// Empty for direct cases, whose `ns` samples are test_run's own figures.
+    pub raw_ns: Vec<f64>,
+    pub vary_floor_ns: Vec<f64>,
     pub ratio: f64,
+}
+
+/// One measurement of a case: ns per packet, and for varied cases the two raw figures it is
+/// derived from (wrapper → lbd, wrapper → `XDP_TX`).
+struct Measured {
+    ns: f64,
+    raw: Option<(f64, f64)>,
+}
+
+/// A case's rounds, gathered into its [`CaseResult`] figures.
+#[derive(Default)]
+struct Rounds {
+    ns: Vec<f64>,
+    raw: Vec<f64>,
+    vary_floor: Vec<f64>,
+}
+
+impl Rounds {
+    fn push(&mut self, m: Measured) {
+        self.ns.push(m.ns);
+        if let Some((raw, vfloor)) = m.raw {
+            self.raw.push(raw);
+            self.vary_floor.push(vfloor);
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -271,10 +303,13 @@ impl Bench {
         case: &Case,
         floor: f64,
         round: usize,
-    ) -> Result<f64> {
+    ) -> Result<Measured> {
         let before = reasons.packets()?;
-        let (verdict, ns) = match case.vary {
-            None => run(dp.program(), &case.frame, case.repeat)?,
+        let (verdict, ns, raw) = match case.vary {
+            None => {
+                let (v, ns) = run(dp.program(), &case.frame, case.repeat)?;
+                (v, ns, None)
+            }
             Some((flows, mut base, family)) => {
                 if case.advance {
                     base += round as u32 * case.repeat;
@@ -282,7 +317,7 @@ impl Bench {
                 Self::configure(&mut self.vary_lbd, flows, base, family)?;
                 let (v, ns) = run(self.vary_lbd.prog("bench_vary"), &case.frame, case.repeat)?;
                 let vfloor = self.vary_floor(&case.frame, (flows, base, family), case.repeat)?;
-                (v, floor + (ns - vfloor))
+                (v, floor + (ns - vfloor), Some((ns, vfloor)))
             }
         };
         if verdict != case.verdict {
@@ -299,7 +334,7 @@ impl Bench {
             case.repeat as u64,
             case.label,
         )?;
-        Ok(ns)
+        Ok(Measured { ns, raw })
     }
 }
 
@@ -350,7 +385,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
         progress.step(&format!(
             "test_run: loading lbd with {n} backends × {} VIPs (M = {TABLE_SIZE})",
             vips + 2
-        ));
+        ))?;
         let mut dp = load(n, vips, conntrack)?;
         dp.apply(&services(n, vips)).context("programming the setup")?;
         let info = dp.program().info()?;
@@ -455,7 +490,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
             Case {
                 case: "v6-hit",
                 label: "IPv6 TCP to a VIP, established flow",
-                frame: syn6.clone(),
+                frame: tcp6_ack(f6, b""),
                 verdict: XDP_TX,
                 reason: reason::CONNTRACK_HIT,
                 vary: None,
@@ -497,13 +532,13 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
             }
         }
 
-        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); list.len()];
+        let mut samples: Vec<Rounds> = list.iter().map(|_| Rounds::default()).collect();
         let mut floors = Vec::new();
         progress.step(&format!(
             "test_run: {} cases × {} rounds, {n} backends × {vips} VIPs",
             list.len(),
             p.rounds
-        ));
+        ))?;
         for round in 0..p.rounds {
             // Interleaved: the floor of this round, then each case.
             let floor = floor_once(&mut bench.aux, "bench_tx", &ack, p.repeat)?;
@@ -514,14 +549,12 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
             maps_new_all.push(floor_once(&mut bench.maps, "bench_maps_new", &ack, p.repeat_new)?);
             maps_pcpu_all.push(floor_once(&mut bench.maps, "bench_maps_new_pcpu", &ack, p.repeat_new)?);
             for (i, case) in list.iter().enumerate() {
-                let ns = bench.measure(&mut dp, &reasons, case, floor, round)?;
-                samples[i].push(ns);
+                samples[i].push(bench.measure(&mut dp, &reasons, case, floor, round)?);
             }
         }
         let floor_med = Summary::of(&floors).median;
-        floor_all.extend(floors);
         for (case, s) in list.iter().zip(samples) {
-            let ns = Summary::of(&s);
+            let ns = Summary::of(&s.ns);
             cases.push(CaseResult {
                 case: case.case.to_string(),
                 label: case.label.to_string(),
@@ -534,9 +567,13 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
                 counted_as: reason::NAMES[case.reason as usize].to_string(),
                 ratio: ns.median / floor_med,
                 floor_ns: floor_med,
+                floor_rounds_ns: floors.clone(),
+                raw_ns: s.raw,
+                vary_floor_ns: s.vary_floor,
                 ns,
             });
         }
+        floor_all.extend(floors);
     }
 
     // New flows into a full connection table: every insert replaces an entry, as on a busy director.
@@ -557,7 +594,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
     ] {
         progress.step(&format!(
             "test_run: new flows into a full connection table ({entries} entries)"
-        ));
+        ))?;
         let mut dp = load(n, vips, entries)?;
         dp.apply(&services(n, vips))?;
         let reasons = Reasons::of(&mut dp, &case_vips(vips))?;
@@ -586,7 +623,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
             advance: true,
             repeat: p.repeat_new,
         };
-        let mut s = Vec::new();
+        let mut s = Rounds::default();
         let mut floors = Vec::new();
         for round in 0..p.rounds {
             let floor = floor_once(&mut bench.aux, "bench_tx", &case.frame, p.repeat)?;
@@ -594,8 +631,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
             s.push(bench.measure(&mut dp, &reasons, &case, floor, round)?);
         }
         let floor_med = Summary::of(&floors).median;
-        floor_all.extend(floors);
-        let ns = Summary::of(&s);
+        let ns = Summary::of(&s.ns);
         cases.push(CaseResult {
             case: case.case.into(),
             label: case.label.into(),
@@ -608,8 +644,12 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<FastPath> {
             counted_as: "new-flow".into(),
             ratio: ns.median / floor_med,
             floor_ns: floor_med,
+            floor_rounds_ns: floors.clone(),
+            raw_ns: s.raw,
+            vary_floor_ns: s.vary_floor,
             ns,
         });
+        floor_all.extend(floors);
     }
 
     Ok(FastPath {
@@ -665,12 +705,15 @@ pub fn profile(case: &str, secs: f64, setup: (usize, usize)) -> Result<()> {
             reason::CONNTRACK_HIT,
         ),
         "v6-hit" => (
-            tcp6_syn(Flow6 {
-                src: CLIENT6,
-                dst: VIP6,
-                sport: 40000,
-                dport: 443,
-            }),
+            tcp6_ack(
+                Flow6 {
+                    src: CLIENT6,
+                    dst: VIP6,
+                    sport: 40000,
+                    dport: 443,
+                },
+                b"",
+            ),
             None,
             reason::CONNTRACK_HIT,
         ),

@@ -155,7 +155,7 @@ fn totals(ctl: &Controller) -> (u64, u64) {
 }
 
 fn one(n: usize, p: &Params, progress: &mut Progress) -> Result<HealthRun> {
-    progress.step(&format!("control: health checks of {n} real servers (tcp, every second)"));
+    progress.step(&format!("control: health checks of {n} real servers (tcp, every second)"))?;
     let ns = Netns::new("lbdb-hc")?;
     ns.ip(&["link", "set", "lo", "up"])?;
     let lines: String = (0..n).map(|i| format!("address add {}/32 dev lo\n", alias(i))).collect();

@@ -329,13 +329,18 @@ impl Measured {
     }
 }
 
+/// The sink's count once it stopped growing (the frames in flight arrived); at most 5 s.
 fn wait_quiet(sink: &mut Aux) -> Result<u64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut last = sink.sink()?.0;
     loop {
         std::thread::sleep(Duration::from_millis(20));
         let now = sink.sink()?.0;
         if now == last {
             return Ok(now);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the sink still counted new frames 5 s after the generator stopped ({now})");
         }
         last = now;
     }
@@ -441,7 +446,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<Live> {
         for &flows in &p.flows {
             progress.step(&format!(
                 "live: redirect path, {flows} flows, {size}-byte frames, lbd and redirect-only"
-            ));
+            ))?;
             let pair = measure_pair(&topo, &mut dp, &mut gen, &mut sink, &reasons, "redirect", "bench_redirect", &template, flows, size, p)?;
             let lbd = &pair.lbd;
             if lbd.other_reasons != 0 {
@@ -461,7 +466,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<Live> {
         let flows = p.flows[p.flows.len().min(2) - 1];
         progress.step(&format!(
             "live: XDP_TX path, {flows} flows, {size}-byte frames, lbd and swap-MAC+XDP_TX"
-        ));
+        ))?;
         let services = lbd_services_tx(&topo, 10);
         let dpr = &mut dp;
         in_ns(&topo.dir.name, None, move || dpr.apply(&services))??;

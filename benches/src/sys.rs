@@ -192,7 +192,12 @@ impl Progress {
             start: std::time::Instant::now(),
         }
     }
-    pub fn step(&mut self, what: &str) {
+    /// The next step starts; fails once SIGINT or SIGTERM came, so that the run ends through its
+    /// error paths and what it set up is removed.
+    pub fn step(&mut self, what: &str) -> anyhow::Result<()> {
+        if lb_tests::rig::stopped() {
+            anyhow::bail!("interrupted");
+        }
         self.done += 1;
         self.total = self.total.max(self.done);
         eprintln!(
@@ -201,5 +206,6 @@ impl Progress {
             self.total,
             self.start.elapsed().as_secs_f64()
         );
+        Ok(())
     }
 }

@@ -95,7 +95,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<Tcp> {
     if Command::new("wrk").arg("--version").output().is_err() {
         bail!("wrk is not installed (cargo xtask setup installs it)");
     }
-    progress.step("tcp: rig up (client, director with lbd, 3 nginx backends)");
+    progress.step("tcp: rig up (client, director with lbd, 3 nginx backends)")?;
     let mut rig = Rig::up("lbdbr", 3)?;
     // One VIP whose only real server is backend 1, so both paths reach the same nginx.
     let be1 = IpAddr::V4(rig::backend_v4(0));
@@ -116,7 +116,7 @@ pub fn run_all(p: &Params, progress: &mut Progress) -> Result<Tcp> {
             } else {
                 "keep-alive"
             };
-            progress.step(&format!("tcp: wrk {}s, {kind}, {path}", p.seconds));
+            progress.step(&format!("tcp: wrk {}s, {kind}, {path}", p.seconds))?;
             let out = wrk(&rig, p, &url, close)?;
             let (requests, rps, p50, p90, p99, errors, non2xx) =
                 parse_wrk(&out).with_context(|| format!("parsing wrk's output:\n{out}"))?;

@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use sd_notify::NotifyState;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     signal::unix::{signal, SignalKind},
@@ -1336,6 +1337,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         tokio::spawn(crate::metrics::serve(metrics, ctl_tx.clone()));
     }
     tokio::spawn(accept_loop(listener, ctl_tx));
+    // `Type=notify`: `systemctl start lbd` returns once this is said, and fails if lbd exits first.
+    tell_systemd(&[NotifyState::Ready, NotifyState::Status(&serving(&ctl))]);
 
     let scans = Arc::new(Mutex::new(()));
     loop {
@@ -1364,7 +1367,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 sync_vrrp(&mut ctl, vrrp.as_ref());
             }
             _ = sighup.recv() => {
-                if let Err(e) = reload_all(&mut ctl, &resolver, &mut watched, &mut vrrp).await {
+                if let Err(e) = reload_told(&mut ctl, &resolver, &mut watched, &mut vrrp).await {
                     log_reload_failure(&e);
                 }
                 vrrp_ifaces = vrrp_ifindexes_now(&ctl.config().vrrp);
@@ -1376,7 +1379,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                         continue;
                     }
                     Request::Reload => {
-                        let done = reload_all(&mut ctl, &resolver, &mut watched, &mut vrrp).await;
+                        let done = reload_told(&mut ctl, &resolver, &mut watched, &mut vrrp).await;
                         vrrp_ifaces = vrrp_ifindexes_now(&ctl.config().vrrp);
                         match done {
                             Ok(()) => Response {
@@ -1400,6 +1403,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
+    tell_systemd(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     // Before the dataplane goes: masters send priority 0, so the backup takes over at once.
     stop_vrrp(&mut ctl, &mut vrrp).await;
     // The end of the runtime would kill a `notify_down` or quorum command still running.
@@ -1711,6 +1715,43 @@ struct RollbackFailed {
 
 fn one_line(errors: &[anyhow::Error]) -> String {
     errors.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>().join("; ")
+}
+
+/// Tells systemd (`Type=notify`, `NOTIFY_SOCKET` set) what lbd is doing; nothing without it.
+fn tell_systemd(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        let to = std::env::var("NOTIFY_SOCKET").unwrap_or_default();
+        warn!("cannot tell systemd (NOTIFY_SOCKET={to}): {e}");
+    }
+}
+
+/// The line `systemctl status lbd` shows while lbd serves.
+fn serving(ctl: &Controller) -> String {
+    let vs = &ctl.config().virtual_servers;
+    let rs: usize = vs.iter().map(|v| v.real_servers.len()).sum();
+    format!("serving {} virtual servers, {rs} real servers ({})", vs.len(), ctl.description)
+}
+
+/// [`reload_all`] between systemd's RELOADING=1 and READY=1; a refused reload's message goes into
+/// the status line (`systemctl status lbd`), beside what is still served.
+async fn reload_told(
+    ctl: &mut Controller,
+    resolver: &Resolver,
+    watched: &mut BTreeSet<NeighKeyOrd>,
+    vrrp: &mut Option<Vrrp>,
+) -> anyhow::Result<()> {
+    // systemd takes a RELOADING=1 only with the time it was sent.
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => tell_systemd(&[NotifyState::Reloading, now]),
+        Err(e) => warn!("cannot tell systemd of the reload: reading CLOCK_MONOTONIC: {e}"),
+    }
+    let done = reload_all(ctl, resolver, watched, vrrp).await;
+    let status = match &done {
+        Ok(()) => serving(ctl),
+        Err(e) => format!("{}; reload refused: {}", serving(ctl), format!("{e:#}").lines().next().unwrap_or("")),
+    };
+    tell_systemd(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    done
 }
 
 /// Logs a failed reload, saying what lbd runs now.

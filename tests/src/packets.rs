@@ -109,6 +109,14 @@ pub fn tcp6_syn(f: Flow6) -> Vec<u8> {
     write(b, &[])
 }
 
+pub fn tcp6_ack(f: Flow6, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, DIRECTOR_MAC)
+        .ipv6(f.src.octets(), f.dst.octets(), 64)
+        .tcp(f.sport, f.dport, 1001, 64240)
+        .ack(5000);
+    write(b, payload)
+}
+
 /// TCP SYN behind an 8-byte hop-by-hop options header (a PadN option).
 pub fn tcp6_syn_hop_by_hop(f: Flow6) -> Vec<u8> {
     let mut p = tcp6_syn(f);

@@ -740,14 +740,28 @@ fn summary(label: &str, counts: &BTreeMap<String, usize>) {
 /// (from 20000 up), and the UDP and IPv6 batches take a fifth as many again.
 pub const MAX_REQUESTS: u16 = 20_000;
 
-/// Set by SIGINT or SIGTERM in [`run_interactive`].
+/// Set by SIGINT or SIGTERM (see [`stop_on_signals`]).
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_stop_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-/// Whether [`run_interactive`] was stopped by SIGINT or SIGTERM.
+/// From now on SIGINT and SIGTERM only set [`stopped`], so that what was set up is torn down on
+/// the way out (a signal's default action runs no destructor: namespaces, lbd and nginx stay).
+pub fn stop_on_signals() -> Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    // A handler, not a blocked mask: children inherit the mask, and lbd must see its SIGTERM.
+    // Exec resets handlers, so they get the default action.
+    let action = SigAction::new(SigHandler::Handler(on_stop_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(signal, &action) }?;
+    }
+    Ok(())
+}
+
+/// Whether SIGINT or SIGTERM came since [`stop_on_signals`].
 pub fn stopped() -> bool {
     STOP.load(Ordering::SeqCst)
 }
@@ -794,17 +808,10 @@ fn lock_rig(prefix: &str) -> Result<std::fs::File> {
 /// Everything is torn down on the way out, also when a signal comes during the set-up or the
 /// batch.
 pub fn run_interactive(config: &Path, requests: usize, once: bool) -> Result<()> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     if requests == 0 || requests > usize::from(MAX_REQUESTS) {
         bail!("--requests must be between 1 and {MAX_REQUESTS}, got {requests}");
     }
-    // A handler, not a blocked mask: children inherit the mask, and lbd must see its SIGTERM.
-    // Exec resets handlers, so they get the default action.
-    let action = SigAction::new(SigHandler::Handler(on_stop_signal), SaFlags::SA_RESTART, SigSet::empty());
-    for signal in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { sigaction(signal, &action) }?;
-    }
+    stop_on_signals()?;
     // The rig goes when `cargo xtask run` goes, even by SIGKILL.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };

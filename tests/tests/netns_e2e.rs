@@ -138,6 +138,77 @@ fn bad_reload_is_refused_and_traffic_continues() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `Type=notify` (config/lbd.service): lbd says READY=1 only once its fast path is attached and
+/// its control socket answers (`systemctl start` returns then), RELOADING=1 then READY=1 around
+/// a reload, with a refused reload's message in the status line, and STOPPING=1 at a stop.
+#[test]
+fn systemd_hears_when_lbd_serves_reloads_and_stops() -> anyhow::Result<()> {
+    use std::{sync::mpsc, time::Duration};
+    require_root()?;
+    let mut rig = Rig::up("ltes", 3)?;
+    let path = rig.work.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&path)?;
+    notify.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // Each message, and for the first what is true the moment it arrived: the director's eth0
+    // and `lbd status`'s exit code.
+    let (tx, rx) = mpsc::channel::<(String, Option<(String, i32)>)>();
+    let (ns, sock) = (rig.director.name.clone(), rig.socket.display().to_string());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut first = true;
+        while let Ok(n) = notify.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let seen = first.then(|| {
+                let link = lb_tests::netns::run(&["ip", "-n", &ns, "-d", "link", "show", "eth0"]).unwrap_or_default();
+                let status = rig::lbd_binary().and_then(|bin| Ok(std::process::Command::new(bin).args(["status", "--socket", &sock]).output()?));
+                (link, status.map_or(-1, |s| s.status.code().unwrap_or(-1)))
+            });
+            first = false;
+            if tx.send((msg, seen)).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || rx.recv_timeout(Duration::from_secs(30)).map_err(|_| anyhow::anyhow!("nothing more from lbd on NOTIFY_SOCKET"));
+    rig.start_lbd_with(|cmd| {
+        cmd.env("NOTIFY_SOCKET", &path);
+    })?;
+    let good = std::fs::read_to_string(&rig.config)?;
+    let count = |header: &str| good.lines().filter(|l| *l == header).count();
+    let serving = format!(
+        "STATUS=serving {} virtual servers, {} real servers (native XDP on eth0)",
+        count("[[virtual_server]]"),
+        count("[[virtual_server.real_server]]")
+    );
+
+    let (ready, seen) = next()?;
+    let (link, status) = seen.expect("the first message");
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(ready.contains(&format!("{serving}\n")), "{ready:?}");
+    assert!(link.contains("prog/xdp id "), "READY=1 before the fast path was attached: {link}");
+    assert_eq!(status, 0, "READY=1 before `lbd status` was answered");
+
+    let (code, _, err) = rig.lbd_cli(&["reload", "--socket", &rig.socket.display().to_string()])?;
+    assert_eq!(code, 0, "{err}");
+    let (reloading, _) = next()?;
+    assert!(reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{reloading:?}");
+    let (ready, _) = next()?;
+    assert!(ready.lines().any(|l| l == "READY=1") && !ready.contains("refused"), "{ready:?}");
+
+    let line = good.lines().position(|l| l == "[director]").expect("a [director] table") + 2;
+    std::fs::write(&rig.config, good.replacen("\n[director]\n", "\n[director]\ntabel_size = 5\n", 1))?;
+    rig.lbd_cli(&["reload", "--socket", &rig.socket.display().to_string()])?;
+    assert!(next()?.0.starts_with("RELOADING=1\n"));
+    let (ready, _) = next()?;
+    let refused = format!("{serving}; reload refused: {}:{line}:1: unknown key `tabel_size` in [director]", rig.config.display());
+    assert!(ready.lines().any(|l| l == "READY=1") && ready.contains(&refused), "{ready:?}");
+
+    rig.stop_lbd();
+    let (stopping, _) = next()?;
+    assert_eq!(stopping, "STOPPING=1\nSTATUS=stopping\n");
+    Ok(())
+}
+
 #[test]
 fn traffic_to_the_director_itself_is_untouched() -> anyhow::Result<()> {
     require_root()?;

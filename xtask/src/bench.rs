@@ -14,8 +14,12 @@ pub fn bench(quick: bool) -> Result<()> {
     crate::cargo(&["build", "--release", "-p", "lb-userspace", "-p", "lb-bench"])?;
     let bin = crate::target_dir().join("release/lb-bench");
     let out = crate::target_dir().join("bench");
-    for stale in ["report.md", "report.json"] {
-        let _ = std::fs::remove_file(out.join(stale));
+    // The last run's files: a plot this run does not draw must not pass for one of its own.
+    for entry in std::fs::read_dir(&out).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "report.md" || name == "report.json" || name.ends_with(".png") {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
     let mut cmd = Command::new(&bin);
     cmd.arg("--out").arg(&out).current_dir(crate::root());
