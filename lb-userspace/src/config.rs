@@ -655,8 +655,55 @@ impl Validator<'_> {
                 }
             }
         }
+        // keepalived warns at load too. Not an error: the file may be checked on another machine
+        // than the director it is for.
+        for (at, key, command) in self.commands(raw) {
+            let Some(program) = absolute_program(&command) else { continue };
+            if let Some(problem) = program_problem(program) {
+                warn(at, format!("warning: `{key}` runs {program}, which {problem}: the command will fail"));
+            }
+        }
         out.sort_by_key(|d| (d.line, d.col));
         out.dedup();
+        out
+    }
+
+    /// Every command the file configures, with where it is (the value, or the key in the VRRP
+    /// tables) and its key: health checks' `command`, `quorum_up`/`quorum_down`,
+    /// `notify_up`/`notify_down`, the VRRP notify commands and `[[vrrp_script]] script`.
+    fn commands(&self, raw: &RawConfig) -> Vec<(usize, &'static str, CommandText)> {
+        let mut out = Vec::new();
+        let mut add = |key, command: Option<&Spanned<CommandText>>| {
+            if let Some(c) = command {
+                out.push((c.span().start, key, c.get_ref().clone()));
+            }
+        };
+        for raw_vs in &raw.virtual_server {
+            let raw_vs = raw_vs.get_ref();
+            add("quorum_up", raw_vs.quorum_up.as_ref());
+            add("quorum_down", raw_vs.quorum_down.as_ref());
+            add("command", raw_vs.health_check.as_ref().and_then(|h| h.get_ref().command.as_ref()));
+            for raw_rs in &raw_vs.real_server {
+                let raw_rs = raw_rs.get_ref();
+                add("notify_up", raw_rs.notify_up.as_ref());
+                add("notify_down", raw_rs.notify_down.as_ref());
+                add("command", raw_rs.health_check.as_ref().and_then(|h| h.get_ref().command.as_ref()));
+            }
+        }
+        let text = self.lines.text;
+        let notify = raw.vrrp_instance.iter().map(|t| (t.span(), t.get_ref().notify_fields()));
+        let group_notify = raw.vrrp_sync_group.iter().map(|t| (t.span(), t.get_ref().notify_fields()));
+        for (span, fields) in notify.chain(group_notify) {
+            for (key, command) in fields.commands() {
+                if let Some(line) = command {
+                    out.push((locate_key(text, span.clone(), key), key, CommandText::Shell(line.clone())));
+                }
+            }
+        }
+        for table in &raw.vrrp_script {
+            let at = locate_key(text, table.span(), "script");
+            out.push((at, "script", CommandText::Shell(table.get_ref().script.clone())));
+        }
         out
     }
 
@@ -1385,6 +1432,33 @@ fn mac_address(text: &str) -> Result<[u8; 6], String> {
     }
 }
 
+/// The program `command` runs when the file names it by an absolute path: the first element of
+/// an argument vector, or the first word of a shell line (which may also be a builtin, a
+/// variable, ...: only one starting with `/` is a path for sure).
+fn absolute_program(command: &CommandText) -> Option<&str> {
+    let program = match command {
+        CommandText::Shell(line) => line.split(|c: char| c.is_whitespace() || ";&|<>()".contains(c)).find(|w| !w.is_empty())?,
+        CommandText::Argv(argv) => argv.first()?,
+    };
+    program.starts_with('/').then_some(program)
+}
+
+/// Why `program` cannot run on this machine, if it cannot: missing, not a regular file, or
+/// without any execute bit (which root needs too). An error that only says the user checking
+/// may not look (a directory of root's) says nothing: root, running lbd, may.
+fn program_problem(program: &str) -> Option<&'static str> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(program) {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+            Some("does not exist on this machine")
+        }
+        Err(_) => None,
+        Ok(m) if !m.is_file() => Some("is not a regular file"),
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => Some("is not executable (no x permission bit)"),
+        Ok(_) => None,
+    }
+}
+
 // Messages of toml (syntax) and serde (types, keys), reworded for operators, on one line.
 
 /// What lbd calls a keepalived option an operator moving a keepalived.conf over may type, in a
@@ -1423,6 +1497,10 @@ fn keepalived_hint(key: &str, expected: &[&str]) -> Option<&'static str> {
         "use_vmac" => "is not supported: lbd answers ARP for the VIPs itself, with the interface's MAC",
         "uthreshold" | "lthreshold" => "is not supported: lbd sets no connection thresholds (IPVS: ipvsadm -x/-y)",
         "ha_suspend" => "is not needed: a backup's lbd goes on checking, so a new master starts with current states",
+        "script_user" | "enable_script_security" => {
+            "is not supported: lbd runs notify, check and quorum commands as the user lbd runs as (root under the \
+             shipped unit); a command that should run as another user can switch itself (runuser -u USER -- ...)"
+        }
         "PING_CHECK" | "ICMP_CHECK" | "SMTP_CHECK" | "BFD_CHECK" | "FILE_CHECK" => {
             "has no counterpart: lbd's checks are `kind` = \"tcp\", \"http\", \"https\", \"udp\", \"dns\" or \"script\" (a \
              script can ping)"
@@ -2239,6 +2317,16 @@ address = "10.0.0.4"
         assert!(hint("uthreshold")[0].contains("keepalived's `uthreshold` is not supported: lbd sets no connection thresholds"));
         assert!(hint("ha_suspend")[0].contains("keepalived's `ha_suspend` is not needed"));
         assert!(hint("PING_CHECK")[0].contains("keepalived's `PING_CHECK` has no counterpart"));
+        // keepalived's global_defs: lbd runs every command as the user it runs as.
+        let user = errors(&format!("{DIRECTOR}script_user = \"nobody\"\n"));
+        assert!(
+            user[0].starts_with("t.toml:3:1: unknown key `script_user` in [director]: keepalived's `script_user` is not \
+                                 supported: lbd runs notify, check and quorum commands as the user lbd runs as (root under \
+                                 the shipped unit)"),
+            "{user:?}"
+        );
+        let security = errors(&format!("enable_script_security = true\n{DIRECTOR}"));
+        assert!(security[0].contains("keepalived's `enable_script_security` is not supported: lbd runs"), "{security:?}");
         let dns = errors_after(true, "health_check = { kind = \"dns\", type = \"A\" }\n");
         assert!(dns[0].contains("keepalived's `type` is `query_type`"), "{dns:?}");
         // keepalived's persistence_timeout is a number of seconds.
@@ -2610,6 +2698,86 @@ port = 0
         assert_eq!(parse(&fixed).unwrap().warnings, []);
         // No VRRP: every VIP is this director's, nothing to warn about.
         assert_eq!(parse(fixed.split("[[vrrp_instance]]").next().unwrap()).unwrap().warnings, []);
+    }
+
+    /// keepalived's generic `notify` gets its arguments appended to the line: a line they would
+    /// not reach is refused, at its key, saying why and what to write.
+    #[test]
+    fn a_notify_line_the_arguments_would_not_reach_is_refused() {
+        let vs = "[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\n";
+        let vrrp = |notify: &str| errors(&format!("{DIRECTOR}{VRRP}notify = {notify}\n{vs}"));
+        assert_eq!(
+            vrrp(r#""/etc/lbd/notify.sh &""#),
+            ["t.toml:8:1: `notify` ends in `&`: lbd appends the arguments (INSTANCE or GROUP, name, state, priority) to \
+              the end of the line as \"$@\", so they would not reach the command before it; write a line that ends with \
+              the command taking them, e.g. notify = \"/etc/lbd/notify.sh\", and put anything more in that script"]
+        );
+        for (line, why) in [
+            (r#""/etc/lbd/notify.sh;""#, "ends in `;`"),
+            (r#""logger -t lbd |""#, "ends in `|`"),
+            (r#""/etc/lbd/notify.sh \\""#, "ends in `\\`"),
+            (r#""/etc/lbd/notify.sh # move the address""#, "has a `#` comment: "),
+            ("\"\"\"\n/etc/lbd/a.sh\n/etc/lbd/b.sh\n\"\"\"", "spans several lines: "),
+        ] {
+            let found = vrrp(line);
+            assert!(found.len() == 1 && found[0].starts_with(&format!("t.toml:8:1: `notify` {why}")), "{line}: {found:?}");
+        }
+        // A sync group's too, at its key.
+        let group = errors(&format!(
+            "{DIRECTOR}{VRRP}{}[[vrrp_sync_group]]\nname = \"G\"\ngroup = [\"VI_1\", \"VI_2\"]\nnotify = \"/bin/true &\"\n{vs}",
+            VRRP.replace("VI_1", "VI_2").replace("51", "52").replace("10.0.0.1", "10.0.0.2")
+        ));
+        assert!(group.len() == 1 && group[0].starts_with("t.toml:16:1: `notify` ends in `&`"), "{group:?}");
+
+        // Trailing blanks and newlines are trimmed; a `#` in quotes or inside a word is no
+        // comment; a pipe's last command gets the arguments.
+        for line in [
+            "\"\"\"\n/bin/true\n\"\"\"",
+            r#""/bin/true  ""#,
+            r#""/bin/true '# 1' a#b""#,
+            r#""/bin/true \"x # y\"""#,
+            r#""/bin/true | /bin/cat""#,
+        ] {
+            let config = parse(&format!("{DIRECTOR}{VRRP}notify = {line}\n[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\n"));
+            assert_eq!(config.map(|c| c.warnings).map_err(|e| e.to_string()), Ok(vec![]), "{line}");
+        }
+        // The specific commands get no arguments: they may end as they like.
+        let master = parse(&format!("{DIRECTOR}{VRRP}notify_master = \"/bin/true &\"\n{vs}"));
+        assert!(master.is_ok(), "{master:?}");
+    }
+
+    /// A command whose program (an absolute path) is missing or not executable loads, with a
+    /// warning at the command: the file may be checked on another machine than the director.
+    #[test]
+    fn commands_whose_program_is_missing_are_warned_about() {
+        let text = format!(
+            "{DIRECTOR}[[virtual_server]]\naddress = \"10.0.0.1\"\nport = 80\n\
+             quorum_up = \"/nonexistent/quorum.sh up\"\nquorum_down = [\"/bin/true\"]\n\
+             health_check = {{ kind = \"script\", command = [\"/nonexistent/check\", \"-x\"] }}\n\
+             [[virtual_server.real_server]]\naddress = \"10.0.0.2\"\n\
+             notify_up = \"logger up\"\nnotify_down = \"/etc down\"\n\
+             [[virtual_server.real_server]]\naddress = \"10.0.0.3\"\n\
+             health_check = {{ command = \"/etc/passwd\" }}\n\
+             {VRRP}notify = \"/nonexistent/notify.sh\"\nnotify_master = \"/bin/true\"\n\
+             [[vrrp_script]]\nname = \"chk\"\nscript = \"/nonexistent/chk --quick\"\n"
+        );
+        let warnings: Vec<String> = parse(&text).unwrap().warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            warnings,
+            [
+                "t.toml:6:13: warning: `quorum_up` runs /nonexistent/quorum.sh, which does not exist on this machine: \
+                 the command will fail",
+                "t.toml:8:45: warning: `command` runs /nonexistent/check, which does not exist on this machine: the \
+                 command will fail",
+                "t.toml:12:15: warning: `notify_down` runs /etc, which is not a regular file: the command will fail",
+                "t.toml:15:28: warning: `command` runs /etc/passwd, which is not executable (no x permission bit): the \
+                 command will fail",
+                "t.toml:21:1: warning: `notify` runs /nonexistent/notify.sh, which does not exist on this machine: the \
+                 command will fail",
+                "t.toml:25:1: warning: `script` runs /nonexistent/chk, which does not exist on this machine: the \
+                 command will fail",
+            ]
+        );
     }
 
     #[test]

@@ -645,7 +645,10 @@ impl Controller {
         }) {
             let v = VipAddr::of(vs);
             for rs in &vs.real_servers {
-                known.push(rs_key(rs));
+                // Once each: the TCP and UDP virtual servers of an address list theirs alike.
+                if !known.contains(&rs_key(rs)) {
+                    known.push(rs_key(rs));
+                }
                 if rs.address == addr && port.is_none_or(|p| p == rs.port) {
                     hits.push((v, rs_key(rs)));
                 }
@@ -1284,8 +1287,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // The control socket before anything touches the dataplane: it is how a second `lbd run`
     // finds the one already running, and that one's XDP program, IPVS services and drains must
     // not have been changed by then.
-    let listener = control::bind(&d.control_socket)?;
-    let _socket = SocketFile(d.control_socket.clone());
+    let (listener, mut claim) = control::bind(&d.control_socket)?;
+    raise_open_files_limit();
     // The metrics address too: one in use is a plain error before anything else happens.
     let metrics = match d.metrics_listen {
         Some(addr) => Some(
@@ -1336,7 +1339,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         info!(address = %metrics.local_addr()?, "metrics ready at /metrics");
         tokio::spawn(crate::metrics::serve(metrics, ctl_tx.clone()));
     }
-    tokio::spawn(accept_loop(listener, ctl_tx));
+    let accepting = tokio::spawn(accept_loop(listener, ctl_tx));
     // `Type=notify`: `systemctl start lbd` returns once this is said, and fails if lbd exits first.
     tell_systemd(&[NotifyState::Ready, NotifyState::Status(&serving(&ctl))]);
 
@@ -1404,6 +1407,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         }
     }
     tell_systemd(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    // No request is taken any more: one waiting is answered "lbd is shutting down", a new
+    // connection is refused, as after the exit. The claim (the lock) stays until lbd exits.
+    accepting.abort();
+    drop(ctl_rx);
+    claim.remove_socket();
     // Before the dataplane goes: masters send priority 0, so the backup takes over at once.
     stop_vrrp(&mut ctl, &mut vrrp).await;
     // The end of the runtime would kill a `notify_down` or quorum command still running.
@@ -1425,14 +1433,6 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 
 /// The control socket of this `lbd run`, removed when it ends, however it ends (a failed start
 /// included), so that the next start does not find a stale one.
-struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn admin(ctl: &mut Controller, sel: &BackendSelector, drain: bool) -> Response {
     let verb = if drain { "drained" } else { "enabled" };
     match ctl.set_drained(sel, drain) {
@@ -1717,6 +1717,21 @@ fn one_line(errors: &[anyhow::Error]) -> String {
     errors.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>().join("; ")
 }
 
+/// Raises the soft limit on open files to the hard one (systemd's default soft limit is 1024):
+/// health checks of many real servers, metrics scrapes and control connections each hold one.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!("cannot raise the open-files limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!("cannot read the open-files limit: {e}"),
+    }
+}
+
 /// Tells systemd (`Type=notify`, `NOTIFY_SOCKET` set) what lbd is doing; nothing without it.
 fn tell_systemd(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -1775,7 +1790,12 @@ fn rewatch(ctl: &Controller, resolver: &Resolver, watched: &mut BTreeSet<NeighKe
     *watched = now;
 }
 
+/// The most control connections served at once: a runaway script opening connections must not
+/// take the descriptors the health checks need.
+const MAX_CONNECTIONS: usize = 32;
+
 async fn accept_loop(listener: tokio::net::UnixListener, tx: mpsc::Sender<ControlMsg>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -1784,8 +1804,29 @@ async fn accept_loop(listener: tokio::net::UnixListener, tx: mpsc::Sender<Contro
                 continue;
             }
         };
-        tokio::spawn(serve_request(stream, tx.clone()));
+        match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    serve_request(stream, tx).await;
+                    drop(slot);
+                });
+            }
+            Err(_) => {
+                let busy = Response::error(format!(
+                    "lbd is busy: {MAX_CONNECTIONS} control connections are open already; try again"
+                ));
+                tokio::spawn(reply(stream.into_split().1, busy));
+            }
+        }
     }
+}
+
+/// Writes a reply; a client that does not read it is left after [`REQUEST_TIMEOUT`].
+async fn reply(mut write: tokio::net::unix::OwnedWriteHalf, resp: Response) {
+    let mut out = serde_json::to_string(&resp).expect("responses serialize");
+    out.push('\n');
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(out.as_bytes())).await;
 }
 
 /// The longest request line the control socket reads (the longest real one, a `drain` of an
@@ -1800,7 +1841,7 @@ const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// task for longer.
 async fn serve_request(stream: tokio::net::UnixStream, tx: mpsc::Sender<ControlMsg>) {
     use tokio::io::AsyncReadExt;
-    let (read, mut write) = stream.into_split();
+    let (read, write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST + 1));
     let resp = match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
@@ -1812,17 +1853,15 @@ async fn serve_request(stream: tokio::net::UnixStream, tx: mpsc::Sender<ControlM
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
                 let (otx, orx) = oneshot::channel();
-                if tx.send((req, otx)).await.is_err() {
-                    return;
+                match tx.send((req, otx)).await {
+                    Ok(()) => orx.await.unwrap_or_else(|_| Response::error("lbd is shutting down")),
+                    Err(_) => Response::error("lbd is shutting down"),
                 }
-                orx.await.unwrap_or_else(|_| Response::error("lbd is shutting down"))
             }
             Err(e) => Response::error(format!("bad request: {e}")),
         },
     };
-    let mut out = serde_json::to_string(&resp).expect("responses serialize");
-    out.push('\n');
-    let _ = write.write_all(out.as_bytes()).await;
+    reply(write, resp).await;
 }
 
 #[cfg(test)]

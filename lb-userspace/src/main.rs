@@ -268,6 +268,20 @@ fn detach(target: &Target) -> ExitCode {
         Ok(s) => s,
         Err(message) => return Failure { code: EXIT_CONFIG, message }.exit("detach"),
     };
+    // Held while removing: no lbd starts on the socket meanwhile, and one running (or stopping)
+    // holds it already.
+    let dir_exists = socket.parent().is_none_or(|d| d.as_os_str().is_empty() || d.is_dir());
+    let _claim = match dir_exists.then(|| control::Claim::take(&socket)).transpose() {
+        Ok(claim) => claim,
+        Err(control::ControlError::Locked { path, lock }) => {
+            eprintln!("lbd detach: an lbd is running on {path}; stop it first (what it keeps is removed after it stopped; it holds {lock})");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("lbd detach: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match control::request(&socket, &Request::Status) {
         // Nothing listens there.
         Err(e) if e.not_running() => {}

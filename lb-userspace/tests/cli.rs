@@ -262,6 +262,27 @@ fn the_shipped_systemd_unit_verifies_and_runs_real_commands() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `lbd detach` leaves a socket's kept fast path alone while an lbd holds the socket's lock,
+/// even when its socket file is gone or does not answer (an lbd starting or stopping).
+#[test]
+fn detach_leaves_a_claimed_socket_alone() {
+    let dir = std::env::temp_dir().join(format!("lbd-cli-claimed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("lbd.sock");
+    let claim = lb_userspace::control::Claim::take(&sock).unwrap();
+    let (code, out, err) = lbd(&["detach", "--socket", sock.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    let lock = dir.join("lbd.lock");
+    assert_eq!(
+        err,
+        format!("lbd detach: an lbd is running on {}; stop it first (what it keeps is removed after it stopped; it holds {})\n", sock.display(), lock.display())
+    );
+    drop(claim);
+    let (code, out, err) = lbd(&["detach", "--socket", sock.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `lbd detach` removes what a stopped lbd kept, never what a running one uses: one that does
 /// not answer (busy starting or reloading) counts as running. Before, any failed status request
 /// counted as "not running", and a busy lbd's pinned fast path was removed from under it.

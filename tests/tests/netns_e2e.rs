@@ -463,7 +463,8 @@ fn a_second_lbd_run_on_the_same_socket_changes_nothing() -> anyhow::Result<()> {
     assert_eq!(code, 0, "{err}");
     let (code, err) = lbd_run_once(&rig.director, &rig.config)?;
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains(&format!("another lbd is already listening on {sock}")), "{err}");
+    let lock = rig.socket.with_extension("lock").display().to_string();
+    assert!(err.contains(&format!("another lbd runs with control socket {sock}: it holds {lock}")), "{err}");
     // Another socket but the same metrics address: refused there, before the dataplane too.
     let other = rig.config.with_file_name("other.toml");
     let other_sock = rig.config.with_file_name("other.sock");
@@ -479,6 +480,15 @@ fn a_second_lbd_run_on_the_same_socket_changes_nothing() -> anyhow::Result<()> {
     let counts = rig.http_batch(IpAddr::V4(VIP_V4), 60)?;
     assert_eq!(counts.values().sum::<usize>(), 60, "{counts:?}");
     assert!(!counts.contains_key(&backend_name(0)), "the drained backend got new connections: {counts:?}");
+    // Its socket file deleted (by hand, by a tmpfiles cleaner): a second lbd is still kept out,
+    // by the lock, and takes nothing over from the running one.
+    std::fs::remove_file(&rig.socket)?;
+    let (code, err) = lbd_run_once(&rig.director, &rig.config)?;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("another lbd runs with control socket {sock}: it holds {lock}")), "{err}");
+    assert!(!rig.socket.exists(), "the refused lbd left a control socket");
+    let counts = rig.http_batch(IpAddr::V4(VIP_V4), 30)?;
+    assert!(!counts.contains_key(&backend_name(0)), "the drain was undone: {counts:?}");
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | `tcp` | the handshake completes | `connected`, `connection refused`, `timeout after 500ms` |
 //! | `http`, `https` | the status is expected and the body matches | `HTTP 200`, `HTTP 503`, `body mismatch: "ok" not found`, `digest mismatch: body MD5 is …`, `TLS: certificate not trusted (unknown issuer) …` |
-//! | `script` | exit 0 (or 2..=255 with `dynamic_weight`) | `script exit 0`, `script exit 1`, `script exit 5 (weight 3)`, `script killed by signal 9`, `timeout after 1s` |
+//! | `script` | exit 0 (or 2..=255 with `dynamic_weight`) | `script exit 0`, `script exit 1`, `script exit 5 (weight 3)`, `script exit 127 (not found)`, `script killed by signal 9`, `timeout after 1s` |
 //! | `udp` | see [`UdpCheck`] | `reply received`, `reply mismatch: "pong" not found`, `ICMP port unreachable`, `no ICMP error within 500ms` |
 //! | `dns` | a NOERROR reply with a record of the type asked | `DNS answer: 1 A record`, `DNS NXDOMAIN`, `DNS reply has no A record` |
 //! | `none` | always | `no check` |
@@ -571,7 +571,9 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 // ---------------------------------------------------------------------------------------------
 // script
 
-/// Kills a script's whole process group (`sh -c` and whatever it started) unless it finished.
+/// Kills a command's whole process group (`sh -c` and whatever it started) unless it finished.
+/// Dropping the future of [`run_bounded`] (a check stopped, a VRRP reload, a stop's deadline)
+/// drops this guard: tokio's `kill_on_drop` alone would kill the shell and leave its children.
 struct GroupGuard(Option<i32>);
 
 impl Drop for GroupGuard {
@@ -609,18 +611,30 @@ pub fn command(text: &CommandText) -> tokio::process::Command {
     cmd
 }
 
-/// How long [`run_bounded`] waits for a script it killed to exit.
+/// How long [`run_bounded`] waits for a command it killed to exit.
 const REAP_WAIT: Duration = Duration::from_secs(1);
 
-/// Runs `cmd` for at most `timeout`; on timeout its process group is killed. `Ok(status)` when it
-/// finished, `Err(reason)` otherwise.
+/// Why [`run_bounded`] has no exit status to give.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunError {
+    /// It could not be started.
+    #[error("cannot run script: {0}")]
+    Spawn(String),
+    /// Waiting for it failed.
+    #[error("script: {0}")]
+    Wait(String),
+    /// Still running at the timeout: its process group was killed.
+    #[error("timeout after {}", format_duration(*.0))]
+    Timeout(Duration),
+}
+
+/// Runs `cmd` (from [`command`]) for at most `timeout`; on timeout, or when the future is
+/// dropped before it ends, its process group is killed.
 pub async fn run_bounded(
     mut cmd: tokio::process::Command,
     timeout: Duration,
-) -> Result<std::process::ExitStatus, String> {
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run script: {}", io_reason(&e)))?;
+) -> Result<std::process::ExitStatus, RunError> {
+    let mut child = cmd.spawn().map_err(|e| RunError::Spawn(io_reason(&e)))?;
     // Dropped before the end (the check was stopped): the group is killed.
     let mut guard = GroupGuard(child.id().map(|p| p as i32));
     match tokio::time::timeout(timeout, child.wait()).await {
@@ -629,15 +643,25 @@ pub async fn run_bounded(
             guard.0 = None;
             Ok(status)
         }
-        Ok(Err(e)) => Err(format!("script: {}", io_reason(&e))),
+        Ok(Err(e)) => Err(RunError::Wait(io_reason(&e))),
         Err(_) => {
             drop(guard); // kills the group
             // Reaped if it dies at once; one that cannot be killed (stuck in uninterruptible
             // sleep, e.g. on a hung NFS mount) must not hold the check, and its script permit,
             // for ever: tokio reaps it in the background once it exits (`kill_on_drop`).
             let _ = tokio::time::timeout(REAP_WAIT, child.wait()).await;
-            Err(format!("timeout after {}", format_duration(timeout)))
+            Err(RunError::Timeout(timeout))
         }
+    }
+}
+
+/// What `/bin/sh` means by exit status `code`, when it means something of its own: 126 and 127
+/// come from the shell when it could not run the command, not from the command.
+pub fn shell_exit_words(code: i32) -> Option<&'static str> {
+    match code {
+        126 => Some("not executable"),
+        127 => Some("not found"),
+        _ => None,
     }
 }
 
@@ -654,12 +678,14 @@ async fn run_script(
         cmd.env("LBD_VIP", vip.vip.to_string());
     }
     match run_bounded(cmd, timeout).await {
-        Err(reason) => fail(reason),
-        Ok(status) => script_outcome(status, script.dynamic_weight),
+        Err(reason) => fail(reason.to_string()),
+        Ok(status) => script_outcome(status, script.dynamic_weight, matches!(script.command, CommandText::Shell(_))),
     }
 }
 
-fn script_outcome(status: std::process::ExitStatus, dynamic_weight: bool) -> Attempt {
+/// `shell`: the command was a shell line, so exit 126 and 127 are the shell's (see
+/// [`shell_exit_words`]); a program run directly means what it likes by them.
+fn script_outcome(status: std::process::ExitStatus, dynamic_weight: bool, shell: bool) -> Attempt {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(0), _) => pass("script exit 0"),
@@ -671,7 +697,10 @@ fn script_outcome(status: std::process::ExitStatus, dynamic_weight: bool) -> Att
                 weight: Some(weight),
             }
         }
-        (Some(code), _) => fail(format!("script exit {code}")),
+        (Some(code), _) => match shell_exit_words(code).filter(|_| shell) {
+            Some(words) => fail(format!("script exit {code} ({words})")),
+            None => fail(format!("script exit {code}")),
+        },
         (None, Some(signal)) => fail(format!("script killed by signal {signal}")),
         (None, None) => fail("script ended without an exit code"),
     }
@@ -869,6 +898,31 @@ fn rcode_name(code: u8) -> String {
     }
 }
 
+/// Helpers for the tests of what commands leave behind.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::time::Duration;
+
+    /// Whether a `sleep SECONDS` process runs, by its exact command line (a zombie has none).
+    pub fn sleep_running(seconds: &str) -> bool {
+        let want = format!("sleep\0{seconds}\0");
+        let processes = std::fs::read_dir("/proc").unwrap().flatten();
+        processes.into_iter().any(|p| std::fs::read(p.path().join("cmdline")).is_ok_and(|c| c == want.as_bytes()))
+    }
+
+    /// Waits up to `limit` for `sleep_running(seconds)` to be `want`; true if it was.
+    pub async fn sleep_becomes(seconds: &str, want: bool, limit: Duration) -> bool {
+        let start = std::time::Instant::now();
+        while sleep_running(seconds) != want {
+            if start.elapsed() > limit {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -923,11 +977,15 @@ mod tests {
         assert!(!contains(b"unhealthy", b"fine"));
         use std::os::unix::process::ExitStatusExt;
         let exit = |code: i32| std::process::ExitStatus::from_raw(code << 8);
-        assert_eq!(script_outcome(exit(0), false), pass("script exit 0"));
-        assert_eq!(script_outcome(exit(1), true), fail("script exit 1"));
-        assert_eq!(script_outcome(exit(5), false), fail("script exit 5"));
+        assert_eq!(script_outcome(exit(0), false, true), pass("script exit 0"));
+        assert_eq!(script_outcome(exit(1), true, true), fail("script exit 1"));
+        assert_eq!(script_outcome(exit(5), false, true), fail("script exit 5"));
+        // The shell's own codes, in words; a program run directly means what it likes by them.
+        assert_eq!(script_outcome(exit(127), false, true), fail("script exit 127 (not found)"));
+        assert_eq!(script_outcome(exit(126), false, true), fail("script exit 126 (not executable)"));
+        assert_eq!(script_outcome(exit(127), false, false), fail("script exit 127"));
         assert_eq!(
-            script_outcome(exit(5), true),
+            script_outcome(exit(5), true, true),
             Attempt {
                 ok: true,
                 reason: "script exit 5 (weight 3)".into(),
@@ -935,9 +993,31 @@ mod tests {
             }
         );
         assert_eq!(
-            script_outcome(std::process::ExitStatus::from_raw(9), false),
+            script_outcome(std::process::ExitStatus::from_raw(9), false, true),
             fail("script killed by signal 9")
         );
+    }
+
+    /// A check stopped mid-run (its task aborted, as at a reload) kills what its script
+    /// started; so does its timeout.
+    #[tokio::test]
+    async fn a_script_stopped_or_timed_out_leaves_nothing_behind() {
+        use testing::sleep_becomes;
+        let seconds = format!("100.{}3", std::process::id());
+        let line = CommandText::Shell(format!("sleep {seconds}; true"));
+        let cmd = command(&line);
+        let run = tokio::spawn(run_bounded(cmd, Duration::from_secs(60)));
+        assert!(sleep_becomes(&seconds, true, Duration::from_secs(5)).await, "the script never started");
+        run.abort();
+        assert!(run.await.unwrap_err().is_cancelled());
+        assert!(sleep_becomes(&seconds, false, Duration::from_secs(2)).await, "sleep {seconds} survived its script");
+
+        let start = std::time::Instant::now();
+        let timed_out = run_bounded(command(&line), Duration::from_millis(300)).await;
+        assert_eq!(timed_out, Err(RunError::Timeout(Duration::from_millis(300))));
+        assert_eq!(timed_out.unwrap_err().to_string(), "timeout after 300ms");
+        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+        assert!(sleep_becomes(&seconds, false, Duration::from_secs(2)).await, "sleep {seconds} survived the timeout");
     }
 
     fn check(text: &str) -> HealthCheck {

@@ -1,25 +1,30 @@
 //! Running notify and check commands: `/bin/sh -c`, bounded by a timeout, the whole process
-//! group killed when it runs out. Nothing here ever blocks the state machine: notify commands
-//! run from a queue task per instance (in order of the changes), check scripts from their own
-//! task.
+//! group killed when it runs out or when the future is dropped (a reload stopping a check
+//! script, a stop's deadline cutting notifies short): the health checks' [`run_bounded`]. Nothing
+//! here ever blocks the state machine: notify commands run from a queue task per instance (in
+//! order of the changes), check scripts from their own task.
 
-use std::{process::Stdio, time::Duration};
+use std::{fmt, os::unix::process::ExitStatusExt, time::Duration};
 
-use tokio::{process::Command, sync::mpsc};
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::{engine::VrrpState, spec};
+use crate::health::{
+    check::{command, run_bounded, shell_exit_words, RunError},
+    config::CommandText,
+};
 
 /// How a command ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Exited with this status code.
     Exited(i32),
-    /// Killed by a signal.
-    Signaled,
+    /// Killed by this signal.
+    Signaled(i32),
     /// Still running at the timeout: killed.
     TimedOut,
-    /// Could not be started.
+    /// Could not be started (or waited for).
     NotStarted(String),
 }
 
@@ -29,30 +34,38 @@ impl Outcome {
     }
 }
 
-/// Runs `cmd` by `/bin/sh -c`, with `args` as its positional parameters appended (`"$@"`), stdin
-/// from /dev/null and output discarded (as keepalived does).
-pub async fn run_shell(cmd: &str, args: &[String], timeout: Duration) -> Outcome {
-    let script = if args.is_empty() { cmd.to_owned() } else { format!("{cmd} \"$@\"") };
-    let mut c = Command::new("/bin/sh");
-    c.arg("-c").arg(script).arg("sh").args(args);
-    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    // Its own process group, so that a timeout kills what the script started too.
-    c.process_group(0).kill_on_drop(true);
-    let mut child = match c.spawn() {
-        Ok(c) => c,
-        Err(e) => return Outcome::NotStarted(e.to_string()),
-    };
-    match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(Ok(status)) => status.code().map_or(Outcome::Signaled, Outcome::Exited),
-        Ok(Err(e)) => Outcome::NotStarted(e.to_string()),
-        Err(_) => {
-            if let Some(pid) = child.id() {
-                // SAFETY: signalling the process group we created.
-                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
-            }
-            let _ = child.wait().await;
-            Outcome::TimedOut
+/// In the words of the log: `exit 1`, `exit 127 (not found)`, `killed by signal 9`, ...
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Every command here is a shell line: 126 and 127 are the shell's.
+            Outcome::Exited(code) => match shell_exit_words(*code) {
+                Some(words) => write!(f, "exit {code} ({words})"),
+                None => write!(f, "exit {code}"),
+            },
+            Outcome::Signaled(signal) => write!(f, "killed by signal {signal}"),
+            Outcome::TimedOut => f.write_str("still running at its timeout: killed"),
+            Outcome::NotStarted(reason) => write!(f, "not started: {reason}"),
         }
+    }
+}
+
+/// Runs `cmd` by `/bin/sh -c`, with `args` as its positional parameters appended (`"$@"`), stdin
+/// from /dev/null and output discarded (as keepalived does). Trailing blanks and newlines are
+/// trimmed first, so that the arguments land on the command's own line; the config refuses the
+/// lines they would still not reach (see `spec::generic_notify_problem`).
+pub async fn run_shell(cmd: &str, args: &[String], timeout: Duration) -> Outcome {
+    let line = if args.is_empty() { cmd.to_owned() } else { format!("{} \"$@\"", cmd.trim_end()) };
+    let mut c = command(&CommandText::Shell(line));
+    c.arg("sh").args(args);
+    match run_bounded(c, timeout).await {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => Outcome::Exited(code),
+            (None, Some(signal)) => Outcome::Signaled(signal),
+            (None, None) => Outcome::NotStarted(status.to_string()),
+        },
+        Err(RunError::Timeout(_)) => Outcome::TimedOut,
+        Err(RunError::Spawn(reason) | RunError::Wait(reason)) => Outcome::NotStarted(reason),
     }
 }
 
@@ -115,7 +128,7 @@ pub async fn notify_queue(cmds: NotifyCommands, mut rx: mpsc::UnboundedReceiver<
             if outcome.success() {
                 debug!(name = %cmds.name, state = word, command = %c, "notify command done");
             } else {
-                warn!(name = %cmds.name, state = word, command = %c, ?outcome, "notify command failed");
+                warn!(name = %cmds.name, state = word, command = %c, %outcome, "notify command failed");
             }
         }
     }
@@ -124,16 +137,46 @@ pub async fn notify_queue(cmds: NotifyCommands, mut rx: mpsc::UnboundedReceiver<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::check::testing::sleep_becomes;
 
     #[tokio::test]
     async fn outcomes_and_timeout() {
         let t = Duration::from_secs(5);
         assert_eq!(run_shell("exit 3", &[], t).await, Outcome::Exited(3));
         assert!(run_shell("true", &[], t).await.success());
+        // What the warn lines say: the shell's own codes in words, the signal's number.
+        let missing = run_shell("/nonexistent/notify.sh", &[], t).await;
+        assert_eq!((&missing, missing.to_string().as_str()), (&Outcome::Exited(127), "exit 127 (not found)"));
+        let not_executable = run_shell("/etc/passwd", &[], t).await;
+        assert_eq!(not_executable.to_string(), "exit 126 (not executable)");
+        let killed = run_shell("kill -TERM $$", &[], t).await;
+        assert_eq!((&killed, killed.to_string().as_str()), (&Outcome::Signaled(15), "killed by signal 15"));
         let started = std::time::Instant::now();
         // The sleep in the background is in the same process group: killed with the shell.
         assert_eq!(run_shell("sleep 30 & sleep 30", &[], Duration::from_millis(200)).await, Outcome::TimedOut);
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A VRRP reload aborts a running vrrp_script, a stop's deadline its notifies: what the
+    /// command started must die with it, not only `/bin/sh`.
+    #[tokio::test]
+    async fn a_dropped_command_takes_what_it_started_with_it() {
+        // `; true` keeps the shell from exec'ing sleep: sleep is the shell's child.
+        let seconds = format!("100.{}1", std::process::id());
+        let line = format!("sleep {seconds}; true");
+        let run = tokio::spawn(async move { run_shell(&line, &[], Duration::from_secs(60)).await });
+        assert!(sleep_becomes(&seconds, true, Duration::from_secs(5)).await, "the command never started");
+        run.abort();
+        assert!(run.await.unwrap_err().is_cancelled());
+        assert!(sleep_becomes(&seconds, false, Duration::from_secs(2)).await, "sleep {seconds} survived its command");
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_command_leaves_nothing_behind() {
+        let seconds = format!("100.{}2", std::process::id());
+        let outcome = run_shell(&format!("sleep {seconds}; true"), &[], Duration::from_millis(300)).await;
+        assert_eq!(outcome, Outcome::TimedOut);
+        assert!(sleep_becomes(&seconds, false, Duration::from_secs(2)).await, "sleep {seconds} survived the timeout");
     }
 
     #[tokio::test]
@@ -148,8 +191,9 @@ mod tests {
             name: "VI_1".into(),
             master: Some(format!("echo master >> {}", log.display())),
             stop: Some(format!("echo stop >> {}", log.display())),
-            // The generic command gets keepalived's arguments appended.
-            generic: Some(format!("/bin/sh {}", generic.display())),
+            // The generic command gets keepalived's arguments appended, after trailing blanks
+            // and newlines (a TOML multi-line string) are trimmed.
+            generic: Some(format!("/bin/sh {} \n", generic.display())),
             timeout: Duration::from_secs(5),
             ..Default::default()
         };

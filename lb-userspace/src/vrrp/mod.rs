@@ -1189,7 +1189,7 @@ async fn run_script(index: usize, s: VrrpScriptSpec, tx: mpsc::Sender<Event>) {
         first = false;
         if now_ok != ok {
             ok = now_ok;
-            info!(script = %s.name, ok, ?outcome, "VRRP script changed");
+            info!(script = %s.name, ok, %outcome, "VRRP script changed");
             if tx.send(Event::Script { index, ok }).await.is_err() {
                 return;
             }

@@ -151,7 +151,8 @@ pub struct VrrpInstanceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify_stop: Option<String>,
     /// Run on every change with keepalived's arguments: `INSTANCE NAME STATE PRIORITY`, STATE
-    /// one of MASTER, BACKUP, FAULT, STOP.
+    /// one of MASTER, BACKUP, FAULT, STOP, appended to the end of the line as `"$@"` (so a line
+    /// they would not reach is refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<String>,
     /// A notify command still running after this is killed. Default `"10s"`.
@@ -306,6 +307,51 @@ fn check_command(field: &'static str, cmd: &Option<String>, errs: &mut Vec<(&'st
     }
 }
 
+/// Why keepalived's arguments would not reach the command of a generic `notify` line, if they
+/// would not: lbd appends them as ` "$@"` to the line (trailing blanks and newlines trimmed), so
+/// the line must end with the command that takes them. Refused: a line ending in `&`, `;`, `|`
+/// or `\`, one of several lines, one with a `#` comment (a `#` starting a word outside quotes:
+/// a heuristic, as the shell's grammar has more cases).
+fn generic_notify_problem(line: &str) -> Option<String> {
+    let line = line.trim_end();
+    let (what, lost) = if line.contains(['\n', '\r']) {
+        ("spans several lines".to_string(), "only the last line's command would get them")
+    } else if let Some(last) = line.chars().last().filter(|c| matches!(c, '&' | ';' | '|' | '\\')) {
+        (format!("ends in `{last}`"), "they would not reach the command before it")
+    } else if has_comment(line) {
+        ("has a `#` comment".to_string(), "they would be part of the comment")
+    } else {
+        return None;
+    };
+    Some(format!(
+        "`notify` {what}: lbd appends the arguments (INSTANCE or GROUP, name, state, priority) to the end of the line \
+         as \"$@\", so {lost}; write a line that ends with the command taking them, e.g. notify = \
+         \"/etc/lbd/notify.sh\", and put anything more in that script"
+    ))
+}
+
+/// Whether a `#` starts a word outside quotes in shell `line` (where the shell starts a comment).
+fn has_comment(line: &str) -> bool {
+    let (mut quote, mut escaped, mut word_start) = (None, false, true);
+    for c in line.chars() {
+        let starts_word = std::mem::replace(&mut word_start, false);
+        if std::mem::replace(&mut escaped, false) {
+            continue;
+        }
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(q) => escaped = q == '"' && c == '\\',
+            None => match c {
+                '\\' => escaped = true,
+                '\'' | '"' => quote = Some(c),
+                '#' if starts_word => return true,
+                c => word_start = c.is_whitespace() || matches!(c, ';' | '&' | '|' | '(' | ')'),
+            },
+        }
+    }
+    false
+}
+
 /// The notify options an instance and a sync group share, borrowed from either (serde cannot
 /// flatten them into both tables and still refuse unknown keys).
 pub struct NotifyFields<'a> {
@@ -337,17 +383,26 @@ macro_rules! notify_fields {
 }
 notify_fields!(VrrpInstanceSpec, VrrpSyncGroupSpec);
 
-impl NotifyFields<'_> {
-    /// Commands not blank; a timeout more than 0 and at most an hour.
-    fn check(&self, errs: &mut Vec<(&'static str, String)>) {
-        for (field, cmd) in [
+impl<'a> NotifyFields<'a> {
+    /// The commands, each with its key.
+    pub fn commands(&self) -> [(&'static str, &'a Option<String>); 5] {
+        [
             ("notify_master", self.master),
             ("notify_backup", self.backup),
             ("notify_fault", self.fault),
             ("notify_stop", self.stop),
             ("notify", self.generic),
-        ] {
+        ]
+    }
+
+    /// Commands not blank, a generic one its arguments reach; a timeout more than 0 and at most
+    /// an hour.
+    fn check(&self, errs: &mut Vec<(&'static str, String)>) {
+        for (field, cmd) in self.commands() {
             check_command(field, cmd, errs);
+        }
+        if let Some(problem) = self.generic.as_deref().and_then(generic_notify_problem) {
+            errs.push(("notify", problem));
         }
         check_duration("notify_timeout", self.timeout, Duration::from_secs(3600), errs);
         if self.timeout.is_some_and(|d| d.0.is_zero()) {
