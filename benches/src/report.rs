@@ -97,9 +97,9 @@ fn beside(x: f64, limit: f64, dp: usize) -> String {
 /// Where `v` holds a null that is not an absent section or an optional figure: a NaN or an
 /// infinity that serde_json wrote as null.
 fn not_numbers(v: &serde_json::Value, path: &str, out: &mut Vec<String>) {
-    const MAY_BE_ABSENT: [&str; 7] = ["fastpath", "live", "tcp", "control", "health_checks", "verified_insns", "xlated_bytes"];
+    const MAY_BE_ABSENT: [&str; 8] = ["only", "fastpath", "live", "tcp", "control", "health_checks", "verified_insns", "xlated_bytes"];
     match v {
-        serde_json::Value::Null if !MAY_BE_ABSENT.iter().any(|k| path.ends_with(&format!(".{k}"))) && path != ".only" => {
+        serde_json::Value::Null if !MAY_BE_ABSENT.iter().any(|k| path.ends_with(&format!(".{k}"))) => {
             out.push(path.trim_start_matches('.').to_string())
         }
         serde_json::Value::Array(a) => a.iter().enumerate().for_each(|(i, x)| not_numbers(x, &format!("{path}[{i}]"), out)),

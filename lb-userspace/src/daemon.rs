@@ -1431,8 +1431,6 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The control socket of this `lbd run`, removed when it ends, however it ends (a failed start
-/// included), so that the next start does not find a stale one.
 fn admin(ctl: &mut Controller, sel: &BackendSelector, drain: bool) -> Response {
     let verb = if drain { "drained" } else { "enabled" };
     match ctl.set_drained(sel, drain) {
