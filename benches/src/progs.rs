@@ -102,12 +102,7 @@ impl Aux {
             aya::maps::HashMap::try_from(self.ebpf.map_mut("BENCH_HASH").context("BENCH_HASH")?)?;
         hash.insert(
             VipKey::default(),
-            VipInfo {
-                vip_id: 1,
-                active: 0,
-                flags: 1,
-                _pad: 0,
-            },
+            VipInfo { vip_id: 1 },
             0,
         )?;
         let mut lru: aya::maps::HashMap<&mut MapData, FlowKey4, FlowValue> =

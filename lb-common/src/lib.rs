@@ -8,6 +8,7 @@
 /// Map names, shared so userspace cannot drift from the program.
 pub mod map_names {
     pub const VIPS: &str = "VIPS";
+    pub const VIP_STATE: &str = "VIP_STATE";
     pub const BACKENDS: &str = "BACKENDS";
     pub const TABLES: &str = "TABLES";
     pub const CONNTRACK4: &str = "CONNTRACK4";
@@ -79,27 +80,40 @@ pub struct VipKey {
 }
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 
-/// Value of the `VIPS` hash map.
+/// Value of the `VIPS` hash map: the VIP's id, for as long as its key is in the map.
 ///
-/// The VIP's lookup table is double buffered: `TABLES` holds two tables per VIP id, and `active`
-/// says which one readers use. The controller fills the idle table completely, then replaces this
-/// whole value with one map update. The update links a new element in place of the old one, so
-/// a lookup finds either; the program copies the value at once (`find_vip`). In a preallocated
-/// hash map the replaced element is not held for an RCU grace period: the next update of an
-/// existing key on the same CPU reuses it, so only a reader stalled for the length of two updates
-/// (two system calls) between its lookup and its copy could read a mix.
+/// Written once, when the VIP first goes live, and never updated in place: in a preallocated
+/// hash map an update of an existing key frees the old element at once (it becomes the CPU's
+/// spare, reused by the next such update), so a program run between its lookup and its read
+/// could read another VIP's id there and pin a flow to that VIP's real server. What changes
+/// (which table is live, the flags) is in `VIP_STATE`, written in place. A deleted element is
+/// reused by a later insert, so the controller lets an RCU grace period pass between removing a
+/// key and inserting any key, and before giving the removed VIP's id out again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VipInfo {
-    /// Index of this VIP in `TABLES` (host order).
+    /// Index of this VIP in `VIP_STATE` and `TABLES` (host order).
     pub vip_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 4);
+
+/// Element of the `VIP_STATE` array, indexed by VIP id: what changes while the VIP exists.
+///
+/// The VIP's lookup table is double buffered: `TABLES` holds two tables per VIP id, and `active`
+/// says which one readers use. The controller fills the idle table completely, then stores
+/// `active` (the map is memory-mapped: one 4-byte store, release-ordered after the table's), and
+/// lets an RCU grace period pass before it writes into the buffer it flipped away from. The two
+/// fields are each a whole store, read once by the program; each is valid with any value of the
+/// other.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipState {
     /// Which of the two tables is live: 0 or 1 (host order).
     pub active: u32,
     /// `VIP_F_*` bits (host order).
     pub flags: u32,
-    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<VipState>() == 8);
 
 /// Forward this VIP's traffic. Cleared on a backup director (VRRP), which then passes nothing on.
 pub const VIP_F_ENABLED: u32 = 1;
@@ -583,6 +597,7 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for VipState {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowKey4 {}

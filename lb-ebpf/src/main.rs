@@ -245,17 +245,20 @@ fn new_flow(
     fragment: bool,
     hash: impl FnOnce() -> u32,
 ) -> Result<Choice, (u32, u32)> {
-    let Some(vip) = select::find_vip(addr, dport, proto, family) else {
+    let Some((vip_id, state)) = select::find_vip(addr, dport, proto, family) else {
         return Err(NOT_VIP);
     };
-    if vip.flags & VIP_F_ENABLED == 0 {
+    // Each field read once (the controller stores them while this runs, see `VipState`).
+    // SAFETY: fields of a map element, valid for the whole run.
+    let (active, flags) = unsafe { (core::ptr::read_volatile(&state.active), core::ptr::read_volatile(&state.flags)) };
+    if flags & VIP_F_ENABLED == 0 {
         // A backup director never forwards (and, dropping, never lets its kernel answer either).
         return Err((xdp_action::XDP_DROP, reason::VIP_DISABLED));
     }
     if fragment {
         return Err((xdp_action::XDP_DROP, reason::FRAGMENT));
     }
-    select::from_table(&vip, hash()).ok_or((xdp_action::XDP_DROP, reason::NO_BACKEND))
+    select::from_table(vip_id, active, hash()).ok_or((xdp_action::XDP_DROP, reason::NO_BACKEND))
 }
 
 /// Forwards a packet to `choice` (dropping it if the VIP is disabled) and counts it for its

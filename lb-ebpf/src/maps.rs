@@ -7,7 +7,7 @@ use aya_ebpf::{
     Global,
 };
 use lb_common::{
-    reason, table_chunks, Backend, Counters, CtSet, FlowKey, FlowKey4, ReasonCounter, TableChunk, VipInfo, VipKey,
+    reason, table_chunks, Backend, Counters, CtSet, FlowKey, FlowKey4, ReasonCounter, TableChunk, VipInfo, VipKey, VipState,
     ADDR_FILTER_WORDS, CT_HASH_KEY4, CT_HASH_KEY6, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
 };
 
@@ -16,9 +16,14 @@ use lb_common::{
 #[no_mangle]
 pub static TABLE_SIZE: Global<u32> = Global::new(DEFAULT_TABLE_SIZE);
 
-/// Which traffic is VIP traffic, and which of its two tables is live.
+/// Which traffic is VIP traffic: the VIP's id (never updated in place, see `VipInfo`).
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// By VIP id: which of its two tables is live, and its flags. Memory-mappable: the controller
+/// flips a table and sets the flags with one store each (see `VipState`).
+#[map(name = "VIP_STATE")]
+pub static VIP_STATE: Array<VipState> = Array::with_max_entries(DEFAULT_MAX_VIPS, BPF_F_MMAPABLE);
 
 /// Bitmap over destination addresses (`lb_common::addr_filter_bit_*`): a clear bit means "no VIP
 /// has this address", so non-VIP traffic is passed after one array read, without touching L4 or

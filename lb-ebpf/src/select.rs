@@ -1,9 +1,9 @@
 //! VIP lookup and backend selection: the address filter, connection-table hits, and the VIP's
 //! live Maglev table for new flows.
 
-use crate::maps::{ADDR_FILTER, BACKENDS, TABLES, TABLE_SIZE, VIPS};
+use crate::maps::{ADDR_FILTER, BACKENDS, TABLES, TABLE_SIZE, VIPS, VIP_STATE};
 use lb_common::{
-    table_chunks, table_slot, Backend, VipInfo, VipKey, BACKEND_F_ALIVE, BACKEND_F_VIP_ANY_PORT, BACKEND_F_VIP_ENABLED,
+    table_chunks, table_slot, Backend, VipKey, VipState, BACKEND_F_ALIVE, BACKEND_F_VIP_ANY_PORT, BACKEND_F_VIP_ENABLED,
     NO_BACKEND, TABLE_CHUNK,
 };
 
@@ -16,20 +16,21 @@ pub fn maybe_vip(bit: u32) -> bool {
     }
 }
 
-/// The VIP a flow is addressed to: exact (address, port, protocol) first, then the address's
-/// port-0 ("every port") VIP.
+/// The VIP a flow is addressed to (exact address, port and protocol first, then the address's
+/// port-0, "every port", VIP): its id and state.
 #[inline(always)]
-pub fn find_vip(addr: [u32; 4], port: u16, proto: u8, family: u8) -> Option<VipInfo> {
+pub fn find_vip(addr: [u32; 4], port: u16, proto: u8, family: u8) -> Option<(u32, &'static VipState)> {
     let mut key = VipKey { addr, port, proto, family };
-    // SAFETY: values are plain data, copied at once (see `VipInfo` on concurrent updates).
-    if let Some(v) = unsafe { VIPS.get(&key) } {
-        return Some(*v);
-    }
-    if key.port == 0 {
-        return None;
-    }
-    key.port = 0;
-    unsafe { VIPS.get(&key) }.copied()
+    // SAFETY: a `VIPS` value is one `u32`, never updated in place (see `VipInfo`), read at once.
+    let id = match unsafe { VIPS.get(&key) } {
+        Some(v) => v.vip_id,
+        None if key.port == 0 => return None,
+        None => {
+            key.port = 0;
+            unsafe { VIPS.get(&key) }?.vip_id
+        }
+    };
+    Some((id, VIP_STATE.get(id)?))
 }
 
 pub struct Choice {
@@ -63,23 +64,23 @@ pub fn established(id: u32, generation: u32, addr: [u32; 4], port: u16, proto: u
     Some(Choice { vip_id: b.vip_id, id, backend: b, enabled: b.flags & BACKEND_F_VIP_ENABLED != 0 })
 }
 
-/// The backend of `vip`'s live lookup table for a flow hashing to `hash`, or `None` when the VIP
-/// has no usable backend. A slot naming another VIP's backend is not followed: a reader still in
-/// a buffer the controller just flipped away from can find there an id it freed and gave to
-/// another VIP's new backend (ids are reused at the next apply), and the flow would then be
+/// The backend of VIP `vip_id`'s lookup table `active` for a flow hashing to `hash`, or `None`
+/// when the VIP has no usable backend. A slot naming another VIP's backend is not followed: the
+/// controller gives a freed id out again only after an RCU grace period, so a reader still in a
+/// buffer it just flipped away from should never find one there, but the flow would otherwise be
 /// forwarded, and pinned by its connection entry, to a real server of the wrong service.
 #[inline(always)]
-pub fn from_table(vip: &VipInfo, hash: u32) -> Option<Choice> {
+pub fn from_table(vip_id: u32, active: u32, hash: u32) -> Option<Choice> {
     let m = TABLE_SIZE.load();
     let offset = table_slot(hash, m);
-    let chunk = (vip.vip_id * 2 + (vip.active & 1)) * table_chunks(m) + offset / TABLE_CHUNK;
+    let chunk = (vip_id * 2 + (active & 1)) * table_chunks(m) + offset / TABLE_CHUNK;
     let id = TABLES.get(chunk)?.ids[(offset % TABLE_CHUNK) as usize];
     if id == NO_BACKEND {
         return None;
     }
     let b = BACKENDS.get(id)?;
-    if b.flags & BACKEND_F_ALIVE == 0 || b.vip_id != vip.vip_id {
+    if b.flags & BACKEND_F_ALIVE == 0 || b.vip_id != vip_id {
         return None;
     }
-    Some(Choice { vip_id: vip.vip_id, id, backend: b, enabled: true })
+    Some(Choice { vip_id, id, backend: b, enabled: true })
 }

@@ -84,7 +84,12 @@ pub struct KeptBackend {
 }
 
 impl Keep {
+    /// What is kept for the lbd on `control_socket`. A relative path is taken from the current
+    /// directory (`lbd detach --socket run/lbd.sock` finds what `lbd run` kept for
+    /// `/srv/run/lbd.sock` from `/srv`), and `//` and `./` are dropped, so that one socket has one
+    /// pin directory however it is written.
     pub fn for_socket(control_socket: &Path) -> Self {
+        let control_socket = &std::path::absolute(control_socket).unwrap_or_else(|_| control_socket.to_path_buf());
         // bpffs refuses names with a '.'.
         let name = control_socket.to_string_lossy().trim_start_matches('/').replace('/', "-").replace('.', "_");
         Keep { pin_dir: Path::new(BPFFS).join("lbd").join(name), state_file: control_socket.with_extension("xdp-state.json") }
@@ -195,6 +200,12 @@ mod tests {
         assert_eq!(k.state_file, Path::new("/run/lbd/lbd.xdp-state.json"));
         assert_eq!(k.link(), Path::new("/sys/fs/bpf/lbd/run-lbd-lbd_sock/link"));
         assert_eq!(k.pass(7), Path::new("/sys/fs/bpf/lbd/run-lbd-lbd_sock/pass-7"));
+        // However the path is written, the same socket keeps in the same place.
+        assert_eq!(Keep::for_socket(Path::new("/run/lbd//./lbd.sock")).pin_dir, k.pin_dir);
+        let cwd = std::env::current_dir().unwrap();
+        let relative = Keep::for_socket(Path::new("run/lbd.sock"));
+        assert_eq!(relative.pin_dir, Keep::for_socket(&cwd.join("run/lbd.sock")).pin_dir);
+        assert_eq!(relative.state_file, cwd.join("run/lbd.xdp-state.json"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod duration;
+pub mod grace;
 pub mod ipvs;
 pub mod ipvs_dataplane;
 pub mod keep;

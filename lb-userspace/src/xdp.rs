@@ -2,17 +2,17 @@
 //! attaches it, and reconciles the desired state into the maps.
 //!
 //! Tables are double buffered per VIP (aya-ebpf has no map-of-maps type for the program): the
-//! controller writes the idle buffer completely, then flips `VipInfo::active` with one hash-map
-//! update, which links the new value in place of the old (see `VipInfo`). A packet therefore sees
-//! the old table or the new one, never a mix. Before the idle buffer is written again,
-//! `FLIP_GRACE` must have passed since the last flip, so no reader that picked the old buffer can
-//! still be inside it.
+//! controller writes the idle buffer completely, then flips the VIP's `VipState::active` with one
+//! store into the memory-mapped `VIP_STATE`. A packet therefore sees the old table or the new one,
+//! never a mix. Before the buffer flipped away from is written again, an RCU grace period must
+//! have passed since the flip (`crate::grace`), so no reader that picked it can still be inside
+//! it; so too between removing a VIP from `VIPS` and inserting any, and before a released VIP or
+//! backend id is given out again.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::Arc,
-    time::{Duration, Instant},
 };
 
 use aya::{
@@ -26,7 +26,7 @@ use aya::{
 };
 use lb_common::{
     addr_filter_bit, ct_sets, ct_shift, CT_FORMAT, CT_HASH_KEY4, CT_HASH_KEY6, map_names, reason, table_chunks, Backend, Counters, CtKey, CtSet, FlowKey, FlowKey4, ReasonCounter,
-    TableChunk, VipInfo, VipKey, ADDR_FILTER_WORDS, BACKEND_F_ALIVE, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROGRAM_NAME,
+    TableChunk, VipInfo, VipKey, VipState, ADDR_FILTER_WORDS, BACKEND_F_ALIVE, FAMILY_V4, FAMILY_V6, NO_BACKEND, PROGRAM_NAME,
     PROTO_TCP, PROTO_UDP, TABLE_CHUNK, VIP_F_ENABLED, BACKEND_F_VIP_ANY_PORT, BACKEND_F_VIP_ENABLED,
 };
 
@@ -35,6 +35,7 @@ use crate::{
     dataplane::{
         BackendSpec, BackendStats, ConnectionCount, Dataplane, DataplaneError, DataplaneStats, ServiceSpec, Traffic, VipAddr,
     },
+    grace::Graces,
     keep::{Keep, KeptBackend, KeptCounters, State, STATE_FORMAT},
     maglev::{Maglev, MaglevBackend},
 };
@@ -88,11 +89,6 @@ fn pinned_program(path: &std::path::Path) -> Result<(PinnedLink, u32), String> {
     Ok((PinnedLink::from_pin(path).map_err(|e| e.to_string())?, info.program_id()))
 }
 
-/// Time readers get to leave a table buffer after a flip before it is rewritten. XDP programs run
-/// for microseconds under RCU; this is orders of magnitude more. Released VIP and backend ids wait
-/// as long before they are given out again.
-pub const FLIP_GRACE: Duration = Duration::from_millis(20);
-
 /// How far a take-over moves the generation of every backend id not reserved (see
 /// [`skip_free_generations`]).
 const GENERATION_SKIP: u32 = 1 << 10;
@@ -102,7 +98,7 @@ const GENERATION_SKIP: u32 = 1 << 10;
 /// ids generations the file does not hold, and connection entries name them. Counting on from
 /// the file, this run would give such an id's (id, generation) to another real server, maybe of
 /// another virtual server, and those entries would send their flows there. An id gets a new
-/// generation only when it is handed out again (freed, and `FLIP_GRACE` gone by): 1,024 is far
+/// generation only when it is handed out again (freed, and a grace period gone by): 1,024 is far
 /// more than the applies whose state was not written can have given one id.
 fn skip_free_generations(generations: &mut [u32], taken: &std::collections::HashSet<u32>) {
     for (id, g) in generations.iter_mut().enumerate() {
@@ -179,24 +175,12 @@ fn occupied(err: &(dyn std::error::Error + 'static)) -> bool {
 struct FreeVip {
     id: u32,
     tables: [Vec<u32>; 2],
-    freed: Instant,
-}
-
-/// Whether an id released at `freed` may be given out again, `FLIP_GRACE` after it was: until
-/// then a program run that read the VIP (or the table slot naming the backend) before it was
-/// released may still be using it. With the VIP's id, a new VIP would otherwise write its first
-/// table into the buffer such a run is reading and give it backends that pass its checks (same
-/// VIP id): a packet of the removed service could be forwarded, and pinned, to the new one's
-/// real server. If `spare` (an id never used is left), it is taken instead; else the caller waits.
-fn reusable(freed: Instant, spare: bool) -> Option<Duration> {
-    let age = freed.elapsed();
-    if age >= FLIP_GRACE {
-        Some(Duration::ZERO)
-    } else if spare {
-        None
-    } else {
-        Some(FLIP_GRACE - age)
-    }
+    /// The change (`Graces::mark`) that released it: it is given out again once a grace period
+    /// has passed since. Until then a program run that read the VIP before it was removed may
+    /// still be using the id: a new VIP would otherwise write its first table into the buffer such
+    /// a run is reading and give it backends that pass its checks (same VIP id), and a packet of
+    /// the removed service could be forwarded, and pinned, to the new one's real server.
+    freed: u64,
 }
 
 struct VipSlot {
@@ -204,7 +188,9 @@ struct VipSlot {
     active: u32,
     /// What each buffer holds in the kernel (the map is zero-filled when created).
     tables: [Vec<u32>; 2],
-    last_flip: Instant,
+    /// The change (`Graces::mark`) of the last flip: the buffer flipped away from is written
+    /// again only once a grace period has passed since.
+    last_flip: u64,
     enabled: bool,
     /// A table has been made live at least once (until then the VIP is not in `VIPS`).
     installed: bool,
@@ -273,7 +259,7 @@ impl Drop for Mapping {
 /// plain stores rather than one `bpf()` call each (the first install of 100 VIPs made 6.5 million
 /// of them). Elements are `TableChunk`s of 16 slots (64 bytes, so laid out without gaps); each
 /// buffer starts on an element of its own. The stores only ever go to a VIP's idle buffer; the
-/// `VIPS` update that flips to it is a system call, which orders them before the flip.
+/// release store that flips to it (`MappedVipState::set`) orders them before the flip.
 struct MappedTables {
     map: Mapping,
     /// Buffers (two per VIP id) and elements per buffer.
@@ -296,6 +282,35 @@ impl MappedTables {
         // (page-aligned base).
         let slot = unsafe { &*(self.map.ptr.as_ptr().cast::<std::sync::atomic::AtomicU32>().add(index)) };
         slot.store(value, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `VIP_STATE` mapped into this process: a VIP's live table and its flags are set with one store
+/// each (see `VipState`).
+struct MappedVipState {
+    map: Mapping,
+    vips: u32,
+}
+
+impl MappedVipState {
+    fn new(ebpf: &mut Ebpf, vips: u32) -> Result<Self, LoadError> {
+        // Array elements are laid out at their value size rounded up to 8.
+        const { assert!(std::mem::size_of::<VipState>() == 8) };
+        let len = vips as usize * std::mem::size_of::<VipState>();
+        Ok(Self { map: Mapping::new(ebpf, map_names::VIP_STATE, len, true)?, vips })
+    }
+
+    /// Stores VIP `id`'s state: `flags`, then `active`, each one store, release-ordered after
+    /// every store before it (the idle table's slots).
+    fn set(&self, id: u32, state: VipState) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        assert!(id < self.vips, "VIP id {id} out of range");
+        // SAFETY: inside the mapping (checked above), 4-byte aligned (page-aligned base, 8-byte
+        // elements of two u32 fields).
+        let field = |i: usize| unsafe { &*self.map.ptr.as_ptr().cast::<AtomicU32>().add(id as usize * 2 + i) };
+        const { assert!(std::mem::offset_of!(VipState, active) == 0 && std::mem::offset_of!(VipState, flags) == 4) };
+        field(1).store(state.flags, Ordering::Release);
+        field(0).store(state.active, Ordering::Release);
     }
 }
 
@@ -370,6 +385,13 @@ pub struct XdpDataplane {
     /// `TABLES`, kept open; written through `tables`.
     _tables_map: Array<MapData, TableChunk>,
     tables: MappedTables,
+    vip_state: MappedVipState,
+    /// Grace periods since changes programs may still see the state before of (see the module's
+    /// comment).
+    graces: Graces,
+    /// The change that last removed a `VIPS` key: the element it freed is reused by the next
+    /// insert, so no key is inserted until a grace period has passed since.
+    vips_removed: u64,
     addr_filter_map: Array<MapData, u32>,
     /// What `ADDR_FILTER` holds.
     addr_filter: Vec<u32>,
@@ -399,11 +421,11 @@ pub struct XdpDataplane {
     vips: BTreeMap<VipAddr, VipSlot>,
     /// (VIP, backend key) → id and what is programmed.
     backends: HashMap<(VipAddr, String), BackendSlot>,
-    /// Released VIP ids, oldest first (see `reusable`).
+    /// Released VIP ids, oldest first.
     free_vip_ids: std::collections::VecDeque<FreeVip>,
     next_vip_id: u32,
-    /// Released backend ids and when, oldest first (see `reusable`).
-    free_backend_ids: std::collections::VecDeque<(u32, Instant)>,
+    /// Released backend ids and the change that released them (`Graces::mark`), oldest first.
+    free_backend_ids: std::collections::VecDeque<(u32, u64)>,
     next_backend_id: u32,
     /// Last generation handed out per backend id.
     generations: Vec<u32>,
@@ -655,6 +677,7 @@ impl XdpDataplane {
             .override_global("CT_SHIFT", &ct_shift(ct_sets), true)
             .override_global(aya_log::LEVEL, &opts.log_level, false)
             .map_max_entries(map_names::VIPS, opts.max_vips)
+            .map_max_entries(map_names::VIP_STATE, opts.max_vips)
             .map_max_entries(map_names::BACKENDS, backend_ids(opts.max_backends))
             .map_max_entries(map_names::BACKEND_STATS, backend_ids(opts.max_backends))
             .map_max_entries(map_names::TABLES, table_buffers * table_chunks(opts.table_size))
@@ -671,6 +694,9 @@ impl XdpDataplane {
             vips_map: take(&mut ebpf, map_names::VIPS)?,
             backends_map: take(&mut ebpf, map_names::BACKENDS)?,
             tables: MappedTables::new(&mut ebpf, table_buffers, opts.table_size)?,
+            vip_state: MappedVipState::new(&mut ebpf, opts.max_vips)?,
+            graces: Graces::new(),
+            vips_removed: 0,
             _tables_map: take(&mut ebpf, map_names::TABLES)?,
             addr_filter_map: take(&mut ebpf, map_names::ADDR_FILTER)?,
             addr_filter: vec![0; ADDR_FILTER_WORDS as usize],
@@ -729,8 +755,8 @@ impl XdpDataplane {
         }
         let taken: std::collections::HashSet<u32> = self.reserved.values().copied().collect();
         skip_free_generations(&mut self.generations, &taken);
-        let long_ago = Instant::now() - FLIP_GRACE;
-        self.free_backend_ids.extend((0..n as u32).filter(|id| !taken.contains(id)).map(|id| (id, long_ago)));
+        // Freed before this program was loaded: no run of it ever saw them.
+        self.free_backend_ids.extend((0..n as u32).filter(|id| !taken.contains(id)).map(|id| (id, 0)));
     }
 
     /// Writes the state file if it is out of date (kept dataplanes only). A failure is logged:
@@ -1061,13 +1087,16 @@ impl XdpDataplane {
         Ok(())
     }
 
+    /// A VIP id: a released one once a grace period has passed since (waiting for it if no id
+    /// was never used), else one never used.
     fn alloc_vip(&mut self) -> Result<(u32, [Vec<u32>; 2]), DataplaneError> {
-        if let Some(wait) = self.free_vip_ids.front().and_then(|v| reusable(v.freed, self.next_vip_id < self.opts.max_vips)) {
-            std::thread::sleep(wait);
+        let spare = self.next_vip_id < self.opts.max_vips;
+        if let Some(freed) = self.free_vip_ids.front().map(|v| v.freed).filter(|&f| self.graces.passed(f) || !spare) {
+            self.graces.wait(freed);
             let v = self.free_vip_ids.pop_front().expect("listed");
             return Ok((v.id, v.tables));
         }
-        if self.next_vip_id >= self.opts.max_vips {
+        if !spare {
             return Err(DataplaneError::Capacity { what: "virtual servers", limit: self.opts.max_vips });
         }
         let id = self.next_vip_id;
@@ -1076,24 +1105,31 @@ impl XdpDataplane {
         Ok((id, [zero.clone(), zero]))
     }
 
-    /// A backend id, its counters zero: a freed one (whose counters are moved aside), else one
-    /// never used (zero since the map was created).
+    /// A backend id, its counters zero: a released one (whose counters are moved aside) once a
+    /// grace period has passed since (waiting for it if no id was never used), else one never
+    /// used (zero since the map was created).
     fn alloc_backend(&mut self) -> Result<u32, DataplaneError> {
         let spare = self.next_backend_id < backend_ids(self.opts.max_backends);
-        if let Some(wait) = self.free_backend_ids.front().and_then(|&(_, freed)| reusable(freed, spare)) {
-            std::thread::sleep(wait);
-            let (id, _) = self.free_backend_ids.pop_front().expect("listed");
+        if let Some((id, freed)) = self.free_backend_ids.front().copied().filter(|&(_, f)| self.graces.passed(f) || !spare) {
+            self.graces.wait(freed);
+            self.free_backend_ids.pop_front();
             if let Err(e) = self.reuse_counters(id) {
-                self.free_backend_ids.push_front((id, Instant::now() - FLIP_GRACE));
+                self.free_backend_ids.push_front((id, 0));
                 return Err(e);
             }
             return Ok(id);
         }
-        if self.next_backend_id >= backend_ids(self.opts.max_backends) {
+        if !spare {
             return Err(DataplaneError::Capacity { what: "real servers", limit: self.opts.max_backends });
         }
         self.next_backend_id += 1;
         Ok(self.next_backend_id - 1)
+    }
+
+    /// Returns once a grace period has passed since every change made so far: no program run
+    /// sees anything released or flipped away from (tests and benchmarks, to reuse ids at once).
+    pub fn settle(&self) {
+        self.graces.wait(self.graces.last());
     }
 
     fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
@@ -1102,21 +1138,17 @@ impl XdpDataplane {
     }
 
     /// Makes `table` and `enabled` live for `vip`: a changed table is written into the idle buffer
-    /// (only the slots that differ) and the buffers flip, all in one `VIPS` update.
+    /// (only the slots that differ) and the buffers flip with one store into `VIP_STATE`, as the
+    /// flags are set. A VIP not in `VIPS` yet is inserted then (the only step that can fail).
     fn install(&mut self, vip: &VipAddr, table: Vec<u32>, enabled: bool) -> Result<(), DataplaneError> {
         let slot = self.vips.get_mut(vip).expect("vip allocated");
         let new_table = !slot.installed || slot.tables[slot.active as usize] != table;
         if !new_table && slot.enabled == enabled {
             return Ok(());
         }
-        // What the kernel holds until `write_vip` succeeds: restored if it fails, so that the
-        // next apply does not take the idle buffer for the live one (and write into the live one).
-        let before = (slot.active, slot.last_flip, slot.installed, slot.enabled);
         if new_table {
-            let since = slot.last_flip.elapsed();
-            if since < FLIP_GRACE {
-                std::thread::sleep(FLIP_GRACE - since);
-            }
+            // A reader that picked the idle buffer before the last flip may still be in it.
+            self.graces.wait(slot.last_flip);
             let idle = 1 - slot.active;
             let buffer = slot.id * 2 + idle;
             for (i, (&new, old)) in table.iter().zip(slot.tables[idle as usize].iter_mut()).enumerate() {
@@ -1126,25 +1158,24 @@ impl XdpDataplane {
                 }
             }
             slot.active = idle;
-            slot.last_flip = Instant::now();
-            slot.installed = true;
         }
         slot.enabled = enabled;
-        let written = self.write_vip(vip);
-        if written.is_err() {
-            let slot = self.vips.get_mut(vip).expect("vip allocated");
-            (slot.active, slot.last_flip, slot.installed, slot.enabled) = before;
+        let (id, installed) = (slot.id, slot.installed);
+        self.vip_state.set(id, VipState { active: slot.active, flags: vip_flags(enabled) });
+        if new_table {
+            let flip = self.graces.mark();
+            self.vips.get_mut(vip).expect("vip allocated").last_flip = flip;
         }
-        written
-    }
-
-    /// Writes `vip`'s `VIPS` entry (live table, flags; its backends carry the flags for hits).
-    fn write_vip(&mut self, vip: &VipAddr) -> Result<(), DataplaneError> {
-        let slot = &self.vips[vip];
-        let info = VipInfo { vip_id: slot.id, active: slot.active, flags: vip_flags(slot.enabled), _pad: 0 };
-        self.vips_map
-            .insert(vip_key(vip), info, 0)
-            .map_err(Self::map_err(format!("switching table of {vip}")))
+        if !installed {
+            // The element a removal freed is reused by this insert: a run that found the removed
+            // VIP there would read this one's id.
+            self.graces.wait(self.vips_removed);
+            self.vips_map
+                .insert(vip_key(vip), VipInfo { vip_id: id }, 0)
+                .map_err(Self::map_err(format!("adding {vip}")))?;
+            self.vips.get_mut(vip).expect("vip allocated").installed = true;
+        }
+        Ok(())
     }
 
     /// Writes backend `backend_key` of `vip` dead, then forgets it and frees its id: a failed
@@ -1163,7 +1194,8 @@ impl XdpDataplane {
     /// be read, its figures are lost from the VIP's, but the id is not (it was leaked for good).
     fn free_backend(&mut self, vip: VipAddr, id: u32) -> Result<(), DataplaneError> {
         self.state_dirty = true;
-        self.free_backend_ids.push_back((id, Instant::now()));
+        let freed = self.graces.mark();
+        self.free_backend_ids.push_back((id, freed));
         let counted = Self::sum(&self.backend_stats, id, Counters::add_read)?;
         let serial = match self.vips.get_mut(&vip) {
             Some(slot) => {
@@ -1460,6 +1492,7 @@ impl XdpDataplane {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(Self::map_err(format!("removing {vip}"))(e)),
             }
+            self.vips_removed = self.graces.mark();
             // Out of `VIPS`: should it come back (a reload rolled back after a failure below), it
             // is installed again.
             let slot = self.vips.get_mut(&vip).expect("listed");
@@ -1468,7 +1501,7 @@ impl XdpDataplane {
                 self.retire_backend(vip, backend_key)?;
             }
             let slot = self.vips.remove(&vip).expect("listed");
-            self.free_vip_ids.push_back(FreeVip { id: slot.id, tables: slot.tables, freed: Instant::now() });
+            self.free_vip_ids.push_back(FreeVip { id: slot.id, tables: slot.tables, freed: self.vips_removed });
         }
 
         for svc in services {
@@ -1476,12 +1509,11 @@ impl XdpDataplane {
             if !self.vips.contains_key(&svc.vip) {
                 let (id, tables) = self.alloc_vip()?;
                 self.next_vip_serial += 1;
-                let last_flip = Instant::now() - FLIP_GRACE;
                 let slot = VipSlot {
                     id,
                     active: 1,
                     tables,
-                    last_flip,
+                    last_flip: 0,
                     enabled: svc.enabled,
                     installed: false,
                     applied: None,
@@ -1543,7 +1575,7 @@ impl XdpDataplane {
                         self.reserved.insert(key, id);
                     } else if fresh {
                         // Never written: the id goes back (its counters are zero), reusable at once.
-                        self.free_backend_ids.push_front((id, Instant::now() - FLIP_GRACE));
+                        self.free_backend_ids.push_front((id, 0));
                     }
                     return Err(e);
                 }

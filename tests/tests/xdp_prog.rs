@@ -15,7 +15,7 @@ use lb_userspace::{
     config::Protocol,
     dataplane::{BackendSpec, Dataplane, ServiceSpec, VipAddr},
     maglev::{Maglev, MaglevBackend},
-    xdp::{addr_words, XdpDataplane, XdpOptions, FLIP_GRACE},
+    xdp::{addr_words, XdpDataplane, XdpOptions},
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -428,7 +428,7 @@ fn counts_inner() -> anyhow::Result<()> {
 
     // B's real server gets the freed id (once it may be reused): B starts from zero, A keeps its
     // figures.
-    std::thread::sleep(FLIP_GRACE);
+    dp.settle();
     dp.apply(&[ServiceSpec::new(a, vec![two[1].clone()]), ServiceSpec::new(b, vec![third.clone()])])?;
     let reused = dp.backend_ids(&b);
     assert!(reused.iter().all(|id| freed.contains(id)), "B's real server reuses an id A freed: {reused:?} of {freed:?}");
@@ -446,7 +446,7 @@ fn counts_inner() -> anyhow::Result<()> {
     // A goes, and comes back: the reasons keep everything, the new A starts from zero.
     dp.apply(&[ServiceSpec::new(b, vec![third.clone()])])?;
     assert_eq!(reasons(&dp)?, [(40, ack_bytes), (41, syn_bytes + syn_b)], "after removing A");
-    std::thread::sleep(FLIP_GRACE);
+    dp.settle();
     dp.apply(&[ServiceSpec::new(a, two.clone()), ServiceSpec::new(b, vec![third])])?;
     let s = dp.stats()?;
     assert_eq!(s.vips[&a], Traffic::default(), "A again, with ids of the old A");
@@ -482,7 +482,7 @@ fn reused_inner() -> anyhow::Result<()> {
     dp.apply(&[ServiceSpec::new(a, vec![two[1].clone()])])?;
     let kept = dp.backend_ids(&a);
     let freed: Vec<u32> = before_ids.iter().copied().filter(|id| !kept.contains(id)).collect();
-    std::thread::sleep(FLIP_GRACE);
+    dp.settle();
     let third = backend(13, 80, BE_MAC[2], INGRESS);
     dp.apply(&[ServiceSpec::new(a, vec![two[1].clone()]), ServiceSpec::new(b, vec![third.clone()])])?;
     assert!(dp.backend_ids(&b).iter().all(|id| freed.contains(id)), "B reuses {freed:?}: {:?}", dp.backend_ids(&b));
@@ -497,7 +497,7 @@ fn reused_inner() -> anyhow::Result<()> {
     // only the generation tells the old entries from the new real server's.
     dp.apply(&[ServiceSpec::new(b, vec![third.clone()])])?;
     let freed = kept;
-    std::thread::sleep(FLIP_GRACE);
+    dp.settle();
     dp.apply(&[ServiceSpec::new(a, vec![backend(14, 80, BE_MAC[0], INGRESS)]), ServiceSpec::new(b, vec![third])])?;
     assert!(dp.backend_ids(&a).iter().all(|id| freed.contains(id)), "A's new real server reuses {freed:?}: {:?}", dp.backend_ids(&a));
     let (hits, new) = (reason_packets(&dp, "conntrack-hit"), reason_packets(&dp, "new-flow"));
@@ -729,10 +729,10 @@ fn undo_inner() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ids released by an apply are not given out again within `FLIP_GRACE`, so a VIP that replaces
-/// another in one apply shares neither its VIP id nor a backend id with it (a program run still
-/// reading the old VIP could otherwise forward to the new one's real servers); at the limits,
-/// the apply waits for the grace instead of failing.
+/// Ids released by an apply are not given out again before an RCU grace period has passed, so a
+/// VIP that replaces another in one apply shares neither its VIP id nor a backend id with it (a
+/// program run still reading the old VIP could otherwise forward to the new one's real servers);
+/// at the limits, the apply waits for the grace period instead of failing.
 #[test]
 fn released_ids_are_not_reused_at_once() -> anyhow::Result<()> {
     in_own_netns("lbdt-reuse", reuse_inner)
