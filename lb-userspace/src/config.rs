@@ -286,6 +286,10 @@ pub struct RealServer {
     /// `address` (required): used to find the real server's MAC address (and for health checks).
     /// With `mode = "ipvs"`, of the virtual server's family unless `forwarding = "tunnel"`.
     pub address: IpAddr,
+    /// Where the `address` value is in the file (for mistakes only lbd run finds, such as an
+    /// address of the director itself).
+    #[serde(skip)]
+    pub address_span: Span,
     /// `port`: defaults to the virtual server's port. DSR cannot rewrite ports, so a given port
     /// must equal the virtual server's, unless that is 0 (every port).
     pub port: u16,
@@ -1127,6 +1131,7 @@ impl Validator<'_> {
         let notify_down = self.check_optional(&raw.notify_down, |c| c.checked("notify_down"));
         Some(RealServer {
             address: address?,
+            address_span: self.lines.position(raw.address.span().start),
             port: port?,
             weight: weight?,
             mac: mac?,
@@ -1839,6 +1844,7 @@ port = 8080
                     real_servers: vec![
                         RealServer {
                             address: v4(192, 0, 2, 21),
+                            address_span: Span { line: 18, col: 11 },
                             port: 443,
                             weight: 0,
                             mac: Some([0x02, 0, 0, 0xab, 0xcd, 0x01]),
@@ -1852,6 +1858,7 @@ port = 8080
                         },
                         RealServer {
                             address: v4(192, 0, 2, 22),
+                            address_span: Span { line: 25, col: 11 },
                             port: 443,
                             weight: 1,
                             mac: None,
@@ -1884,6 +1891,7 @@ port = 8080
                     alpha: false,
                     real_servers: vec![RealServer {
                         address: v6("2001:db8::21"),
+                        address_span: Span { line: 32, col: 11 },
                         port: 8080,
                         weight: 1,
                         mac: None,

@@ -17,7 +17,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot, watch, Mutex},
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{Config, Director, Mode, Protocol, XdpMode},
@@ -30,7 +30,7 @@ use crate::{
         CheckConfig, CheckKey, HealthEvent, ProbeTarget, Quorum, QuorumChange, Scheduler, SchedulerOptions, VipPath,
     },
     links::{LinkWatcher, Links},
-    neigh::{Mac, NeighEvent, NeighKey, Resolver},
+    neigh::{Mac, NeighEvent, NeighKey, Resolver, RouteTo},
     status::{format_mac, HealthStatus, RealServerStatus, ReasonStatus, Status, TrafficStatus, VirtualServerStatus},
     ipvs_dataplane::IpvsDataplane,
     vrrp::{VrrpHandle, VrrpSpec, VrrpState},
@@ -61,6 +61,9 @@ pub struct Controller {
     /// Last known MAC per backend address; kept when the kernel forgets the entry (the XDP path
     /// bypasses the kernel, so its neighbour entries go stale and get collected).
     macs: HashMap<NeighKey, Mac>,
+    /// What is wrong with a backend's neighbour entry, for `lbd status`: it was lost (lbd still
+    /// forwards to its last MAC) or never resolved. Until it resolves again.
+    neigh_problems: HashMap<NeighKey, String>,
     /// Real servers drained from the CLI: weight 0 until enabled or a config change
     /// to them.
     drained: BTreeSet<(VipAddr, String)>,
@@ -161,6 +164,7 @@ impl Controller {
             dataplane,
             ifaces,
             macs: HashMap::new(),
+            neigh_problems: HashMap::new(),
             drained: BTreeSet::new(),
             started: Instant::now(),
             description: String::new(),
@@ -528,9 +532,55 @@ impl Controller {
     /// Records a neighbour event; true when a MAC the dataplane uses changed.
     pub fn on_neigh(&mut self, ev: &NeighEvent) -> bool {
         match ev {
-            NeighEvent::Reachable { key, mac } => self.macs.insert(*key, *mac) != Some(*mac),
+            NeighEvent::Reachable { key, mac } => {
+                self.neigh_problems.remove(key);
+                self.macs.insert(*key, *mac) != Some(*mac)
+            }
             // Keep forwarding with the last known MAC; the resolver asks the kernel again.
-            NeighEvent::Gone { .. } => false,
+            NeighEvent::Gone { key } => {
+                let problem = match self.macs.get(key) {
+                    Some(mac) => format!("neighbour entry failed or deleted; still sending to {}", format_mac(mac)),
+                    None => "neighbour entry failed or deleted".to_string(),
+                };
+                self.neigh_problems.insert(*key, problem);
+                false
+            }
+            NeighEvent::Unresolved { key, route } => {
+                let mut problem = unresolved_reason(*key, route, |i| self.iface_name(i));
+                if let Some(mac) = self.macs.get(key) {
+                    problem = format!("{problem}; still sending to {}", format_mac(mac));
+                }
+                self.neigh_problems.insert(*key, problem);
+                false
+            }
+        }
+    }
+
+    /// The name of interface `ifindex`: one the config names, else the kernel's, else
+    /// "ifindex N".
+    fn iface_name(&self, ifindex: u32) -> String {
+        let configured = self.ifaces.iter().filter(|(_, i)| i.ifindex == ifindex).map(|(name, _)| name).min();
+        match configured {
+            Some(name) => name.clone(),
+            None => nix::net::if_::if_indextoname(ifindex)
+                .ok()
+                .and_then(|n| n.into_string().ok())
+                .unwrap_or_else(|| format!("ifindex {ifindex}")),
+        }
+    }
+
+    /// "real server" or "sorry server", for log lines about neighbour `key`.
+    fn backend_kind(&self, key: &NeighKey) -> &'static str {
+        let director = self.ifaces.get(&self.config.director.interface).map(|i| i.ifindex);
+        let sorry = self.config.virtual_servers.iter().filter_map(|vs| vs.sorry_server).any(|s| s.ip() == key.addr);
+        // The real servers (thousands, maybe) only for a sorry server's address.
+        if sorry
+            && director == Some(key.ifindex)
+            && !self.config.virtual_servers.iter().flat_map(|vs| &vs.real_servers).any(|rs| rs.address == key.addr)
+        {
+            "sorry server"
+        } else {
+            "real server"
         }
     }
 
@@ -564,6 +614,7 @@ impl Controller {
             .collect();
         self.macs.retain(|k, _| !moved.contains_key(&k.ifindex));
         self.macs.extend(carried);
+        self.neigh_problems.retain(|k, _| !moved.contains_key(&k.ifindex));
         self.sync_checks();
         let applied = self.apply();
         followed.and(applied).map(|()| true)
@@ -839,6 +890,7 @@ impl Controller {
                             state: if serving { "serving" } else { "standby" }.to_string(),
                             drained: false,
                             mac: self.macs.get(&NeighKey { ifindex: iface.ifindex, addr: sorry.ip() }).map(format_mac),
+                            neighbour: self.neigh_problems.get(&NeighKey { ifindex: iface.ifindex, addr: sorry.ip() }).cloned(),
                             interface: self.config.director.interface.clone(),
                             slots: st.slots,
                             share_percent: st.slots.map(|s| (s as f64 * 1000.0 / table).round() / 10.0),
@@ -883,6 +935,10 @@ impl Controller {
                                 state: state.to_string(),
                                 drained,
                                 mac: mac.as_ref().map(format_mac),
+                                neighbour: match rs.mac {
+                                    Some(_) => None,
+                                    None => self.neigh_problems.get(&NeighKey { ifindex: iface.ifindex, addr: rs.address }).cloned(),
+                                },
                                 interface: self.iface_of(&rs.interface).to_string(),
                                 slots: st.slots,
                                 share_percent: st.slots.map(|s| (s as f64 * 1000.0 / table).round() / 10.0),
@@ -1022,6 +1078,35 @@ pub fn resolve_ifaces(config: &Config, file: &Path) -> anyhow::Result<HashMap<St
         }
     }
     Ok(ifaces)
+}
+
+/// In XDP mode (and `mode = "auto"`, whose config follows XDP's rules) a real server or sorry
+/// server must be another host on the director's segment: one at an address of the director
+/// itself (`addresses`, see [`interface_addresses`]) never resolves (the director would ARP for
+/// itself). Refuses a config naming one, at its `address` in `file` (its virtual server for a
+/// sorry server), with the interface that holds the address.
+pub fn refuse_own_addresses(config: &Config, file: &Path, addresses: &HashMap<String, Vec<IpAddr>>) -> Result<(), ConfigMistake> {
+    let holder = |addr: IpAddr| addresses.iter().filter(|(_, a)| a.contains(&addr)).map(|(name, _)| name).min();
+    let refuse = |at: crate::config::Span, what: &str, addr: IpAddr, iface: &String| {
+        ConfigMistake(format!(
+            "{}:{}:{}: {what} {addr} is an address of this director (on interface {iface}): in XDP mode a real server \
+             must be another host on the director's segment, which the director sends frames to by its MAC",
+            file.display(),
+            at.line,
+            at.col
+        ))
+    };
+    for vs in &config.virtual_servers {
+        for rs in &vs.real_servers {
+            if let Some(iface) = holder(rs.address) {
+                return Err(refuse(rs.address_span, "real server", rs.address, iface));
+            }
+        }
+        if let Some((sorry, iface)) = vs.sorry_server.and_then(|s| Some((s.ip(), holder(s.ip())?))) {
+            return Err(refuse(vs.span, "sorry server", sorry, iface));
+        }
+    }
+    Ok(())
 }
 
 /// A mistake in the config found only when lbd starts (an interface it names is not there):
@@ -1208,12 +1293,90 @@ struct QuorumNews {
     env: Vec<(String, String)>,
 }
 
-/// [`Controller::on_neigh`], logged.
+/// [`Controller::on_neigh`], logged: a MAC resolved (info), changed (info, with the old one), a
+/// neighbour entry lost (warn, once per loss), a backend unresolved [`crate::neigh::UNRESOLVED_REPORT`]
+/// after it was configured or lost (warn, once, with what the kernel's routing says).
 fn on_neigh(ctl: &mut Controller, ev: &NeighEvent) -> bool {
-    if let NeighEvent::Reachable { key, mac } = ev {
-        info!(address = %key.addr, mac = %format_mac(mac), "real server MAC resolved");
+    let key = ev.key();
+    let (kind, interface) = (ctl.backend_kind(&key), ctl.iface_name(key.ifindex));
+    let old = ctl.macs.get(&key).copied();
+    let had_problem = ctl.neigh_problems.contains_key(&key);
+    match ev {
+        NeighEvent::Reachable { mac, .. } => match old {
+            None => info!(address = %key.addr, %interface, mac = %format_mac(mac), "{kind} MAC resolved"),
+            Some(old) if old != *mac => info!(
+                address = %key.addr,
+                %interface,
+                old_mac = %format_mac(&old),
+                mac = %format_mac(mac),
+                "{kind} {} on {interface} changed its MAC from {} to {}",
+                key.addr,
+                format_mac(&old),
+                format_mac(mac)
+            ),
+            Some(_) if had_problem => {
+                info!(address = %key.addr, %interface, mac = %format_mac(mac), "{kind} resolved again, same MAC")
+            }
+            Some(_) => {}
+        },
+        NeighEvent::Gone { .. } => match old {
+            Some(old) => warn!(
+                address = %key.addr,
+                %interface,
+                mac = %format_mac(&old),
+                "{kind} {} on {interface}: its neighbour entry failed or was deleted (no ARP/NDP answer?); still \
+                 sending to its last MAC {} while resolving it again",
+                key.addr,
+                format_mac(&old)
+            ),
+            None => debug!(address = %key.addr, %interface, "neighbour entry of an unresolved {kind} gone"),
+        },
+        NeighEvent::Unresolved { route, .. } => {
+            let why = unresolved_reason(key, route, |i| ctl.iface_name(i));
+            let secs = crate::neigh::UNRESOLVED_REPORT.as_secs();
+            match old {
+                None => warn!(
+                    address = %key.addr,
+                    %interface,
+                    "{kind} {} on {interface} is still unresolved after {secs} s: {why}; it gets no traffic until it \
+                     resolves",
+                    key.addr
+                ),
+                Some(old) => warn!(
+                    address = %key.addr,
+                    %interface,
+                    mac = %format_mac(&old),
+                    "{kind} {} on {interface} is still unresolved {secs} s after its neighbour entry was lost: {why}; \
+                     still sending to its last MAC {}",
+                    key.addr,
+                    format_mac(&old)
+                ),
+            }
+        }
     }
     ctl.on_neigh(ev)
+}
+
+/// Why backend `key` may not resolve, from how the kernel routes its address (`route`); `name`
+/// names an interface index. A DSR backend must be on the link of the interface it is reached by.
+fn unresolved_reason(key: NeighKey, route: &RouteTo, name: impl Fn(u32) -> String) -> String {
+    let (addr, iface) = (key.addr, name(key.ifindex));
+    let off_link = "a DSR real server must be on the director's segment";
+    match route {
+        RouteTo::Direct { ifindex } if *ifindex == key.ifindex => {
+            format!("no ARP/NDP answer from {addr} on {iface} (is it up, and is the address right?)")
+        }
+        RouteTo::Direct { ifindex } => {
+            format!("{addr} is not on {iface}'s link: the kernel routes it out of {}; {off_link}", name(*ifindex))
+        }
+        RouteTo::Gateway { gateway, ifindex } => {
+            let out = ifindex.filter(|&i| i != key.ifindex).map(|i| format!(" out of {}", name(i))).unwrap_or_default();
+            format!("{addr} is not on {iface}'s link: the kernel routes it via {gateway}{out}; {off_link}")
+        }
+        RouteTo::Local => format!("{addr} is an address of this director"),
+        RouteTo::NoRoute(why) => format!("the kernel has no route to {addr} ({why}); {off_link}"),
+        RouteTo::Unknown(why) => format!("no ARP/NDP answer from {addr} on {iface} (its route could not be read: {why})"),
+    }
 }
 
 /// How long a start that takes over a kept fast path waits for the real servers' MACs (the
@@ -1301,6 +1464,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // Before the interfaces are looked up: none can be created again unseen after that.
     let (_links, mut links_rx) = LinkWatcher::start().context("starting the interface watcher")?;
     let ifaces = resolve_ifaces(&config, config_path)?;
+    // Before anything is attached: a refused start must not leave a fast path behind.
+    if d.mode != Mode::Ipvs {
+        refuse_own_addresses(&config, config_path, &interface_addresses())?;
+    }
     let picked = pick_dataplane(&config)?;
     info!(
         dataplane = %picked.description,
@@ -1335,15 +1502,19 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 
     info!(socket = %d.control_socket.display(), "control socket ready");
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlMsg>(16);
+    // Scrapes have a queue of their own, served after everything else (see `answer_status`):
+    // `lbd status` never waits behind them. Each metrics connection waits for one answer at a
+    // time, so the queue holds no more than the metrics connections.
+    let (scrape_tx, mut scrape_rx) = mpsc::channel::<ControlMsg>(crate::metrics::MAX_CONNECTIONS);
     if let Some(metrics) = metrics {
         info!(address = %metrics.local_addr()?, "metrics ready at /metrics");
-        tokio::spawn(crate::metrics::serve(metrics, ctl_tx.clone()));
+        tokio::spawn(crate::metrics::serve(metrics, scrape_tx));
     }
     let accepting = tokio::spawn(accept_loop(listener, ctl_tx));
     // `Type=notify`: `systemctl start lbd` returns once this is said, and fails if lbd exits first.
     tell_systemd(&[NotifyState::Ready, NotifyState::Status(&serving(&ctl))]);
 
-    let scans = Arc::new(Mutex::new(()));
+    let scans = Scans::default();
     loop {
         tokio::select! {
             // Health events before anything else, so that a status request waiting beside one
@@ -1378,7 +1549,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             Some((req, reply)) = ctl_rx.recv() => {
                 let resp = match req {
                     Request::Status => {
-                        answer_status(&mut ctl, &mut health_rx, vrrp.as_ref(), reply, &scans);
+                        answer_status(&mut ctl, &mut health_rx, vrrp.as_ref(), reply, &scans, std::time::Duration::ZERO);
                         continue;
                     }
                     Request::Reload => {
@@ -1404,6 +1575,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            // Last: scrapes never hold back a health event, a command or a signal. The metrics
+            // endpoint only asks for the status.
+            Some((_, reply)) = scrape_rx.recv() => {
+                answer_status(&mut ctl, &mut health_rx, vrrp.as_ref(), reply, &scans, SCRAPE_COUNT_AGE);
+            }
         }
     }
     tell_systemd(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
@@ -1411,6 +1587,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // connection is refused, as after the exit. The claim (the lock) stays until lbd exits.
     accepting.abort();
     drop(ctl_rx);
+    drop(scrape_rx);
     claim.remove_socket();
     // Before the dataplane goes: masters send priority 0, so the backup takes over at once.
     stop_vrrp(&mut ctl, &mut vrrp).await;
@@ -1449,7 +1626,11 @@ fn reload(ctl: &mut Controller, resolver: &Resolver, watched: &mut BTreeSet<Neig
     let new = Config::load(&path).map_err(|e| ConfigMistake(e.to_string()))?;
     log_warnings(&new);
     let ifaces = resolve_ifaces(&new, &path)?;
-    ctl.set_addresses(interface_addresses());
+    let addresses = interface_addresses();
+    if ctl.dataplane().needs_macs() {
+        refuse_own_addresses(&new, &path, &addresses)?;
+    }
+    ctl.set_addresses(addresses);
     check_vrrp_ifaces(&new.vrrp)?;
     ctl.reload(new, ifaces)?;
     let now = ctl.neigh_keys();
@@ -1592,18 +1773,36 @@ async fn vrrp_changed(vrrp: &mut Option<Vrrp>) -> Result<(), watch::error::RecvE
     }
 }
 
+/// How old a connection count a metrics scrape takes rather than scanning again. A scan of the
+/// XDP connection tables takes 15-18 ms at a million entries: scrapers asking back to back would
+/// keep one running all the time, and `lbd status` would wait behind them.
+const SCRAPE_COUNT_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The last connection count a status request scanned: when the scan started, and what it found.
+/// Its lock is held for a whole scan: one scan at a time (see [`answer_status`]).
+type Scans = Arc<Mutex<Option<(tokio::time::Instant, u64)>>>;
+
 /// Answers a status request. The counters and the controller's state are read here; a connection
 /// count that scans whole tables (XDP: 50 ms for 4 million empty entries, 200 ms for 16 million)
 /// runs on a blocking thread, one scan at a time (`scans`), and the answer goes out when it is
 /// done. Meanwhile the run loop goes on applying health events and VRRP transitions, which a
 /// scan on the loop held back for its whole length at every status request.
+///
+/// Requests waiting for the scan in progress share the next one: a scan that started after a
+/// request arrived counts what a scan of its own would, so it is taken rather than run again
+/// (a request waits for two scans at most, however many wait with it). A scrape also takes a
+/// count that started at most `reuse` before it arrived ([`SCRAPE_COUNT_AGE`]; `lbd status`
+/// passes zero, and always gets a count that started after it asked): scrapes scan at most
+/// about once per `reuse`, whatever their number, and never keep `lbd status` waiting for long.
 fn answer_status(
     ctl: &mut Controller,
     health_rx: &mut mpsc::Receiver<HealthEvent>,
     vrrp: Option<&Vrrp>,
     reply: oneshot::Sender<Response>,
-    scans: &Arc<Mutex<()>>,
+    scans: &Scans,
+    reuse: std::time::Duration,
 ) {
+    let asked = tokio::time::Instant::now();
     let stats = match ctl.dataplane().stats() {
         Ok(stats) => stats,
         Err(e) => {
@@ -1623,8 +1822,20 @@ fn answer_status(
     };
     let scans = scans.clone();
     tokio::spawn(async move {
-        let _one_at_a_time = scans.lock().await;
-        let resp = match tokio::task::spawn_blocking(count).await {
+        let mut last = scans.lock().await;
+        let counted = match *last {
+            Some((started, n)) if asked.saturating_duration_since(started) <= reuse => Ok(n),
+            _ => {
+                let started = tokio::time::Instant::now();
+                let counted = tokio::task::spawn_blocking(count).await;
+                if let Ok(n) = counted {
+                    *last = Some((started, n));
+                }
+                counted
+            }
+        };
+        drop(last);
+        let resp = match counted {
             Ok(n) => {
                 status.conntrack_entries = n;
                 answer(status)
@@ -1947,6 +2158,101 @@ mod tests {
         assert_eq!(fake.calls().iter().filter(|c| matches!(c, FakeCall::LinksChanged(_))).count(), 3);
     }
 
+    /// A lost neighbour entry (lbd still sends to the last MAC) and a real server that does not
+    /// resolve show in the status, until they resolve.
+    #[test]
+    fn status_shows_a_lost_or_unresolved_neighbour_until_it_resolves() {
+        let (mut ctl, _) = controller(config("", &["address = \"10.0.0.11\"", "address = \"10.0.0.12\""]));
+        let seen = |ctl: &Controller| -> Vec<(String, Option<String>, Option<String>)> {
+            let st = ctl.status(&DataplaneStats::default());
+            st.virtual_servers[0].real_servers.iter().map(|r| (r.state.clone(), r.mac.clone(), r.neighbour.clone())).collect()
+        };
+        let mac = [2, 0, 0, 0, 0, 0xb];
+        assert!(ctl.on_neigh(&NeighEvent::Reachable { key: key("10.0.0.11"), mac }));
+        assert!(!ctl.on_neigh(&NeighEvent::Gone { key: key("10.0.0.11") }), "the last MAC stays in use");
+        let route = RouteTo::Gateway { gateway: "10.0.9.254".parse().unwrap(), ifindex: Some(ETH0.ifindex) };
+        assert!(!ctl.on_neigh(&NeighEvent::Unresolved { key: key("10.0.0.12"), route }));
+        let lost = "neighbour entry failed or deleted; still sending to 02:00:00:00:00:0b";
+        let off_link = "10.0.0.12 is not on eth0's link: the kernel routes it via 10.0.9.254; a DSR real server must be on \
+                        the director's segment";
+        let mac_text = Some("02:00:00:00:00:0b".to_string());
+        assert_eq!(
+            seen(&ctl),
+            [("up".into(), mac_text.clone(), Some(lost.into())), ("unresolved".into(), None, Some(off_link.into()))]
+        );
+        // Still unresolved 5 s after the loss: why, and the MAC still used.
+        let route = RouteTo::Direct { ifindex: ETH0.ifindex };
+        ctl.on_neigh(&NeighEvent::Unresolved { key: key("10.0.0.11"), route });
+        let silent = "no ARP/NDP answer from 10.0.0.11 on eth0 (is it up, and is the address right?); still sending to \
+                      02:00:00:00:00:0b";
+        assert_eq!(seen(&ctl)[0].2.as_deref(), Some(silent));
+        assert!(!ctl.on_neigh(&NeighEvent::Reachable { key: key("10.0.0.11"), mac }), "back with the same MAC");
+        assert!(ctl.on_neigh(&NeighEvent::Reachable { key: key("10.0.0.12"), mac: [2, 0, 0, 0, 0, 0xc] }));
+        assert!(seen(&ctl).iter().all(|(state, _, neighbour)| state == "up" && neighbour.is_none()), "{:?}", seen(&ctl));
+    }
+
+    /// What the warning about a real server still unresolved says, from the kernel's route to it.
+    #[test]
+    fn an_unresolved_real_server_is_explained_by_its_route() {
+        let name = |i: u32| match i {
+            2 => "eth0".to_string(),
+            3 => "eth1".to_string(),
+            i => format!("ifindex {i}"),
+        };
+        let k = key("10.98.0.5");
+        let why = |route: RouteTo| unresolved_reason(k, &route, name);
+        let gateway = "10.99.0.254".parse().unwrap();
+        assert_eq!(
+            why(RouteTo::Gateway { gateway, ifindex: Some(2) }),
+            "10.98.0.5 is not on eth0's link: the kernel routes it via 10.99.0.254; a DSR real server must be on the \
+             director's segment"
+        );
+        assert_eq!(
+            why(RouteTo::Gateway { gateway, ifindex: Some(3) }),
+            "10.98.0.5 is not on eth0's link: the kernel routes it via 10.99.0.254 out of eth1; a DSR real server must \
+             be on the director's segment"
+        );
+        assert_eq!(
+            why(RouteTo::Direct { ifindex: 3 }),
+            "10.98.0.5 is not on eth0's link: the kernel routes it out of eth1; a DSR real server must be on the \
+             director's segment"
+        );
+        assert_eq!(why(RouteTo::Direct { ifindex: 2 }), "no ARP/NDP answer from 10.98.0.5 on eth0 (is it up, and is the address right?)");
+        assert_eq!(why(RouteTo::Local), "10.98.0.5 is an address of this director");
+        assert_eq!(
+            why(RouteTo::NoRoute("Network is unreachable (os error 101)".into())),
+            "the kernel has no route to 10.98.0.5 (Network is unreachable (os error 101)); a DSR real server must be on \
+             the director's segment"
+        );
+        assert!(why(RouteTo::Unknown("EBUSY".into())).starts_with("no ARP/NDP answer from 10.98.0.5 on eth0"));
+    }
+
+    /// In XDP mode a real server or sorry server at an address of the director is refused where
+    /// the file names it, with the interface that holds the address.
+    #[test]
+    fn a_real_server_at_an_own_address_is_refused() {
+        let ip = |a: &str| -> IpAddr { a.parse().unwrap() };
+        let addresses = HashMap::from([
+            ("eth0".to_string(), vec![ip("10.0.0.1"), ip("10.0.0.12"), ip("fe80::1")]),
+            ("lo".to_string(), vec![ip("127.0.0.1"), ip("::1")]),
+        ]);
+        let file = Path::new("/etc/lbd/lbd.toml");
+        let cfg = config("", &["address = \"10.0.0.11\"", "address = \"10.0.0.12\""]);
+        let err = refuse_own_addresses(&cfg, file, &addresses).unwrap_err().to_string();
+        assert!(
+            err.starts_with("/etc/lbd/lbd.toml:10:11: real server 10.0.0.12 is an address of this director (on interface eth0): "),
+            "{err}"
+        );
+        let cfg = config("", &["address = \"10.0.0.11\""]);
+        assert!(refuse_own_addresses(&cfg, file, &addresses).is_ok());
+
+        let text = "[director]\ninterface = \"eth0\"\n\n[[virtual_server]]\naddress = \"10.0.0.100\"\nport = 80\n\
+                    sorry_server = \"10.0.0.1:80\"\n";
+        let cfg = Config::parse(text, "test.toml").expect("valid config");
+        let err = refuse_own_addresses(&cfg, file, &addresses).unwrap_err().to_string();
+        assert!(err.starts_with("/etc/lbd/lbd.toml:4:1: sorry server 10.0.0.1 is an address of this director (on interface eth0)"), "{err}");
+    }
+
     /// A status whose connection count scans tables is answered off the run loop: the call
     /// returns while the count still runs (the loop could apply a health event or a failover
     /// meanwhile), and the answer, sent when the count is done, carries it.
@@ -1965,9 +2271,9 @@ mod tests {
             }
         });
         let (_health_tx, mut health_rx) = mpsc::channel(1);
-        let scans = Arc::new(Mutex::new(()));
+        let scans = Scans::default();
         let (reply, mut answer) = oneshot::channel();
-        answer_status(&mut ctl, &mut health_rx, None, reply, &scans);
+        answer_status(&mut ctl, &mut health_rx, None, reply, &scans, std::time::Duration::ZERO);
         assert!(
             matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
             "answered before the count was done: the count ran on the loop"
@@ -1979,6 +2285,60 @@ mod tests {
         let resp = tokio::time::timeout(std::time::Duration::from_secs(10), answer).await.unwrap().unwrap();
         assert!(resp.ok, "{resp:?}");
         assert_eq!(resp.status.unwrap().conntrack_entries, 1234);
+    }
+
+    /// Status requests waiting for a scan share the next one, and a scrape takes a count up to
+    /// its `reuse` old: many scrapes do not queue one scan each in front of `lbd status`.
+    #[tokio::test]
+    async fn status_requests_share_connection_counts() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::time::Duration;
+        let (mut ctl, fake) = controller(config("", &["address = \"10.0.0.11\"\nmac = \"02:00:00:00:00:0b\""]));
+        ctl.apply().unwrap();
+        // Each scan answers its own number; the first waits to be released.
+        let scans_run = Arc::new(AtomicU64::new(0));
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = std::sync::Mutex::new(released);
+        let run = scans_run.clone();
+        fake.count_connections_with(move || {
+            let n = run.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == 1 {
+                let _ = released.lock().unwrap().recv_timeout(Duration::from_secs(5));
+            }
+            n
+        });
+        let (_health_tx, mut health_rx) = mpsc::channel(1);
+        let scans = Scans::default();
+        let mut ask = |reuse: Duration| {
+            let (reply, answer) = oneshot::channel();
+            answer_status(&mut ctl, &mut health_rx, None, reply, &scans, reuse);
+            async move {
+                let resp = tokio::time::timeout(Duration::from_secs(10), answer).await.unwrap().unwrap();
+                resp.status.as_ref().unwrap_or_else(|| panic!("{resp:?}")).conntrack_entries
+            }
+        };
+        let first = ask(Duration::ZERO);
+        let first = tokio::spawn(first);
+        while scans_run.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Three ask while scan 1 runs: none takes it (it started before they asked); the first of
+        // them to get the lock runs scan 2, which the others take.
+        let waiting = [ask(Duration::ZERO), ask(Duration::ZERO), ask(SCRAPE_COUNT_AGE)];
+        release.send(()).unwrap();
+        assert_eq!(first.await.unwrap(), 1);
+        for w in waiting {
+            assert_eq!(w.await, 2);
+        }
+        assert_eq!(scans_run.load(Ordering::SeqCst), 2);
+        // A scrape takes a recent count; `lbd status` scans again, and a scrape after it takes its.
+        assert_eq!(ask(SCRAPE_COUNT_AGE).await, 2);
+        assert_eq!(ask(Duration::ZERO).await, 3);
+        assert_eq!(ask(SCRAPE_COUNT_AGE).await, 3);
+        // A count older than `reuse` is scanned again.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(ask(Duration::from_millis(50)).await, 4);
+        assert_eq!(scans_run.load(Ordering::SeqCst), 4);
     }
 
     #[test]
@@ -2126,6 +2486,7 @@ mod tests {
                     ok,
                     reason: if ok { "connected" } else { "connection refused" }.into(),
                     weight: None,
+                    not_run: false,
                 }
             })
         }

@@ -4,13 +4,15 @@
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request as HttpRequest, Response as HttpResponse, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::debug;
 
 use crate::control::{Request, Response};
@@ -27,8 +29,41 @@ type Labels = Vec<(&'static str, String)>;
 /// A counter family drawn from a struct: (name or suffix, help, the value).
 type Field<T> = (&'static str, &'static str, fn(&T) -> u64);
 
-/// Serves `GET /metrics` on `listener` until the run loop goes (`tx` closed).
+/// The most metrics connections served at once, as on the control socket. One more is answered
+/// 503 at once and closed: each connection holds a descriptor, and the health checks need theirs
+/// (a thousand idle scrapers once took all 1024, and every check then failed).
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long a metrics connection may last, whatever it does (hyper only times a request's
+/// header: a client that stops reading its answer held its connection for ever). Then a request
+/// in flight is finished and the connection closed; an idle one closes at once.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a connection past [`CONNECTION_DEADLINE`] may take to finish its answer before it is
+/// closed anyway (a client that does not read it).
+pub const FINISH_GRACE: Duration = Duration::from_secs(5);
+
+/// The bounds of [`serve`]'s connections.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// [`MAX_CONNECTIONS`].
+    connections: usize,
+    /// [`CONNECTION_DEADLINE`].
+    deadline: Duration,
+    /// [`FINISH_GRACE`].
+    grace: Duration,
+}
+
+const LIMITS: Limits = Limits { connections: MAX_CONNECTIONS, deadline: CONNECTION_DEADLINE, grace: FINISH_GRACE };
+
+/// Serves `GET /metrics` on `listener` until the run loop goes (`tx` closed), at most
+/// [`MAX_CONNECTIONS`] connections at once, each for at most [`CONNECTION_DEADLINE`] (and
+/// [`FINISH_GRACE`]). A scrape waits for the run loop's answer, so the cap also bounds the status
+/// requests scrapes have waiting there at any time.
 pub async fn serve(listener: TcpListener, tx: mpsc::Sender<(Request, oneshot::Sender<Response>)>) {
+    serve_limited(listener, tx, LIMITS).await
+}
+
+async fn serve_limited(listener: TcpListener, tx: mpsc::Sender<(Request, oneshot::Sender<Response>)>, limits: Limits) {
+    let slots = Arc::new(Semaphore::new(limits.connections));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -37,6 +72,13 @@ pub async fn serve(listener: TcpListener, tx: mpsc::Sender<(Request, oneshot::Se
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // No task and no wait: the descriptor is closed before the next accept. A client
+            // that sent its request already may see a reset rather than the 503.
+            let _ = stream.try_write(busy(limits.connections).as_bytes());
+            debug!("metrics connection refused: {} are open already", limits.connections);
+            continue;
+        };
         let tx = tx.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| answer(req, tx.clone()));
@@ -44,11 +86,37 @@ pub async fn serve(listener: TcpListener, tx: mpsc::Sender<(Request, oneshot::Se
             // request's header (a stalled or idle client does not hold its task forever).
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new());
-            if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let done = match tokio::time::timeout(limits.deadline, conn.as_mut()).await {
+                Ok(done) => done,
+                Err(_) => {
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(limits.grace, conn).await {
+                        Ok(done) => done,
+                        Err(_) => {
+                            debug!("metrics connection: closed with its answer unfinished {:?} after its deadline", limits.grace);
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = done {
                 debug!("metrics connection: {e}");
             }
+            drop(slot);
         });
     }
+}
+
+/// The whole answer to a connection beyond `max`.
+fn busy(max: usize) -> String {
+    let body = format!("lbd is busy: {max} metrics connections are open already; try again\n");
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+         connection: close\r\nretry-after: 1\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 async fn answer(
@@ -59,7 +127,9 @@ async fn answer(
         return Ok(plain(StatusCode::NOT_FOUND, "lbd serves its metrics at /metrics\n".into()));
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".into()));
+        let mut resp = plain(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".into());
+        resp.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+        return Ok(resp);
     }
     let (otx, orx) = oneshot::channel();
     let status = match tx.send((Request::Status, otx)).await {
@@ -464,6 +534,97 @@ mod tests {
         assert!(elsewhere.starts_with("HTTP/1.1 404 Not Found\r\n"), "{elsewhere}");
         let post = http(addr, &format!("POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n{close}")).await;
         assert!(post.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{post}");
+        assert!(post.contains("\r\nallow: GET, HEAD\r\n"), "{post}");
+    }
+
+    /// The run loop's part for tests that only scrape: every status request gets [`status`].
+    fn answer_every_status(mut rx: mpsc::Receiver<(Request, oneshot::Sender<Response>)>) {
+        tokio::spawn(async move {
+            while let Some((_, reply)) = rx.recv().await {
+                let _ = reply.send(Response { ok: true, status: Some(status()), ..Default::default() });
+            }
+        });
+    }
+
+    /// With [`MAX_CONNECTIONS`] connections open (idle), one more is answered 503 and closed at
+    /// once, while those open are still served; once one of them closes, a new one is served.
+    #[tokio::test]
+    async fn a_connection_beyond_the_cap_is_answered_503_and_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel(MAX_CONNECTIONS);
+        answer_every_status(rx);
+        tokio::spawn(serve(listener, tx));
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(2), extra.read_to_string(&mut out))
+            .await
+            .expect("the connection beyond the cap was kept open")
+            .unwrap();
+        assert!(out.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\nlbd is busy: 32 metrics connections are open already; try again\n"), "{out}");
+
+        // The connections held are served; this one closes after its answer, freeing its slot.
+        let mut first = held.swap_remove(0);
+        first.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut ok = String::new();
+        first.read_to_string(&mut ok).await.unwrap();
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        let start = std::time::Instant::now();
+        loop {
+            // The slot is given back when the server has seen the close: until then, 503 (or
+            // a reset: the server closes with the request unread).
+            let scrape = async {
+                let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
+                let mut got = String::new();
+                s.read_to_string(&mut got).await.ok()?;
+                Some(got)
+            };
+            match tokio::time::timeout(Duration::from_secs(2), scrape).await {
+                Ok(Some(got)) if got.starts_with("HTTP/1.1 200 OK\r\n") => break,
+                _ => assert!(start.elapsed() < Duration::from_secs(2), "no slot freed after a connection closed"),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A client that asks for scrapes without reading the answers (the server's writes stall
+    /// once the socket buffers are full) is closed after the deadline and its grace.
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_closed_after_the_deadline() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        answer_every_status(rx);
+        let limits = Limits { connections: 4, deadline: Duration::from_millis(300), grace: Duration::from_millis(200) };
+        tokio::spawn(serve_limited(listener, tx, limits));
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let (mut read, mut write) = socket.connect(addr).await.unwrap().into_split();
+        // Pipelined: answered one after the other, more than any socket buffer holds.
+        const SCRAPES: usize = 3000;
+        let requests = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(SCRAPES);
+        let writer = tokio::spawn(async move {
+            let _ = write.write_all(requests.as_bytes()).await;
+            // Kept open: no end of requests for the server to see.
+            std::future::pending::<()>().await
+        });
+        let start = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Without a deadline this read would take the stalled answers, and then wait on an
+        // idle connection that stays open.
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(2), read.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "still open {:?} after it was opened", start.elapsed());
+        assert!(out.len() < SCRAPES * render(&status()).len(), "every answer was written: the writes never stalled");
+        writer.abort();
     }
 
     #[tokio::test(start_paused = true)]

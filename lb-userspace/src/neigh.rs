@@ -26,12 +26,12 @@ use std::{
 use neli::{
     consts::{
         nl::NlmF,
-        rtnl::{Nda, Ntf, Nud, RtAddrFamily, Rtm, Rtn},
+        rtnl::{Nda, Ntf, Nud, RtAddrFamily, RtScope, RtTable, Rta, Rtm, Rtn, Rtprot},
         socket::NlFamily,
     },
     err::SocketError,
     nl::{NlPayload, Nlmsghdr, NlmsghdrBuilder},
-    rtnl::{Ndmsg, NdmsgBuilder, RtattrBuilder},
+    rtnl::{Ndmsg, NdmsgBuilder, RtattrBuilder, Rtmsg, RtmsgBuilder},
     socket::synchronous::NlSocketHandle,
     types::{Buffer, RtBuffer},
     utils::Groups,
@@ -73,15 +73,49 @@ pub enum NeighEvent {
         /// The watched key.
         key: NeighKey,
     },
+    /// The key has had no usable MAC for [`UNRESOLVED_REPORT`] since it was watched or was
+    /// [`Gone`](NeighEvent::Gone). Sent once per such stretch; the resolver keeps trying.
+    Unresolved {
+        /// The watched key.
+        key: NeighKey,
+        /// How the kernel routes the key's address, read when the event was sent.
+        route: RouteTo,
+    },
 }
 
 impl NeighEvent {
     /// The key the event is about.
     pub fn key(&self) -> NeighKey {
         match self {
-            NeighEvent::Reachable { key, .. } | NeighEvent::Gone { key } => *key,
+            NeighEvent::Reachable { key, .. }
+            | NeighEvent::Gone { key }
+            | NeighEvent::Unresolved { key, .. } => *key,
         }
     }
+}
+
+/// How the kernel routes an address (`RTM_GETROUTE`, as `ip route get ADDR` shows it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteTo {
+    /// On the link of interface `ifindex`, no gateway between.
+    Direct {
+        /// The interface the kernel sends it out of.
+        ifindex: u32,
+    },
+    /// Through `gateway`.
+    Gateway {
+        /// The next hop.
+        gateway: IpAddr,
+        /// The interface the kernel sends it out of, if the reply says.
+        ifindex: Option<u32>,
+    },
+    /// It is an address of this host.
+    Local,
+    /// The kernel has no usable route to it (or it is a broadcast, multicast or blackhole one);
+    /// the reason, e.g. "Network is unreachable" or "route type 6".
+    NoRoute(String),
+    /// The lookup itself failed; why.
+    Unknown(String),
 }
 
 /// Errors of neighbour table access.
@@ -151,10 +185,14 @@ pub fn trigger(key: NeighKey) -> Result<(), NeighError> {
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// Longest re-trigger delay of an unresolved key.
 const MAX_RETRY: Duration = Duration::from_secs(5);
-/// How often a resolved key is re-triggered. XDP forwards backend traffic without the kernel, so
-/// its entries go STALE and stay so; re-triggering makes the kernel re-probe them, which catches
-/// unannounced MAC changes and keeps them from being garbage-collected (`gc_stale_time` is 60 s).
+/// How often a resolved key is re-probed ([`Rtnl::reprobe`]), counted from when it resolved and
+/// not moved by the notifications in between. XDP forwards backend traffic without the kernel, so
+/// its entries go STALE and stay so; re-probing makes the kernel ask the backend again, which
+/// catches unannounced MAC changes (the old MAC no longer answers: the entry fails and is
+/// resolved afresh) and keeps the entries from being garbage-collected (`gc_stale_time` is 60 s).
 const REFRESH: Duration = Duration::from_secs(30);
+/// How long a key may stay unresolved before [`NeighEvent::Unresolved`] reports it.
+pub const UNRESOLVED_REPORT: Duration = Duration::from_secs(5);
 /// Receive buffer of the notification socket. Should it overflow anyway, the resolver re-reads
 /// every watched key.
 const NOTIFY_RCVBUF: usize = 1 << 20;
@@ -163,10 +201,13 @@ const NOTIFY_RCVBUF: usize = 1 << 20;
 ///
 /// A worker thread listens to `RTNLGRP_NEIGH` notifications and sends a [`NeighEvent`] whenever
 /// a watched key gains a MAC or changes it ([`NeighEvent::Reachable`]) or its entry is deleted or
-/// fails ([`NeighEvent::Gone`]). Notifications for keys not watched are ignored. An unresolved
+/// fails ([`NeighEvent::Gone`]), and once when a key stays unresolved for [`UNRESOLVED_REPORT`]
+/// ([`NeighEvent::Unresolved`]). Notifications for keys not watched are ignored. An unresolved
 /// key is re-triggered after 1 s, then with doubling delays capped at 5 s, until it resolves; a
-/// resolved key is re-triggered every 30 s (see [`trigger`]), so that unannounced MAC changes are
-/// eventually noticed. Dropping the resolver stops the worker and closes the event channel.
+/// resolved key is re-probed every 30 s after it resolved, whatever notifications come in between
+/// (see [`REFRESH`]), so that unannounced MAC changes are noticed within about 40 s (30 s, the
+/// kernel's first-probe delay, then its unicast probes failing). Dropping the resolver stops the
+/// worker and closes the event channel.
 pub struct Resolver {
     watched: Watched,
     commands: mpsc::Sender<Command>,
@@ -192,6 +233,13 @@ impl Resolver {
     /// so no change is missed between `start` and a later [`watch`](Self::watch). The receiver
     /// yields events until the resolver is dropped.
     pub fn start() -> Result<(Resolver, UnboundedReceiver<NeighEvent>), NeighError> {
+        Resolver::start_refreshing(REFRESH)
+    }
+
+    /// [`start`](Self::start), re-probing resolved keys every `refresh` rather than [`REFRESH`].
+    fn start_refreshing(
+        refresh: Duration,
+    ) -> Result<(Resolver, UnboundedReceiver<NeighEvent>), NeighError> {
         let notifications = NlSocketHandle::connect(
             NlFamily::Route,
             None,
@@ -218,6 +266,7 @@ impl Resolver {
             watched: Arc::clone(&watched),
             events,
             schedule: HashMap::new(),
+            refresh,
         };
         let worker = std::thread::Builder::new()
             .name("lbd-neigh".into())
@@ -277,18 +326,83 @@ impl Drop for Resolver {
 }
 
 /// When a watched key is next looked up and triggered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Schedule {
     due: Instant,
     /// Delay after the next attempt if the key is still unresolved then.
     backoff: Duration,
+    /// The key is resolved and `due` is its next re-probe: notifications do not move it.
+    refresh: bool,
+    /// Since when the key has been unresolved, until [`NeighEvent::Unresolved`] reported it.
+    unresolved_since: Option<Instant>,
 }
 
 impl Schedule {
-    fn at(due: Instant) -> Schedule {
+    /// A key found unresolved at `now` (just watched, or gone): attempted at once.
+    fn unresolved(now: Instant) -> Schedule {
         Schedule {
-            due,
+            due: now,
             backoff: FIRST_RETRY,
+            refresh: false,
+            unresolved_since: Some(now),
         }
+    }
+
+    /// A key resolved at `now`: re-probed `refresh` later.
+    fn resolved(now: Instant, refresh: Duration) -> Schedule {
+        Schedule {
+            due: now + refresh,
+            backoff: FIRST_RETRY,
+            refresh: true,
+            unresolved_since: None,
+        }
+    }
+
+    /// The schedule of a key whose usable MAC went from `old` to `new` at `now`, given its
+    /// `current` one; `None`: keep the current one. A resolved key keeps its refresh deadline:
+    /// the notifications of its entry going REACHABLE, STALE, DELAY and back do not postpone it.
+    fn after_change(
+        current: Option<&Schedule>,
+        old: Option<Mac>,
+        new: Option<Mac>,
+        now: Instant,
+        refresh: Duration,
+    ) -> Option<Schedule> {
+        match (old, new) {
+            (_, Some(_)) if current.is_some_and(|s| s.refresh) => None,
+            (_, Some(_)) => Some(Schedule::resolved(now, refresh)),
+            (Some(_), None) => Some(Schedule::unresolved(now)),
+            (None, None) => None,
+        }
+    }
+
+    /// Moves the schedule on after an attempt at `now`: a resolved key to its next refresh, an
+    /// unresolved one by its backoff (doubling), but not past the time it is to be reported. A
+    /// schedule already in the future (the attempt found the key resolved) stays.
+    fn after_attempt(&mut self, now: Instant, refresh: Duration) {
+        if self.due > now {
+            return;
+        }
+        if self.refresh {
+            self.due = now + refresh;
+            return;
+        }
+        self.due = now + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_RETRY);
+        if let Some(since) = self.unresolved_since {
+            self.due = self.due.min((since + UNRESOLVED_REPORT).max(now));
+        }
+    }
+
+    /// Whether an unresolved key is to be reported at `now`; true once per unresolved stretch.
+    fn take_report(&mut self, now: Instant) -> bool {
+        let due = self
+            .unresolved_since
+            .is_some_and(|since| now >= since + UNRESOLVED_REPORT);
+        if due {
+            self.unresolved_since = None;
+        }
+        due
     }
 }
 
@@ -305,6 +419,8 @@ struct Worker {
     events: UnboundedSender<NeighEvent>,
     /// Next attempt for every watched key; entries of unwatched keys are dropped lazily.
     schedule: HashMap<NeighKey, Schedule>,
+    /// How often resolved keys are re-probed ([`REFRESH`] but in tests).
+    refresh: Duration,
 }
 
 impl Worker {
@@ -356,7 +472,8 @@ impl Worker {
         loop {
             match self.commands.try_recv() {
                 Ok(Command::Watch(key)) => {
-                    self.schedule.insert(key, Schedule::at(Instant::now()));
+                    self.schedule
+                        .insert(key, Schedule::unresolved(Instant::now()));
                 }
                 Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
                 Err(mpsc::TryRecvError::Empty) => return true,
@@ -387,7 +504,10 @@ impl Worker {
                     warn!(%err, "neighbour notifications lost; re-reading watched entries");
                     let now = Instant::now();
                     for key in lock(&self.watched).keys() {
-                        self.schedule.insert(*key, Schedule::at(now));
+                        self.schedule
+                            .entry(*key)
+                            .or_insert_with(|| Schedule::unresolved(now))
+                            .due = now;
                     }
                     return;
                 }
@@ -405,15 +525,13 @@ impl Worker {
         };
         let old = std::mem::replace(slot, mac);
         let now = Instant::now();
+        let next = Schedule::after_change(self.schedule.get(&key), old, mac, now, self.refresh);
+        if let Some(next) = next {
+            self.schedule.insert(key, next);
+        }
         let event = match (old, mac) {
-            (_, Some(mac)) => {
-                self.schedule.insert(key, Schedule::at(now + REFRESH));
-                (old != Some(mac)).then_some(NeighEvent::Reachable { key, mac })
-            }
-            (Some(_), None) => {
-                self.schedule.insert(key, Schedule::at(now));
-                Some(NeighEvent::Gone { key })
-            }
+            (_, Some(mac)) => (old != Some(mac)).then_some(NeighEvent::Reachable { key, mac }),
+            (Some(_), None) => Some(NeighEvent::Gone { key }),
             (None, None) => None,
         };
         if let Some(event) = event {
@@ -439,24 +557,45 @@ impl Worker {
     }
 
     /// Re-reads `key` from the kernel table (in case a notification was missed), triggers its
-    /// resolution, and backs off if it is still unresolved.
+    /// resolution (re-probes it, when its refresh is due), reports it if it has been unresolved
+    /// too long, and backs off if it is still unresolved.
     fn attempt(&mut self, key: NeighKey) {
         if !lock(&self.watched).contains_key(&key) {
             self.schedule.remove(&key);
             return;
         }
+        let refreshing = self.schedule.get(&key).is_some_and(|s| s.refresh);
         match self.rtnl.lookup(key) {
             Ok(mac) => self.set(key, mac),
             Err(err) => warn!(%err, "neighbour lookup failed"),
         }
-        if let Err(err) = self.rtnl.trigger(key) {
+        // A key the lookup found gone is no longer refreshing: it is only triggered.
+        let refreshing = refreshing && self.schedule.get(&key).is_some_and(|s| s.refresh);
+        let poked = match refreshing {
+            true => self.rtnl.reprobe(key),
+            false => self.rtnl.trigger(key),
+        };
+        if let Err(err) = poked {
             warn!(%err, "neighbour resolution trigger failed");
         }
-        // `set` moved a resolved key's schedule to its next refresh; the rest are still due.
         let now = Instant::now();
-        if let Some(s) = self.schedule.get_mut(&key).filter(|s| s.due <= now) {
-            s.due = now + s.backoff;
-            s.backoff = (s.backoff * 2).min(MAX_RETRY);
+        let report = self
+            .schedule
+            .get_mut(&key)
+            .is_some_and(|s| s.take_report(now));
+        if report {
+            let route = self.rtnl.route(key.addr);
+            // Under the lock, as in `set`: only for a key still watched and still unresolved.
+            let watched = lock(&self.watched);
+            if watched.get(&key).is_some_and(Option::is_none) {
+                let event = NeighEvent::Unresolved { key, route };
+                debug!(?event, "neighbour change");
+                let _ = self.events.send(event);
+            }
+        }
+        let refresh = self.refresh;
+        if let Some(s) = self.schedule.get_mut(&key) {
+            s.after_attempt(now, refresh);
         }
     }
 }
@@ -621,7 +760,15 @@ impl Rtnl {
             .into_iter()
             .collect::<Result<RtBuffer<_, _>, _>>()
             .map_err(SocketError::from)
-            .and_then(|attrs| ndmsg(RtAddrFamily::Unspecified, 0, Ntf::empty(), attrs));
+            .and_then(|attrs| {
+                ndmsg(
+                    RtAddrFamily::Unspecified,
+                    0,
+                    Nud::empty(),
+                    Ntf::empty(),
+                    attrs,
+                )
+            });
         let target =
             ifindex.map_or_else(|| "all interfaces".to_owned(), |i| format!("ifindex {i}"));
         let neighbours = filter
@@ -651,20 +798,143 @@ impl Rtnl {
     }
 
     fn trigger(&mut self, key: NeighKey) -> Result<(), NeighError> {
+        self.poke(key, false)
+    }
+
+    /// [`trigger`](Self::trigger), but a REACHABLE entry is first made STALE (its MAC kept), so
+    /// that the kernel probes it too (`NTF_USE` alone leaves REACHABLE entries be): like
+    /// `ip neigh change ADDR dev IF nud stale` then `ip neigh replace ADDR dev IF use`. The
+    /// kernel then sends its unicast probes to the MAC it has; a backend that no longer answers
+    /// there (its MAC changed unannounced) has its entry fail and resolved afresh.
+    fn reprobe(&mut self, key: NeighKey) -> Result<(), NeighError> {
+        self.poke(key, true)
+    }
+
+    fn poke(&mut self, key: NeighKey, reprobe: bool) -> Result<(), NeighError> {
+        let state = self.get(key)?.map(|n| n.state);
         // The kernel's NTF_USE path strips NUD_PERMANENT from an existing entry, which would
         // turn a configured static MAC into one that gets re-resolved. Such entries (and NOARP
         // ones) never need resolving, so leave them alone.
-        if self
-            .get(key)?
-            .is_some_and(|n| n.state.intersects(Nud::PERMANENT | Nud::NOARP))
-        {
+        if state.is_some_and(|s| s.intersects(Nud::PERMANENT | Nud::NOARP)) {
             return Ok(());
+        }
+        if reprobe && state.is_some_and(|s| s.contains(Nud::REACHABLE)) {
+            // Without NLM_F_CREATE or NLM_F_REPLACE and without a link-layer address: the kernel
+            // keeps the entry's MAC and only takes the state. An entry deleted meanwhile is no
+            // error: the trigger below creates it again.
+            let stale = key_ndmsg_in(key, Nud::STALE, Ntf::empty())
+                .map_err(Failure::from)
+                .and_then(|req| self.request(Rtm::Newneigh, NlmF::empty(), req));
+            match stale {
+                Ok(_) => {}
+                Err(Failure::Kernel(err)) if err.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(f) => return Err(f.context("RTM_NEWNEIGH (NUD_STALE)", key)),
+            }
         }
         key_ndmsg(key, Ntf::USE)
             .map_err(Failure::from)
             .and_then(|req| self.request(Rtm::Newneigh, NlmF::CREATE, req))
             .map(drop)
             .map_err(|f| f.context("RTM_NEWNEIGH (NTF_USE)", key))
+    }
+
+    /// How the kernel routes `addr` (`RTM_GETROUTE`, as `ip route get ADDR`). Never fails: a
+    /// failed lookup is [`RouteTo::Unknown`].
+    fn route(&mut self, addr: IpAddr) -> RouteTo {
+        match self.get_route(addr) {
+            Ok(route) => route,
+            Err(Failure::Kernel(err))
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EINVAL | libc::EACCES)
+                ) =>
+            {
+                RouteTo::NoRoute(err.to_string())
+            }
+            Err(f) => RouteTo::Unknown(f.context("RTM_GETROUTE", addr).to_string()),
+        }
+    }
+
+    fn get_route(&mut self, addr: IpAddr) -> Result<RouteTo, Failure> {
+        let (family, len, dst) = match addr {
+            IpAddr::V4(a) => (RtAddrFamily::Inet, 32, Buffer::from(&a.octets()[..])),
+            IpAddr::V6(a) => (RtAddrFamily::Inet6, 128, Buffer::from(&a.octets()[..])),
+        };
+        let dst = RtattrBuilder::default()
+            .rta_type(Rta::Dst)
+            .rta_payload(dst)
+            .build()
+            .map_err(SocketError::from)?;
+        // What strict checking wants of a route lookup: everything zero but the family and the
+        // destination's length.
+        let rtmsg = RtmsgBuilder::default()
+            .rtm_family(family)
+            .rtm_dst_len(len)
+            .rtm_src_len(0)
+            .rtm_tos(0)
+            .rtm_table(RtTable::Unspec)
+            .rtm_protocol(Rtprot::Unspec)
+            .rtm_scope(RtScope::Universe)
+            .rtm_type(Rtn::Unspec)
+            .rtattrs(std::iter::once(dst).collect())
+            .build()
+            .map_err(SocketError::from)?;
+        self.seq = self.seq.wrapping_add(1);
+        let msg = NlmsghdrBuilder::default()
+            .nl_type(Rtm::Getroute)
+            .nl_flags(NlmF::REQUEST)
+            .nl_seq(self.seq)
+            .nl_payload(NlPayload::Payload(rtmsg))
+            .build()
+            .map_err(SocketError::from)?;
+        self.socket.send(&msg)?;
+        loop {
+            let (msgs, _) = self.socket.recv::<Rtm, Rtmsg>()?;
+            for msg in msgs {
+                let msg = msg?;
+                if *msg.nl_seq() != self.seq {
+                    continue;
+                }
+                match msg.nl_payload() {
+                    NlPayload::Payload(route) => return Ok(route_to(route)),
+                    NlPayload::Err(err) => return Err(kernel_error(*err.error())),
+                    _ => {
+                        return Err(Failure::Netlink(SocketError::new(
+                            "RTM_GETROUTE: no route in the reply",
+                        )))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What an `RTM_NEWROUTE` answering a route lookup says.
+fn route_to(route: &Rtmsg) -> RouteTo {
+    let attrs = route.rtattrs().get_attr_handle();
+    let ip = |bytes: &[u8]| match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+        _ => None,
+    };
+    let ifindex = attrs
+        .get_attribute(Rta::Oif)
+        .and_then(|a| <[u8; 4]>::try_from(a.rta_payload().as_ref()).ok())
+        .map(u32::from_ne_bytes);
+    // RTA_VIA (an IPv4 route via an IPv6 next hop): a 2-byte family, then the address.
+    let gateway = attrs
+        .get_attribute(Rta::Gateway)
+        .and_then(|a| ip(a.rta_payload().as_ref()))
+        .or_else(|| {
+            attrs
+                .get_attribute(Rta::Via)
+                .and_then(|a| ip(a.rta_payload().as_ref().get(2..)?))
+        });
+    match (*route.rtm_type(), gateway, ifindex) {
+        (Rtn::Local, ..) => RouteTo::Local,
+        (Rtn::Unicast, Some(gateway), ifindex) => RouteTo::Gateway { gateway, ifindex },
+        (Rtn::Unicast, None, Some(ifindex)) => RouteTo::Direct { ifindex },
+        (kind, ..) => RouteTo::NoRoute(format!("route type {}", u8::from(kind))),
     }
 }
 
@@ -674,6 +944,11 @@ fn kernel_error(errno: libc::c_int) -> Failure {
 
 /// An `ndmsg` about `key` (state `NUD_NONE`, `NDA_DST` set).
 fn key_ndmsg(key: NeighKey, flags: Ntf) -> Result<Ndmsg, SocketError> {
+    key_ndmsg_in(key, Nud::empty(), flags)
+}
+
+/// An `ndmsg` about `key` in `state` (`NDA_DST` set).
+fn key_ndmsg_in(key: NeighKey, state: Nud, flags: Ntf) -> Result<Ndmsg, SocketError> {
     let (family, dst) = match key.addr {
         IpAddr::V4(addr) => (RtAddrFamily::Inet, Buffer::from(&addr.octets()[..])),
         IpAddr::V6(addr) => (RtAddrFamily::Inet6, Buffer::from(&addr.octets()[..])),
@@ -682,14 +957,21 @@ fn key_ndmsg(key: NeighKey, flags: Ntf) -> Result<Ndmsg, SocketError> {
         .rta_type(Nda::Dst)
         .rta_payload(dst)
         .build()?;
-    ndmsg(family, key.ifindex, flags, std::iter::once(dst).collect())
+    ndmsg(
+        family,
+        key.ifindex,
+        state,
+        flags,
+        std::iter::once(dst).collect(),
+    )
 }
 
-/// An `ndmsg` with state `NUD_NONE` and type `RTN_UNSPEC`, as both `RTM_GETNEIGH` (whose strict
-/// checks demand zero there) and an `NTF_USE` trigger want.
+/// An `ndmsg` with type `RTN_UNSPEC`; state `NUD_NONE` (`Nud::empty()`) is what both
+/// `RTM_GETNEIGH` (whose strict checks demand zero there) and an `NTF_USE` trigger want.
 fn ndmsg(
     family: RtAddrFamily,
     ifindex: u32,
+    state: Nud,
     flags: Ntf,
     attrs: RtBuffer<Nda, Buffer>,
 ) -> Result<Ndmsg, SocketError> {
@@ -698,7 +980,7 @@ fn ndmsg(
     Ok(NdmsgBuilder::default()
         .ndm_family(family)
         .ndm_index(ifindex)
-        .ndm_state(Nud::empty())
+        .ndm_state(state)
         .ndm_flags(flags)
         .ndm_type(Rtn::Unspec)
         .rtattrs(attrs)
@@ -866,6 +1148,77 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Notifications carrying a MAC (REACHABLE, STALE, DELAY...) do not postpone a resolved key's
+    /// refresh: it comes `refresh` after the key resolved, then `refresh` after each refresh.
+    #[test]
+    fn the_refresh_deadline_is_not_moved_by_notifications() {
+        let refresh = Duration::from_secs(30);
+        let (a, b) = (Some([2, 0, 0, 0, 0, 1]), Some([2, 0, 0, 0, 0, 2]));
+        let t0 = Instant::now();
+        let mut s = Schedule::unresolved(t0);
+        // Resolves: the refresh is due 30 s later.
+        s = Schedule::after_change(Some(&s), None, a, t0, refresh).expect("resolved: new schedule");
+        assert_eq!(
+            (s.due, s.refresh, s.unresolved_since),
+            (t0 + refresh, true, None)
+        );
+        // REACHABLE -> STALE 20 s later, a MAC change 25 s later: the deadline holds.
+        for (at, old, new) in [(20, a, a), (25, a, b)] {
+            let later = t0 + Duration::from_secs(at);
+            assert_eq!(
+                Schedule::after_change(Some(&s), old, new, later, refresh),
+                None,
+                "at {at} s"
+            );
+        }
+        // The refresh attempt at 30 s sets the next one at 60 s.
+        let t30 = t0 + refresh;
+        s.after_attempt(t30, refresh);
+        assert_eq!((s.due, s.refresh), (t30 + refresh, true));
+        // Lost: re-resolved at once, and reported 5 s later unless it comes back.
+        let t40 = t0 + Duration::from_secs(40);
+        s = Schedule::after_change(Some(&s), b, None, t40, refresh).expect("gone: new schedule");
+        assert_eq!(
+            (s.due, s.refresh, s.unresolved_since),
+            (t40, false, Some(t40))
+        );
+        // Nothing is reported or scheduled for a key that stays unresolved.
+        assert_eq!(
+            Schedule::after_change(Some(&s), None, None, t40, refresh),
+            None
+        );
+    }
+
+    /// An unresolved key is tried at 0, 1, 3 and 5 s (the doubling backoff, cut short for the
+    /// report), reported once at 5 s, then tried every 5 s.
+    #[test]
+    fn an_unresolved_key_backs_off_and_is_reported_once_after_five_seconds() {
+        let refresh = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut s = Schedule::unresolved(t0);
+        let mut attempts = Vec::new();
+        let mut reports = Vec::new();
+        while s.due <= at(20) {
+            let now = s.due;
+            attempts.push(now.duration_since(t0).as_secs());
+            if s.take_report(now) {
+                reports.push(now.duration_since(t0).as_secs());
+            }
+            s.after_attempt(now, refresh);
+        }
+        assert_eq!(attempts, [0, 1, 3, 5, 10, 15, 20]);
+        assert_eq!(reports, [5]);
+        // A schedule moved into the future by the attempt (the key resolved) stays.
+        let mut resolved = Schedule::resolved(at(1), refresh);
+        resolved.after_attempt(at(1), refresh);
+        assert_eq!(resolved.due, at(1) + refresh);
+        assert!(
+            !resolved.take_report(at(100)),
+            "a resolved key is not reported"
+        );
     }
 
     #[test]
@@ -1097,6 +1450,232 @@ mod tests {
                     None,
                     "channel closes with the resolver"
                 );
+            });
+        });
+    }
+    #[test]
+    fn reprobe_makes_a_reachable_entry_probe_again_keeping_its_mac() {
+        let net = TestNet::new("reprobe");
+        let peer_mac = net.peer_mac();
+        net.director_neigh(&[
+            "add",
+            "10.99.0.3",
+            "lladdr",
+            "02:00:00:00:00:03",
+            "dev",
+            DIRECTOR_IF,
+            "nud",
+            "permanent",
+        ]);
+        in_netns(&net.director, || {
+            let ifindex = director_ifindex();
+            let mut rtnl = Rtnl::open().unwrap();
+            for addr in [PEER_V4, PEER_V6] {
+                let key = NeighKey { ifindex, addr };
+                trigger(key).unwrap();
+                wait_for(&format!("{key} to resolve"), || lookup(key).unwrap());
+                let before = rtnl.get(key).unwrap().unwrap();
+                assert_eq!(before.state, Nud::REACHABLE, "{key}");
+                // A plain trigger leaves a REACHABLE entry alone; a re-probe has it probed.
+                trigger(key).unwrap();
+                assert_eq!(
+                    rtnl.get(key).unwrap().unwrap().state,
+                    Nud::REACHABLE,
+                    "{key}"
+                );
+                rtnl.reprobe(key).unwrap();
+                let after = rtnl.get(key).unwrap().unwrap();
+                assert_eq!(
+                    (after.state, after.mac),
+                    (Nud::DELAY, Some(peer_mac)),
+                    "{key}"
+                );
+            }
+            let permanent = NeighKey {
+                ifindex,
+                addr: IpAddr::V4(Ipv4Addr::new(10, 99, 0, 3)),
+            };
+            rtnl.reprobe(permanent).unwrap();
+            assert_eq!(rtnl.get(permanent).unwrap().unwrap().state, Nud::PERMANENT);
+            // A key without an entry is simply triggered.
+            let fresh = NeighKey {
+                ifindex,
+                addr: IpAddr::V4(Ipv4Addr::new(10, 99, 0, 78)),
+            };
+            rtnl.reprobe(fresh).unwrap();
+            assert_eq!(
+                rtnl.get(fresh).unwrap().map(|n| n.state),
+                Some(Nud::INCOMPLETE)
+            );
+        });
+    }
+
+    #[test]
+    fn route_tells_direct_gateway_local_and_missing_routes() {
+        let net = TestNet::new("route");
+        ip(&[
+            "-n",
+            &net.director,
+            "route",
+            "add",
+            "10.98.0.0/24",
+            "via",
+            "10.99.0.254",
+        ]);
+        ip(&[
+            "-n",
+            &net.director,
+            "-6",
+            "route",
+            "add",
+            "fd00:98::/64",
+            "via",
+            "fd00:99::fe",
+        ]);
+        in_netns(&net.director, || {
+            let ifindex = director_ifindex();
+            let mut rtnl = Rtnl::open().unwrap();
+            let addr = |a: &str| a.parse::<IpAddr>().unwrap();
+            assert_eq!(rtnl.route(PEER_V4), RouteTo::Direct { ifindex });
+            assert_eq!(rtnl.route(PEER_V6), RouteTo::Direct { ifindex });
+            let via = |gateway: &str| RouteTo::Gateway {
+                gateway: addr(gateway),
+                ifindex: Some(ifindex),
+            };
+            assert_eq!(rtnl.route(addr("10.98.0.5")), via("10.99.0.254"));
+            assert_eq!(rtnl.route(addr("fd00:98::5")), via("fd00:99::fe"));
+            assert_eq!(rtnl.route(addr("10.99.0.1")), RouteTo::Local);
+            assert_eq!(rtnl.route(addr("fd00:99::1")), RouteTo::Local);
+            for missing in ["192.0.2.1", "2001:db8::1"] {
+                let route = rtnl.route(addr(missing));
+                assert!(
+                    matches!(&route, RouteTo::NoRoute(why) if why.contains("unreachable")),
+                    "{missing}: {route:?}"
+                );
+            }
+        });
+    }
+
+    /// Collects events until every one of `expected` came (in any order), for at most `patience`;
+    /// returns the others that came meanwhile.
+    async fn collect_events(
+        events: &mut UnboundedReceiver<NeighEvent>,
+        expected: &[NeighEvent],
+        patience: Duration,
+    ) -> Vec<NeighEvent> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut missing = expected.to_vec();
+        let mut others = Vec::new();
+        while !missing.is_empty() {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(event)) => match missing.iter().position(|e| *e == event) {
+                    Some(i) => drop(missing.remove(i)),
+                    None => others.push(event),
+                },
+                Ok(None) => panic!("resolver stopped; still expected {missing:?}"),
+                Err(_) => panic!("timed out: still expected {missing:?}; also got {others:?}"),
+            }
+        }
+        others
+    }
+
+    #[test]
+    fn resolver_reports_unresolved_keys_and_its_refresh_catches_an_unannounced_mac_change() {
+        let net = TestNet::new("refresh");
+        ip(&[
+            "-n",
+            &net.director,
+            "route",
+            "add",
+            "10.98.0.0/24",
+            "via",
+            "10.99.0.254",
+        ]);
+        let first = net.peer_mac();
+        let second = parse_mac("02:00:00:00:be:ef");
+        in_netns(&net.director, || {
+            // The kernel's first unicast probe 1 s after a re-probe (5 s by default).
+            sysctl(
+                &format!("net.ipv4.neigh.{DIRECTOR_IF}.delay_first_probe_time"),
+                "1",
+            );
+            let ifindex = director_ifindex();
+            let peer = NeighKey {
+                ifindex,
+                addr: PEER_V4,
+            };
+            let silent = NeighKey {
+                ifindex,
+                addr: IpAddr::V4(Ipv4Addr::new(10, 99, 0, 77)),
+            };
+            let routed = NeighKey {
+                ifindex,
+                addr: IpAddr::V4(Ipv4Addr::new(10, 98, 0, 5)),
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (resolver, mut events) =
+                    Resolver::start_refreshing(Duration::from_secs(2)).unwrap();
+                let started = Instant::now();
+                for key in [peer, silent, routed] {
+                    resolver.watch(key);
+                }
+                let gateway = IpAddr::V4(Ipv4Addr::new(10, 99, 0, 254));
+                let expected = [
+                    NeighEvent::Reachable {
+                        key: peer,
+                        mac: first,
+                    },
+                    NeighEvent::Unresolved {
+                        key: silent,
+                        route: RouteTo::Direct { ifindex },
+                    },
+                    NeighEvent::Unresolved {
+                        key: routed,
+                        route: RouteTo::Gateway {
+                            gateway,
+                            ifindex: Some(ifindex),
+                        },
+                    },
+                ];
+                let others = collect_events(&mut events, &expected, Duration::from_secs(8)).await;
+                assert!(others.is_empty(), "{others:?}");
+                let waited = started.elapsed();
+                assert!(
+                    waited >= UNRESOLVED_REPORT
+                        && waited < UNRESOLVED_REPORT + Duration::from_secs(2),
+                    "{waited:?}"
+                );
+
+                // The peer changes its MAC without telling (no gratuitous ARP): its refresh has
+                // the kernel probe the old MAC, which no longer answers, and the entry is resolved
+                // afresh.
+                ip(&[
+                    "-n",
+                    &net.peer,
+                    "link",
+                    "set",
+                    "dev",
+                    PEER_IF,
+                    "address",
+                    "02:00:00:00:be:ef",
+                ]);
+                let expected = [
+                    NeighEvent::Gone { key: peer },
+                    NeighEvent::Reachable {
+                        key: peer,
+                        mac: second,
+                    },
+                ];
+                let others = collect_events(&mut events, &expected, Duration::from_secs(15)).await;
+                assert!(others.is_empty(), "{others:?}");
+                assert_eq!(resolver.current(peer), Some(second));
+                // Reported once: nothing more about the unresolved keys.
+                let quiet = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
+                assert!(quiet.is_err(), "unexpected event {quiet:?}");
             });
         });
     }

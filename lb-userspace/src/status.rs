@@ -89,6 +89,10 @@ pub struct RealServerStatus {
     #[serde(default)]
     pub drained: bool,
     pub mac: Option<String>,
+    /// What is wrong with its neighbour (ARP/NDP) entry, if anything: lost (lbd still sends to
+    /// the last MAC) or never resolved, and why if the kernel's routing tells. Null otherwise.
+    #[serde(default)]
+    pub neighbour: Option<String>,
     pub interface: String,
     /// Lookup-table slots held, and their share of the table in percent.
     pub slots: Option<u32>,
@@ -230,9 +234,10 @@ pub fn render(status: &Status) -> String {
                 ],
                 false => vec![rs.weight.to_string(), state, opt(rs.active_conns), opt(rs.inactive_conns)],
             };
-            let check = rs.health.as_ref().map(check_line);
+            let mut under: Vec<String> = rs.health.as_ref().map(check_line).into_iter().collect();
+            under.extend(rs.neighbour.as_ref().map(|n| format!("neighbour: {n}")));
             let first = format!("  -> {}", host_port(&rs.address, rs.port));
-            table.rows.push(Row::Rs(first, cells, counters(&rs.traffic), note, check));
+            table.rows.push(Row::Rs(first, cells, counters(&rs.traffic), note, under));
         }
     }
     out += &table.render();
@@ -258,8 +263,9 @@ pub fn render(status: &Status) -> String {
 enum Row {
     /// First column, scheduler, counters, note after them.
     Vs(String, String, [String; 3], &'static str),
-    /// First column, middle cells, counters, note after them, check line under it.
-    Rs(String, Vec<String>, [String; 3], &'static str, Option<String>),
+    /// First column, middle cells, counters, note after them, lines under it (its check, its
+    /// neighbour entry's problem).
+    Rs(String, Vec<String>, [String; 3], &'static str, Vec<String>),
 }
 
 /// `lbd status`'s virtual and real server lines, laid out once every value is known.
@@ -287,7 +293,7 @@ impl Table {
 
     fn head(&mut self, vs_first: &str, sched: &str, rs_first: &str, middle: Vec<String>, counters: [String; 3]) {
         self.rows.push(Row::Vs(vs_first.into(), sched.into(), counters.clone(), ""));
-        self.rows.push(Row::Rs(rs_first.into(), middle, counters, "", None));
+        self.rows.push(Row::Rs(rs_first.into(), middle, counters, "", Vec::new()));
     }
 
     fn render(&self) -> String {
@@ -333,8 +339,10 @@ impl Table {
                 let _ = write!(line, "{c:>w$}");
             }
             let _ = writeln!(out, "{}{note}", line.trim_end());
-            if let Row::Rs(.., Some(check)) = row {
-                let _ = writeln!(out, "       {check}");
+            if let Row::Rs(.., under) = row {
+                for line in under {
+                    let _ = writeln!(out, "       {line}");
+                }
             }
         }
         out
@@ -376,6 +384,7 @@ mod tests {
                     state: "up".into(),
                     drained: false,
                     mac: Some("02:00:00:00:00:0b".into()),
+                    neighbour: None,
                     interface: "eth0".into(),
                     slots: Some(65537),
                     share_percent: Some(100.0),
@@ -413,6 +422,45 @@ mod tests {
         assert_eq!(lines[1], "3 connections");
         assert_eq!(lines.len(), 6, "{text}");
         assert!(!text.contains("Fast path"), "{text}");
+    }
+
+    /// A real server's neighbour problem goes on a line of its own under it (after its check),
+    /// and into the JSON as `neighbour`.
+    #[test]
+    fn a_neighbour_problem_is_shown_under_its_real_server() {
+        let problem = "10.98.0.5 is not on eth0's link: the kernel routes it via 10.99.0.254";
+        let status = Status {
+            dataplane: "xdp".into(),
+            virtual_servers: vec![VirtualServerStatus {
+                address: "10.99.0.100".into(),
+                port: 80,
+                protocol: "tcp".into(),
+                scheduler: "maglev".into(),
+                enabled: true,
+                quorum: true,
+                real_servers: vec![
+                    RealServerStatus {
+                        address: "10.98.0.5".into(),
+                        port: 80,
+                        state: "unresolved".into(),
+                        neighbour: Some(problem.into()),
+                        ..Default::default()
+                    },
+                    RealServerStatus { address: "10.99.0.12".into(), port: 80, state: "up".into(), ..Default::default() },
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = render(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        let at = lines.iter().position(|l| l.starts_with("  -> 10.98.0.5:80")).expect(&text);
+        assert_eq!(lines[at + 1], format!("       neighbour: {problem}"));
+        assert!(lines[at + 2].starts_with("  -> 10.99.0.12:80"), "{text}");
+        assert_eq!(text.matches("neighbour:").count(), 1, "{text}");
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["virtual_servers"][0]["real_servers"][0]["neighbour"], problem);
+        assert!(json["virtual_servers"][0]["real_servers"][1]["neighbour"].is_null());
     }
 
     /// IPVS mode shows ipvsadm's ActiveConn and InActConn where XDP has a MAC and a table share,

@@ -349,13 +349,38 @@ fn auto_mode_restart_in_generic(prefix: &str, dev: &str, native: Option<bool>) -
 /// Runs `lbd run --config CONFIG` in `ns` until it exits (`nsenter --net`, as the rig starts
 /// lbd: the host's bpffs, where a kept fast path is pinned): its exit code, stdout and stderr.
 fn lbd_run_once(ns: &Netns, config: &std::path::Path) -> anyhow::Result<(Option<i32>, String)> {
-    let out = std::process::Command::new("nsenter")
+    use std::io::Read;
+    let mut child = std::process::Command::new("nsenter")
         .arg(format!("--net=/var/run/netns/{}", ns.name))
         .arg("--")
         .arg(rig::lbd_binary()?)
         .args(["run", "--config", config.to_str().unwrap()])
-        .output()?;
-    Ok((out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Bounded: an lbd that starts serving instead of exiting is stopped, and the test fails.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            // SIGTERM, so that it removes what it set up.
+            let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            anyhow::bail!("lbd run --config {} still ran after 30 s (stopped):\n{err}", config.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    if let (Some(mut o), Some(mut e)) = (child.stdout.take(), child.stderr.take()) {
+        let _ = (o.read_to_string(&mut out), e.read_to_string(&mut err));
+    }
+    Ok((status.code(), out + &err))
 }
 
 /// A config with one TCP VIP without real servers, on `lo` (which the netns tests' own
@@ -447,6 +472,33 @@ fn a_missing_vrrp_interface_stops_lbd_before_it_attaches() -> anyhow::Result<()>
     assert_eq!(ns.xdp_program("lo")?, None, "lbd attached before it found the mistake");
     let keep = lb_userspace::keep::Keep::for_socket(&socket);
     assert!(!keep.link().exists(), "lbd left a pinned link at {}", keep.link().display());
+    assert!(!socket.exists(), "lbd left its control socket");
+    Ok(())
+}
+
+/// A real server at an address of the director itself would never resolve (the director would
+/// ARP for itself): in XDP mode `lbd run` refuses it at its address's FILE:LINE:COL, naming the
+/// interface that holds it, and exits 2 before anything is attached.
+#[test]
+fn a_real_server_at_an_own_address_stops_lbd_before_it_attaches() -> anyhow::Result<()> {
+    require_root()?;
+    let ns = Netns::new("ltex-dir")?;
+    ns.ip(&["addr", "add", "10.99.5.1/32", "dev", "lo"])?;
+    let dir = std::env::temp_dir().join("lbd-ltex");
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("lbd.sock");
+    let _kept = rig::KeptFor::fresh(&socket)?;
+    let config = dir.join("own.toml");
+    let own: IpAddr = "10.99.5.1".parse()?;
+    let text = rig::custom_config(&socket, "generic", &[(IpAddr::V4(VIP_V4), 80, "tcp", vec![own])])
+        .replace("interface = \"eth0\"", "interface = \"lo\"");
+    let line = text.lines().position(|l| l == "address = \"10.99.5.1\"").expect("in the text") + 1;
+    std::fs::write(&config, text)?;
+    let (code, err) = lbd_run_once(&ns, &config)?;
+    assert_eq!(code, Some(2), "{err}");
+    let at = format!("{}:{line}:11: real server 10.99.5.1 is an address of this director (on interface lo)", config.display());
+    assert!(err.contains(&at), "{err}");
+    assert_eq!(ns.xdp_program("lo")?, None, "lbd attached before it found the mistake");
     assert!(!socket.exists(), "lbd left its control socket");
     Ok(())
 }

@@ -85,6 +85,11 @@ pub struct ProbeResult {
     pub latency: Duration,
     /// Attempts made (1 + retries used).
     pub attempts: u32,
+    /// The check could not run, for want of something of lbd's own (see [`Attempt::not_run`]):
+    /// `ok` is false, but the result says nothing of the real server, and the scheduler records
+    /// nothing (the real server keeps its state).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_run: bool,
 }
 
 fn serialize_latency<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -100,6 +105,9 @@ pub struct Attempt {
     pub reason: String,
     /// As in [`ProbeResult::weight`].
     pub weight: Option<u32>,
+    /// The attempt could not be made for a reason of lbd's own, not the real server's: lbd is
+    /// out of file descriptors ([`out_of_descriptors`]). `ok` is false.
+    pub not_run: bool,
 }
 
 pub(super) fn pass(reason: impl Into<String>) -> Attempt {
@@ -107,6 +115,7 @@ pub(super) fn pass(reason: impl Into<String>) -> Attempt {
         ok: true,
         reason: reason.into(),
         weight: None,
+        not_run: false,
     }
 }
 
@@ -115,6 +124,28 @@ pub(super) fn fail(reason: impl Into<String>) -> Attempt {
         ok: false,
         reason: reason.into(),
         weight: None,
+        not_run: false,
+    }
+}
+
+/// An attempt that could not be made (see [`Attempt::not_run`]).
+pub(super) fn not_run(reason: impl Into<String>) -> Attempt {
+    Attempt { not_run: true, ..fail(reason) }
+}
+
+/// Whether `e` is lbd's own shortage of file descriptors (EMFILE: its limit; ENFILE: the
+/// system's), which says nothing of the real server.
+pub fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// A failed attempt for `e`, said as `reason`; one that [`not_run`] when `e` is
+/// [`out_of_descriptors`] (creating the socket failed: the real server was not even asked).
+pub(super) fn io_failed(e: &io::Error, reason: impl Into<String>) -> Attempt {
+    if out_of_descriptors(e) {
+        not_run(reason)
+    } else {
+        fail(reason)
     }
 }
 
@@ -140,6 +171,7 @@ pub async fn retrying<F: Future<Output = (Attempt, Duration)>>(timing: &Timing, 
                 weight: attempt.weight,
                 latency,
                 attempts,
+                not_run: attempt.not_run,
             };
         }
         tokio::time::sleep(timing.retry_delay).await;
@@ -229,7 +261,7 @@ async fn tcp(addr: SocketAddr, source: Option<IpAddr>) -> Attempt {
             let _ = stream.set_zero_linger();
             pass("connected")
         }
-        Err(e) => fail(io_reason(&e)),
+        Err(e) => io_failed(&e, io_reason(&e)),
     }
 }
 
@@ -239,7 +271,7 @@ async fn tcp(addr: SocketAddr, source: Option<IpAddr>) -> Attempt {
 async fn http_get(addr: SocketAddr, source: Option<IpAddr>, http: &HttpCheck) -> Attempt {
     let stream = match connect_tcp(addr, source).await {
         Ok(s) => s,
-        Err(e) => return fail(io_reason(&e)),
+        Err(e) => return io_failed(&e, io_reason(&e)),
     };
     let _ = stream.set_nodelay(true);
     // Whoever closes first, the director keeps no TIME_WAIT per check.
@@ -695,6 +727,7 @@ fn script_outcome(status: std::process::ExitStatus, dynamic_weight: bool, shell:
                 ok: true,
                 reason: format!("script exit {code} (weight {weight})"),
                 weight: Some(weight),
+                not_run: false,
             }
         }
         (Some(code), _) => match shell_exit_words(code).filter(|_| shell) {
@@ -732,7 +765,7 @@ async fn udp_check(
 ) -> Attempt {
     let socket = match connected_udp(addr, source).await {
         Ok(s) => s,
-        Err(e) => return fail(io_reason(&e)),
+        Err(e) => return io_failed(&e, io_reason(&e)),
     };
     if let Err(e) = socket.send(&udp.payload).await {
         return fail(udp_io_reason(&e));
@@ -766,7 +799,7 @@ fn udp_io_reason(e: &io::Error) -> String {
 async fn dns_check(addr: SocketAddr, source: Option<IpAddr>, dns: &DnsCheck) -> Attempt {
     let socket = match connected_udp(addr, source).await {
         Ok(s) => s,
-        Err(e) => return fail(io_reason(&e)),
+        Err(e) => return io_failed(&e, io_reason(&e)),
     };
     let id = fastrand::u16(..);
     let query = dns_query(id, &dns.query_name, dns.query_type.code());
@@ -989,13 +1022,28 @@ mod tests {
             Attempt {
                 ok: true,
                 reason: "script exit 5 (weight 3)".into(),
-                weight: Some(3)
+                weight: Some(3),
+                not_run: false,
             }
         );
         assert_eq!(
             script_outcome(std::process::ExitStatus::from_raw(9), false, true),
             fail("script killed by signal 9")
         );
+    }
+
+    /// lbd out of descriptors (its own limit or the system's) did not ask the real server: the
+    /// attempt did not run. Any other error is the real server's failure.
+    #[test]
+    fn out_of_descriptors_is_not_the_real_servers_failure() {
+        for errno in [libc::EMFILE, libc::ENFILE] {
+            let e = io::Error::from_raw_os_error(errno);
+            let attempt = io_failed(&e, io_reason(&e));
+            assert!(attempt.not_run && !attempt.ok, "{attempt:?}");
+        }
+        assert_eq!(io_reason(&io::Error::from_raw_os_error(libc::EMFILE)), "too many open files");
+        let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert_eq!(io_failed(&refused, io_reason(&refused)), fail("connection refused"));
     }
 
     /// A check stopped mid-run (its task aborted, as at a reload) kills what its script

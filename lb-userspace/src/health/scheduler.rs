@@ -146,6 +146,54 @@ struct Shared {
     notifies: Arc<Notifies>,
     options: SchedulerOptions,
     prober: Box<dyn Prober>,
+    /// Checks that could not run, for [`report`]'s warnings.
+    not_run: Mutex<NotRunLog>,
+}
+
+/// How often at most checks that could not run are logged: lbd out of descriptors fails all
+/// its checks at once, and a line for each at every interval would flood the log while it lasts.
+const NOT_RUN_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Checks that could not run ([`check::Attempt::not_run`]): a warning at the first, then at most
+/// one per [`NOT_RUN_LOG_EVERY`] saying how many more did not run; once checks run again, a line
+/// saying so.
+#[derive(Debug, Default)]
+struct NotRunLog {
+    /// When the last warning was logged.
+    warned: Option<tokio::time::Instant>,
+    /// A warning was logged and no check has run since.
+    open: bool,
+    /// Checks that could not run since the last warning.
+    since: u64,
+}
+
+impl NotRunLog {
+    /// The check of `key` could not run, for `reason`. True if that was logged as a warning.
+    fn not_run(&mut self, now: tokio::time::Instant, key: &CheckKey, reason: &str) -> bool {
+        self.since += 1;
+        if self.warned.is_some_and(|at| now.saturating_duration_since(at) < NOT_RUN_LOG_EVERY) {
+            debug!(vip = %key.vip_key, real_server = %key.real_server_key, %reason, "check could not run");
+            return false;
+        }
+        warn!(
+            vip = %key.vip_key,
+            real_server = %key.real_server_key,
+            %reason,
+            not_run = self.since,
+            "health checks cannot run (lbd's own shortage, not the real servers'): their real servers keep their \
+             state; logged at most once a minute while it lasts"
+        );
+        (self.warned, self.open, self.since) = (Some(now), true, 0);
+        true
+    }
+
+    /// A check ran: ends what a warning began.
+    fn ran(&mut self) {
+        if std::mem::take(&mut self.open) {
+            info!(not_run = self.since, "health checks run again");
+            self.since = 0;
+        }
+    }
 }
 
 struct Running {
@@ -205,6 +253,7 @@ impl Scheduler {
                 notifies: Arc::new(Notifies::new(options.max_notifies)),
                 options,
                 prober: Box::new(prober),
+                not_run: Mutex::default(),
             }),
             checks: HashMap::new(),
         }
@@ -492,6 +541,7 @@ async fn run(shared: Arc<Shared>, config: CheckConfig, state: Arc<Mutex<CheckSta
                 weight: None,
                 latency: Duration::ZERO,
                 attempts: 1,
+                not_run: false,
             }
         } else {
             // Permits are taken per attempt: a check that failed and waits `retry_delay` for its
@@ -511,8 +561,18 @@ async fn run(shared: Arc<Shared>, config: CheckConfig, state: Arc<Mutex<CheckSta
 }
 
 /// Records a check's result in its state, and for a change logs it, tells the controller and
-/// runs the notify command. False: the check is over (retired, or the controller gone).
+/// runs the notify command. False: the check is over (retired, or the controller gone). A check
+/// that could not run (lbd out of descriptors) is no result: it is logged (see [`NotRunLog`]),
+/// and its real server keeps its state.
 async fn report(shared: &Shared, config: &CheckConfig, state: &Mutex<CheckState>, retired: &AtomicBool, result: ProbeResult) -> bool {
+    {
+        let mut log = shared.not_run.lock().expect("not-run log lock");
+        if result.not_run {
+            log.not_run(tokio::time::Instant::now(), &config.key, &result.reason);
+            return !retired.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        log.ran();
+    }
     // The event goes into the controller's channel before the state lock is released: whoever
     // reads the new state (the controller, for `lbd status` or a table) finds its event
     // already waiting, and the controller applies waiting events before answering a status.
@@ -638,7 +698,7 @@ mod tests {
     }
 
     fn result(ok: bool, reason: &str, weight: Option<u32>) -> Attempt {
-        Attempt { ok, reason: reason.into(), weight }
+        Attempt { ok, reason: reason.into(), weight, not_run: false }
     }
 
     /// A check of real server `port` configured by `text`; without `retries` in it, with none,
@@ -702,6 +762,7 @@ mod tests {
             weight: None,
             latency: Duration::ZERO,
             attempts: 1,
+            not_run: false,
         };
         assert!(!report(&s.shared, &check("1s"), &old_state, &old_retired, failed.clone()).await, "the old task ends");
         assert!(rx.try_recv().is_err(), "an event for the replaced check");
@@ -758,6 +819,44 @@ mod tests {
         );
         assert_eq!(s.health(&key(1)), Some((true, None)));
         assert_eq!(s.health(&key(9)), None);
+    }
+
+    /// Checks that could not run (lbd out of descriptors) take no real server down, and count
+    /// nothing towards `fall`; the real failures around them do.
+    #[tokio::test(start_paused = true)]
+    async fn a_check_that_could_not_run_keeps_the_state() {
+        let prober = Arc::new(Scripted::default());
+        let fail = || result(false, "connection refused", None);
+        let not_run = || Attempt { not_run: true, ..result(false, "too many open files", None) };
+        prober.results.lock().unwrap().insert(1, [not_run(), not_run(), not_run(), fail(), not_run(), fail()].into());
+        let (mut s, mut rx) = scheduler(&prober, SchedulerOptions::default());
+        s.set([config(1, TCP_1S, false)]);
+        let down = rx.recv().await.unwrap();
+        assert_eq!((down.up, down.reason.as_str()), (false, "connection refused"));
+        // Down at the 6th probe: the two failures, not the four checks that did not run.
+        assert_eq!(prober.starts.lock().unwrap().len(), 6);
+        let st = s.status_of(&key(1)).unwrap().state;
+        assert_eq!((st.state, st.checks, st.consecutive_fails), (Health::Down, 2, 2));
+    }
+
+    /// The first check that could not run is a warning, the next ones within
+    /// [`NOT_RUN_LOG_EVERY`] are not; a check that runs ends the episode.
+    #[test]
+    fn checks_that_could_not_run_are_logged_once_a_minute() {
+        let mut log = NotRunLog::default();
+        let t0 = tokio::time::Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        assert!(log.not_run(at(0), &key(1), "too many open files"));
+        assert!(!log.not_run(at(1), &key(2), "too many open files"));
+        assert!(!log.not_run(at(59), &key(1), "too many open files"));
+        assert_eq!(log.since, 2);
+        assert!(log.not_run(at(60), &key(1), "too many open files"));
+        assert_eq!((log.since, log.open), (0, true));
+        log.ran();
+        assert!(!log.open);
+        // Flapping: a new episode within the minute is counted, not logged.
+        assert!(!log.not_run(at(61), &key(1), "too many open files"));
+        assert!(log.not_run(at(120), &key(1), "too many open files"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -150,8 +150,13 @@ impl CheckState {
         self.last.as_ref()
     }
 
-    /// Records one check's result; returns the change it causes, if any.
+    /// Records one check's result; returns the change it causes, if any. A check that could not
+    /// run ([`ProbeResult::not_run`]: lbd out of descriptors) is no result: nothing changes, the
+    /// counts in a row included.
     pub fn record(&mut self, now: Instant, result: &ProbeResult) -> Option<Transition> {
+        if result.not_run {
+            return None;
+        }
         self.checks += 1;
         self.last = Some(LastResult {
             ok: result.ok,
@@ -371,6 +376,7 @@ mod tests {
             weight: None,
             latency: Duration::from_millis(3),
             attempts: 1,
+            not_run: false,
         }
     }
 
@@ -551,6 +557,28 @@ mod tests {
             })
         );
         assert_eq!(table_weight(s.is_up(), 1, s.weight(), false), Some(7));
+    }
+
+    /// A check that could not run (lbd out of descriptors) neither takes a real server down nor
+    /// brings it up, and does not break a run of results in a row.
+    #[test]
+    fn a_check_that_could_not_run_changes_nothing() {
+        let clock = Clock::new();
+        let not_run = ProbeResult { not_run: true, ..result(false, "too many open files") };
+        let mut up = CheckState::new(1, 2, false, clock.at(0));
+        assert_eq!(feed(&mut up, &clock, &[not_run.clone(), not_run.clone(), not_run.clone()]), vec![]);
+        assert!(up.is_up());
+        assert_eq!(up.snapshot(clock.at(4)).checks, 0);
+        assert!(up.last().is_none());
+        // One failure, a check that did not run, another failure: two in a row, down.
+        assert_eq!(feed(&mut up, &clock, &[fail(), not_run.clone()]), vec![]);
+        assert_eq!(up.record(clock.at(3), &fail()), Some(Transition::Down { reason: "HTTP 503".into() }));
+
+        // Nor does it bring up a real server down with alpha.
+        let mut alpha = CheckState::new(1, 1, true, clock.at(0));
+        feed(&mut alpha, &clock, &[not_run.clone(), not_run]);
+        assert!(!alpha.is_up());
+        assert_eq!(alpha.snapshot(clock.at(3)).down_reason.as_deref(), Some("alpha: not checked yet"));
     }
 
     #[test]

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::check::{fail, io_reason, pass, Attempt, VipPath};
+use super::check::{fail, io_failed, io_reason, pass, Attempt, VipPath};
 use super::config::format_duration;
 
 const ETH_P_ALL: u16 = 0x0003;
@@ -511,7 +511,7 @@ pub(super) async fn syn_probe(
             match source_towards(towards) {
                 Ok(a) => a,
                 Err(e) => {
-                    return fail(format!(
+                    return io_failed(&e, format!(
                         "no source address towards {towards}: {}",
                         io_reason(&e)
                     ))
@@ -535,7 +535,7 @@ pub(super) async fn syn_probe(
     let (_reservation, src_port) = match reserve_port(src_ip) {
         Ok(r) => r,
         Err(e) => {
-            return fail(format!(
+            return io_failed(&e, format!(
                 "cannot reserve a source port on {src_ip}: {}",
                 io_reason(&e)
             ))
@@ -545,7 +545,7 @@ pub(super) async fn syn_probe(
     let link = match Link::get(path.ifindex) {
         Ok(l) => l,
         Err(e) => {
-            return fail(format!(
+            return io_failed(&e, format!(
                 "cannot open a packet socket on interface {}: {}",
                 path.ifindex,
                 io_reason(&e)
