@@ -921,13 +921,15 @@ fn route_to(route: &Rtmsg) -> RouteTo {
         .get_attribute(Rta::Oif)
         .and_then(|a| <[u8; 4]>::try_from(a.rta_payload().as_ref()).ok())
         .map(u32::from_ne_bytes);
-    // RTA_VIA (an IPv4 route via an IPv6 next hop): a 2-byte family, then the address.
+    // RTA_VIA (an IPv4 route via an IPv6 next hop): a 2-byte family, then the address. By
+    // number: neli names it only where the C library is glibc (not in the static musl build).
+    const RTA_VIA: u16 = 18;
     let gateway = attrs
         .get_attribute(Rta::Gateway)
         .and_then(|a| ip(a.rta_payload().as_ref()))
         .or_else(|| {
             attrs
-                .get_attribute(Rta::Via)
+                .get_attribute(Rta::from(RTA_VIA))
                 .and_then(|a| ip(a.rta_payload().as_ref().get(2..)?))
         });
     match (*route.rtm_type(), gateway, ifindex) {
